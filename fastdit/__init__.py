@@ -1,0 +1,29 @@
+"""fastdit: fast block-sparse attention for video and image diffusion in HuggingFace diffusers.
+
+The whole system is one line::
+
+    layout (latent grid T x H x W, text segments, tile permutations)
+      -> methods/<name>.py (plans a block sparsity: which key blocks each query block visits)
+      -> kernels/ (Triton kernels that execute any plan, plus a PyTorch reference)
+    pipelines/<model>.py adapts one diffusers model family to that line.
+"""
+
+from . import kernels, layout
+from .kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention
+from .layout import LatentGrid, SequenceLayout, TextSegment, TilePermutation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockSparsity",
+    "LatentGrid",
+    "SequenceLayout",
+    "TextSegment",
+    "TilePermutation",
+    "__version__",
+    "block_mass",
+    "block_mean_pool",
+    "block_sparse_attention",
+    "kernels",
+    "layout",
+]

@@ -1,0 +1,26 @@
+"""Triton block-sparse kernels that execute any plan, with a PyTorch reference for each.
+
+Architecture line: ``layout`` -> ``methods/<name>.py`` (plans a :class:`BlockSparsity`) ->
+``kernels/`` (executes it). A kernel never knows which method made its plan.
+"""
+
+from .dispatch import (
+    BACKENDS,
+    block_mass,
+    block_mean_pool,
+    block_sparse_attention,
+    choose_backend,
+    explain_backends,
+)
+from .plan import SUPPORTED_BLOCK_SIZES, BlockSparsity
+
+__all__ = [
+    "BACKENDS",
+    "SUPPORTED_BLOCK_SIZES",
+    "BlockSparsity",
+    "block_mass",
+    "block_mean_pool",
+    "block_sparse_attention",
+    "choose_backend",
+    "explain_backends",
+]

@@ -1,0 +1,283 @@
+"""Block-sparse attention forward: the Triton kernel and its launcher.
+
+For every batch ``b``, head ``h`` and query row ``i`` in query block ``p``::
+
+    S_ij  = scale * q_i . k_j                 for j in the key blocks listed by plan[b, h, p],
+                                              j < valid key length of b
+    out_i = sum_j softmax_j(S_ij) v_j
+    lse_i = log sum_j exp(S_ij)               (natural log; -inf and out_i = 0 when no j)
+
+Layouts: ``"bshd"`` (diffusers' ``(B, S, H, D)``) or ``"bhsd"``; any strides with a unit last
+stride. Offsets into Q/K/V/O are built from 64-bit scalar bases plus 32-bit in-tile offsets, so
+tensors of more than 2**31 elements are addressed correctly.
+
+The kernel is FlashAttention-2's online softmax over the plan's key-block list (names from the
+papers: ``m_i`` running max in log2 units, ``l_i`` running sum, ``acc`` unnormalised output).
+``scale * log2(e)`` is folded once into ``qk_scale`` and exponentials use ``exp2``. Because a
+plan's key-block indices are sorted, the blocks that can need a bounds mask (the ragged last block,
+blocks past a key-padding length) are a suffix of each row: the main loop runs unmasked and only
+that suffix pays for masking.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import BlockSparsity
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
+    """``acc + a @ b``; ``UPCAST_OPERANDS`` works around the Triton CPU interpreter's wrong
+    results for bf16 ``tl.dot`` (seen with Triton 3.9) and is never set on a GPU."""
+    if UPCAST_OPERANDS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attend_kv_block(
+    acc, l_i, m_i, q,
+    k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+    kv_row_start, kv_len, head_dim,
+    qk_scale,
+    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_KV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+):
+    """Fold one key block (``KV_BLOCK`` rows starting at ``kv_row_start``) into the running state."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
+        # Scalar 64-bit advance, 32-bit offsets inside the tile.
+        row_shift = (kv_row_start + sub).to(tl.int64)
+        k_ptrs = k_base + row_shift * stride_ks + k_tile_offsets
+        v_ptrs = v_base + row_shift * stride_vs + v_tile_offsets
+        if MASK_KV:
+            row_ok = (kv_row_start + sub + offs_n) < kv_len
+            load_mask = row_ok[:, None]
+            if not EVEN_D:
+                load_mask = load_mask & (offs_d[None, :] < head_dim)
+            k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            d_ok = offs_d[None, :] < head_dim
+            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+
+        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+        if MASK_KV:
+            qk = tl.where(row_ok[None, :], qk, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            # A row that has seen no valid key keeps m = -inf; subtract 0 instead (no NaN).
+            m_shift = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_shift = m_ij
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST_OPERANDS)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_sparse_attn_fwd(
+    Q, K, V, Out, Lse,
+    kv_counts_ptr, kv_indices_ptr, key_lengths_ptr,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_cb, stride_ch,
+    stride_ib, stride_ih, stride_iq,
+    num_heads, seq_q, seq_kv, head_dim, qk_scale,
+    Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    q_row_start = pid_m * BLOCK_M
+    q_block = q_row_start // Q_BLOCK
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = (q_row_start + offs_m) < seq_q
+    d_ok = offs_d < head_dim
+
+    q_ptrs = (
+        Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        + q_row_start.to(tl.int64) * stride_qs
+        + offs_m[:, None] * stride_qs + offs_d[None, :]
+    )
+    q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+
+    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    k_tile_offsets = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_tile_offsets = offs_n[:, None] * stride_vs + offs_d[None, :]
+
+    # stride_cb / stride_ch are 0 where the plan broadcasts over batch / heads.
+    plan_row = batch * stride_cb + head * stride_ch + q_block
+    count = tl.load(kv_counts_ptr + plan_row)
+    index_ptr = (
+        kv_indices_ptr + batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih
+        + q_block.to(tl.int64) * stride_iq
+    )
+    kv_len = seq_kv
+    if HAS_KEY_LENGTHS:
+        kv_len = tl.minimum(tl.load(key_lengths_ptr + batch).to(tl.int32), seq_kv)
+
+    # Indices are sorted, so blocks that reach past kv_len form a suffix of the row.
+    num_unmasked = count
+    if not EVEN_KV:
+        full_blocks = kv_len // KV_BLOCK
+        last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
+        while last >= full_blocks:
+            num_unmasked -= 1
+            last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for i in range(0, num_unmasked):
+        kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
+        acc, l_i, m_i = _attend_kv_block(
+            acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+            kv_row_start, kv_len, head_dim, qk_scale,
+            KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
+        )
+    for i in range(num_unmasked, count):
+        kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
+        acc, l_i, m_i = _attend_kv_block(
+            acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+            kv_row_start, kv_len, head_dim, qk_scale,
+            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
+        )
+
+    # Rows that visited no valid key: output 0 and LSE -inf, never 0/0.
+    no_keys = l_i == 0.0
+    l_safe = tl.where(no_keys, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = (
+        Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        + q_row_start.to(tl.int64) * stride_os
+        + offs_m[:, None] * stride_os + offs_d[None, :]
+    )
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
+    if RETURN_LSE:
+        lse = tl.where(no_keys, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse_ptrs = Lse + pid_bh.to(tl.int64) * seq_q + q_row_start + offs_m
+        tl.store(lse_ptrs, lse, mask=rows_ok)
+
+
+# Launch configurations, keyed on what changes the best one: head-dim tile and block sizes.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); tuned on H100 with benchmarks/kernel_bench.py.
+_CONFIGS = {
+    # (BLOCK_D, Q_BLOCK, KV_BLOCK): config
+    (64, 128, 128): (128, 128, 8, 3),
+    (128, 128, 128): (128, 128, 8, 3),
+    (256, 128, 128): (64, 64, 4, 2),
+    (64, 64, 64): (64, 64, 4, 3),
+    (128, 64, 64): (64, 64, 4, 3),
+    (256, 64, 64): (64, 32, 4, 2),
+}
+
+
+def _launch_config(block_d: int, q_block: int, kv_block: int, interpret: bool):
+    if interpret:
+        # The CPU interpreter is slowest on many small programs: take the biggest tiles.
+        return min(q_block, 128), min(kv_block, 128), 4, 1
+    key = (block_d, q_block, kv_block)
+    if key in _CONFIGS:
+        return _CONFIGS[key]
+    block_m = min(q_block, 64 if block_d > 128 else 128)
+    block_n = min(kv_block, 64 if block_d > 128 else kv_block)
+    return block_m, block_n, 4 if block_d > 128 else 8, 2
+
+
+def _strides(x: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    """(batch, head, sequence) strides for a 4-D tensor in ``layout``."""
+    if layout == "bshd":
+        return x.stride(0), x.stride(2), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def triton_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockSparsity,
+    *,
+    scale: float,
+    layout: str,
+    return_lse: bool,
+    key_lengths: torch.Tensor | None,
+    interpret: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the kernel on validated inputs (see ``fastdit.kernels.block_sparse_attention``)."""
+    if layout == "bshd":
+        batch, seq_q, heads, head_dim = q.shape
+        seq_kv = k.shape[1]
+    else:
+        batch, heads, seq_q, head_dim = q.shape
+        seq_kv = k.shape[2]
+    out = torch.empty_like(q)
+    lse = (
+        torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+        if return_lse
+        else out  # unused placeholder pointer
+    )
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, num_warps, num_stages = _launch_config(
+        block_d, plan.q_block_size, plan.kv_block_size, interpret
+    )
+    counts, indices = plan.kv_counts, plan.kv_indices
+    count_strides = (
+        counts.stride(0) if counts.shape[0] > 1 else 0,
+        counts.stride(1) if counts.shape[1] > 1 else 0,
+    )
+    index_strides = (
+        indices.stride(0) if indices.shape[0] > 1 else 0,
+        indices.stride(1) if indices.shape[1] > 1 else 0,
+        indices.stride(2),
+    )
+    grid = (triton.cdiv(seq_q, block_m), batch * heads)
+    _block_sparse_attn_fwd[grid](
+        q, k, v, out, lse,
+        counts, indices, key_lengths if key_lengths is not None else counts,
+        *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(out, layout),
+        *count_strides, *index_strides,
+        heads, seq_q, seq_kv, head_dim, scale * LOG2E,
+        Q_BLOCK=plan.q_block_size, KV_BLOCK=plan.kv_block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        EVEN_KV=key_lengths is None and seq_kv % plan.kv_block_size == 0,
+        EVEN_D=block_d == head_dim,
+        HAS_KEY_LENGTHS=key_lengths is not None,
+        RETURN_LSE=return_lse,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST_OPERANDS=interpret and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, (lse if return_lse else None)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,293 @@
+"""Public kernel entry points: validation at the boundary, then an ordered backend choice.
+
+Backends are tried in order (``triton``, then ``reference``); each has a ``can_run`` check that
+returns ``None`` or the reason it cannot run, so "why did this run on the reference path?" always
+has an answer (:func:`explain_backends`). Passing ``backend=`` forces one and raises with its
+reason when it cannot run. A CUDA tensor that falls back to the reference is logged once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .plan import BlockSparsity
+
+logger = logging.getLogger("fastdit")
+
+LAYOUTS = ("bshd", "bhsd")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_cannot_run(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    if not _TRITON_INSTALLED:
+        return "triton is not installed"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim must be <= {MAX_HEAD_DIM}, got {head_dim}"
+    if device.type == "cpu":
+        if triton_interpreter_enabled():
+            return None
+        return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+    if device.type != "cuda":
+        return f"device must be cuda (or cpu with TRITON_INTERPRET=1), got {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"compute capability must be >= 8.0 (Ampere), got {major}.{minor}"
+    return None
+
+
+def _reference_cannot_run(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    cannot_run: Callable[[torch.device, torch.dtype, int], str | None]
+
+
+BACKENDS = (Backend("triton", _triton_cannot_run), Backend("reference", _reference_cannot_run))
+_logged_fallbacks: set[tuple[str, str]] = set()
+
+
+def explain_backends(
+    device: torch.device | str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128
+) -> dict[str, str | None]:
+    """For each backend in order, ``None`` if it can run these inputs, else the reason it cannot."""
+    device = torch.device(device)
+    return {backend.name: backend.cannot_run(device, dtype, head_dim) for backend in BACKENDS}
+
+
+def choose_backend(
+    device: torch.device, dtype: torch.dtype, head_dim: int, requested: str | None = None
+) -> str:
+    reasons = explain_backends(device, dtype, head_dim)
+    if requested is not None:
+        if requested not in reasons:
+            raise ValueError(f"backend must be one of {list(reasons)}, got {requested!r}")
+        if reasons[requested] is not None:
+            raise RuntimeError(f"backend {requested!r} cannot run: {reasons[requested]}")
+        return requested
+    chosen = next(name for name, reason in reasons.items() if reason is None)
+    if chosen == "reference" and device.type == "cuda":
+        why = reasons["triton"] or ""
+        if (device.type, why) not in _logged_fallbacks:
+            _logged_fallbacks.add((device.type, why))
+            logger.warning("fastdit: running attention on the PyTorch reference path: %s", why)
+    return chosen
+
+
+# ---------------------------------------------------------------------- validation
+def _check_tensor(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, S, H, D) or (B, H, S, D), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} dtype must be one of fp16, bf16, fp32, got {x.dtype}")
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    # Kernels read rows of D contiguous elements; any other stride is copied once here.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _split_shape(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    """(batch, seq, heads, head_dim) of a tensor in ``layout``."""
+    if layout == "bshd":
+        return x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+    return x.shape[0], x.shape[2], x.shape[1], x.shape[3]
+
+
+def _check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise ValueError(f"scale must be a positive finite number, got {scale=}")
+    return scale
+
+
+def _check_key_padding(key_padding, batch: int, device: torch.device) -> torch.Tensor | None:
+    if key_padding is None:
+        return None
+    if not isinstance(key_padding, torch.Tensor) or key_padding.dtype.is_floating_point or key_padding.dtype == torch.bool:
+        raise TypeError(
+            "key_padding must be an integer tensor [B] of valid key lengths, got "
+            f"{getattr(key_padding, 'dtype', type(key_padding).__name__)}"
+        )
+    if tuple(key_padding.shape) != (batch,):
+        raise ValueError(f"key_padding must have shape [B]=({batch},), got {tuple(key_padding.shape)}")
+    if key_padding.device != device:
+        raise ValueError(f"key_padding is on {key_padding.device} but q is on {device}")
+    return key_padding.to(torch.int32).contiguous()
+
+
+def _check_plan(plan: BlockSparsity, batch: int, heads: int, seq_q: int, seq_kv: int, device: torch.device) -> None:
+    if not isinstance(plan, BlockSparsity):
+        raise TypeError(f"plan must be a fastdit.kernels.BlockSparsity, got {type(plan).__name__}")
+    plan.check_shape(seq_q, seq_kv)
+    plan_b, plan_h, _ = plan.kv_counts.shape
+    if plan_b not in (1, batch) or plan_h not in (1, heads):
+        raise ValueError(
+            f"plan covers batch={plan_b}, heads={plan_h}; it must be 1 or match the inputs' "
+            f"batch={batch}, heads={heads}"
+        )
+    if plan.device != device:
+        raise ValueError(
+            f"plan is on {plan.device} but q is on {device}: build it there once, or call plan.to(device)"
+        )
+
+
+def _check_qk(q, k, layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    if k.dtype != q.dtype or k.device != q.device:
+        raise ValueError(f"q and k must share dtype and device, got q {q.dtype} on {q.device}, k {k.dtype} on {k.device}")
+    batch, seq_q, heads, head_dim = _split_shape(q, layout)
+    k_batch, seq_kv, k_heads, k_head_dim = _split_shape(k, layout)
+    if (k_batch, k_heads, k_head_dim) != (batch, heads, head_dim):
+        raise ValueError(
+            f"q and k must agree on batch, heads and head_dim ({layout=}), got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {head_dim}")
+    return batch, seq_q, seq_kv, heads, head_dim
+
+
+# ---------------------------------------------------------------------- entry points
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockSparsity,
+    *,
+    scale: float | None = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
+    key_padding: torch.Tensor | None = None,
+    backend: str | None = None,
+):
+    """Attention restricted to the key blocks ``plan`` lists for each query block.
+
+    Args:
+        q, k, v: ``(B, S, H, D)`` (``layout="bshd"``, diffusers' layout) or ``(B, H, S, D)``;
+            fp16 or bf16 (fp32 for tests); any head_dim <= 256 (64 and 128 are native, others
+            are zero-padded inside the kernel); any lengths, ``S_q`` may differ from ``S_kv``.
+        plan: a :class:`BlockSparsity` with ``ceil(S_q/bq)`` query blocks and ``ceil(S_kv/bk)``
+            key blocks, on the inputs' device; batch and head dims of size 1 broadcast.
+        scale: softmax scale, ``1/sqrt(D)`` by default.
+        return_lse: also return the natural-log log-sum-exp, fp32 ``[B, H, S_q]``.
+        key_padding: int tensor ``[B]`` of valid key lengths (keys at or past it are ignored).
+        backend: ``"triton"`` or ``"reference"`` to force one; by default the first that can run.
+
+    Returns:
+        The output in the input's layout and dtype, or ``(out, lse)``. A query row that sees no
+        key gets zeros and LSE ``-inf``.
+    """
+    batch, seq_q, seq_kv, heads, head_dim = _check_qk(q, k, layout)
+    _check_tensor("v", v)
+    if v.shape != k.shape or v.dtype != q.dtype or v.device != q.device:
+        raise ValueError(f"v must match k's shape, dtype and device, got v {v.dtype} {tuple(v.shape)} and k {k.dtype} {tuple(k.shape)}")
+    _check_plan(plan, batch, heads, seq_q, seq_kv, q.device)
+    scale = _check_scale(scale, head_dim)
+    key_lengths = _check_key_padding(key_padding, batch, q.device)
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+
+    chosen = choose_backend(q.device, q.dtype, head_dim, backend)
+    if chosen == "triton":
+        from .block_sparse_attention import triton_block_sparse_attention
+
+        out, lse = triton_block_sparse_attention(
+            q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse,
+            key_lengths=key_lengths, interpret=q.device.type == "cpu",
+        )
+    else:
+        from .reference import attention_reference
+
+        out, lse = attention_reference(
+            q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse, key_lengths=key_lengths
+        )
+    return (out, lse) if return_lse else out
+
+
+def block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    plan: BlockSparsity | None = None,
+    *,
+    block_size: int | tuple[int, int] = 128,
+    scale: float | None = None,
+    layout: str = "bshd",
+    key_padding: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention mass per (query block, key block), fp32 ``[B, H, nQ, nK]``, in one QK^T pass.
+
+    ``W[b, h, p, c] = sum_{i in block p} sum_{j in block c} exp(scale * q_i . k_j - lse_i)`` for
+    the blocks ``plan`` visits (all blocks of ``block_size`` when ``plan`` is None); 0 elsewhere.
+    ``lse`` is fp32 ``[B, H, S_q]``, e.g. from ``block_sparse_attention(..., return_lse=True)``
+    at this step or a cached earlier one.
+    """
+    batch, seq_q, seq_kv, heads, head_dim = _check_qk(q, k, layout)
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (batch, heads, seq_q):
+        raise ValueError(
+            f"lse must be a [B, H, S_q]=({batch}, {heads}, {seq_q}) tensor, got {tuple(getattr(lse, 'shape', ()))}"
+        )
+    if lse.device != q.device:
+        raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+    if plan is None:
+        plan = BlockSparsity.dense(seq_q, seq_kv, block_size, device=q.device)
+    _check_plan(plan, batch, heads, seq_q, seq_kv, q.device)
+    scale = _check_scale(scale, head_dim)
+    key_lengths = _check_key_padding(key_padding, batch, q.device)
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
+
+    if choose_backend(q.device, q.dtype, head_dim, backend) == "triton":
+        from .block_mass import triton_block_mass
+
+        return triton_block_mass(
+            q, k, lse, plan, scale=scale, layout=layout, key_lengths=key_lengths,
+            interpret=q.device.type == "cpu",
+        )
+    from .reference import block_mass_reference
+
+    return block_mass_reference(q, k, lse, plan, scale=scale, layout=layout, key_lengths=key_lengths)
+
+
+def block_mean_pool(
+    x: torch.Tensor, block_size: int, *, layout: str = "bshd", backend: str | None = None
+) -> torch.Tensor:
+    """Mean of each run of ``block_size`` consecutive tokens: fp32 ``[B, H, ceil(S/block), D]``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_tensor("x", x)
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    _, seq_len, _, head_dim = _split_shape(x, layout)
+    if seq_len < 1:
+        raise ValueError(f"x must have at least one token, got shape {tuple(x.shape)}")
+    x = _unit_last_stride(x)
+    if choose_backend(x.device, x.dtype, head_dim, backend) == "triton":
+        from .block_pool import triton_block_mean_pool
+
+        return triton_block_mean_pool(x, block_size, layout=layout)
+    from .reference import block_mean_pool_reference
+
+    return block_mean_pool_reference(x, block_size, layout=layout)

@@ -1,0 +1,252 @@
+"""The plan: which key blocks each query block visits.
+
+Architecture line: ``layout`` -> ``methods/<name>.py`` (plans a block sparsity) -> ``kernels/``
+(executes it). This module is the contract between the last two stages. A method produces a
+:class:`BlockSparsity`; a kernel executes it without knowing which method made it.
+
+The form is FlexAttention's ``BlockMask`` without element-level masks: for every
+``(batch or broadcast, head or broadcast, query block)`` a count of key blocks to visit and a padded
+list of their indices (padded CSR). Indices within a row are sorted ascending and unique, which
+the kernels rely on: the only key blocks that can need a bounds mask (the ragged last block, or
+blocks past a batch element's valid key length) form a suffix of each row.
+
+A plan holds no sequence lengths: ``ceil(S / block)`` must equal its block counts, which the
+kernels check at the boundary. Build a plan once per shape and reuse it; calling a kernel with a
+plan does no host work and no device synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BLOCK_SIZES = (64, 128)
+
+
+def normalize_block_size(block_size: int | tuple[int, int]) -> tuple[int, int]:
+    """``128`` -> ``(128, 128)``; validates both entries against :data:`SUPPORTED_BLOCK_SIZES`."""
+    if isinstance(block_size, int):
+        pair = (block_size, block_size)
+    else:
+        pair = tuple(int(b) for b in block_size)
+        if len(pair) != 2:
+            raise ValueError(f"block_size must be an int or a (q, kv) pair, got {block_size=}")
+    for name, size in zip(("q", "kv"), pair):
+        if size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(
+                f"{name} block size must be one of {SUPPORTED_BLOCK_SIZES}, got {size} "
+                f"(from {block_size=})"
+            )
+    return pair  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparsity:
+    """Which key blocks each query block visits, in padded-CSR form.
+
+    Attributes:
+        kv_counts: int32 ``[Bp, Hp, nQ]``; ``Bp`` is 1 (broadcast over batch) or the batch size,
+            ``Hp`` likewise for heads.
+        kv_indices: int32 ``[Bp, Hp, nQ, max_kv]``; the first ``kv_counts[b, h, p]`` entries of a
+            row are the visited key blocks, ascending and unique; the rest is padding (0).
+        q_block_size, kv_block_size: tokens per query block and per key block (64 or 128).
+        num_kv_blocks: ``nK``, the number of key blocks of the key sequence.
+    """
+
+    kv_counts: torch.Tensor
+    kv_indices: torch.Tensor
+    q_block_size: int
+    kv_block_size: int
+    num_kv_blocks: int
+
+    def __post_init__(self) -> None:
+        counts, indices = self.kv_counts, self.kv_indices
+        if counts.dtype != torch.int32 or indices.dtype != torch.int32:
+            raise TypeError(
+                f"kv_counts and kv_indices must be int32, got {counts.dtype} and {indices.dtype}"
+            )
+        if counts.dim() != 3 or indices.dim() != 4 or indices.shape[:3] != counts.shape:
+            raise ValueError(
+                "kv_counts must be [Bp, Hp, nQ] and kv_indices [Bp, Hp, nQ, max_kv], got "
+                f"{tuple(counts.shape)} and {tuple(indices.shape)}"
+            )
+        if counts.device != indices.device:
+            raise ValueError(f"kv_counts on {counts.device} but kv_indices on {indices.device}")
+        normalize_block_size((self.q_block_size, self.kv_block_size))
+        if self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_block_map(
+        cls, block_map: torch.Tensor, block_size: int | tuple[int, int] = 128
+    ) -> BlockSparsity:
+        """From a boolean ``[B|1, H|1, nQ, nK]`` map (True = visit), on any device.
+
+        Costs one host synchronisation (to size the index tensor); do it once per shape.
+        """
+        q_block, kv_block = normalize_block_size(block_size)
+        if block_map.dtype != torch.bool:
+            raise TypeError(f"block_map must be a bool tensor, got {block_map.dtype}")
+        if block_map.dim() != 4:
+            raise ValueError(
+                f"block_map must be [B|1, H|1, nQ, nK], got shape {tuple(block_map.shape)}"
+            )
+        num_kv_blocks = block_map.shape[-1]
+        counts = block_map.sum(dim=-1, dtype=torch.int32)
+        max_kv = max(int(counts.max()), 1) if counts.numel() else 1
+        # A stable sort of "not kept" puts the kept blocks first, in ascending order.
+        order = torch.sort((~block_map).to(torch.uint8), dim=-1, stable=True).indices
+        indices = order[..., :max_kv].to(torch.int32)
+        slot = torch.arange(max_kv, device=block_map.device, dtype=torch.int32)
+        indices = torch.where(slot < counts[..., None], indices, 0).contiguous()
+        return cls(counts.contiguous(), indices, q_block, kv_block, num_kv_blocks)
+
+    @classmethod
+    def from_indices(
+        cls,
+        kv_block_lists: Sequence,
+        num_kv_blocks: int,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ) -> BlockSparsity:
+        """From nested lists of key-block indices.
+
+        ``kv_block_lists[p]`` lists the key blocks of query block ``p`` (one plan for all batch
+        elements and heads), or ``kv_block_lists[b][h][p]`` gives one per batch element and head.
+        Duplicates are merged and lists sorted.
+        """
+        rows = list(kv_block_lists)
+        nested = bool(rows) and bool(rows[0]) and isinstance(rows[0][0], Sequence)
+        grid = [[rows]] if not nested else [list(per_b) for per_b in rows]
+        num_b, num_h = len(grid), len(grid[0])
+        num_q = len(grid[0][0])
+        block_map = torch.zeros(num_b, num_h, num_q, num_kv_blocks, dtype=torch.bool)
+        for b, per_b in enumerate(grid):
+            if len(per_b) != num_h:
+                raise ValueError(f"batch {b} has {len(per_b)} heads, expected {num_h}")
+            for h, per_h in enumerate(per_b):
+                if len(per_h) != num_q:
+                    raise ValueError(
+                        f"batch {b} head {h} has {len(per_h)} query blocks, expected {num_q}"
+                    )
+                for p, kv_list in enumerate(per_h):
+                    for j in kv_list:
+                        if not 0 <= int(j) < num_kv_blocks:
+                            raise ValueError(
+                                f"key block index must be in [0, {num_kv_blocks}), got {j} "
+                                f"at (batch {b}, head {h}, query block {p})"
+                            )
+                        block_map[b, h, p, int(j)] = True
+        return cls.from_block_map(block_map.to(device), block_size)
+
+    @classmethod
+    def from_kv_indices(
+        cls,
+        kv_indices: torch.Tensor,
+        num_kv_blocks: int,
+        block_size: int | tuple[int, int] = 128,
+    ) -> BlockSparsity:
+        """From ``[B|1, H|1, nQ, k]`` integer indices, the same count ``k`` for every row.
+
+        The shape a top-k selection produces; built on the device with no host synchronisation.
+        Indices must be unique within a row (as ``torch.topk`` gives); they are sorted here.
+        """
+        q_block, kv_block = normalize_block_size(block_size)
+        if kv_indices.dim() != 4 or kv_indices.dtype.is_floating_point:
+            raise ValueError(
+                f"kv_indices must be an integer [B|1, H|1, nQ, k] tensor, got "
+                f"{kv_indices.dtype} {tuple(kv_indices.shape)}"
+            )
+        sorted_indices = torch.sort(kv_indices.to(torch.int32), dim=-1).values.contiguous()
+        counts = torch.full(
+            kv_indices.shape[:3], kv_indices.shape[-1], dtype=torch.int32, device=kv_indices.device
+        )
+        return cls(counts, sorted_indices, q_block, kv_block, num_kv_blocks)
+
+    @classmethod
+    def dense(
+        cls,
+        seq_q: int,
+        seq_kv: int,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ) -> BlockSparsity:
+        """Every query block visits every key block: the dense attention path."""
+        q_block, kv_block = normalize_block_size(block_size)
+        num_q, num_kv = math.ceil(seq_q / q_block), math.ceil(seq_kv / kv_block)
+        indices = torch.arange(num_kv, dtype=torch.int32, device=device)
+        indices = indices.expand(1, 1, num_q, num_kv).contiguous()
+        counts = torch.full((1, 1, num_q), num_kv, dtype=torch.int32, device=device)
+        return cls(counts, indices, q_block, kv_block, num_kv)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_counts.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_counts.device
+
+    @property
+    def density(self) -> float:
+        """Visited blocks over all ``nQ * nK`` blocks, averaged over stored batch and heads."""
+        total = self.kv_counts.numel() * self.num_kv_blocks
+        return float(self.kv_counts.sum(dtype=torch.int64)) / total
+
+    def to(self, device: torch.device | str) -> BlockSparsity:
+        return BlockSparsity(
+            self.kv_counts.to(device),
+            self.kv_indices.to(device),
+            self.q_block_size,
+            self.kv_block_size,
+            self.num_kv_blocks,
+        )
+
+    def to_block_map(self) -> torch.Tensor:
+        """The boolean ``[Bp, Hp, nQ, nK]`` map this plan visits."""
+        shape = (*self.kv_counts.shape, self.num_kv_blocks)
+        slot = torch.arange(self.kv_indices.shape[-1], device=self.device)
+        valid = (slot < self.kv_counts[..., None]).to(torch.int32)
+        hits = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        # scatter_add, not scatter: padding entries also point at block 0 and must not erase it.
+        block_map = hits.scatter_add_(-1, self.kv_indices.long(), valid) > 0
+        return block_map
+
+    def computed_pairs(self, seq_q: int, seq_kv: int) -> int:
+        """(query, key) token pairs inside visited blocks, ragged edges counted exactly.
+
+        Summed over the stored batch and head entries (multiply by the broadcast factor).
+        """
+        self.check_shape(seq_q, seq_kv)
+        rows = torch.full((self.num_q_blocks,), self.q_block_size, dtype=torch.int64)
+        rows[-1] = seq_q - (self.num_q_blocks - 1) * self.q_block_size
+        cols = torch.full((self.num_kv_blocks,), self.kv_block_size, dtype=torch.int64)
+        cols[-1] = seq_kv - (self.num_kv_blocks - 1) * self.kv_block_size
+        indices, counts = self.kv_indices.cpu().long(), self.kv_counts.cpu().long()
+        valid = torch.arange(indices.shape[-1]) < counts[..., None]
+        cols_per_row = torch.where(valid, cols[indices], 0).sum(-1)
+        return int((cols_per_row * rows).sum())
+
+    def check_shape(self, seq_q: int, seq_kv: int) -> None:
+        """Raise unless this plan's block counts match the two sequence lengths."""
+        want_q = math.ceil(seq_q / self.q_block_size)
+        want_kv = math.ceil(seq_kv / self.kv_block_size)
+        if (self.num_q_blocks, self.num_kv_blocks) != (want_q, want_kv):
+            raise ValueError(
+                f"plan has {self.num_q_blocks} query blocks x {self.num_kv_blocks} key blocks of "
+                f"({self.q_block_size}, {self.kv_block_size}) tokens, but the sequences need "
+                f"ceil({seq_q}/{self.q_block_size})={want_q} x "
+                f"ceil({seq_kv}/{self.kv_block_size})={want_kv}"
+            )
+
+    def __repr__(self) -> str:
+        bp, hp, nq = self.kv_counts.shape
+        return (
+            f"BlockSparsity(batch={bp}, heads={hp}, q_blocks={nq}, kv_blocks={self.num_kv_blocks}, "
+            f"block_size=({self.q_block_size}, {self.kv_block_size}), device={self.device})"
+        )

@@ -1,0 +1,125 @@
+"""Plain-PyTorch references for every kernel in ``fastdit.kernels``.
+
+Each computes the same function as its Triton kernel from the same plan, in fp32, by masking
+ordinary attention. Tests compare the kernels against these; they are also the execution path
+on a CPU without ``TRITON_INTERPRET=1``. Work is split over query-block chunks so that no
+``S_q x S_kv`` tensor larger than :data:`MAX_CHUNK_ELEMENTS` exists at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import BlockSparsity
+
+MAX_CHUNK_ELEMENTS = 1 << 26
+
+
+def _to_bhsd_fp32(x: torch.Tensor, layout: str) -> torch.Tensor:
+    x = x.transpose(1, 2) if layout == "bshd" else x
+    return x.to(torch.float32)
+
+
+def _token_mask(
+    plan: BlockSparsity,
+    q_blocks: slice,
+    seq_q: int,
+    seq_kv: int,
+    key_lengths: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Boolean ``[B|Bp, H|Hp, rows, S_kv]`` mask for the query rows of ``q_blocks``."""
+    block_map = plan.to_block_map()[:, :, q_blocks].to(device)
+    rows = torch.arange(q_blocks.start * plan.q_block_size, seq_q, device=device)
+    rows = rows[: (q_blocks.stop - q_blocks.start) * plan.q_block_size]
+    cols = torch.arange(seq_kv, device=device)
+    mask = block_map[:, :, (rows // plan.q_block_size - q_blocks.start)][
+        ..., cols // plan.kv_block_size
+    ]
+    if key_lengths is not None:
+        mask = mask & (cols[None, :] < key_lengths.to(device)[:, None])[:, None, None, :]
+    return mask
+
+
+def _query_chunks(plan: BlockSparsity, batch: int, heads: int, seq_kv: int):
+    rows_per_chunk = max(1, MAX_CHUNK_ELEMENTS // max(1, batch * heads * seq_kv))
+    blocks_per_chunk = max(1, rows_per_chunk // plan.q_block_size)
+    for start in range(0, plan.num_q_blocks, blocks_per_chunk):
+        yield slice(start, min(start + blocks_per_chunk, plan.num_q_blocks))
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockSparsity,
+    *,
+    scale: float,
+    layout: str = "bshd",
+    return_lse: bool = False,
+    key_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masked softmax attention in fp32; output in the input's dtype and layout, LSE fp32."""
+    qf, kf, vf = (_to_bhsd_fp32(x, layout) for x in (q, k, v))
+    batch, heads, seq_q, _ = qf.shape
+    seq_kv = kf.shape[2]
+    plan.check_shape(seq_q, seq_kv)
+    out = torch.empty_like(qf)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    for q_blocks in _query_chunks(plan, batch, heads, seq_kv):
+        rows = slice(q_blocks.start * plan.q_block_size, min(seq_q, q_blocks.stop * plan.q_block_size))
+        mask = _token_mask(plan, q_blocks, seq_q, seq_kv, key_lengths, q.device)
+        scores = torch.einsum("bhid,bhjd->bhij", qf[:, :, rows], kf) * scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)
+        # Rows with no visible key: probabilities 0 (not NaN), output 0, LSE -inf.
+        probs = torch.exp(scores - row_lse.nan_to_num(neginf=0.0)[..., None])
+        out[:, :, rows] = torch.einsum("bhij,bhjd->bhid", probs, vf)
+        lse[:, :, rows] = row_lse
+    out = out.transpose(1, 2) if layout == "bshd" else out
+    return out.to(q.dtype), (lse if return_lse else None)
+
+
+def block_mass_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    plan: BlockSparsity,
+    *,
+    scale: float,
+    layout: str = "bshd",
+    key_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``W[b, h, p, c] = sum exp(scale * q_i . k_j - lse_i)`` over visited blocks, fp32."""
+    qf, kf = _to_bhsd_fp32(q, layout), _to_bhsd_fp32(k, layout)
+    batch, heads, seq_q, _ = qf.shape
+    seq_kv = kf.shape[2]
+    plan.check_shape(seq_q, seq_kv)
+    mass = torch.zeros(
+        (batch, heads, plan.num_q_blocks, plan.num_kv_blocks), dtype=torch.float32, device=q.device
+    )
+    # Rows with lse = -inf have no keys and contribute nothing.
+    lse = torch.where(torch.isneginf(lse), float("inf"), lse.to(torch.float32))
+    kv_block_of = torch.arange(seq_kv, device=q.device) // plan.kv_block_size
+    for q_blocks in _query_chunks(plan, batch, heads, seq_kv):
+        rows = slice(q_blocks.start * plan.q_block_size, min(seq_q, q_blocks.stop * plan.q_block_size))
+        mask = _token_mask(plan, q_blocks, seq_q, seq_kv, key_lengths, q.device)
+        scores = torch.einsum("bhid,bhjd->bhij", qf[:, :, rows], kf) * scale
+        probs = torch.exp(scores - lse[:, :, rows, None]) * mask
+        q_block_of = torch.arange(rows.start, rows.stop, device=q.device) // plan.q_block_size
+        per_row = torch.zeros((batch, heads, probs.shape[2], plan.num_kv_blocks), device=q.device)
+        per_row.index_add_(3, kv_block_of, probs)
+        mass.index_add_(2, q_block_of, per_row)
+    return mass
+
+
+def block_mean_pool_reference(x: torch.Tensor, block_size: int, *, layout: str = "bshd") -> torch.Tensor:
+    """Mean of each run of ``block_size`` tokens, fp32 ``[B, H, nb, D]``; the last run may be short."""
+    xf = _to_bhsd_fp32(x, layout)
+    seq_len = xf.shape[2]
+    block_of = torch.arange(seq_len, device=x.device) // block_size
+    num_blocks = int(block_of[-1]) + 1
+    sums = torch.zeros((*xf.shape[:2], num_blocks, xf.shape[3]), device=x.device)
+    sums.index_add_(2, block_of, xf)
+    counts = torch.bincount(block_of, minlength=num_blocks).to(torch.float32)
+    return sums / counts[:, None]
