@@ -117,7 +117,7 @@ def test_rows_without_blocks_give_zeros_and_neg_inf_lse(rng):
     q, k, v = random_qkv(rng, 1, 256, 256, 2, 64, torch.bfloat16)
     block_map = random_block_map(rng, 1, 2, 2, 2, 0.7)
     block_map[0, 0, 1] = False  # head 0, query block 1 visits nothing
-    block_map[0, 1, 0] = True
+    block_map[0, 1, :, 0] = True  # every row of head 1 visits key block 0
     plan = BlockSparsity.from_block_map(block_map)
     out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend="triton")
     assert not out.isnan().any() and not lse.isnan().any()

@@ -211,7 +211,7 @@ def block_sparse_attention(
 
     chosen = choose_backend(q.device, q.dtype, head_dim, backend)
     if chosen == "triton":
-        from .block_sparse_attention import triton_block_sparse_attention
+        from .attention import triton_block_sparse_attention
 
         out, lse = triton_block_sparse_attention(
             q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse,
@@ -260,7 +260,7 @@ def block_mass(
     q, k = _unit_last_stride(q), _unit_last_stride(k)
 
     if choose_backend(q.device, q.dtype, head_dim, backend) == "triton":
-        from .block_mass import triton_block_mass
+        from .mass import triton_block_mass
 
         return triton_block_mass(
             q, k, lse, plan, scale=scale, layout=layout, key_lengths=key_lengths,
@@ -285,7 +285,7 @@ def block_mean_pool(
         raise ValueError(f"x must have at least one token, got shape {tuple(x.shape)}")
     x = _unit_last_stride(x)
     if choose_backend(x.device, x.dtype, head_dim, backend) == "triton":
-        from .block_pool import triton_block_mean_pool
+        from .pooling import triton_block_mean_pool
 
         return triton_block_mean_pool(x, block_size, layout=layout)
     from .reference import block_mean_pool_reference

@@ -18,6 +18,7 @@ plan does no host work and no device synchronisation.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,8 +29,8 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 
 def normalize_block_size(block_size: int | tuple[int, int]) -> tuple[int, int]:
     """``128`` -> ``(128, 128)``; validates both entries against :data:`SUPPORTED_BLOCK_SIZES`."""
-    if isinstance(block_size, int):
-        pair = (block_size, block_size)
+    if isinstance(block_size, numbers.Integral):
+        pair = (int(block_size), int(block_size))
     else:
         pair = tuple(int(b) for b in block_size)
         if len(pair) != 2:
@@ -119,7 +120,10 @@ class BlockSparsity:
         elements and heads), or ``kv_block_lists[b][h][p]`` gives one per batch element and head.
         Duplicates are merged and lists sorted.
         """
-        rows = list(kv_block_lists)
+        def as_lists(x):
+            return x.tolist() if isinstance(x, torch.Tensor) else [as_lists(y) if isinstance(y, (list, tuple, torch.Tensor)) else y for y in x]
+
+        rows = as_lists(kv_block_lists)
         nested = bool(rows) and bool(rows[0]) and isinstance(rows[0][0], Sequence)
         grid = [[rows]] if not nested else [list(per_b) for per_b in rows]
         num_b, num_h = len(grid), len(grid[0])
@@ -149,11 +153,14 @@ class BlockSparsity:
         kv_indices: torch.Tensor,
         num_kv_blocks: int,
         block_size: int | tuple[int, int] = 128,
+        validate: bool = True,
     ) -> BlockSparsity:
         """From ``[B|1, H|1, nQ, k]`` integer indices, the same count ``k`` for every row.
 
-        The shape a top-k selection produces; built on the device with no host synchronisation.
-        Indices must be unique within a row (as ``torch.topk`` gives); they are sorted here.
+        The shape a top-k selection produces. Indices must be unique within a row (as
+        ``torch.topk`` gives); they are sorted here. ``validate`` checks range and uniqueness,
+        which costs one host synchronisation; methods that build plans inside a denoising step
+        from indices they know are valid pass ``validate=False`` and stay sync-free.
         """
         q_block, kv_block = normalize_block_size(block_size)
         if kv_indices.dim() != 4 or kv_indices.dtype.is_floating_point:
@@ -162,6 +169,14 @@ class BlockSparsity:
                 f"{kv_indices.dtype} {tuple(kv_indices.shape)}"
             )
         sorted_indices = torch.sort(kv_indices.to(torch.int32), dim=-1).values.contiguous()
+        if validate and sorted_indices.numel():
+            low, high = int(sorted_indices.min()), int(sorted_indices.max())
+            if low < 0 or high >= num_kv_blocks:
+                raise ValueError(
+                    f"kv_indices must lie in [0, {num_kv_blocks}), got values in [{low}, {high}]"
+                )
+            if bool((sorted_indices[..., 1:] == sorted_indices[..., :-1]).any()):
+                raise ValueError("kv_indices must be unique within each row; found a repeated block")
         counts = torch.full(
             kv_indices.shape[:3], kv_indices.shape[-1], dtype=torch.int32, device=kv_indices.device
         )

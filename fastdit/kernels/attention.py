@@ -29,6 +29,11 @@ import triton.language as tl
 
 from .plan import BlockSparsity
 
+try:  # host-side tensor descriptors (TMA), Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
 
 
@@ -42,6 +47,29 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(
+    acc, l_i, m_i, q, k, v, cols_ok, qk_scale,
+    MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+):
+    """Fold one ``[BLOCK_N, D]`` tile of keys and values into the running softmax state."""
+    qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+    if MASK_KV:
+        qk = tl.where(cols_ok[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # A row that has seen no valid key keeps m = -inf; subtract 0 instead (no NaN).
+        m_shift = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_shift = m_ij
+    p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST_OPERANDS)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _attend_kv_block(
     acc, l_i, m_i, q,
     k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
@@ -51,7 +79,7 @@ def _attend_kv_block(
     MASK_KV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
 ):
-    """Fold one key block (``KV_BLOCK`` rows starting at ``kv_row_start``) into the running state."""
+    """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
@@ -59,9 +87,9 @@ def _attend_kv_block(
         row_shift = (kv_row_start + sub).to(tl.int64)
         k_ptrs = k_base + row_shift * stride_ks + k_tile_offsets
         v_ptrs = v_base + row_shift * stride_vs + v_tile_offsets
+        cols_ok = (kv_row_start + sub + offs_n) < kv_len
         if MASK_KV:
-            row_ok = (kv_row_start + sub + offs_n) < kv_len
-            load_mask = row_ok[:, None]
+            load_mask = cols_ok[:, None]
             if not EVEN_D:
                 load_mask = load_mask & (offs_d[None, :] < head_dim)
             k = tl.load(k_ptrs, mask=load_mask, other=0.0)
@@ -73,28 +101,15 @@ def _attend_kv_block(
             d_ok = offs_d[None, :] < head_dim
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-
-        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
-        if MASK_KV:
-            qk = tl.where(row_ok[None, :], qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            # A row that has seen no valid key keeps m = -inf; subtract 0 instead (no NaN).
-            m_shift = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_shift = m_ij
-        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST_OPERANDS)
-        m_i = m_ij
+        acc, l_i, m_i = _online_softmax_step(
+            acc, l_i, m_i, q, k, v, cols_ok, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
+        )
     return acc, l_i, m_i
 
 
 @triton.jit
 def _block_sparse_attn_fwd(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, k_desc, v_desc,
     kv_counts_ptr, kv_indices_ptr, key_lengths_ptr,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -107,6 +122,7 @@ def _block_sparse_attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    USE_TMA: tl.constexpr, LAYOUT_BSHD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -157,13 +173,31 @@ def _block_sparse_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for i in range(0, num_unmasked):
-        kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
-        acc, l_i, m_i = _attend_kv_block(
-            acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
-            kv_row_start, kv_len, head_dim, qk_scale,
-            KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
-        )
+    if USE_TMA:
+        # Hopper+: the copy engine fetches whole K/V tiles of the 2-D views
+        # [B*S, H*D] (bshd) or [B*H*S, D] (bhsd); coordinates are rows, not bytes.
+        if LAYOUT_BSHD:
+            tma_row, tma_col = batch * seq_kv, head * BLOCK_D
+        else:
+            tma_row, tma_col = pid_bh * seq_kv, 0
+        cols_all = tl.full([BLOCK_N], True, tl.int1)
+        for i in range(0, num_unmasked):
+            kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
+            for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
+                k = k_desc.load([tma_row + kv_row_start + sub, tma_col])
+                v = v_desc.load([tma_row + kv_row_start + sub, tma_col])
+                acc, l_i, m_i = _online_softmax_step(
+                    acc, l_i, m_i, q, k, v, cols_all, qk_scale, False, DOT_PRECISION,
+                    UPCAST_OPERANDS,
+                )
+    else:
+        for i in range(0, num_unmasked):
+            kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
+            acc, l_i, m_i = _attend_kv_block(
+                acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets,
+                v_tile_offsets, kv_row_start, kv_len, head_dim, qk_scale,
+                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
+            )
     for i in range(num_unmasked, count):
         kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
         acc, l_i, m_i = _attend_kv_block(
@@ -188,29 +222,65 @@ def _block_sparse_attn_fwd(
         tl.store(lse_ptrs, lse, mask=rows_ok)
 
 
-# Launch configurations, keyed on what changes the best one: head-dim tile and block sizes.
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); tuned on H100 with benchmarks/kernel_bench.py.
+# Launch configurations, keyed on what changes the best one: head-dim tile, block sizes and
+# element size. (BLOCK_M, BLOCK_N, num_warps, num_stages); from benchmarks/tune_attention.py on
+# an H100 (bf16, Wan2.1-1.3B 480p shape, dense and 25 % plans). A config that needs more shared memory than the GPU
+# has is shrunk at the first launch (see _launch_with_fallback).
 _CONFIGS = {
-    # (BLOCK_D, Q_BLOCK, KV_BLOCK): config
-    (64, 128, 128): (128, 128, 8, 3),
-    (128, 128, 128): (128, 128, 8, 3),
-    (256, 128, 128): (64, 64, 4, 2),
-    (64, 64, 64): (64, 64, 4, 3),
-    (128, 64, 64): (64, 64, 4, 3),
-    (256, 64, 64): (64, 32, 4, 2),
+    # (BLOCK_D, Q_BLOCK, KV_BLOCK, element bytes): config
+    (64, 128, 128, 2): (128, 128, 8, 2),
+    (128, 128, 128, 2): (128, 128, 8, 3),
+    (256, 128, 128, 2): (64, 64, 4, 1),
+    (64, 64, 64, 2): (64, 64, 4, 2),
+    (128, 64, 64, 2): (64, 64, 4, 2),
+    (256, 64, 64, 2): (64, 32, 4, 1),
 }
+_working_configs: dict[tuple, tuple[int, int, int, int]] = {}
 
 
-def _launch_config(block_d: int, q_block: int, kv_block: int, interpret: bool):
+def _launch_config(block_d: int, q_block: int, kv_block: int, element_bytes: int, interpret: bool):
     if interpret:
         # The CPU interpreter is slowest on many small programs: take the biggest tiles.
-        return min(q_block, 128), min(kv_block, 128), 4, 1
-    key = (block_d, q_block, kv_block)
-    if key in _CONFIGS:
-        return _CONFIGS[key]
-    block_m = min(q_block, 64 if block_d > 128 else 128)
-    block_n = min(kv_block, 64 if block_d > 128 else kv_block)
-    return block_m, block_n, 4 if block_d > 128 else 8, 2
+        return q_block, kv_block, 4, 1
+    config = _CONFIGS.get((block_d, q_block, kv_block, element_bytes))
+    if config is not None:
+        return config
+    if q_block != kv_block:  # mixed block sizes: the smaller tile of each
+        return min(q_block, 128 if block_d <= 128 else 64), min(kv_block, 64), 4, 2
+    block = min(q_block, 64 if block_d > 128 or element_bytes > 2 else 128)
+    return block, min(kv_block, block), 4 if block == 64 else 8, 1 if element_bytes > 2 else 2
+
+
+def _shrinking(config: tuple[int, int, int, int]):
+    """``config``, then smaller ones: fewer stages, then narrower key tiles, then query tiles."""
+    block_m, block_n, num_warps, num_stages = config
+    yield config
+    for stages in range(num_stages - 1, 0, -1):
+        yield block_m, block_n, num_warps, stages
+    while block_n > 16 or block_m > 16:
+        if block_n > 16:
+            block_n //= 2
+        else:
+            block_m //= 2
+            num_warps = 4
+        yield block_m, block_n, num_warps, 1
+
+
+def _launch_with_fallback(key: tuple, config: tuple[int, int, int, int], launch) -> None:
+    """Launch with ``config``, or the first smaller one that fits this GPU; remember which."""
+    if key in _working_configs:
+        launch(*_working_configs[key])
+        return
+    error = None
+    for candidate in _shrinking(config):
+        try:
+            launch(*candidate)
+        except triton.runtime.errors.OutOfResources as out_of_resources:
+            error = out_of_resources
+            continue
+        _working_configs[key] = candidate
+        return
+    raise RuntimeError(f"no launch configuration fits this GPU for {key=}") from error
 
 
 def _strides(x: torch.Tensor, layout: str) -> tuple[int, int, int]:
@@ -218,6 +288,27 @@ def _strides(x: torch.Tensor, layout: str) -> tuple[int, int, int]:
     if layout == "bshd":
         return x.stride(0), x.stride(2), x.stride(1)
     return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _tma_views(k: torch.Tensor, v: torch.Tensor, layout: str, interpret: bool):
+    """2-D views of K and V for tensor-descriptor loads, or None where that path does not apply:
+    Hopper or newer, fp16/bf16, head_dim 64 or 128, contiguous, 16-byte aligned."""
+    if interpret or TensorDescriptor is None or k.device.type != "cuda":
+        return None
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
+        return None
+    if k.dtype not in (torch.float16, torch.bfloat16) or k.shape[-1] not in (64, 128):
+        return None
+    if not (k.is_contiguous() and v.is_contiguous()):
+        return None
+    if k.data_ptr() % 16 or v.data_ptr() % 16:
+        return None
+    head_dim = k.shape[-1]
+    if layout == "bshd":
+        width = k.shape[2] * head_dim
+    else:
+        width = head_dim
+    return k.view(-1, width), v.view(-1, width)
 
 
 def triton_block_sparse_attention(
@@ -246,9 +337,6 @@ def triton_block_sparse_attention(
         else out  # unused placeholder pointer
     )
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = _launch_config(
-        block_d, plan.q_block_size, plan.kv_block_size, interpret
-    )
     counts, indices = plan.kv_counts, plan.kv_indices
     count_strides = (
         counts.stride(0) if counts.shape[0] > 1 else 0,
@@ -259,25 +347,40 @@ def triton_block_sparse_attention(
         indices.stride(1) if indices.shape[1] > 1 else 0,
         indices.stride(2),
     )
-    grid = (triton.cdiv(seq_q, block_m), batch * heads)
-    _block_sparse_attn_fwd[grid](
-        q, k, v, out, lse,
-        counts, indices, key_lengths if key_lengths is not None else counts,
-        *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(out, layout),
-        *count_strides, *index_strides,
-        heads, seq_q, seq_kv, head_dim, scale * LOG2E,
-        Q_BLOCK=plan.q_block_size, KV_BLOCK=plan.kv_block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        EVEN_KV=key_lengths is None and seq_kv % plan.kv_block_size == 0,
-        EVEN_D=block_d == head_dim,
-        HAS_KEY_LENGTHS=key_lengths is not None,
-        RETURN_LSE=return_lse,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_OPERANDS=interpret and q.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    tma_views = _tma_views(k, v, layout, interpret)
+
+    def launch(block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+        if tma_views is not None:
+            k_desc = TensorDescriptor.from_tensor(tma_views[0], [block_n, block_d])
+            v_desc = TensorDescriptor.from_tensor(tma_views[1], [block_n, block_d])
+        else:
+            k_desc, v_desc = k, v  # unused
+        grid = (triton.cdiv(seq_q, block_m), batch * heads)
+        _block_sparse_attn_fwd[grid](
+            q, k, v, out, lse, k_desc, v_desc,
+            counts, indices, key_lengths if key_lengths is not None else counts,
+            *_strides(q, layout), *_strides(k, layout), *_strides(v, layout),
+            *_strides(out, layout), *count_strides, *index_strides,
+            heads, seq_q, seq_kv, head_dim, scale * LOG2E,
+            Q_BLOCK=plan.q_block_size, KV_BLOCK=plan.kv_block_size,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            EVEN_KV=key_lengths is None and seq_kv % plan.kv_block_size == 0,
+            EVEN_D=block_d == head_dim,
+            HAS_KEY_LENGTHS=key_lengths is not None,
+            RETURN_LSE=return_lse,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST_OPERANDS=interpret and q.dtype == torch.bfloat16,
+            USE_TMA=tma_views is not None,
+            LAYOUT_BSHD=layout == "bshd",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    element_bytes = q.element_size()
+    config = _launch_config(block_d, plan.q_block_size, plan.kv_block_size, element_bytes, interpret)
+    if interpret:
+        launch(*config)
+        return out, (lse if return_lse else None)
+    key = (block_d, plan.q_block_size, plan.kv_block_size, q.dtype, tma_views is not None,
+           q.device.index)
+    _launch_with_fallback(key, config, launch)
     return out, (lse if return_lse else None)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import LOG2E, _dot, _strides
+from .attention import LOG2E, _dot, _strides
 from .plan import BlockSparsity
 
 

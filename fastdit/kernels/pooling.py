@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import _strides
+from .attention import _strides
 
 
 @triton.jit

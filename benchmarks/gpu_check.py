@@ -1,0 +1,146 @@
+"""Correctness of the compiled kernels on a GPU (the CPU tests run them under the interpreter).
+
+Checks, on fresh random inputs, the Triton kernels against ``fastdit.kernels.reference`` for every
+dtype, head_dim, layout, block size, ragged length and key padding; the dense plan against cuDNN
+SDPA at the Wan2.1-1.3B 480p shape; and a tensor of more than 2**31 elements (64-bit offsets).
+Prints one line per check and exits non-zero on any failure. Run: ``python benchmarks/gpu_check.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fastdit.kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention
+from fastdit.kernels.reference import attention_reference, block_mass_reference
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+results: list[dict] = []
+
+
+def record(name: str, error: float, tolerance: float, **extra) -> None:
+    ok = math.isfinite(error) and error <= tolerance
+    results.append({"check": name, "error": error, "tolerance": tolerance, "ok": ok, **extra})
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: error {error:.3e} (tolerance {tolerance:.0e})", flush=True)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if out.isnan().any():
+        return float("nan")
+    return (out.double() - ref.double()).abs().max().item()
+
+
+def check_against_reference(generator: torch.Generator) -> None:
+    device = "cuda"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for head_dim in (64, 96, 128, 256):
+            for layout in ("bshd", "bhsd"):
+                for block_size in (128, 64):
+                    seq_q, seq_kv, heads, batch = 1000, 1337, 3, 2
+                    shape = lambda s: (batch, s, heads, head_dim) if layout == "bshd" else (batch, heads, s, head_dim)
+                    q = torch.randn(shape(seq_q), device=device, generator=generator).to(dtype)
+                    k = torch.randn(shape(seq_kv), device=device, generator=generator).to(dtype)
+                    v = torch.randn(shape(seq_kv), device=device, generator=generator).to(dtype)
+                    num_q, num_kv = math.ceil(seq_q / block_size), math.ceil(seq_kv / block_size)
+                    block_map = torch.rand(batch, heads, num_q, num_kv, device=device, generator=generator) < 0.4
+                    block_map[0, 0, 2] = False  # an empty row
+                    plan = BlockSparsity.from_block_map(block_map, block_size)
+                    key_padding = torch.tensor([seq_kv, 555], device=device)
+                    for padding in (None, key_padding):
+                        out, lse = block_sparse_attention(
+                            q, k, v, plan, layout=layout, return_lse=True, key_padding=padding
+                        )
+                        ref, ref_lse = attention_reference(
+                            q, k, v, plan, scale=head_dim**-0.5, layout=layout, return_lse=True,
+                            key_lengths=padding,
+                        )
+                        name = f"attention {str(dtype)[6:]} D={head_dim} {layout} block={block_size} padding={padding is not None}"
+                        error = relative_error(out, ref) if dtype == torch.float32 else max_abs_error(out, ref)
+                        finite = torch.isfinite(ref_lse)
+                        same_empty = torch.equal(torch.isneginf(lse), ~finite)
+                        lse_error = (lse[finite] - ref_lse[finite]).abs().max().item()
+                        record(name, error if same_empty else float("nan"), TOLERANCE[dtype])
+                        record(name + " lse", lse_error, 1e-3)
+
+
+def check_helpers(generator: torch.Generator) -> None:
+    q = torch.randn(2, 3000, 4, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
+    k = torch.randn(2, 2500, 4, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
+    plan = BlockSparsity.dense(3000, 2500, device="cuda")
+    _, lse = block_sparse_attention(q, k, k, plan, return_lse=True)
+    mass = block_mass(q, k, lse)
+    ref = block_mass_reference(q, k, lse, plan, scale=128**-0.5)
+    record("block_mass bf16 (relative)", relative_error(mass, ref), 2e-2)
+    pooled = block_mean_pool(q, 100)
+    expected = torch.stack([c.float().mean(1) for c in q.split(100, dim=1)], dim=2)  # [B, H, nb, D]
+    record("block_mean_pool bf16", max_abs_error(pooled, expected), 1e-4)
+
+
+def check_dense_vs_cudnn(generator: torch.Generator) -> None:
+    seq, heads, head_dim = 32760, 12, 128
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device="cuda", generator=generator, dtype=torch.bfloat16) for _ in range(3))
+    out = block_sparse_attention(q, k, v, BlockSparsity.dense(seq, seq, device="cuda"))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ref = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    record("dense plan vs cuDNN SDPA, Wan 480p shape, bf16", max_abs_error(out, ref), 2e-2)
+
+
+def check_64bit_offsets(generator: torch.Generator) -> None:
+    # 440,000 x 40 x 128 = 2.25e9 elements > 2**31: the last ~5 % of rows (bshd) and the last
+    # heads (bhsd) sit past 32-bit offsets.
+    seq, heads, head_dim, block = 440_000, 40, 128, 128
+    num_blocks = math.ceil(seq / block)
+    for layout in ("bshd", "bhsd"):
+        shape = (1, seq, heads, head_dim) if layout == "bshd" else (1, heads, seq, head_dim)
+        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(3))
+        assert q.numel() > 2**31
+        # Each query block visits key block 0, itself and the last key block.
+        own = torch.arange(num_blocks, device="cuda")
+        visits = torch.stack([torch.zeros_like(own), own, torch.full_like(own, num_blocks - 1)], -1)
+        block_map = torch.zeros(1, 1, num_blocks, num_blocks, dtype=torch.bool, device="cuda")
+        block_map[0, 0].scatter_(1, visits, True)
+        plan = BlockSparsity.from_block_map(block_map)
+        out = block_sparse_attention(q, k, v, plan, layout=layout)
+        seq_dim = 1 if layout == "bshd" else 2
+        for q_block in (0, num_blocks - 3, num_blocks - 1):
+            rows = slice(q_block * block, min(seq, (q_block + 1) * block))
+            kv_rows = torch.cat([torch.arange(0, block), torch.arange(q_block * block, min(seq, (q_block + 1) * block)),
+                                 torch.arange((num_blocks - 1) * block, seq)]).unique().cuda()
+            qs = q.narrow(seq_dim, rows.start, rows.stop - rows.start)
+            ks, vs = k.index_select(seq_dim, kv_rows), v.index_select(seq_dim, kv_rows)
+            if layout == "bshd":
+                qs, ks, vs = (x.transpose(1, 2) for x in (qs, ks, vs))
+            ref = torch.nn.functional.scaled_dot_product_attention(qs.float(), ks.float(), vs.float())
+            got = out.narrow(seq_dim, rows.start, rows.stop - rows.start)
+            got = got.transpose(1, 2) if layout == "bshd" else got
+            record(f"64-bit offsets {layout} ({q.numel():.2e} elements) query block {q_block}", max_abs_error(got, ref), 2e-2)
+        del q, k, v, out
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    generator = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    check_64bit_offsets(generator)
+    check_dense_vs_cudnn(generator)
+    check_helpers(generator)
+    check_against_reference(generator)
+    failed = [r for r in results if not r["ok"]]
+    out_dir = os.environ.get("OUT", "benchmarks/results")
+    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
