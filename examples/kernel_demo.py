@@ -8,18 +8,22 @@ It shows the kernel-level flow without downloading a model:
 3. run ``fastdit.kernels.block_sparse_attention`` with that plan and with the dense plan, and
    check both against plain PyTorch (masked attention, ``scaled_dot_product_attention``).
 
-Runs on CUDA when available. On a CPU it takes the PyTorch reference path, or the Triton kernel
-through Triton's interpreter if ``TRITON_INTERPRET=1`` is set (slower). Exits 1 if an error
-exceeds the bf16 tolerance.
+Runs on CUDA when available. Without a GPU it runs the same Triton kernel through Triton's CPU
+interpreter (``TRITON_INTERPRET=1``, set here unless you set it yourself; ``TRITON_INTERPRET=0``
+takes the PyTorch reference path instead). Exits 1 if an error exceeds the bf16 tolerance.
 
     python examples/kernel_demo.py
 """
 
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
