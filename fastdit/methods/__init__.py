@@ -1,0 +1,10 @@
+"""Sparse-attention methods: each plans a block sparsity for a sequence layout.
+
+Architecture line: ``layout`` -> ``methods/<name>.py`` (plans a :class:`~fastdit.kernels.BlockSparsity`)
+-> ``kernels/`` (executes it). A method never launches an attention kernel of its own; adding a
+method is one new file here.
+"""
+
+from .base import MethodPlan
+
+__all__ = ["MethodPlan"]
