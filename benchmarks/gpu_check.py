@@ -8,6 +8,7 @@ Prints one line per check and exits non-zero on any failure. Run: ``python bench
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -39,10 +40,14 @@ def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.double() - ref.double()).abs().max().item()
 
 
-def check_against_reference(generator: torch.Generator) -> None:
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SECTIONS = ("offsets", "cudnn", "helpers", "reference")
+
+
+def check_against_reference(generator: torch.Generator, dtypes, head_dims) -> None:
     device = "cuda"
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for head_dim in (64, 96, 128, 256):
+    for dtype in dtypes:
+        for head_dim in head_dims:
             for layout in ("bshd", "bhsd"):
                 for block_size in (128, 64):
                     seq_q, seq_kv, heads, batch = 1000, 1337, 3, 2
@@ -128,12 +133,23 @@ def check_64bit_offsets(generator: torch.Generator) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="reference section dtypes")
+    parser.add_argument("--head-dims", default="64,96,128,256", help="reference section head dims")
+    args = parser.parse_args()
+    sections = args.sections.split(",")
     generator = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    check_64bit_offsets(generator)
-    check_dense_vs_cudnn(generator)
-    check_helpers(generator)
-    check_against_reference(generator)
+    if "offsets" in sections:
+        check_64bit_offsets(generator)
+    if "cudnn" in sections:
+        check_dense_vs_cudnn(generator)
+    if "helpers" in sections:
+        check_helpers(generator)
+    if "reference" in sections:
+        dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
+        check_against_reference(generator, dtypes, [int(d) for d in args.head_dims.split(",")])
     failed = [r for r in results if not r["ok"]]
     out_dir = os.environ.get("OUT", "benchmarks/results")
     with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
