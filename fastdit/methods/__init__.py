@@ -6,5 +6,7 @@ method is one new file here.
 """
 
 from .base import MethodPlan
+from .gna import GNA, GNACheck
+from .radial import Radial
 
-__all__ = ["MethodPlan"]
+__all__ = ["GNA", "GNACheck", "MethodPlan", "Radial"]

@@ -1,0 +1,437 @@
+"""Generalized Neighborhood Attention, GNA (Hassani et al., 2025), with NATTEN's window semantics.
+
+The rule, per dimension (T, H, W) with extent ``X``, window ``w``, stride ``s``, dilation ``d``
+(non-causal), for a query at coordinate ``q`` and a key at coordinate ``k``:
+
+* dilation groups: ``g = x mod d``, in-group coordinate ``x' = x // d``, group length
+  ``X_g = ceil((X - g) / d)``; query and key must share the group, the rest works on ``x'``;
+* ``L = w // 2``, ``R = w // 2 + (w % 2) - 1`` (even ``w``: one fewer key on the right);
+* stride-group leader ``lead(q) = min((q' // s) * s + s // 2, X_g - 1)``, centre
+  ``c = clamp(lead(q), L, X_g - 1 - R)``; the allowed keys are ``k' in [c - L, c + R]``: always
+  exactly ``w`` keys, the window shifts inward at borders instead of shrinking.
+
+The 3-D mask is the AND of the three 1-D masks, so it is never materialised: everything below
+works on the per-dimension ``[X, X]`` matrices (:func:`allowed_1d`). ``s = 1`` is neighborhood
+attention, ``s = w`` blocked (Swin-like) attention, ``s = tile, w = odd * tile`` Sliding Tile
+Attention. Validation (NATTEN's): ``w * d <= X`` and ``1 <= s <= w``.
+
+Block-level reduction. The kernels execute block plans with no element masking. The video tokens
+are reordered tile-major (:class:`~fastdit.layout.TilePermutation`) with a tile whose volume
+divides ``block_size`` (by default it equals it, so query tile == key tile == kernel block); a
+(query block, key block) pair is kept iff some (query, key) token pair inside it is allowed. Tiles
+are products of per-dimension intervals, so this is a tile-level 1-D reduction per dimension and
+an outer AND: no ``N x N`` mask is built. When every kept block is fully allowed ("perfectly
+block-sparse": stride a multiple of the query tile and window starts aligned with key tiles) the
+plan computes exactly GNA; otherwise it is a superset of the token mask, and :meth:`GNA.check`
+reports by how much (``extra_pairs_fraction``) and why.
+
+Padding rule. A tile that does not divide the grid leaves padding positions inside the permuted
+sequence; they are zero vectors whose logit 0 would receive softmax weight, and the kernel's
+``key_padding`` (one valid length per batch element) cannot mask positions in the middle of the
+sequence. So a tile must divide every grid extent: :meth:`GNA.plan` raises otherwise, naming a
+tile that does divide. With ``tile=None`` the tile is chosen per grid by :func:`choose_tile`.
+
+Text tokens are dense: every block that holds a text position is kept as a query row and as a key
+column (text queries attend to everything, video queries attend to all text).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity
+from ..layout import LatentGrid, SequenceLayout, TilePermutation, _device_key, _positive_int
+from .base import MethodPlan
+
+__all__ = ["GNA", "GNACheck", "allowed_1d", "check_dimension", "choose_tile", "neighborhood_1d"]
+
+DIM_NAMES = ("T", "H", "W")
+# Above this many (tile x block) entries, choose_tile does not verify multi-tile blocks for
+# perfect block sparsity (they are treated as not perfect, which is always safe).
+_MAX_VERIFY_ENTRIES = 1 << 23
+
+
+# --------------------------------------------------------------------------- #
+# Validation
+# --------------------------------------------------------------------------- #
+
+
+def _int_tuple(name: str, value: object, ndim: int) -> tuple[int, ...]:
+    """An int (repeated ``ndim`` times) or a length-``ndim`` sequence of positive ints."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != ndim:
+            raise ValueError(f"{name} must be an int or have {ndim} entries, got {name}={value!r}")
+        return tuple(_positive_int(f"{name}[{i}]", v) for i, v in enumerate(value))
+    v = _positive_int(name, value)
+    return (v,) * ndim
+
+
+def check_dimension(
+    extent: int, window: int, stride: int, dilation: int, *, window_name: str = "window", dim: str = ""
+) -> None:
+    """Raise ValueError unless ``1 <= stride <= window`` and ``window * dilation <= extent``."""
+    where = f" in dimension {dim}" if dim else ""
+    if not 1 <= stride <= window:
+        raise ValueError(
+            f"stride must be in [1, {window_name}]{where}, got {stride=} for {window_name}={window}"
+        )
+    if window * dilation > extent:
+        raise ValueError(
+            f"{window_name} * dilation must be <= extent{where}, got {window_name}={window}, "
+            f"{dilation=} for {extent=}"
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Per-dimension rule
+# --------------------------------------------------------------------------- #
+
+
+def neighborhood_1d(
+    extent: int, window: int, stride: int = 1, dilation: int = 1, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """LongTensor ``[extent]``: the first allowed key of each query, in original coordinates.
+
+    Query ``q`` attends to exactly the ``window`` keys ``start[q] + j * dilation``, ``j < window``.
+    """
+    check_dimension(extent, window, stride, dilation)
+    x = torch.arange(extent, device=device, dtype=torch.long)
+    group = x % dilation
+    x_in_group = x // dilation
+    group_length = (extent - group + dilation - 1) // dilation
+    left = window // 2
+    right = window // 2 + window % 2 - 1
+    lead = torch.minimum((x_in_group // stride) * stride + stride // 2, group_length - 1)
+    centre = torch.minimum(lead.clamp(min=left), group_length - 1 - right)
+    return (centre - left) * dilation + group
+
+
+def allowed_1d(
+    extent: int, window: int, stride: int = 1, dilation: int = 1, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """BoolTensor ``[extent, extent]``: ``[q, k]`` is True iff key ``k`` is in query ``q``'s window."""
+    start = neighborhood_1d(extent, window, stride, dilation, device)
+    k = torch.arange(extent, device=device, dtype=torch.long)
+    offset = k[None, :] - start[:, None]
+    return (offset >= 0) & (offset % dilation == 0) & (offset < window * dilation)
+
+
+def _tile_counts(allowed: torch.Tensor, tile: int) -> torch.Tensor:
+    """``[n, n]`` allowed pairs per (query tile, key tile) of a 1-D mask whose extent ``tile`` divides."""
+    n = allowed.shape[0] // tile
+    return allowed.reshape(n, tile, n, tile).sum(dim=(1, 3))
+
+
+def _divisors_dividing(extent: int, block_size: int) -> list[int]:
+    return [t for t in range(1, min(extent, block_size) + 1) if extent % t == 0 and block_size % t == 0]
+
+
+# --------------------------------------------------------------------------- #
+# Block reduction
+# --------------------------------------------------------------------------- #
+
+
+def _video_block_map(
+    tile_maps: list[torch.Tensor],
+    tile: tuple[int, int, int],
+    video_offset: int,
+    num_blocks: int,
+    block_size: int,
+) -> torch.Tensor:
+    """BoolTensor ``[num_blocks, num_blocks]``: blocks holding an allowed (video, video) pair.
+
+    ``tile_maps[d]`` is dimension ``d``'s ``[n_d, n_d]`` tile-level map; video position ``p`` of the
+    tile-major sequence (no padding) sits at sequence position ``video_offset + p``.
+    """
+    device = tile_maps[0].device
+    nt, nh, nw = (m.shape[0] for m in tile_maps)
+    num_tiles, volume = nt * nh * nw, tile[0] * tile[1] * tile[2]
+    out = torch.zeros(num_blocks, num_blocks, dtype=torch.bool, device=device)
+    if volume == block_size and video_offset % block_size == 0:
+        # One tile per block: the block map is the Kronecker product of the tile-level maps.
+        first = video_offset // block_size
+        out[first : first + num_tiles, first : first + num_tiles] = _outer_and(*tile_maps)
+        return out
+    # General case (several tiles per block, or blocks straddling tiles after text): with covers
+    # [tile, block] = "block holds a position of tile", map = covers^T (T_t (x) T_h (x) T_w) covers,
+    # applied one dimension at a time.
+    positions = torch.arange(num_tiles * volume, device=device)
+    covers = torch.zeros(num_tiles, num_blocks, dtype=torch.float32, device=device)
+    covers[positions // volume, (positions + video_offset) // block_size] = 1.0
+    t, h, w = (m.to(torch.float32) for m in tile_maps)
+    z = covers.reshape(nt, nh, nw, num_blocks)
+    z = torch.einsum("xa,abcq->xbcq", t, z)
+    z = torch.einsum("yb,xbcq->xycq", h, z)
+    z = torch.einsum("zc,xycq->xyzq", w, z)
+    return (covers.T @ z.reshape(num_tiles, num_blocks)) > 0
+
+
+def _outer_and(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The 3-D mask ``[nt*nh*nw, nt*nh*nw]`` (frame-major on both sides) of three 1-D masks."""
+    n = t.shape[0] * h.shape[0] * w.shape[0]
+    mask = t[:, None, None, :, None, None] & h[None, :, None, None, :, None]
+    return (mask & w[None, None, :, None, None, :]).reshape(n, n)
+
+
+def _block_sizes(num_video: int, video_offset: int, num_blocks: int, block_size: int, device):
+    """Video positions per block, float64 ``[num_blocks]``."""
+    positions = torch.arange(num_video, device=device) + video_offset
+    return torch.bincount(positions // block_size, minlength=num_blocks).to(torch.float64)
+
+
+@dataclass(frozen=True)
+class GNACheck:
+    """How well a GNA configuration maps onto block plans for one grid and tile.
+
+    Attributes:
+        tile, block_size: the tile and kernel block the check is for.
+        perfectly_block_sparse: every kept block is fully allowed, so the plan computes exactly GNA.
+        token_density: allowed (query, key) pairs over ``N^2``.
+        block_density: kept blocks over all blocks.
+        extra_pairs_fraction: pairs the plan computes that the token mask does not allow, over all
+            computed pairs (0 when perfect).
+        reason: why the configuration is not perfectly block-sparse ("" when it is).
+    """
+
+    tile: tuple[int, int, int]
+    block_size: int
+    perfectly_block_sparse: bool
+    token_density: float
+    block_density: float
+    extra_pairs_fraction: float
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- #
+# Method
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class GNA:
+    """Generalized Neighborhood Attention (Hassani et al., 2025) over the video tokens.
+
+    The exact per-dimension rule is in this module's docstring (NATTEN semantics).
+
+    Attributes:
+        window: ``(wT, wH, wW)`` keys per query in each dimension (an int means all three).
+        stride: ``(sT, sH, sW)``, ``1 <= s <= w``; ``s = w`` is Swin-like blocked attention.
+        dilation: ``(dT, dH, dW)``; ``w * d`` must not exceed the grid extent.
+        tile: ``(tT, tH, tW)`` of the tile-major order; its volume must divide ``block_size`` and
+            each entry must divide the grid extent (see the module's padding rule). ``None``
+            (default) picks, per grid, :func:`choose_tile`'s tile: perfectly block-sparse if one
+            exists, else the largest volume (ideally ``block_size``) with the sparsest plan.
+        block_size: kernel block (64 or 128).
+    """
+
+    window: tuple[int, int, int]
+    stride: tuple[int, int, int] = (1, 1, 1)
+    dilation: tuple[int, int, int] = (1, 1, 1)
+    tile: tuple[int, int, int] | None = None
+    block_size: int = 128
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        window = _int_tuple("window", self.window, 3)
+        stride = _int_tuple("stride", self.stride, 3)
+        dilation = _int_tuple("dilation", self.dilation, 3)
+        for dim, w, s in zip(DIM_NAMES, window, stride):
+            if not 1 <= s <= w:
+                raise ValueError(
+                    f"stride must be in [1, window] in dimension {dim}, got {stride=} for {window=}"
+                )
+        block_size = _positive_int("block_size", self.block_size)
+        if block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size=}")
+        object.__setattr__(self, "window", window)
+        object.__setattr__(self, "stride", stride)
+        object.__setattr__(self, "dilation", dilation)
+        object.__setattr__(self, "block_size", block_size)
+        if self.tile is not None:
+            if not isinstance(self.tile, (list, tuple)):
+                raise ValueError(f"tile must be a tuple (tT, tH, tW) or None, got tile={self.tile!r}")
+            tile = _int_tuple("tile", self.tile, 3)
+            volume = tile[0] * tile[1] * tile[2]
+            if block_size % volume:
+                raise ValueError(
+                    f"tile volume must divide block_size, got tile={tile} (volume {volume}) "
+                    f"for {block_size=}"
+                )
+            object.__setattr__(self, "tile", tile)
+
+    # -- per grid ------------------------------------------------------------ #
+
+    def _check_grid(self, grid: LatentGrid) -> None:
+        if not isinstance(grid, LatentGrid):
+            raise ValueError(f"grid must be a LatentGrid, got grid={grid!r}")
+        for dim, extent, w, s, d in zip(DIM_NAMES, grid.shape, self.window, self.stride, self.dilation):
+            check_dimension(extent, w, s, d, dim=dim)
+
+    def resolve_tile(self, grid: LatentGrid) -> tuple[int, int, int]:
+        """The tile used for ``grid``: the explicit one (checked to divide the grid) or the chosen one."""
+        self._check_grid(grid)
+        if self.tile is None:
+            key = ("tile", grid)
+            if key not in self._cache:
+                self._cache[key] = choose_tile(
+                    grid, self.window, self.stride, self.dilation, self.block_size
+                )
+            return self._cache[key]
+        if any(extent % t for extent, t in zip(grid.shape, self.tile)):
+            suggestion = choose_tile(grid, self.window, self.stride, self.dilation, self.block_size)
+            raise ValueError(
+                f"tile must divide the grid in every dimension (padding tokens inside the sequence "
+                f"cannot be masked), got tile={self.tile} for grid={grid.shape}; "
+                f"try tile={suggestion} or tile=None"
+            )
+        return self.tile
+
+    def allowed_1d(self, grid: LatentGrid, device=None) -> list[torch.Tensor]:
+        """The three per-dimension ``[X, X]`` masks for ``grid`` (T, H, W)."""
+        self._check_grid(grid)
+        return [
+            allowed_1d(extent, w, s, d, device)
+            for extent, w, s, d in zip(grid.shape, self.window, self.stride, self.dilation)
+        ]
+
+    def token_mask(self, grid: LatentGrid, device=None) -> torch.Tensor:
+        """BoolTensor ``[N, N]`` in frame-major order: the exact GNA mask (small grids, tests only)."""
+        return _outer_and(*self.allowed_1d(grid, device))
+
+    def _tile_maps(self, grid: LatentGrid, tile, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        masks = self.allowed_1d(grid, device)
+        counts = [_tile_counts(m, t) for m, t in zip(masks, tile)]
+        return masks, counts
+
+    def block_map(self, layout: SequenceLayout, device=None) -> torch.Tensor:
+        """BoolTensor ``[1, 1, nQ, nK]`` over the tile-major permuted sequence (text dense)."""
+        if not isinstance(layout, SequenceLayout):
+            raise ValueError(f"layout must be a SequenceLayout, got layout={layout!r}")
+        grid = layout.grid
+        tile = self.resolve_tile(grid)
+        _, counts = self._tile_maps(grid, tile, device)
+        num_blocks = math.ceil(layout.num_tokens / self.block_size)
+        tile_maps = [c > 0 for c in counts]
+        out = _video_block_map(tile_maps, tile, layout.video_offset, num_blocks, self.block_size)
+        text = layout.text_slice
+        if text is not None:
+            first, last = text.start // self.block_size, (text.stop - 1) // self.block_size
+            out[first : last + 1, :] = True
+            out[:, first : last + 1] = True
+        return out[None, None]
+
+    def check(self, grid: LatentGrid) -> GNACheck:
+        """Density of the token mask and of the block plan for ``grid`` (video only), and the gap."""
+        tile = self.resolve_tile(grid)
+        return _check(grid, self.window, self.stride, self.dilation, tile, self.block_size)
+
+    def plan(self, layout: SequenceLayout, device=None) -> MethodPlan:
+        """The block plan over ``permutation.permute_sequence`` order; cached per layout and device."""
+        key = (layout, _device_key(device))
+        cached = self._cache.get(key)
+        if cached is None:
+            tile = self.resolve_tile(layout.grid)
+            sparsity = BlockSparsity.from_block_map(self.block_map(layout, device=key[1]), self.block_size)
+            cached = MethodPlan(sparsity, layout, TilePermutation(layout.grid, tile))
+            self._cache[key] = cached
+        return cached
+
+
+def _check(grid, window, stride, dilation, tile, block_size) -> GNACheck:
+    masks = [allowed_1d(x, w, s, d) for x, w, s, d in zip(grid.shape, window, stride, dilation)]
+    counts = [_tile_counts(m, t) for m, t in zip(masks, tile)]
+    n = grid.num_tokens
+    num_blocks = math.ceil(n / block_size)
+    block = _video_block_map([c > 0 for c in counts], tile, 0, num_blocks, block_size)
+    sizes = _block_sizes(n, 0, num_blocks, block_size, block.device)
+    computed = float(sizes @ block.to(torch.float64) @ sizes)
+    allowed = math.prod(int(m.sum()) for m in masks)
+    extra = computed - allowed
+    perfect = extra == 0
+    reason = ""
+    if not perfect:
+        mixed = []
+        for dim, c, t, w, s, d in zip(DIM_NAMES, counts, tile, window, stride, dilation):
+            partial = int(((c > 0) & (c < t * t)).sum())
+            if partial:
+                mixed.append(
+                    f"{dim}: window={w}, stride={s}, dilation={d} with tile {t} leaves {partial} of "
+                    f"{int((c > 0).sum())} visited tile pairs partially allowed"
+                )
+        if mixed:
+            reason = "; ".join(mixed) + (
+                " (stride must be a multiple of the tile and window starts aligned with key tiles)"
+            )
+        else:
+            volume = tile[0] * tile[1] * tile[2]
+            reason = (
+                f"each {block_size}-token block holds {block_size // volume} tiles of {tile} and mixes "
+                f"allowed and disallowed tile pairs; use a tile of volume {block_size}"
+            )
+    return GNACheck(
+        tile=tuple(tile),
+        block_size=block_size,
+        perfectly_block_sparse=perfect,
+        token_density=allowed / n**2,
+        block_density=float(block.to(torch.float64).mean()),
+        extra_pairs_fraction=extra / computed if computed else 0.0,
+        reason=reason,
+    )
+
+
+def choose_tile(
+    grid: LatentGrid,
+    window,
+    stride=1,
+    dilation=1,
+    block_size: int = 128,
+    perfect_only: bool = False,
+) -> tuple[int, int, int] | None:
+    """A tile for GNA on ``grid``: every entry divides its extent and the volume divides ``block_size``.
+
+    Preference: perfectly block-sparse tiles first, then larger volume (``block_size`` itself when
+    the grid allows), then the sparsest plan (product of per-dimension tile-level densities; exact
+    for one tile per block). ``perfect_only`` returns ``None`` when no tile is perfect.
+    """
+    window = _int_tuple("window", window, 3)
+    stride = _int_tuple("stride", stride, 3)
+    dilation = _int_tuple("dilation", dilation, 3)
+    for dim, extent, w, s, d in zip(DIM_NAMES, grid.shape, window, stride, dilation):
+        check_dimension(extent, w, s, d, dim=dim)
+    # Per dimension and tile size: (tile-level density, no partially allowed tile pair).
+    per_dim = []
+    for extent, w, s, d in zip(grid.shape, window, stride, dilation):
+        mask = allowed_1d(extent, w, s, d)
+        stats = {}
+        for t in _divisors_dividing(extent, block_size):
+            c = _tile_counts(mask, t)
+            stats[t] = (float((c > 0).to(torch.float64).mean()), not bool(((c > 0) & (c < t * t)).any()))
+        per_dim.append(stats)
+    candidates = []
+    for tt, st in per_dim[0].items():
+        for th, sh in per_dim[1].items():
+            for tw, sw in per_dim[2].items():
+                volume = tt * th * tw
+                if block_size % volume:
+                    continue
+                pure = st[1] and sh[1] and sw[1]
+                density = st[0] * sh[0] * sw[0]
+                candidates.append((not pure, -volume, density, (-tw, -th), (tt, th, tw)))
+    candidates.sort()
+    for not_pure, neg_volume, _, _, tile in candidates:
+        if not_pure:
+            break
+        if -neg_volume == block_size:
+            return tile  # one tile per block: per-dimension purity is exactly perfection
+        num_tiles = grid.num_tokens // -neg_volume
+        if num_tiles * math.ceil(grid.num_tokens / block_size) > _MAX_VERIFY_ENTRIES:
+            continue
+        if _check(grid, window, stride, dilation, tile, block_size).perfectly_block_sparse:
+            return tile
+    if perfect_only:
+        return None
+    best = min(candidates, key=lambda c: (c[1], c[2], c[3]))
+    return best[4]
