@@ -9,12 +9,29 @@ The whole system is one line::
 """
 
 from . import kernels, layout
+from .integration import apply, attach, remove, supported_models
 from .kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention
 from .layout import LatentGrid, SequenceLayout, TextSegment, TilePermutation
+from .methods.dense import Dense
+from .methods.gna import GNA
+from .methods.radial import Radial
+from .natten import na1d, na2d, na3d
+from .schedule import Schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GNA",
+    "Dense",
+    "Radial",
+    "Schedule",
+    "apply",
+    "attach",
+    "remove",
+    "supported_models",
+    "na1d",
+    "na2d",
+    "na3d",
     "BlockSparsity",
     "LatentGrid",
     "SequenceLayout",

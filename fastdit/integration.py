@@ -1,0 +1,295 @@
+"""Installing fastdit on diffusers models: ``apply``, ``attach``, ``remove``, and the shared state.
+
+Architecture line: ``layout`` -> ``methods/<name>.py`` -> ``kernels/``; ``pipelines/<model>.py``
+adapts one diffusers model family to it, and this module installs those adapters.
+
+Nothing is patched. fastdit installs
+
+* attention processors (``transformer.set_attn_processor``), one instance shared by every
+  attention module; it computes self-attention sparsely and hands every other call
+  (cross-attention, image context) to the stock processor, untouched;
+* one stateful diffusers ``ModelHook`` per transformer (``HookRegistry``) that reads, before each
+  forward, the latent grid (from ``hidden_states``) and the pipeline-level denoising step (from
+  the pipeline's ``cache_context``, which diffusers >= 0.42 fills with ``step_index`` and
+  ``num_inference_steps``; without it, from the timestep value: one host read per forward);
+* for methods that reorder tokens (GNA), a pre-hook on the first transformer block and a hook on
+  the last one that permute the sequence and RoPE once per forward and restore the order.
+
+All of it is recorded in a :class:`FastditHandle`; ``handle.remove()`` (or ``fastdit.remove``)
+restores the original processor objects and hooks exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import LatentGrid, SequenceLayout
+from .methods.base import MethodPlan
+from .schedule import Schedule
+
+logger = logging.getLogger("fastdit")
+
+__all__ = ["DenoisingState", "FastditHandle", "apply", "attach", "remove", "supported_models"]
+
+HOOK_NAME = "fastdit"
+
+
+@dataclass
+class DenoisingState:
+    """What processors need and cannot see: latent grid, denoising step, CFG context, layer.
+
+    One state serves every transformer of one ``apply`` (Wan2.2's two experts share the step
+    counter). Reset by itself when a new generation starts (the step index goes back, or without a
+    pipeline loop the timestep goes up).
+    """
+
+    method: object
+    schedule: Schedule
+    grid: LatentGrid | None = None
+    layout: SequenceLayout | None = None
+    step: int | None = None
+    num_steps: int | None = None
+    context: str | None = None
+    generation: int = 0
+    active_plan: MethodPlan | None = None
+    permuted: bool = False
+    layer_index: dict[int, int] = field(default_factory=dict)  # id(attention module) -> block
+    num_layers: dict[int, int] = field(default_factory=dict)  # id(attention module) -> blocks
+    densities: dict[tuple[int, int | None], float] = field(default_factory=dict)
+    _last_timestep: float | None = None
+
+    def begin_forward(self, grid: LatentGrid, device: torch.device, cache_context, timestep) -> None:
+        if cache_context is not None and cache_context.step_index is not None:
+            step = int(cache_context.step_index)
+            if self.step is None or step < self.step:
+                self._start_generation()
+            self.step = step
+            self.num_steps = cache_context.num_inference_steps
+            self.context = cache_context.name
+        else:
+            # Outside a pipeline loop: a new step is a new timestep value; CFG passes share one.
+            value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+            if self._last_timestep is None or value > self._last_timestep:
+                self._start_generation()
+                self.step = 0
+            elif value < self._last_timestep:
+                self.step += 1
+            self._last_timestep = value
+            self.context = getattr(cache_context, "name", None)
+        if grid != self.grid:
+            self.grid, self.layout = grid, SequenceLayout(grid)
+        # Static plans are cached by the method; this is a dictionary look-up after the first call.
+        self.active_plan = self.method.plan(self.layout, device)
+
+    def _start_generation(self) -> None:
+        self.generation += 1
+        self.num_steps, self._last_timestep = None, None
+        self.densities.clear()
+
+    def reset(self) -> None:
+        """The next forward starts a new generation (diffusers resets stateful hooks after each
+        pipeline call); what the finished generation recorded stays readable until then."""
+        self.step, self._last_timestep = None, None
+
+    def summary(self) -> str:
+        """Per-layer attention density of the latest generation ('dense' for dense steps)."""
+        if not self.densities:
+            return "fastdit: no attention call recorded yet"
+        lines = [f"fastdit {type(self.method).__name__}: grid {self.grid.shape if self.grid else '?'}"]
+        by_layer: dict[int, list[float]] = {}
+        for (layer, _step), density in sorted(self.densities.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            by_layer.setdefault(layer, []).append(density)
+        for layer, values in sorted(by_layer.items()):
+            mean = sum(values) / len(values)
+            lines.append(f"  layer {layer:3d}: mean density {mean:.3f} over {len(values)} step(s)")
+        overall = sum(sum(v) for v in by_layer.values()) / sum(len(v) for v in by_layer.values())
+        lines.append(f"  overall mean density {overall:.3f}")
+        return "\n".join(lines)
+
+
+def _hook_classes():
+    from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+
+    class _NoState(BaseState):
+        def reset(self, *args, **kwargs) -> None:
+            pass
+
+    class FastditTransformerHook(ModelHook):
+        """Reads grid and step before each transformer forward (stateful: it receives the
+        pipeline's ``cache_context``)."""
+
+        _is_stateful = True
+
+        def __init__(self, state: DenoisingState, adapter) -> None:
+            super().__init__()
+            self.state = state
+            self.adapter = adapter
+            self.cache_context = StateManager(_NoState)
+
+        def pre_forward(self, module, *args, **kwargs):
+            hidden_states, timestep = self.adapter.forward_inputs(args, kwargs)
+            grid = self.adapter.latent_grid(module, hidden_states)
+            self.state.begin_forward(grid, hidden_states.device, self.cache_context._context, timestep)
+            return args, kwargs
+
+        def reset_state(self, module):
+            self.state.reset()
+            return module
+
+    return HookRegistry, FastditTransformerHook
+
+
+def _adapters():
+    from .pipelines import wan
+
+    return {"WanTransformer3DModel": wan}
+
+
+def supported_models() -> list[str]:
+    return sorted(_adapters())
+
+
+def _adapter_for(model: torch.nn.Module):
+    adapters = _adapters()
+    name = type(model).__name__
+    if name not in adapters:
+        raise ValueError(
+            f"fastdit does not support {name} yet; supported transformer classes: {sorted(adapters)}"
+        )
+    return adapters[name]
+
+
+def _transformers(pipe_or_model) -> list[torch.nn.Module]:
+    if isinstance(pipe_or_model, torch.nn.Module):
+        return [pipe_or_model]
+    found = [getattr(pipe_or_model, name, None) for name in ("transformer", "transformer_2")]
+    found = [model for model in found if model is not None]
+    if not found:
+        raise ValueError(
+            f"{type(pipe_or_model).__name__} has no transformer: pass a diffusers pipeline with a "
+            f"`transformer` (and optional `transformer_2`) or the transformer model itself"
+        )
+    return found
+
+
+@dataclass
+class FastditHandle:
+    """What one ``apply``/``attach`` installed; ``remove()`` undoes it exactly."""
+
+    state: DenoisingState
+    _processors: list[tuple[torch.nn.Module, dict]] = field(default_factory=list)
+    _registries: list[tuple[torch.nn.Module, bool]] = field(default_factory=list)
+    _torch_hooks: list = field(default_factory=list)
+    _bound: list = field(default_factory=list)
+    removed: bool = False
+
+    def summary(self) -> str:
+        return self.state.summary()
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        for handle in self._torch_hooks:
+            handle.remove()
+        for model, created_registry in self._registries:
+            registry = model._diffusers_hook
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            if created_registry and not registry.hooks:
+                del model._diffusers_hook
+        for model, saved in self._processors:
+            model.set_attn_processor(saved)
+        for processor in self._bound:
+            processor.state = None
+        self.removed = True
+
+
+def _install_hooks(model: torch.nn.Module, adapter, state: DenoisingState, handle: FastditHandle) -> None:
+    HookRegistry, FastditTransformerHook = _hook_classes()
+    created = not hasattr(model, "_diffusers_hook")
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    if HOOK_NAME in registry.hooks:
+        raise RuntimeError(
+            f"fastdit is already installed on this {type(model).__name__}; call remove() on its "
+            "handle (or fastdit.remove(pipe)) before installing again"
+        )
+    registry.register_hook(FastditTransformerHook(state, adapter), HOOK_NAME)
+    registry.invalidate_child_registries_cache()
+    handle._registries.append((model, created))
+    handle._torch_hooks.extend(adapter.install_permutation_hooks(model, state))
+    for layer, attention in enumerate(adapter.self_attention_modules(model)):
+        state.layer_index[id(attention)] = layer
+        state.num_layers[id(attention)] = len(model.blocks)
+
+
+def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHandle:
+    """Install ``method`` on every transformer of a pipeline (or on one transformer model).
+
+    ``schedule`` defaults to the method's own (Radial presets carry one), else all steps sparse.
+    Returns a handle; ``handle.remove()`` or ``fastdit.remove(handle)`` restores the pipeline.
+    """
+    models = _transformers(pipe_or_model)
+    adapters = [_adapter_for(model) for model in models]  # validate all before changing any
+    schedule = schedule if schedule is not None else Schedule.from_method(method)
+    state = DenoisingState(method, schedule)
+    handle = FastditHandle(state)
+    try:
+        for model, adapter in zip(models, adapters):
+            saved = dict(model.attn_processors)
+            processor = adapter.processor_class(method, schedule)
+            processor.state = state
+            handle._bound.append(processor)
+            model.set_attn_processor({name: processor for name in saved})
+            handle._processors.append((model, saved))
+            _install_hooks(model, adapter, state, handle)
+    except Exception:
+        handle.remove()
+        raise
+    _handles[id(pipe_or_model)] = handle
+    return handle
+
+
+def attach(pipe_or_model) -> FastditHandle:
+    """For processors installed the diffusers way (``set_attn_processor(WanSparseAttnProcessor(...))``):
+    install the hooks that tell them the latent grid, layer and denoising step."""
+    models = _transformers(pipe_or_model)
+    handle: FastditHandle | None = None
+    for model in models:
+        adapter = _adapter_for(model)
+        processors = {
+            id(p): p for p in model.attn_processors.values() if isinstance(p, adapter.processor_class)
+        }
+        if not processors:
+            raise ValueError(
+                f"no fastdit processor is installed on this {type(model).__name__}: call "
+                f"set_attn_processor({adapter.processor_class.__name__}(method)) first, or use "
+                "fastdit.apply(pipe, method)"
+            )
+        first = next(iter(processors.values()))
+        if handle is None:
+            handle = FastditHandle(DenoisingState(first.method, first.schedule))
+        for processor in processors.values():
+            processor.state = handle.state
+            handle._bound.append(processor)
+        _install_hooks(model, adapter, handle.state, handle)
+    _handles[id(pipe_or_model)] = handle
+    return handle
+
+
+_handles: dict[int, FastditHandle] = {}
+
+
+def remove(handle_or_pipe) -> None:
+    """Undo ``apply``/``attach``: pass the handle, or the pipeline/model it was applied to."""
+    if isinstance(handle_or_pipe, FastditHandle):
+        handle = handle_or_pipe
+    else:
+        handle = _handles.get(id(handle_or_pipe))
+        if handle is None:
+            raise ValueError(f"fastdit is not installed on this {type(handle_or_pipe).__name__}")
+    handle.remove()
+    for key, value in list(_handles.items()):
+        if value is handle:
+            del _handles[key]
