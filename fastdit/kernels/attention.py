@@ -290,6 +290,19 @@ def _strides(x: torch.Tensor, layout: str) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _plan_strides(plan: BlockSparsity) -> tuple[int, int, int, int, int]:
+    """(count batch, count head, index batch, index head, index query-block) strides; 0 where the
+    plan broadcasts over batch or heads."""
+    counts, indices = plan.kv_counts, plan.kv_indices
+    return (
+        counts.stride(0) if counts.shape[0] > 1 else 0,
+        counts.stride(1) if counts.shape[1] > 1 else 0,
+        indices.stride(0) if indices.shape[0] > 1 else 0,
+        indices.stride(1) if indices.shape[1] > 1 else 0,
+        indices.stride(2),
+    )
+
+
 def _tma_views(k: torch.Tensor, v: torch.Tensor, layout: str, interpret: bool):
     """2-D views of K and V for tensor-descriptor loads, or None where that path does not apply:
     Hopper or newer, fp16/bf16, head_dim 64 or 128, contiguous, 16-byte aligned."""
@@ -338,15 +351,7 @@ def triton_block_sparse_attention(
     )
     block_d = max(16, triton.next_power_of_2(head_dim))
     counts, indices = plan.kv_counts, plan.kv_indices
-    count_strides = (
-        counts.stride(0) if counts.shape[0] > 1 else 0,
-        counts.stride(1) if counts.shape[1] > 1 else 0,
-    )
-    index_strides = (
-        indices.stride(0) if indices.shape[0] > 1 else 0,
-        indices.stride(1) if indices.shape[1] > 1 else 0,
-        indices.stride(2),
-    )
+    plan_strides = _plan_strides(plan)
     tma_views = _tma_views(k, v, layout, interpret)
 
     def launch(block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
@@ -360,7 +365,7 @@ def triton_block_sparse_attention(
             q, k, v, out, lse, k_desc, v_desc,
             counts, indices, key_lengths if key_lengths is not None else counts,
             *_strides(q, layout), *_strides(k, layout), *_strides(v, layout),
-            *_strides(out, layout), *count_strides, *index_strides,
+            *_strides(out, layout), *plan_strides,
             heads, seq_q, seq_kv, head_dim, scale * LOG2E,
             Q_BLOCK=plan.q_block_size, KV_BLOCK=plan.kv_block_size,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,

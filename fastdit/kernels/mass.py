@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import LOG2E, _dot, _strides
+from .attention import LOG2E, _dot, _plan_strides, _strides
 from .plan import BlockSparsity
 
 
@@ -112,12 +112,7 @@ def triton_block_mass(
     _block_mass_kernel[grid](
         q, k, lse, mass,
         counts, indices, key_lengths if key_lengths is not None else counts,
-        *_strides(q, layout), *_strides(k, layout),
-        counts.stride(0) if counts.shape[0] > 1 else 0,
-        counts.stride(1) if counts.shape[1] > 1 else 0,
-        indices.stride(0) if indices.shape[0] > 1 else 0,
-        indices.stride(1) if indices.shape[1] > 1 else 0,
-        indices.stride(2),
+        *_strides(q, layout), *_strides(k, layout), *_plan_strides(plan),
         heads, seq_q, seq_kv, head_dim, plan.num_q_blocks, plan.num_kv_blocks, scale * LOG2E,
         Q_BLOCK=plan.q_block_size, KV_BLOCK=plan.kv_block_size, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_KEY_LENGTHS=key_lengths is not None,
