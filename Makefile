@@ -1,5 +1,6 @@
 # Two entry points, each creating its own virtual environment in .venv:
-#   make demo   set up and run the main job on the embedded default
+#   make demo   set up and run the main job: generate a video with radial attention on the
+#               embedded tiny offline Wan pipeline (out.mp4)
 #   make test   set up and run the test suite (CPU; Triton kernels run under TRITON_INTERPRET=1)
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is pinned first so pip takes the CPU build instead of a CUDA one.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test setup clean
+.PHONY: demo kernel-demo test setup clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
+	$(VENV)/bin/fastdit generate --attention radial -o out.mp4
+
+kernel-demo: setup
 	$(PY) examples/kernel_demo.py
 
 test: setup

@@ -1,0 +1,645 @@
+"""The ``fastdit`` command line: ``fastdit generate`` (``python -m fastdit generate``).
+
+``generate`` loads a pipeline (by default the embedded, offline tiny Wan model with random
+weights), installs an attention method with :func:`fastdit.apply`, runs it with diffusers'
+progress bar, writes an mp4 and prints a one-screen summary. Subcommands are argparse subparsers,
+each with a ``func`` default, so more (``compare``, ``bench``, ``info``) plug in next to it.
+
+Exit codes: 0 success, 1 runtime error (model could not be loaded, video could not be written),
+2 bad command line (argparse errors, bad option values, inconsistent sizes), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import math
+import os
+import sys
+import time
+from fractions import Fraction
+from typing import Any
+
+__all__ = [
+    "ATTENTION_METHODS",
+    "UsageError",
+    "build_method",
+    "build_parser",
+    "build_schedule",
+    "main",
+    "method_options",
+    "parse_amount",
+    "parse_attention_opts",
+    "parse_value",
+    "write_video",
+]
+
+ATTENTION_METHODS = ("dense", "radial", "gna")
+DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_PROMPT = "A red fox runs through a snowy forest at sunrise, cinematic camera pan."
+DEFAULT_OUTPUT = "out.mp4"
+DEFAULT_FPS = 16
+DEFAULT_SEED = 0
+
+
+class UsageError(ValueError):
+    """A bad command line detected after argparse (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- value parsing
+def parse_value(text: str) -> Any:
+    """``"0.2"`` -> 0.2, ``"128"`` -> 128, ``"3,5,5"`` -> (3, 5, 5), ``"true"`` -> True,
+    ``"none"`` -> None; anything else stays a string."""
+    text = text.strip()
+    if "," in text:
+        return tuple(parse_value(item) for item in text.split(",") if item.strip())
+    lowered = text.lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    if lowered in ("none", "null"):
+        return None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_attention_opts(items: list[str] | None) -> dict[str, Any]:
+    """``["decay=0.2", "window=3,5,5"]`` -> ``{"decay": 0.2, "window": (3, 5, 5)}``."""
+    options: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value.strip():
+            raise UsageError(f"--attention-opt expects KEY=VALUE (e.g. decay=0.2), got {item!r}")
+        if key in options:
+            raise UsageError(f"--attention-opt {key} is given more than once")
+        options[key] = parse_value(value)
+    return options
+
+
+def parse_amount(text: str) -> int | float:
+    """A step/layer amount: ``"12"`` -> 12 (a count); ``"0.25"``/``"1/4"`` -> 0.25 (a fraction)."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"expected an int count or a fraction in [0, 1] (0.25 or 1/4), got {text!r}"
+        ) from None
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction must be in [0, 1], got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- methods
+def _method_classes() -> dict[str, type]:
+    import fastdit
+
+    return {"dense": fastdit.Dense, "radial": fastdit.Radial, "gna": fastdit.GNA}
+
+
+def method_options(cls: type) -> tuple[list[str], list[str]]:
+    """(all option names, required option names) of a method config class."""
+    if dataclasses.is_dataclass(cls):
+        fields = [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+        names = [f.name for f in fields]
+        required = [
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        return names, required
+    params = [
+        p
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and not p.name.startswith("_")
+    ]
+    return [p.name for p in params], [p.name for p in params if p.default is p.empty]
+
+
+def build_method(attention: str, options: dict[str, Any] | None = None, preset: str | None = None):
+    """The method config for ``--attention``/``--attention-opt``/``--preset``.
+
+    Raises :class:`UsageError` naming the bad method, option or preset and listing valid ones.
+    """
+    options = dict(options or {})
+    if attention not in ATTENTION_METHODS:
+        raise UsageError(
+            f"unknown attention method {attention!r}; valid methods: {', '.join(ATTENTION_METHODS)}"
+        )
+    if preset is not None and attention != "radial":
+        raise UsageError(f"--preset selects a radial preset, but --attention is {attention!r}")
+    cls = _method_classes()[attention]
+    names, required = method_options(cls)
+    unknown = [key for key in options if key not in names]
+    if unknown:
+        raise UsageError(
+            f"unknown option {unknown[0]!r} for --attention {attention}; valid options: "
+            f"{', '.join(names) if names else '(none)'}"
+        )
+    try:
+        if preset is not None:
+            valid = list(cls.presets())
+            if preset not in valid:
+                raise UsageError(
+                    f"unknown radial preset {preset!r}; valid presets: {', '.join(valid)}"
+                )
+            return cls.preset(preset, **options)
+        missing = [name for name in required if name not in options]
+        if missing:
+            raise UsageError(
+                f"--attention {attention} requires --attention-opt "
+                + " ".join(f"{name}=..." for name in missing)
+                + (" (e.g. window=3,5,5)" if "window" in missing else "")
+            )
+        return cls(**options)
+    except TypeError as exc:  # a value of the wrong kind that the config did not catch itself
+        raise UsageError(f"bad --attention-opt for --attention {attention}: {exc}") from None
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(f"bad --attention-opt for --attention {attention}: {exc}") from None
+
+
+def build_schedule(method, dense_steps=None, dense_last_steps=None, dense_layers=None):
+    """The dense schedule: command-line amounts override the ones the method carries (presets).
+
+    Returns ``None`` when nothing runs dense (the method's own schedule is then all-sparse).
+    """
+    import fastdit
+
+    amounts = {
+        "dense_steps": dense_steps,
+        "dense_last_steps": dense_last_steps,
+        "dense_layers": dense_layers,
+    }
+    for name, value in amounts.items():
+        if value is None:
+            amounts[name] = getattr(method, name, 0) if method is not None else 0
+    if not any(amounts.values()):
+        return None
+    try:
+        return fastdit.Schedule(**amounts)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _describe_method(method, attention: str, preset: str | None) -> str:
+    fields = []
+    if dataclasses.is_dataclass(method):
+        for f in dataclasses.fields(method):
+            if f.init and not f.name.startswith("_") and not f.name.startswith("dense_"):
+                fields.append(f"{f.name}={getattr(method, f.name)!r}")
+    text = f"{attention}({', '.join(fields)})"
+    return f"{text} [preset {preset}]" if preset else text
+
+
+def _describe_schedule(schedule) -> str:
+    if schedule is None:
+        return "none (every step and layer uses the method)"
+    parts = [
+        f"{name.replace('_', ' ')} {getattr(schedule, name)}"
+        for name in ("dense_steps", "dense_last_steps", "dense_layers")
+        if getattr(schedule, name, 0)
+    ]
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- video
+def _to_uint8(frames) -> Any:
+    import numpy as np
+
+    frames = np.asarray(frames)
+    if frames.ndim == 5:  # (batch, frames, H, W, C): the first video
+        frames = frames[0]
+    if frames.ndim == 3:  # a single image
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected frames shaped (F, H, W, C), got shape {tuple(frames.shape)}")
+    if frames.dtype != np.uint8:
+        frames = (np.clip(np.nan_to_num(frames.astype(np.float32)), 0.0, 1.0) * 255.0).round()
+        frames = frames.astype(np.uint8)
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    return np.ascontiguousarray(frames[..., :3])
+
+
+def _write_imageio(frames, path: str, fps: float) -> None:
+    import imageio.v2 as imageio
+
+    writer = imageio.get_writer(
+        path,
+        format="FFMPEG",
+        mode="I",
+        fps=fps,
+        codec="libx264",
+        pixelformat="yuv420p",
+        macro_block_size=1,
+        quality=8,
+    )
+    try:
+        for frame in frames:
+            writer.append_data(frame)
+    finally:
+        writer.close()
+
+
+def _write_opencv(frames, path: str, fps: float) -> None:
+    import cv2
+
+    height, width = frames.shape[1:3]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+    if not writer.isOpened():
+        raise OSError(f"OpenCV could not open {path!r} for writing")
+    try:
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
+
+
+def write_video(frames, path: str, fps: float = DEFAULT_FPS) -> str:
+    """Write ``frames`` (``(F, H, W, 3)`` float in [0, 1] or uint8) as an mp4; returns the backend.
+
+    imageio with the imageio-ffmpeg backend (libx264, yuv420p) first, OpenCV's ``mp4v`` writer
+    if that fails. Raises :class:`OSError` when neither can write ``path``.
+    """
+    frames = _to_uint8(frames)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    errors = []
+    backends = (("imageio-ffmpeg (libx264)", _write_imageio), ("opencv (mp4v)", _write_opencv))
+    for name, writer in backends:
+        try:
+            writer(frames, path, fps)
+        except Exception as exc:  # noqa: BLE001 - any backend failure means: try the next one
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            return name
+        errors.append(f"{name}: wrote no data")
+    raise OSError(f"could not write video {path!r}: " + "; ".join(errors))
+
+
+# --------------------------------------------------------------------------- generate
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_device_dtype(device: str | None, dtype: str | None):
+    import torch
+
+    device = device or _default_device()
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"bad --device {device!r}: {exc}") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} was requested but CUDA is not available")
+    if dtype is None:
+        dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
+    return torch_device, dtype, getattr(torch, dtype)
+
+
+def _validate_sizes(height, width, num_frames) -> None:
+    bad = [
+        f"{name}={value}"
+        for name, value in (("height", height), ("width", width))
+        if value is not None and value % 16
+    ]
+    if bad:
+        raise UsageError(f"--height and --width must be multiples of 16, got {' and '.join(bad)}")
+    if num_frames is not None and num_frames % 4 != 1:
+        down, up = (num_frames - 1) // 4 * 4 + 1, ((num_frames - 1) // 4 + 1) * 4 + 1
+        near = f"{down} or {up}" if down >= 1 else f"{up}"
+        raise UsageError(
+            "--num-frames must be of the form 4k+1 (1, 5, 9, ..., 81), "
+            f"got num_frames={num_frames}; try {near}"
+        )
+
+
+def _call_parameters(pipe) -> set[str]:
+    try:
+        return set(inspect.signature(pipe.__call__).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _latent_description(pipe, height, width, num_frames) -> str | None:
+    transformer = getattr(pipe, "transformer", None)
+    patch = getattr(getattr(transformer, "config", None), "patch_size", None)
+    t_scale = getattr(pipe, "vae_scale_factor_temporal", None)
+    s_scale = getattr(pipe, "vae_scale_factor_spatial", None)
+    if None in (patch, t_scale, s_scale, height, width, num_frames) or len(patch) != 3:
+        return None
+    latent = ((num_frames - 1) // t_scale + 1, height // s_scale, width // s_scale)
+    grid = (latent[0] // patch[0], latent[1] // patch[1], latent[2] // patch[2])
+    tokens = grid[0] * grid[1] * grid[2]
+    return (
+        f"latent {latent[0]}x{latent[1]}x{latent[2]} -> tokens {grid[0]}x{grid[1]}x{grid[2]} "
+        f"= {tokens}"
+    )
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipelines.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
+
+    # Everything that can be checked without a model is checked before loading one.
+    _validate_sizes(args.height, args.width, args.num_frames)
+    attention = args.attention or ("radial" if args.preset else "dense")
+    options = parse_attention_opts(args.attention_opt)
+    method = build_method(attention, options, args.preset)
+    schedule = None
+    if attention == "dense":
+        if any(v is not None for v in (args.dense_steps, args.dense_last_steps, args.dense_layers)):
+            print("note: --dense-steps/--dense-layers have no effect with --attention dense")
+    else:
+        schedule = build_schedule(
+            method, args.dense_steps, args.dense_last_steps, args.dense_layers
+        )
+    device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
+
+    import fastdit
+
+    tiny = is_tiny(args.model)
+    settings = {
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+    }
+    if tiny:
+        settings = {k: (TINY_DEFAULTS[k] if v is None else v) for k, v in settings.items()}
+
+    start = time.perf_counter()
+    pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    load_time = time.perf_counter() - start
+
+    accepted = _call_parameters(pipe)
+    kwargs: dict[str, Any] = {"prompt": args.prompt, "output_type": "np"}
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    kwargs.update({k: v for k, v in settings.items() if v is not None})
+    if accepted:
+        dropped = sorted(k for k in kwargs if k not in accepted)
+        for name in dropped:
+            if name != "output_type":
+                print(f"note: {type(pipe).__name__} takes no {name}; ignored")
+            del kwargs[name]
+    kwargs["generator"] = torch.Generator("cpu").manual_seed(args.seed)
+
+    handle = None
+    step_ends: list[float] = []
+    first_call: list[float] = []
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def on_step_end(_pipe, _step, _timestep, callback_kwargs):
+        synchronize()
+        step_ends.append(time.perf_counter())
+        return callback_kwargs
+
+    hooks = []
+
+    def mark_first_call(*_):
+        if not first_call:
+            first_call.append(time.perf_counter())
+
+    if not accepted or "callback_on_step_end" in accepted:
+        kwargs["callback_on_step_end"] = on_step_end
+        for name in ("transformer", "transformer_2"):
+            model = getattr(pipe, name, None)
+            if isinstance(model, torch.nn.Module):
+                hooks.append(model.register_forward_pre_hook(mark_first_call))
+
+    if method is not None:
+        handle = fastdit.apply(pipe, method, schedule=schedule)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = pipe(**kwargs)
+        synchronize()
+        run_time = time.perf_counter() - start
+        density = handle.summary() if handle is not None else None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if handle is not None:
+            handle.remove()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    frames = getattr(output, "frames", None)
+    if frames is None:
+        frames = getattr(output, "images", None)
+    if frames is None:
+        raise ValueError(f"{type(pipe).__name__} returned no frames or images")
+    frames = _to_uint8(frames)
+    backend = write_video(frames, args.output, args.fps)
+
+    # ---- one-screen summary
+    num_frames, height, width = frames.shape[:3]
+    lines = ["", "fastdit generate"]
+    model_name = "tiny (embedded, random weights, offline)" if tiny else args.model
+    lines.append(f"  model        {model_name} [{type(pipe).__name__}, {device}, {dtype_name}]")
+    video = f"{num_frames} frames {height}x{width} px @ {args.fps:g} fps, seed {args.seed}"
+    latent = _latent_description(pipe, height, width, num_frames)
+    lines.append(f"  video        {video}")
+    if latent:
+        lines.append(f"  grid         {latent}")
+    lines.append(f"  attention    {_describe_method(method, attention, args.preset)}")
+    if attention != "dense":
+        lines.append(f"  dense        {_describe_schedule(schedule)}")
+    steps = len(step_ends)
+    if steps and first_call:
+        denoise = step_ends[-1] - first_call[0]
+        lines.append(
+            f"  total time   {_seconds(load_time + run_time)} (load {_seconds(load_time)}, "
+            f"run {_seconds(run_time)}: denoise {_seconds(denoise)}, "
+            f"text+decode {_seconds(run_time - denoise)})"
+        )
+        lines.append(f"  per step     {_seconds(denoise / steps)} x {steps} steps")
+    else:
+        lines.append(
+            f"  total time   {_seconds(load_time + run_time)} (load {_seconds(load_time)}, "
+            f"run {_seconds(run_time)})"
+        )
+    if density:
+        density_lines = str(density).rstrip().splitlines()
+        lines.append(f"  density      {density_lines[0]}")
+        lines.extend(f"               {line}" for line in density_lines[1:])
+    if peak is not None:
+        gpu = torch.cuda.get_device_name(device)
+        lines.append(f"  peak memory  {peak / 2**30:.2f} GiB ({gpu})")
+    lines.append(f"  output       {args.output} ({backend})")
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout; every flag's help states its default itself."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipelines.tiny import TINY_DEFAULTS
+
+    parser = argparse.ArgumentParser(
+        prog="fastdit",
+        description="Fast block-sparse attention for diffusers video models.",
+        formatter_class=_HelpFormatter,
+    )
+    try:
+        from . import __version__
+    except ImportError:  # pragma: no cover - a partially installed package
+        __version__ = "unknown"
+    parser.add_argument("--version", action="version", version=f"fastdit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = commands.add_parser(
+        "generate",
+        help="generate a video with a sparse attention method",
+        description=(
+            "Generate a video with a diffusers pipeline, running attention through fastdit.\n\n"
+            "Examples:\n"
+            "  fastdit generate -o out.mp4                     # embedded tiny model, offline\n"
+            "  fastdit generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --attention radial \\\n"
+            "      --preset wan2.1-14b --prompt 'a cat surfing'\n"
+            "  fastdit generate --attention gna --attention-opt window=3,5,5"
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    gen.set_defaults(func=cmd_generate)
+    tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
+    add = gen.add_argument
+    add(
+        "--model",
+        default=None,
+        help="hub id or local diffusers pipeline folder, or 'tiny' (default: the embedded tiny "
+        "offline Wan model with random weights)",
+    )
+    add("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    add("--negative-prompt", default=None, help="negative prompt (default: the pipeline's own)")
+    for flag, key, kind in (
+        ("--height", "height", int),
+        ("--width", "width", int),
+        ("--num-frames", "num_frames", _positive_int),
+        ("--steps", "num_inference_steps", _positive_int),
+        ("--guidance-scale", "guidance_scale", _non_negative_float),
+    ):
+        text = {
+            "height": "video height in px, a multiple of 16",
+            "width": "video width in px, a multiple of 16",
+            "num_frames": "number of frames, 4k+1",
+            "num_inference_steps": "number of denoising steps",
+            "guidance_scale": "classifier-free guidance scale (<= 1 disables it)",
+        }[key]
+        add(flag, type=kind, default=None, dest=flag[2:].replace("-", "_"),
+            help=f"{text} ({tiny_note.format(TINY_DEFAULTS[key])})")
+    add("--seed", type=int, default=DEFAULT_SEED,
+        help=f"random seed of the initial noise (default: {DEFAULT_SEED})")
+    add("--fps", type=_positive_float, default=DEFAULT_FPS,
+        help=f"frame rate of the written video (default: {DEFAULT_FPS})")
+    add("--dtype", choices=DTYPES, default=None,
+        help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    add("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add("--attention", choices=ATTENTION_METHODS, default=None,
+        help="attention method run by fastdit's kernels (default: dense, or radial with --preset)")
+    add("--attention-opt", action="append", default=None, metavar="KEY=VALUE",
+        help="method option, repeatable; ints, floats, bools and comma tuples are parsed, e.g. "
+        "decay=0.2, block_size=64, window=3,5,5 (default: the method's defaults)")
+    add("--preset", default=None,
+        help="Radial preset (wan2.1-14b, hunyuanvideo, wan2.2-a14b, distilled-4step); implies "
+        "--attention radial and its dense schedule (default: none)")
+    add("--dense-steps", type=parse_amount, default=None, metavar="N|FRACTION",
+        help="first denoising steps run dense: a count (12) or a fraction (0.25, 1/4) "
+        "(default: the preset's, else 0)")
+    add("--dense-last-steps", type=parse_amount, default=None, metavar="N|FRACTION",
+        help="last denoising steps run dense (default: the preset's, else 0)")
+    add("--dense-layers", type=parse_amount, default=None, metavar="N|FRACTION",
+        help="first transformer blocks run dense (default: the preset's, else 0)")
+    add("--output", "-o", default=DEFAULT_OUTPUT,
+        help=f"output mp4 path (default: {DEFAULT_OUTPUT})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fastdit`` and ``python -m fastdit``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:  # FileNotFoundError is an OSError
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "CUDA out of memory"
+            print(f"error: out of GPU memory ({first}); try fewer frames, a smaller size, "
+                  "--dtype bfloat16 or a sparser --attention", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
