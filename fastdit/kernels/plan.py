@@ -17,6 +17,7 @@ plan does no host work and no device synchronisation.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -207,9 +208,12 @@ class BlockSparsity:
     def device(self) -> torch.device:
         return self.kv_counts.device
 
-    @property
+    @functools.cached_property
     def density(self) -> float:
-        """Visited blocks over all ``nQ * nK`` blocks, averaged over stored batch and heads."""
+        """Visited blocks over all ``nQ * nK`` blocks, averaged over stored batch and heads.
+
+        Computed once (one host read); a plan never changes, so later reads cost nothing.
+        """
         total = self.kv_counts.numel() * self.num_kv_blocks
         return float(self.kv_counts.sum(dtype=torch.int64)) / total
 
