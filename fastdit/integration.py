@@ -61,7 +61,7 @@ class DenoisingState:
     densities: dict[tuple[int, int | None], float] = field(default_factory=dict)
     _last_timestep: float | None = None
 
-    def begin_forward(self, grid: LatentGrid, device: torch.device, cache_context, timestep) -> None:
+    def begin_forward(self, layout: SequenceLayout, device: torch.device, cache_context, timestep) -> None:
         if cache_context is not None and cache_context.step_index is not None:
             step = int(cache_context.step_index)
             if self.step is None or step < self.step:
@@ -79,8 +79,7 @@ class DenoisingState:
                 self.step += 1
             self._last_timestep = value
             self.context = getattr(cache_context, "name", None)
-        if grid != self.grid:
-            self.grid, self.layout = grid, SequenceLayout(grid)
+        self.layout, self.grid = layout, layout.grid
         # Static plans are cached by the method; this is a dictionary look-up after the first call.
         self.active_plan = self.method.plan(self.layout, device)
 
@@ -131,8 +130,8 @@ def _hook_classes():
 
         def pre_forward(self, module, *args, **kwargs):
             hidden_states, timestep = self.adapter.forward_inputs(args, kwargs)
-            grid = self.adapter.latent_grid(module, hidden_states)
-            self.state.begin_forward(grid, hidden_states.device, self.cache_context._context, timestep)
+            layout = self.adapter.sequence_layout(module, args, kwargs)
+            self.state.begin_forward(layout, hidden_states.device, self.cache_context._context, timestep)
             return args, kwargs
 
         def reset_state(self, module):

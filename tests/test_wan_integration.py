@@ -201,8 +201,8 @@ def test_tiny_pipeline_cfg_steps_and_determinism():
     seen = []
     original_begin = handle.state.begin_forward
 
-    def record(grid, device, context, timestep):
-        original_begin(grid, device, context, timestep)
+    def record(layout, device, context, timestep):
+        original_begin(layout, device, context, timestep)
         seen.append((handle.state.step, handle.state.context))
 
     handle.state.begin_forward = record

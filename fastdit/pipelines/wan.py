@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import block_sparse_attention
-from ..layout import LatentGrid
+from ..layout import LatentGrid, SequenceLayout
 from ..methods.dense import Dense
 from ..schedule import Schedule
 
@@ -137,10 +137,12 @@ def forward_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tenso
     return hidden_states, timestep
 
 
-def latent_grid(transformer, hidden_states: torch.Tensor) -> LatentGrid:
+def sequence_layout(transformer, args: tuple, kwargs: dict) -> SequenceLayout:
+    """Wan's self-attention sequence: the patchified latent grid, frame-major, no text."""
+    hidden_states, _ = forward_inputs(args, kwargs)
     patch_t, patch_h, patch_w = transformer.config.patch_size
     _, _, frames, height, width = hidden_states.shape
-    return LatentGrid(frames // patch_t, height // patch_h, width // patch_w)
+    return SequenceLayout(LatentGrid(frames // patch_t, height // patch_h, width // patch_w))
 
 
 def install_permutation_hooks(transformer, state) -> list:
