@@ -22,6 +22,7 @@ restores the original processor objects and hooks exactly.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -223,6 +224,11 @@ def _install_hooks(model: torch.nn.Module, adapter, state: DenoisingState, handl
         state.num_layers[id(attention)] = len(model.blocks)
 
 
+def _self_attention_processor_names(model: torch.nn.Module, adapter) -> set[str]:
+    targets = {id(module) for module in adapter.self_attention_modules(model)}
+    return {f"{name}.processor" for name, module in model.named_modules() if id(module) in targets}
+
+
 def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHandle:
     """Install ``method`` on every transformer of a pipeline (or on one transformer model).
 
@@ -240,13 +246,18 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
             processor = adapter.processor_class(method, schedule)
             processor.state = state
             handle._bound.append(processor)
-            model.set_attn_processor({name: processor for name in saved})
+            # Only self-attention changes hands; every other processor (cross-attention, or a
+            # custom one the user installed there) stays the object it was.
+            targets = _self_attention_processor_names(model, adapter)
+            model.set_attn_processor(
+                {name: processor if name in targets else saved[name] for name in saved}
+            )
             handle._processors.append((model, saved))
             _install_hooks(model, adapter, state, handle)
     except Exception:
         handle.remove()
         raise
-    _handles[id(pipe_or_model)] = handle
+    _handles[pipe_or_model] = handle
     return handle
 
 
@@ -267,17 +278,26 @@ def attach(pipe_or_model) -> FastditHandle:
                 "fastdit.apply(pipe, method)"
             )
         first = next(iter(processors.values()))
+        methods = {repr(p.method) for p in processors.values()}
+        if handle is not None:
+            methods.add(repr(handle.state.method))
+        if len(methods) > 1:
+            raise ValueError(
+                "fastdit.attach needs one method per pipeline (the processors share the latent "
+                f"grid, step and plan), found {sorted(methods)}; use fastdit.apply for one method"
+            )
         if handle is None:
             handle = FastditHandle(DenoisingState(first.method, first.schedule))
         for processor in processors.values():
             processor.state = handle.state
             handle._bound.append(processor)
         _install_hooks(model, adapter, handle.state, handle)
-    _handles[id(pipe_or_model)] = handle
+    _handles[pipe_or_model] = handle
     return handle
 
 
-_handles: dict[int, FastditHandle] = {}
+# Which handle was installed on which pipeline or model, for fastdit.remove(pipe).
+_handles: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def remove(handle_or_pipe) -> None:
@@ -285,7 +305,7 @@ def remove(handle_or_pipe) -> None:
     if isinstance(handle_or_pipe, FastditHandle):
         handle = handle_or_pipe
     else:
-        handle = _handles.get(id(handle_or_pipe))
+        handle = _handles.get(handle_or_pipe)
         if handle is None:
             raise ValueError(f"fastdit is not installed on this {type(handle_or_pipe).__name__}")
     handle.remove()

@@ -230,3 +230,29 @@ def test_permuted_order_is_exact_for_every_block(rng):
     assert handle.state.active_plan.density == 1.0
     handle.remove()
     assert (out - stock).abs().max() <= 1e-4
+
+
+def test_apply_keeps_custom_cross_attention_processors(rng):
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = tiny_transformer()
+    kwargs = inputs(rng)
+    custom = WanAttnProcessor()  # stands for a user's own processor (IP-adapter, LoRA, ...)
+    model.set_attn_processor({n: custom if ".attn2." in n else p for n, p in model.attn_processors.items()})
+    handle = fastdit.apply(model, fastdit.Dense())
+    processors = model.attn_processors
+    assert all(p is custom for n, p in processors.items() if ".attn2." in n)
+    assert all(isinstance(p, WanSparseAttnProcessor) for n, p in processors.items() if ".attn1." in n)
+    run(model, kwargs)
+    handle.remove()
+    assert all(p is custom for n, p in model.attn_processors.items() if ".attn2." in n)
+
+
+def test_attach_refuses_mixed_methods():
+    model = tiny_transformer()
+    names = list(model.attn_processors)
+    mixed = {n: WanSparseAttnProcessor(fastdit.Dense() if i % 2 else fastdit.Radial()) for i, n in enumerate(names)}
+    model.set_attn_processor(mixed)
+    with pytest.raises(ValueError, match="one method"):
+        fastdit.attach(model)
+    assert not hasattr(model, "_diffusers_hook")
