@@ -612,7 +612,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="first transformer blocks run dense (default: the preset's, else 0)")
     add("--output", "-o", default=DEFAULT_OUTPUT,
         help=f"output mp4 path (default: {DEFAULT_OUTPUT})")
+
+    info = commands.add_parser(
+        "info",
+        help="versions, which kernel backends can run here and why not, supported models",
+        description="Print versions (torch, triton, diffusers, CUDA, GPU), each kernel backend "
+        "with the reason it cannot run here if it cannot, and the supported models and methods.",
+        formatter_class=_HelpFormatter,
+    )
+    info.add_argument("--device", default=None,
+                      help="device to check the backends for (default: cuda if available, else cpu)")
+    info.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                      help="dtype to check the backends for (default: bfloat16)")
+    info.add_argument("--head-dim", type=_positive_int, default=128,
+                      help="head dim to check the backends for (default: 128)")
+    info.set_defaults(func=cmd_info)
     return parser
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``fastdit info``: what this machine can run, and why not where it cannot."""
+    import importlib.metadata
+
+    import torch
+
+    import fastdit
+    from fastdit.kernels import explain_backends
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} requested but CUDA is not available here")
+    rows = [("fastdit", fastdit.__version__), ("python", sys.version.split()[0])]
+    rows += [(package, version(package)) for package in ("torch", "triton", "diffusers", "transformers", "xformers")]
+    if torch.cuda.is_available():
+        rows.append(("cuda", torch.version.cuda))
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            rows.append((f"gpu {index}", f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"))
+    else:
+        rows.append(("gpu", "none (CPU only)"))
+    for name, value in rows:
+        print(f"{name:<13} {value}")
+    dtype = getattr(torch, args.dtype)
+    print(f"\nkernel backends for {device.type}, {args.dtype}, head_dim {args.head_dim} (tried in order):")
+    for name, reason in explain_backends(device, dtype, args.head_dim).items():
+        print(f"  {name:<10} {'can run' if reason is None else 'cannot run: ' + reason}")
+    print(f"\nsupported models: {', '.join(fastdit.supported_models())}")
+    print(f"attention methods: {', '.join(ATTENTION_METHODS)}")
+    print(f"radial presets: {', '.join(fastdit.Radial.presets())}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -293,3 +293,30 @@ def test_write_video_falls_back_to_opencv(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_write_opencv", broken)
     with pytest.raises(OSError, match="could not write video"):
         cli.write_video(frames, str(tmp_path / "none.mp4"))
+
+
+def test_info_reports_versions_backends_and_reasons(capsys, monkeypatch):
+    from fastdit.cli import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "diffusers" in out
+    assert "triton        cannot run" not in out  # version row, not a backend row
+    assert "triton     cannot run: tensors are on the CPU and TRITON_INTERPRET=1 is not set" in out
+    assert "reference  can run" in out
+    assert "WanTransformer3DModel" in out and "radial" in out
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["info", "--device", "cpu"]) == 0
+    assert "triton     can run" in capsys.readouterr().out
+
+
+def test_info_rejects_cuda_without_a_gpu(capsys):
+    import torch
+
+    from fastdit.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["info", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
