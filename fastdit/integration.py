@@ -143,9 +143,9 @@ def _hook_classes():
 
 
 def _adapters():
-    from .pipelines import wan
+    from .pipelines import hunyuan_video, wan
 
-    return {"WanTransformer3DModel": wan}
+    return {"WanTransformer3DModel": wan, "HunyuanVideoTransformer3DModel": hunyuan_video}
 
 
 def supported_models() -> list[str]:
@@ -219,9 +219,10 @@ def _install_hooks(model: torch.nn.Module, adapter, state: DenoisingState, handl
     registry.invalidate_child_registries_cache()
     handle._registries.append((model, created))
     handle._torch_hooks.extend(adapter.install_permutation_hooks(model, state))
-    for layer, attention in enumerate(adapter.self_attention_modules(model)):
+    attentions = adapter.self_attention_modules(model)
+    for layer, attention in enumerate(attentions):
         state.layer_index[id(attention)] = layer
-        state.num_layers[id(attention)] = len(model.blocks)
+        state.num_layers[id(attention)] = len(attentions)
 
 
 def _self_attention_processor_names(model: torch.nn.Module, adapter) -> set[str]:
