@@ -1,0 +1,1070 @@
+"""End-to-end benchmark: full-size Wan2.1 transformers, stock diffusers attention against fastdit.
+
+What it measures
+----------------
+Full-size ``WanTransformer3DModel`` transformers built from their published configs with random
+weights (bf16 on the GPU; no checkpoint download), at the resolutions of the issue:
+
+* ``wan13b-480p``: Wan2.1-1.3B (30 layers, 12 heads x 128), 480p x 81 frames: latent
+  ``[1, 16, 21, 60, 104]`` -> 21 x 30 x 52 = 32,760 tokens; text ``[1, 512, 4096]``;
+* ``wan14b-720p``: Wan2.1-14B (40 layers, 40 heads x 128), 720p x 81 frames: latent
+  ``[1, 16, 21, 90, 160]`` -> 21 x 45 x 80 = 75,600 tokens; text ``[1, 512, 4096]``.
+
+One transformer STEP is classifier-free guidance: two forwards (cond and uncond text embeddings,
+same latent and timestep) under ``torch.inference_mode()``, each inside the diffusers
+``model.cache_context("cond"|"uncond", step_index=i, num_inference_steps=50)`` that the Wan
+pipeline's denoising loop sets (fastdit reads the step index from it). Methods:
+
+* ``stock-cudnn``: diffusers' stock processors, torch SDPA forced to cuDNN
+  (``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)``; diffusers' default "native" backend calls
+  ``F.scaled_dot_product_attention``);
+* ``stock-flash``: the same with SDPA forced to FLASH_ATTENTION (FA2);
+* ``dense``: ``fastdit.Dense()``, self-attention on fastdit's own Triton kernel with a full plan;
+* ``radial``: ``fastdit.Radial.preset("wan2.1-14b")`` (decay 0.2, sink, 12 of 50 steps dense,
+  first layer dense). Its dense step (step index 0: every layer takes the stock path) and its
+  sparse step (step index 12: layer 0 stock, the other layers fastdit's kernel on the Radial
+  plan) are timed separately;
+* ``gna``: ``fastdit.GNA`` with the configuration, among a few window/stride candidates checked
+  with ``GNA.check(grid)`` on the CPU, whose block density is closest to Radial's at that grid
+  (within 0.02, the one with the fewest computed pairs outside the GNA mask, i.e. perfectly
+  block-sparse when one is); same schedule as Radial. Its dense step runs exactly the stock
+  computation as Radial's (plus a token permutation), so on the 14B model it reuses Radial's
+  dense-step time unless ``--measure-gna-dense-step``. At the default grids the search picks
+  temporal windows over whole frames: 480p ``window=(9, 30, 52)``, block density 0.433 vs
+  Radial's 0.441; 720p ``window=(6, 45, 80)``, 0.288 vs 0.302 (~1% of computed pairs outside
+  the GNA mask). None is perfectly block-sparse: the odd extents (21 frames; 45 rows at 720p)
+  cap the tile volume at 8 (480p) and 16 (720p) tokens, so every 128-token block holds several
+  tiles; 3-D neighbourhoods of similar density compute 30-65% extra pairs.
+
+The fastdit rows keep cuDNN as SDPA backend for whatever takes the stock path (cross-attention,
+dense steps and layers). Per (model, method, phase) it records the median ms per step over
+``--repeat`` steps after ``--warmup`` forwards, the plan density and the density the step really
+ran (mean over layers, read back from fastdit's per-layer record), the peak GPU memory, the time
+inside the self-attention modules (``attn1``: QKV/out projections included; CUDA events) and its
+share of the step, and a sanity check of the output (finite, std, max difference to the stock
+cuDNN output relative to its max: ~1e-2 for dense paths in bf16; sparse steps differ by design).
+
+Then the 50-step end-to-end estimate: ``dense_steps * dense_step + (50 - dense_steps) *
+sparse_step`` for Radial (12 dense steps) and GNA (the same schedule), ``50 * step`` for the
+stock and Dense rows, and its speedup over the stock cuDNN and stock FA2 estimates (the VAE, text
+encoder and scheduler are not included).
+
+Targets (Wan2.1-14B 720p, Radial preset; PASS/MISS at the end)
+---------------------------------------------------------------
+* 50-step estimate >= 1.45x faster than the stock cuDNN path;
+* 50-step estimate >= 1.8x faster than the stock FA2 path;
+* reported alongside: the issue's ideal gain (~1.52x over cuDNN) and how far the measurement is
+  from it.
+
+How to run
+----------
+    python benchmarks/e2e_bench.py                              # both models, ~8 min on an H100
+    python benchmarks/e2e_bench.py --models wan13b-480p         # ~1.5 min
+    python benchmarks/e2e_bench.py --models wan14b-720p --methods stock-cudnn,radial
+    python benchmarks/e2e_bench.py --smoke --out /tmp/e2e       # tiny model, CPU fp32, < 1 min
+    python benchmarks/e2e_bench.py --replot benchmarks/results/e2e_bench_<gpu>_<date>.json
+
+Writes ``e2e_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
+``benchmarks/results``) and prints a table per model, the 50-step estimates and the target
+verdicts last. ``--smoke`` uses a 2-layer, 2-head (head dim 64) transformer on a
+``[1, 16, 7, 16, 24]`` latent in fp32 on the CPU: the stock cuDNN/FA2 rows are skipped with the
+reason, fastdit runs its PyTorch reference path, and the targets read N/A.
+
+Runtime estimate (H100 80 GB, defaults)
+---------------------------------------
+Per forward: 1.3B 480p ~0.6 s (cuDNN), 14B 720p ~12 s (cuDNN), ~17 s (FA2), ~14 s (fastdit
+Dense), ~7 s (Radial sparse step). Defaults: 1.3B warm-up 2 forwards + 5 steps per row (7 rows,
+~1-1.5 min with model build and the GNA search); 14B warm-up 1 forward + 2 steps per row
+(5 forwards: ~60 s cuDNN, ~85 s FA2, ~70 s Dense, ~60 s Radial dense step, ~35 s each sparse
+step; GNA dense step reused) ~6 min, plus ~10 s to build the 28 GB model and Triton's first-call
+compilation. Total ~7.5-8 min, inside a 10-minute call; ``--models wan13b-480p`` alone is short.
+Memory: 14B bf16 weights ~28 GB plus activations at 75,600 tokens (a few GB; no autograd), freed
+between models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+from kernel_bench import (  # noqa: E402  (also puts the repository root on sys.path)
+    REPO_ROOT,
+    describe_error,
+    format_number,
+    git_commit,
+    parse_list,
+)
+
+import fastdit  # noqa: E402
+from fastdit import GNA, Dense, LatentGrid, Radial, Schedule, SequenceLayout  # noqa: E402
+from fastdit.kernels import explain_backends  # noqa: E402
+
+ALL_METHODS = ("stock-cudnn", "stock-flash", "dense", "radial", "gna")
+RUN_ORDER = ("stock-cudnn", "stock-flash", "radial", "gna", "dense")
+STOCK_BACKENDS = {"stock-cudnn": "CUDNN_ATTENTION", "stock-flash": "FLASH_ATTENTION"}
+RADIAL_PRESET = "wan2.1-14b"
+NUM_STEPS = 50
+# Targets of the issue, at Wan2.1-14B 720p with the Radial preset.
+TARGET_MODEL = "wan14b-720p"
+VS_CUDNN_TARGET = 1.45
+VS_FLASH_TARGET = 1.8
+IDEAL_VS_CUDNN = 1.52
+TIMESTEP = 500.0
+# GNA candidates within this block density of Radial's are "similar"; among them the one with the
+# fewest computed pairs outside the GNA mask wins.
+GNA_DENSITY_TOLERANCE = 0.02
+
+CSV_FIELDS = (
+    "model", "grid", "tokens", "layers", "heads", "head_dim", "dtype", "method", "phase",
+    "step_index", "sdpa_backend", "config", "status", "source", "plan_density", "step_density",
+    "ms_step", "ms_step_min", "ms_forward", "repeats", "attn_ms_step", "attn_share",
+    "peak_mem_gib", "out_finite", "out_std", "rel_diff_vs_stock", "dense_steps", "sparse_steps",
+    "e2e_s", "speedup_vs_cudnn", "speedup_vs_flash", "wall_s", "error",
+)
+
+WAN_COMMON = dict(
+    patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    label: str
+    config: dict
+    latent: tuple[int, int, int, int, int]
+    text_len: int
+    warmup: int  # forwards
+    repeat: int  # CFG steps
+    measure_gna_dense: bool = True
+
+    @property
+    def grid(self) -> LatentGrid:
+        pt, ph, pw = self.config["patch_size"]
+        _, _, t, h, w = self.latent
+        return LatentGrid(t // pt, h // ph, w // pw)
+
+
+MODELS = {
+    m.name: m
+    for m in (
+        ModelSpec(
+            "wan13b-480p", "Wan2.1-1.3B 480p x 81",
+            dict(WAN_COMMON, num_layers=30, num_attention_heads=12, attention_head_dim=128,
+                 ffn_dim=8960),
+            latent=(1, 16, 21, 60, 104), text_len=512, warmup=2, repeat=5,
+        ),
+        ModelSpec(
+            "wan14b-720p", "Wan2.1-14B 720p x 81",
+            dict(WAN_COMMON, num_layers=40, num_attention_heads=40, attention_head_dim=128,
+                 ffn_dim=13824),
+            latent=(1, 16, 21, 90, 160), text_len=512, warmup=1, repeat=2,
+            measure_gna_dense=False,
+        ),
+    )
+}
+SMOKE_MODELS = {
+    m.name: m
+    for m in (
+        ModelSpec(
+            "smoke-tiny", "tiny Wan (2 layers, 2 heads x 64)",
+            dict(WAN_COMMON, num_layers=2, num_attention_heads=2, attention_head_dim=64,
+                 ffn_dim=256, text_dim=64, freq_dim=32),
+            # 7 x 8 x 12 = 672 tokens: 5.25 blocks of 128, so the last block is ragged.
+            latent=(1, 16, 7, 16, 24), text_len=16, warmup=1, repeat=2,
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------- model building
+
+
+def build_transformer(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
+                      seed: int) -> torch.nn.Module:
+    """``WanTransformer3DModel(**spec.config)`` with random weights, directly in ``dtype`` on
+    ``device``.
+
+    Built on the meta device and materialised in ``dtype`` (a 14B model built in fp32 on the GPU
+    first would need 56 GB before the cast). Weights are re-drawn (the default init never runs on
+    meta): matrices ``N(0, 1/fan_in)``, biases ``N(0, 0.02)``, norm scales 1, modulation tables
+    ``N(0, 1/dim)`` as diffusers does; RoPE tables are rebuilt; the modules diffusers keeps in fp32
+    (``_keep_in_fp32_modules``: time embedder, modulation tables, block norms) are fp32, as after
+    ``from_pretrained(..., torch_dtype=torch.bfloat16)``.
+    """
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**spec.config)
+    # nn.Module.to, not ModelMixin.to: the latter warns about _keep_in_fp32_modules, which are
+    # restored below.
+    model = torch.nn.Module.to(model, dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
+            if "scale_shift_table" in name:
+                param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
+            elif "norm" in owner:
+                param.fill_(1.0 if leaf == "weight" else 0.0)
+            elif param.dim() >= 2:
+                fan_in = param[0].numel()
+                param.normal_(0.0, fan_in**-0.5, generator=generator)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+        model.rope = WanRotaryPosEmbed(
+            spec.config["attention_head_dim"], spec.config["patch_size"],
+            model.config.rope_max_seq_len,
+        ).to(device)
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        if keep_fp32 & set(name.split(".")):
+            param.data = param.data.float()
+    for name, buffer in model.named_buffers():
+        if not torch.isfinite(buffer).all():
+            raise RuntimeError(f"buffer {name} is not initialised")
+    return model.eval()
+
+
+@dataclass
+class Inputs:
+    latent: torch.Tensor
+    text_cond: torch.Tensor
+    text_uncond: torch.Tensor
+
+
+def make_inputs(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    text_dim = spec.config["text_dim"]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    return Inputs(randn(*spec.latent), randn(1, spec.text_len, text_dim),
+                  randn(1, spec.text_len, text_dim))
+
+
+# ------------------------------------------------------------------------------- GNA choice
+
+
+def gna_candidates(grid: LatentGrid) -> list[dict]:
+    """A few GNA configurations spanning Radial-like densities: temporal windows over whole
+    frames, and 3-D neighbourhoods of half and three quarters of each frame (stride 1)."""
+    t, h, w = grid.shape
+    configs = [dict(window=(wt, h, w)) for wt in range(3, min(t, 15) + 1)]
+    for fraction in (0.5, 0.75):
+        wh, ww = math.ceil(fraction * h), math.ceil(fraction * w)
+        for wt in range(3, min(t, 15) + 1, 2):
+            configs.append(dict(window=(wt, wh, ww)))
+    return configs
+
+
+def choose_gna(grid: LatentGrid, target_density: float) -> tuple[dict, list[dict]]:
+    """The GNA candidate closest to ``target_density`` (see the module docstring) and the whole
+    candidate table (CPU only, no kernel launch)."""
+    table = []
+    for config in gna_candidates(grid):
+        try:
+            check = GNA(**config).check(grid)
+        except ValueError:
+            continue
+        table.append(dict(
+            window=list(GNA(**config).window), stride=list(GNA(**config).stride),
+            tile=list(check.tile), block_density=check.block_density,
+            token_density=check.token_density, extra_pairs_fraction=check.extra_pairs_fraction,
+            perfect=check.perfectly_block_sparse,
+            delta=abs(check.block_density - target_density),
+        ))
+    if not table:
+        raise ValueError(f"no GNA candidate fits grid {grid.shape}")
+    close = [c for c in table if c["delta"] <= GNA_DENSITY_TOLERANCE]
+    if close:
+        best = min(close, key=lambda c: (not c["perfect"], c["extra_pairs_fraction"], c["delta"]))
+    else:
+        best = min(table, key=lambda c: (c["delta"], c["extra_pairs_fraction"]))
+    for candidate in table:
+        candidate["chosen"] = candidate is best
+    return best, table
+
+
+# ----------------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class AttentionTimer:
+    """Time spent inside every ``blocks[i].attn1`` (self-attention module) call, summed per step.
+
+    CUDA events on the GPU (no synchronisation inside the forward), wall clock on the CPU."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.pending: list[tuple[object, object]] = []
+        self.handles = []
+        for block in model.blocks:
+            self.handles.append(block.attn1.register_forward_pre_hook(self._start))
+            self.handles.append(block.attn1.register_forward_hook(self._stop))
+        self._open = None
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _start(self, module, args):
+        self._open = self._mark()
+
+    def _stop(self, module, args, output):
+        self.pending.append((self._open, self._mark()))
+
+    def collect_ms(self) -> float:
+        """Milliseconds recorded since the last call (call after synchronising)."""
+        if self.device.type == "cuda":
+            total = sum(start.elapsed_time(stop) for start, stop in self.pending)
+        else:
+            total = sum((stop - start) * 1e3 for start, stop in self.pending)
+        self.pending.clear()
+        return total
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@dataclass
+class StepTiming:
+    step_ms: list[float]
+    attn_ms: list[float]
+    output: torch.Tensor
+    peak_mem_gib: float | None
+
+
+def time_steps(model: torch.nn.Module, inputs: Inputs, device: torch.device, *, step_index: int,
+               warmup: int, repeat: int, sdpa: Callable[[], contextlib.AbstractContextManager]
+               ) -> StepTiming:
+    """Warm up with ``warmup`` forwards, then time ``repeat`` CFG steps (cond + uncond)."""
+    # One timestep value for every row, so that outputs compare across methods (the cost of a
+    # forward does not depend on it; fastdit reads the step from cache_context, not from it).
+    timestep = torch.tensor([TIMESTEP], device=device)
+
+    def forward(name: str) -> torch.Tensor:
+        text = inputs.text_cond if name == "cond" else inputs.text_uncond
+        with model.cache_context(name, step_index=step_index, num_inference_steps=NUM_STEPS):
+            return model(hidden_states=inputs.latent, timestep=timestep,
+                         encoder_hidden_states=text, return_dict=False)[0]
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = AttentionTimer(model, device)
+    step_ms, attn_ms, output = [], [], None
+    try:
+        with torch.inference_mode(), sdpa():
+            for i in range(warmup):
+                forward("cond" if i % 2 == 0 else "uncond")
+            synchronize(device)
+            timer.collect_ms()
+            for _ in range(repeat):
+                synchronize(device)
+                start = time.perf_counter()
+                output = forward("cond")
+                forward("uncond")
+                synchronize(device)
+                step_ms.append((time.perf_counter() - start) * 1e3)
+                attn_ms.append(timer.collect_ms())
+    finally:
+        timer.remove()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return StepTiming(step_ms, attn_ms, output, peak)
+
+
+def sdpa_context(backend_name: str | None, device: torch.device
+                 ) -> Callable[[], contextlib.AbstractContextManager]:
+    if backend_name is None or device.type != "cuda":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+    return lambda: sdpa_kernel(backend)
+
+
+# ------------------------------------------------------------------------------ one model
+
+
+class ModelRun:
+    """Builds one transformer, runs every requested method on it, and frees it."""
+
+    def __init__(self, spec: ModelSpec, args: argparse.Namespace, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.spec, self.args, self.device, self.dtype = spec, args, device, dtype
+        self.grid = spec.grid
+        self.warmup = spec.warmup if args.warmup is None else args.warmup
+        self.repeat = spec.repeat if args.repeat is None else args.repeat
+        self.rows: list[dict] = []
+        self.reference: torch.Tensor | None = None  # stock cuDNN cond output
+        self.radial = Radial.preset(RADIAL_PRESET)
+        self.schedule = Schedule.from_method(self.radial)
+        self.gna_table: list[dict] = []
+        self.gna_config: dict | None = None
+        self.radial_density: float | None = None
+        self.model = None
+        self.inputs = None
+
+    # -- rows
+    def new_row(self, method: str, phase: str, step_index: int | None, sdpa: str | None,
+                config: str) -> dict:
+        spec, cfg = self.spec, self.spec.config
+        row = dict.fromkeys(CSV_FIELDS)
+        row.update(
+            model=spec.name, grid="x".join(map(str, self.grid.shape)),
+            tokens=self.grid.num_tokens, layers=cfg["num_layers"],
+            heads=cfg["num_attention_heads"], head_dim=cfg["attention_head_dim"],
+            dtype=str(self.dtype).removeprefix("torch."), method=method, phase=phase,
+            step_index=step_index, sdpa_backend=sdpa or "default", config=config,
+        )
+        self.rows.append(row)
+        return row
+
+    def log(self, row: dict) -> None:
+        head = f"[{row['model']}] {row['method']:<12}{row['phase']:<12}"
+        if row["status"] == "ok":
+            attn = (f"  attn {row['attn_share'] * 100:5.1f}%"
+                    if row["attn_share"] is not None else "")
+            mem = f"  peak {row['peak_mem_gib']:.1f} GiB" if row["peak_mem_gib"] else ""
+            diff = (f"  diff {row['rel_diff_vs_stock']:.1e}"
+                    if row["rel_diff_vs_stock"] is not None else "")
+            print(f"{head}{row['ms_step']:11.1f} ms/step  density {row['step_density']:.3f}"
+                  f"{attn}{mem}{diff}  ({row['source']}, {row['wall_s']} s)", flush=True)
+        else:
+            print(f"{head}{row['status'].upper()}: {(row['error'] or '')[:200]}", flush=True)
+
+    # -- measurement
+    def measure(self, row: dict, step_index: int, sdpa: str | None, handle=None) -> None:
+        wall = time.perf_counter()
+        try:
+            timing = time_steps(self.model, self.inputs, self.device, step_index=step_index,
+                                warmup=self.warmup, repeat=self.repeat,
+                                sdpa=sdpa_context(sdpa, self.device))
+        except Exception as exc:  # one failing method must not end the run
+            row.update(status="error", error=describe_error(exc),
+                       wall_s=round(time.perf_counter() - wall, 1))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.log(row)
+            return
+        out = timing.output.float()
+        ms = statistics.median(timing.step_ms)
+        attn = statistics.median(timing.attn_ms)
+        row.update(
+            status="ok", source="measured", ms_step=ms, ms_step_min=min(timing.step_ms),
+            ms_forward=ms / 2,
+            repeats=len(timing.step_ms), attn_ms_step=attn, attn_share=attn / ms,
+            peak_mem_gib=timing.peak_mem_gib, out_finite=bool(torch.isfinite(out).all()),
+            out_std=out.std().item(), wall_s=round(time.perf_counter() - wall, 1),
+        )
+        if handle is None:
+            row["step_density"] = row["plan_density"] = 1.0
+        else:
+            recorded = [d for (_, step), d in handle.state.densities.items() if step == step_index]
+            row["step_density"] = sum(recorded) / len(recorded) if recorded else None
+            plan = handle.state.active_plan
+            row["plan_density"] = plan.density if plan is not None else None
+        if self.reference is None and row["method"] == "stock-cudnn":
+            self.reference = timing.output.detach().clone()
+        if self.reference is not None:
+            ref = self.reference.float()
+            row["rel_diff_vs_stock"] = ((out - ref).abs().max() / ref.abs().max()).item()
+        if not row["out_finite"] or row["out_std"] == 0:
+            print(f"[{row['model']}] warning: degenerate output (finite={row['out_finite']}, "
+                  f"std={row['out_std']}); timings stand, the comparison does not", flush=True)
+        self.log(row)
+
+    def fastdit_unavailable(self) -> str | None:
+        """On CUDA fastdit must run its Triton kernel: a silent fall-back to the PyTorch
+        reference would time the wrong thing (and take very long at these sizes)."""
+        if self.device.type != "cuda":
+            return None
+        reason = explain_backends(self.device, self.dtype,
+                                  self.spec.config["attention_head_dim"]).get("triton")
+        return f"fastdit Triton kernel cannot run: {reason}" if reason else None
+
+    def run_stock(self, method: str) -> None:
+        backend = STOCK_BACKENDS[method]
+        row = self.new_row(method, "step", 20, backend.split("_")[0].lower(), "diffusers stock")
+        if self.device.type != "cuda":
+            row.update(status="skipped",
+                       error=f"SDPA {backend} needs a CUDA device (this run is on the CPU)")
+            self.log(row)
+            return
+        self.measure(row, step_index=20, sdpa=backend)
+
+    def run_fastdit(self, method: str, fastdit_method, schedule: Schedule | None,
+                    phases: list[tuple[str, int]], config: str) -> None:
+        sdpa = "CUDNN_ATTENTION" if self.device.type == "cuda" else None
+        sdpa_name = "cudnn" if sdpa else None
+        reason = self.fastdit_unavailable()
+        handle = None
+        if reason is None:
+            try:
+                handle = fastdit.apply(self.model, fastdit_method, schedule)
+            except Exception as exc:
+                reason = f"fastdit.apply: {describe_error(exc)}"
+        try:
+            for phase, step_index in phases:
+                row = self.new_row(method, phase, step_index, sdpa_name, config)
+                if reason:
+                    row.update(status="error", error=reason)
+                    self.log(row)
+                    continue
+                self.measure(row, step_index, sdpa, handle)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def reuse_dense_step(self, method: str, config: str) -> bool:
+        """GNA's dense step = Radial's (every layer on the stock path): copy its timing."""
+        radial_dense = next((r for r in self.rows if r["method"] == "radial"
+                             and r["phase"] == "dense-step" and r["status"] == "ok"), None)
+        if radial_dense is None:
+            return False
+        row = self.new_row(method, "dense-step", 0, radial_dense["sdpa_backend"], config)
+        for key in ("status", "plan_density", "step_density", "ms_step", "ms_step_min",
+                    "ms_forward", "repeats", "attn_ms_step", "attn_share", "peak_mem_gib",
+                    "out_finite", "out_std", "rel_diff_vs_stock"):
+            row[key] = radial_dense[key]
+        row["source"] = "reused: radial dense-step (same stock computation)"
+        row["wall_s"] = 0.0
+        self.log(row)
+        return True
+
+    def run(self) -> list[dict]:
+        spec, args = self.spec, self.args
+        methods = args.methods
+        start = time.perf_counter()
+        if any(m in methods for m in ("radial", "gna")):
+            self.radial_density = self.radial.plan(SequenceLayout(self.grid)).density
+        if "gna" in methods:
+            t0 = time.perf_counter()
+            self.gna_config, self.gna_table = choose_gna(self.grid, self.radial_density)
+            print(f"[{spec.name}] GNA search over {len(self.gna_table)} candidates "
+                  f"({time.perf_counter() - t0:.1f} s): window {tuple(self.gna_config['window'])} "
+                  f"stride {tuple(self.gna_config['stride'])} tile {tuple(self.gna_config['tile'])}"
+                  f": block density {self.gna_config['block_density']:.4f} vs Radial "
+                  f"{self.radial_density:.4f}, token density "
+                  f"{self.gna_config['token_density']:.4f}, extra pairs "
+                  f"{self.gna_config['extra_pairs_fraction']:.3f}, perfectly block-sparse "
+                  f"{self.gna_config['perfect']}", flush=True)
+        try:
+            self.model = build_transformer(spec, self.device, self.dtype, args.seed)
+        except Exception as exc:
+            for method in methods:
+                row = self.new_row(method, "step", None, None, "")
+                row.update(status="error", error=f"model build: {describe_error(exc)}")
+                self.log(row)
+            return self.rows
+        self.inputs = make_inputs(spec, self.device, self.dtype, args.seed)
+        params = sum(p.numel() for p in self.model.parameters())
+        print(f"[{spec.name}] built {spec.label}: {params / 1e9:.2f} B params, grid "
+              f"{self.grid.shape} = {self.grid.num_tokens} tokens, "
+              f"{time.perf_counter() - start:.1f} s; warm-up {self.warmup} forwards, "
+              f"{self.repeat} timed steps", flush=True)
+        if self.device.type != "cuda":
+            # No stock cuDNN row on the CPU: take the stock default-SDPA output as the reference.
+            with torch.inference_mode():
+                t = torch.tensor([TIMESTEP], device=self.device)
+                with self.model.cache_context("cond", step_index=20,
+                                              num_inference_steps=NUM_STEPS):
+                    self.reference = self.model(self.inputs.latent, t, self.inputs.text_cond,
+                                                return_dict=False)[0].clone()
+
+        dense_steps = self.schedule.dense_steps
+        # What the targets need first (a run cut short by a time limit still has them); rows
+        # are displayed in ALL_METHODS order.
+        for method in sorted(methods, key=RUN_ORDER.index):
+            if method in STOCK_BACKENDS:
+                self.run_stock(method)
+            elif method == "dense":
+                self.run_fastdit("dense", Dense(), None, [("step", 20)], "Dense(block 128)")
+            elif method == "radial":
+                r = self.radial
+                self.run_fastdit(
+                    "radial", r, self.schedule,
+                    [("dense-step", 0), ("sparse-step", dense_steps)],
+                    f"Radial.preset({RADIAL_PRESET!r}): decay {r.decay}, sink {r.sink}, "
+                    f"dense_steps {r.dense_steps}/{NUM_STEPS}, dense_layers {r.dense_layers}",
+                )
+            elif method == "gna":
+                c = self.gna_config
+                gna = GNA(window=tuple(c["window"]), stride=tuple(c["stride"]))
+                config = (f"GNA(window={tuple(c['window'])}, stride={tuple(c['stride'])}) tile "
+                          f"{tuple(c['tile'])}, Radial schedule")
+                phases = [("sparse-step", dense_steps)]
+                measure_dense = spec.measure_gna_dense or args.measure_gna_dense_step
+                if measure_dense or not self.reuse_dense_step("gna", config):
+                    phases.append(("dense-step", 0))
+                self.run_fastdit("gna", gna, self.schedule, phases, config)
+        return self.rows
+
+    def close(self) -> None:
+        self.model = self.inputs = self.reference = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------ estimates
+
+
+def find(rows: list[dict], model: str, method: str, phase: str) -> dict | None:
+    return next((r for r in rows if r["model"] == model and r["method"] == method
+                 and r["phase"] == phase), None)
+
+
+def estimate_rows(rows: list[dict], num_steps: int, dense_steps: int) -> list[dict]:
+    """One ``e2e-<n>-steps`` row per (model, method) whose needed step rows ran."""
+    estimates = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        per_model = []
+        for method in ALL_METHODS:
+            if method in ("radial", "gna"):
+                dense, sparse = (find(rows, model, method, p) for p in ("dense-step",
+                                                                         "sparse-step"))
+                parts = [dense, sparse]
+                n_dense, n_sparse = dense_steps, num_steps - dense_steps
+            else:
+                dense = sparse = find(rows, model, method, "step")
+                parts = [dense]
+                n_dense, n_sparse = num_steps, 0
+            if any(p is None for p in parts):
+                continue
+            base = dict(parts[0])
+            row = dict.fromkeys(CSV_FIELDS)
+            for key in ("model", "grid", "tokens", "layers", "heads", "head_dim", "dtype",
+                        "method", "config"):
+                row[key] = base[key]
+            row.update(phase=f"e2e-{num_steps}-steps", dense_steps=n_dense,
+                       sparse_steps=n_sparse, source="estimate")
+            failed = [p for p in parts if p["status"] != "ok"]
+            if failed:
+                row.update(status="n/a", error=f"{failed[0]['phase']} {failed[0]['status']}")
+            else:
+                total_ms = n_dense * dense["ms_step"] + n_sparse * sparse["ms_step"]
+                row.update(status="ok", e2e_s=total_ms / 1e3)
+                if sparse is not dense:
+                    row["plan_density"] = sparse["plan_density"]
+                    row["step_density"] = (n_dense * dense["step_density"] + n_sparse
+                                           * sparse["step_density"]) / num_steps
+                else:
+                    row["plan_density"] = dense["plan_density"]
+                    row["step_density"] = dense["step_density"]
+            per_model.append(row)
+        baselines = {m: next((r for r in per_model if r["method"] == m and r["status"] == "ok"),
+                             None) for m in STOCK_BACKENDS}
+        for row in per_model:
+            if row["status"] != "ok":
+                continue
+            for key, base in (("speedup_vs_cudnn", baselines["stock-cudnn"]),
+                              ("speedup_vs_flash", baselines["stock-flash"])):
+                if base is not None:
+                    row[key] = base["e2e_s"] / row["e2e_s"]
+        estimates += per_model
+    return estimates
+
+
+def evaluate_targets(estimates: list[dict], metadata: dict) -> list[dict]:
+    verdicts = []
+
+    def verdict(model, target, status, summary):
+        verdicts.append(dict(model=model, target=target, status=status, summary=summary))
+
+    models_run = list(dict.fromkeys(r["model"] for r in estimates))
+    if metadata.get("smoke"):
+        reason = "smoke run (tiny model on the CPU): the targets apply to wan14b-720p on a GPU"
+    elif TARGET_MODEL not in models_run:
+        reason = f"{TARGET_MODEL} not run"
+    else:
+        reason = None
+    radial = next((r for r in estimates if r["model"] == TARGET_MODEL
+                   and r["method"] == "radial"), None)
+    checks = (
+        ("speedup_vs_cudnn", "stock-cudnn", VS_CUDNN_TARGET, "stock cuDNN"),
+        ("speedup_vs_flash", "stock-flash", VS_FLASH_TARGET, "stock FA2"),
+    )
+    for key, base_method, threshold, base_name in checks:
+        target = f"Radial 50-step >= {threshold:.2f}x faster than {base_name}"
+        base = next((r for r in estimates if r["model"] == TARGET_MODEL
+                     and r["method"] == base_method), None)
+        why = reason
+        if why is None and (radial is None or radial["status"] != "ok"):
+            why = "radial " + ("not run" if radial is None else f"n/a: {radial['error']}")
+        if why is None and (base is None or base["status"] != "ok"):
+            why = f"{base_method} " + ("not run" if base is None else f"n/a: {base['error']}")
+        if why:
+            verdict(TARGET_MODEL, target, "N/A", why)
+            continue
+        value = radial[key]
+        verdict(TARGET_MODEL, target, "PASS" if value >= threshold else "MISS",
+                f"{value:.3f}x  [Radial {radial['e2e_s']:.1f} s vs {base_name} "
+                f"{base['e2e_s']:.1f} s]")
+    target = f"issue's ideal gain ~{IDEAL_VS_CUDNN:.2f}x over stock cuDNN"
+    if reason is None and radial and radial["status"] == "ok" and radial["speedup_vs_cudnn"]:
+        value = radial["speedup_vs_cudnn"]
+        verdict(TARGET_MODEL, target, "INFO",
+                f"measured {value:.3f}x = {value / IDEAL_VS_CUDNN * 100:.1f}% of ideal "
+                f"({value - IDEAL_VS_CUDNN:+.3f}x)")
+    else:
+        verdict(TARGET_MODEL, target, "N/A", reason or "radial or stock-cudnn estimate missing")
+    # Informational lines for the other models (no target there).
+    for model in models_run:
+        if model == TARGET_MODEL or metadata.get("smoke"):
+            continue
+        for method in ("radial", "gna", "dense"):
+            est = next((r for r in estimates if r["model"] == model and r["method"] == method
+                        and r["status"] == "ok"), None)
+            if est and est["speedup_vs_cudnn"] is not None:
+                flash = format_number(est["speedup_vs_flash"], ".3f")
+                verdict(model, f"{method} 50-step speedup (no target)", "INFO",
+                        f"{est['speedup_vs_cudnn']:.3f}x vs stock cuDNN, {flash}x vs stock FA2")
+    return verdicts
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def display_order(rows: list[dict]) -> list[dict]:
+    """Rows by method in ALL_METHODS order, dense step before sparse step."""
+    phases = ("step", "dense-step", "sparse-step")
+    return sorted(rows, key=lambda r: (ALL_METHODS.index(r["method"]),
+                                       phases.index(r["phase"]) if r["phase"] in phases else 9))
+
+
+def format_tables(rows: list[dict], estimates: list[dict], metadata: dict) -> str:
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        step_rows = display_order([r for r in rows if r["model"] == model])
+        first = step_rows[0]
+        label = metadata.get("model_labels", {}).get(model, model)
+        lines.append(f"\n== {model}: {label}; {first['layers']} layers, {first['heads']} heads x "
+                     f"{first['head_dim']}, grid {first['grid']} = {first['tokens']:,} tokens, "
+                     f"{first['dtype']} ==")
+        lines.append(f"{'method':<12}{'phase':<12}{'step':>5}  {'sdpa':<8}{'plan':>6}{'ran':>6}"
+                     f"{'ms/step':>11}{'min':>10}{'attn%':>7}{'peakGiB':>8}{'diff':>9}  source")
+        for r in step_rows:
+            start = (f"{r['method']:<12}{r['phase']:<12}"
+                     f"{format_number(r['step_index'], 'd'):>5}  {r['sdpa_backend'] or '-':<8}")
+            if r["status"] != "ok":
+                lines.append(f"{start}{r['status'].upper()}: {(r['error'] or '')[:100]}")
+                continue
+            attn = format_number(None if r["attn_share"] is None else r["attn_share"] * 100,
+                                 ".1f")
+            lines.append(
+                f"{start}{format_number(r['plan_density'], '.3f'):>6}"
+                f"{format_number(r['step_density'], '.3f'):>6}{r['ms_step']:>11.1f}"
+                f"{r['ms_step_min']:>10.1f}{attn:>7}"
+                f"{format_number(r['peak_mem_gib'], '.1f'):>8}"
+                f"{format_number(r['rel_diff_vs_stock'], '.1e'):>9}  {r['source'] or '-'}"
+            )
+        model_estimates = [e for e in estimates if e["model"] == model]
+        if model_estimates:
+            lines.append(f"-- {metadata['num_steps']}-step estimate (transformer only) --")
+            lines.append(f"{'method':<12}{'dense x step + sparse x step':<32}{'total s':>9}"
+                         f"{'x cuDNN':>9}{'x FA2':>8}{'density':>9}")
+            for e in model_estimates:
+                if e["status"] != "ok":
+                    lines.append(f"{e['method']:<12}N/A: {e['error']}")
+                    continue
+                dense = find(rows, model, e["method"],
+                             "step" if e["sparse_steps"] == 0 else "dense-step")
+                sparse = find(rows, model, e["method"], "sparse-step")
+                recipe = f"{e['dense_steps']} x {dense['ms_step'] / 1e3:.2f} s"
+                if e["sparse_steps"]:
+                    recipe += f" + {e['sparse_steps']} x {sparse['ms_step'] / 1e3:.2f} s"
+                lines.append(
+                    f"{e['method']:<12}{recipe:<32}{e['e2e_s']:>9.1f}"
+                    f"{format_number(e['speedup_vs_cudnn'], '.3f'):>9}"
+                    f"{format_number(e['speedup_vs_flash'], '.3f'):>8}"
+                    f"{format_number(e['step_density'], '.3f'):>9}"
+                )
+        gna = metadata.get("gna", {}).get(model)
+        if gna:
+            c = gna["chosen"]
+            lines.append(f"GNA choice: window {tuple(c['window'])} stride {tuple(c['stride'])} "
+                         f"tile {tuple(c['tile'])}: block density {c['block_density']:.4f} vs "
+                         f"Radial {gna['radial_density']:.4f} (token density "
+                         f"{c['token_density']:.4f}, "
+                         f"extra pairs {c['extra_pairs_fraction']:.3f}, perfectly block-sparse "
+                         f"{c['perfect']}; {len(gna['candidates'])} candidates)")
+    return "\n".join(lines)
+
+
+def format_targets(verdicts: list[dict]) -> str:
+    lines = ["\n== targets =="]
+    for v in verdicts:
+        lines.append(f"{v['status']:<5} {v['model']:<12} {v['target']}: {v['summary']}")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], estimates: list[dict], metadata: dict, verdicts: list[dict]) -> None:
+    print(f"\n# fastdit e2e_bench  {metadata['device_name']}  torch {metadata['torch']}  "
+          f"diffusers {metadata['diffusers']}  triton {metadata['triton']}  cuda "
+          f"{metadata['cuda']}  {metadata['date']}  commit {(metadata['git_commit'] or '?')[:10]}")
+    print("# ms/step = median of one CFG step (cond + uncond forwards); plan = plan block density; "
+          "ran = mean density over layers of that step; attn% = share of the step inside the "
+          "attn1 modules (incl. projections); diff = max|out - stock out| / max|stock out| (stock "
+          "cuDNN; default SDPA on the CPU)")
+    print(format_tables(rows, estimates, metadata))
+    print(format_targets(verdicts))
+
+
+def plot_results(rows: list[dict], estimates: list[dict], metadata: dict, path: Path) -> None:
+    """Per model: ms per step (self-attention part hatched) and the 50-step estimate with its
+    speedup over stock cuDNN."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(14, 4.5 * len(models)), squeeze=False)
+    colors = {"stock-cudnn": "black", "stock-flash": "tab:gray", "dense": "tab:blue",
+              "radial": "tab:orange", "gna": "tab:green"}
+    for index, model in enumerate(models):
+        ax_step, ax_e2e = axes[index]
+        ok = display_order([r for r in rows if r["model"] == model and r["status"] == "ok"])
+        labels = [f"{r['method']}\n{r['phase']}" for r in ok]
+        seconds = [r["ms_step"] / 1e3 for r in ok]
+        attn = [(r["attn_ms_step"] or 0) / 1e3 for r in ok]
+        x = range(len(ok))
+        ax_step.bar(x, seconds, color=[colors[r["method"]] for r in ok], alpha=0.45,
+                    label="whole step")
+        ax_step.bar(x, attn, color=[colors[r["method"]] for r in ok], hatch="//",
+                    edgecolor="white", alpha=0.9, label="self-attention modules")
+        for i, (s, r) in enumerate(zip(seconds, ok)):
+            ax_step.text(i, s, f"{s:.2f}s\nd={r['step_density']:.2f}", ha="center",
+                         va="bottom", fontsize=7)
+        ax_step.set_xticks(list(x), labels, fontsize=7)
+        if seconds:
+            ax_step.set_ylim(0, max(seconds) * 1.18)
+        ax_step.set_ylabel("s per CFG step (median)")
+        first = next((r for r in rows if r["model"] == model), {})
+        ax_step.set_title(f"{model}: grid {first.get('grid')} = {first.get('tokens')} tokens, "
+                          f"{first.get('layers')} layers")
+        ax_step.legend(fontsize=7)
+        ax_step.grid(True, axis="y", alpha=0.3)
+
+        est = [e for e in estimates if e["model"] == model and e["status"] == "ok"]
+        xs = range(len(est))
+        totals = [e["e2e_s"] for e in est]
+        ax_e2e.bar(xs, totals, color=[colors[e["method"]] for e in est], alpha=0.8)
+        for i, e in enumerate(est):
+            note = f"{e['e2e_s']:.4g}s"
+            if e["speedup_vs_cudnn"] is not None:
+                note += f"\n{e['speedup_vs_cudnn']:.2f}x cuDNN"
+            if e["speedup_vs_flash"] is not None:
+                note += f"\n{e['speedup_vs_flash']:.2f}x FA2"
+            ax_e2e.text(i, e["e2e_s"], note, ha="center", va="bottom", fontsize=7)
+        ax_e2e.set_xticks(list(xs), [e["method"] for e in est], fontsize=8)
+        ax_e2e.set_ylabel(f"s per {metadata['num_steps']}-step generation (transformer)")
+        ax_e2e.set_title(f"{model}: {metadata['num_steps']}-step estimate "
+                         f"({metadata['dense_steps']} dense steps for radial/gna)")
+        if totals:
+            ax_e2e.set_ylim(0, max(totals) * 1.3)
+        ax_e2e.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"fastdit e2e_bench: {metadata['device_name']}, {metadata['dtype']}, torch "
+                 f"{metadata['torch']}, diffusers {metadata['diffusers']}, {metadata['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], estimates: list[dict], metadata: dict, out_dir: Path,
+                  stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "png"))
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows + estimates)
+    json_path.write_text(json.dumps(
+        {"metadata": metadata, "results": rows, "estimates": estimates}, indent=1, default=str))
+    plot_results(rows, estimates, metadata, png_path)
+    return [csv_path, json_path, png_path]
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def collect_metadata(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    import diffusers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        attention_backend = str(_AttentionBackendRegistry.get_active_backend()[0])
+    except Exception:  # private API; informational only
+        attention_backend = os.environ.get("DIFFUSERS_ATTN_BACKEND", "native")
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine() or "cpu"
+    radial = Radial.preset(RADIAL_PRESET)
+    return dict(
+        date=datetime.date.today().isoformat(),
+        device_type=device.type,
+        device_name=device_name,
+        torch=torch.__version__,
+        triton=triton_version,
+        diffusers=diffusers.__version__,
+        fastdit=fastdit.__version__,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
+        python=platform.python_version(),
+        dtype=str(dtype).removeprefix("torch."),
+        diffusers_attention_backend=attention_backend,
+        fastdit_backends=explain_backends(device, dtype),
+        triton_interpret=os.environ.get("TRITON_INTERPRET"),
+        git_commit=git_commit(),
+        smoke=args.smoke,
+        num_steps=NUM_STEPS,
+        dense_steps=radial.dense_steps,
+        radial=dict(preset=RADIAL_PRESET, decay=radial.decay, sink=radial.sink,
+                    dense_steps=radial.dense_steps, dense_layers=radial.dense_layers),
+        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    )
+
+
+def output_stem(metadata: dict) -> str:
+    name = metadata["device_name"] if metadata["device_type"] == "cuda" else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if metadata["smoke"]:
+        slug += "-smoke"
+    return f"e2e_bench_{slug}_{metadata['date']}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time full-size Wan2.1 transformer steps: stock diffusers attention (cuDNN, "
+        "FA2) against fastdit Dense, Radial and GNA, and estimate 50-step speedups.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--models", default=None,
+                        help=f"comma list of {list(MODELS)} (default: all; with --smoke: "
+                        f"{list(SMOKE_MODELS)})")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS),
+                        type=lambda s: parse_list(s, ALL_METHODS),
+                        help=f"comma list of {list(ALL_METHODS)}")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed CFG steps per row (default per model: 1.3B 5, 14B 2)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="warm-up forwards per row (default per model: 1.3B 2, 14B 1)")
+    parser.add_argument("--measure-gna-dense-step", action="store_true",
+                        help="time GNA's dense step on the 14B model too instead of reusing "
+                        "Radial's (identical stock computation)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results",
+                        help="directory for the csv / json / png")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny transformer, on CUDA if present else the CPU (fp32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="redraw the plot and reprint the summary of an earlier run, then exit")
+    args = parser.parse_args(argv)
+    known = SMOKE_MODELS if args.smoke else MODELS
+    try:
+        args.models = parse_list(args.models, tuple(known)) if args.models else list(known)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--models: {exc}")
+    if not args.methods:
+        parser.error("--methods is empty")
+    for name in ("repeat", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "repeat" else 0):
+            parser.error(f"--{name} must be >= {1 if name == 'repeat' else 0}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        rows, estimates, metadata = saved["results"], saved["estimates"], saved["metadata"]
+        plot_results(rows, estimates, metadata, args.replot.with_suffix(".png"))
+        report(rows, estimates, metadata, evaluate_targets(estimates, metadata))
+        print(f"\nwrote {args.replot.with_suffix('.png')}")
+        return
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        # fastdit's PyTorch reference is far faster on the CPU than the Triton interpreter.
+        os.environ.pop("TRITON_INTERPRET", None)
+    specs = [(SMOKE_MODELS if args.smoke else MODELS)[name] for name in args.models]
+    metadata = collect_metadata(args, device, dtype)
+    metadata["model_labels"] = {s.name: s.label for s in specs}
+    metadata["gna"] = {}
+    print(f"device {metadata['device_name']} ({device}), {metadata['dtype']}, models "
+          f"{args.models}, methods {args.methods}; diffusers attention backend "
+          f"{metadata['diffusers_attention_backend']}; fastdit backends (None = can run): "
+          f"{metadata['fastdit_backends']}", flush=True)
+    if device.type == "cuda" and metadata["triton_interpret"] not in (None, "", "0"):
+        print("warning: TRITON_INTERPRET is set: the fastdit rows will crawl", flush=True)
+
+    start = time.perf_counter()
+    rows: list[dict] = []
+    for spec in specs:
+        model_run = ModelRun(spec, args, device, dtype)
+        try:
+            rows += model_run.run()
+        finally:
+            if model_run.gna_config is not None:
+                metadata["gna"][spec.name] = dict(radial_density=model_run.radial_density,
+                                                  chosen=model_run.gna_config,
+                                                  candidates=model_run.gna_table)
+            model_run.close()  # frees this model before the next one is built
+            del model_run
+        # Written after every model, so that a run cut short keeps the finished models.
+        metadata["elapsed_s"] = round(time.perf_counter() - start, 1)
+        estimates = estimate_rows(rows, NUM_STEPS, metadata["dense_steps"])
+        verdicts = evaluate_targets(estimates, metadata)
+        metadata["targets"] = verdicts
+        paths = write_outputs(rows, estimates, metadata, args.out, output_stem(metadata))
+        print(f"[{spec.name}] done at {metadata['elapsed_s']} s; results so far in "
+              f"{paths[1]}", flush=True)
+
+    report(rows, estimates, metadata, verdicts)
+    print(f"\nelapsed {metadata['elapsed_s']} s; wrote " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()
