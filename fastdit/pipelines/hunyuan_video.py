@@ -41,8 +41,8 @@ import torch
 
 from ..kernels import block_sparse_attention
 from ..layout import LatentGrid, SequenceLayout, TextSegment
-from ..methods.dense import Dense
 from ..schedule import Schedule
+from .base import FastditAttnProcessor
 
 __all__ = ["HunyuanVideoSparseAttnProcessor"]
 
@@ -57,7 +57,7 @@ def _rotate_video(x: torch.Tensor, num_text: int | None, rotary_emb) -> torch.Te
     return torch.cat([video, x[:, -num_text:]], dim=1)
 
 
-class HunyuanVideoSparseAttnProcessor:
+class HunyuanVideoSparseAttnProcessor(FastditAttnProcessor):
     """Attention processor for HunyuanVideo that runs the joint video+text attention through a fastdit method.
 
     Usable both ways::
@@ -72,24 +72,19 @@ class HunyuanVideoSparseAttnProcessor:
     here; any other call (the token refiner's self-attention) goes to the stock processor it had.
     """
 
-    _attention_backend = None
-    _parallel_config = None
-
     def __init__(self, method, schedule: Schedule | None = None) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
         from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
-        self.method = method
-        self.schedule = schedule if schedule is not None else Schedule.from_method(method)
-        self.state = None  # a fastdit.integration.DenoisingState, bound by apply/attach
+        super().__init__(method, schedule)
         self._stock = HunyuanVideoAttnProcessor2_0()  # the dual- and single-stream blocks'
         self._stock_default = AttnProcessor2_0()  # diffusers' default `Attention` one (token refiner)
         self._key_lengths: tuple[torch.Tensor, torch.Tensor] | None = None  # (attention_mask, lengths)
 
     def _stock_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
-        self._stock._attention_backend = self._attention_backend
-        self._stock._parallel_config = self._parallel_config
-        return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return self._call_stock(
+            self._stock, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+        )
 
     def _valid_key_lengths(
         self, attention_mask: torch.Tensor | None, batch: int, seq: int
@@ -132,24 +127,15 @@ class HunyuanVideoSparseAttnProcessor:
             if not joint_module:
                 return self._stock_default(attn, hidden_states, encoder_hidden_states, attention_mask)
             if state is None or state.active_plan is None:
-                raise RuntimeError(
-                    "HunyuanVideoSparseAttnProcessor needs the latent grid, layer index and denoising "
-                    "step, which fastdit learns through hooks on the transformer: after "
-                    "set_attn_processor(HunyuanVideoSparseAttnProcessor(...)) call fastdit.attach(pipe) "
-                    "once, or install with fastdit.apply(pipe, method)"
-                )
+                raise self._unbound_error()
             return self._stock_call(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
         if encoder_hidden_states is None:
             raise ValueError("HunyuanVideo's joint attention is called with the text (encoder_hidden_states)")
 
-        layer = state.layer_index[id(attn)]
-        sparse = isinstance(self.method, Dense) or not self.schedule.is_dense(
-            state.step, state.num_steps, layer, state.num_layers[id(attn)]
-        )
+        layer, sparse = self._layer_runs_sparse(attn)
         if not sparse:
-            state.densities[(layer, state.step)] = 1.0
             return self._stock_call(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
@@ -206,7 +192,7 @@ class HunyuanVideoSparseAttnProcessor:
         out = block_sparse_attention(query, key, value, plan.sparsity, key_padding=key_lengths)
         if permutation is not None:
             out = permutation.unpermute_sequence(out, layout, dim=1)
-        state.densities[(layer, state.step)] = plan.density
+        self._record(layer, plan)
         out = out.flatten(2, 3).to(query.dtype)
 
         # 6. Output projections, as the stock processor.

@@ -24,8 +24,8 @@ import torch
 
 from ..kernels import block_sparse_attention
 from ..layout import LatentGrid, SequenceLayout
-from ..methods.dense import Dense
 from ..schedule import Schedule
+from .base import FastditAttnProcessor
 
 __all__ = ["WanSparseAttnProcessor"]
 
@@ -40,7 +40,7 @@ def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch
     return out.type_as(x)
 
 
-class WanSparseAttnProcessor:
+class WanSparseAttnProcessor(FastditAttnProcessor):
     """Attention processor for ``WanAttention`` that runs self-attention through a fastdit method.
 
     Usable both ways::
@@ -54,15 +54,10 @@ class WanSparseAttnProcessor:
     diffusers' stock ``WanAttnProcessor`` unchanged.
     """
 
-    _attention_backend = None
-    _parallel_config = None
-
     def __init__(self, method, schedule: Schedule | None = None) -> None:
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-        self.method = method
-        self.schedule = schedule if schedule is not None else Schedule.from_method(method)
-        self.state = None  # a fastdit.integration.DenoisingState, bound by apply/attach
+        super().__init__(method, schedule)
         self._stock = WanAttnProcessor()
 
     def __call__(
@@ -74,17 +69,12 @@ class WanSparseAttnProcessor:
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
-            self._stock._attention_backend = self._attention_backend
-            self._stock._parallel_config = self._parallel_config
-            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            return self._call_stock(
+                self._stock, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
+            )
         state = self.state
         if state is None or id(attn) not in state.layer_index or state.active_plan is None:
-            raise RuntimeError(
-                "WanSparseAttnProcessor needs the latent grid, layer index and denoising step, which "
-                "fastdit learns through hooks on the transformer: after "
-                "set_attn_processor(WanSparseAttnProcessor(...)) call fastdit.attach(pipe) once, "
-                "or install with fastdit.apply(pipe, method)"
-            )
+            raise self._unbound_error()
 
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -97,10 +87,7 @@ class WanSparseAttnProcessor:
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
-        layer = state.layer_index[id(attn)]
-        sparse = isinstance(self.method, Dense) or not self.schedule.is_dense(
-            state.step, state.num_steps, layer, state.num_layers[id(attn)]
-        )
+        layer, sparse = self._layer_runs_sparse(attn)
         if sparse:
             plan = state.active_plan
             permute_here = plan.permutation is not None and not state.permuted
@@ -109,7 +96,7 @@ class WanSparseAttnProcessor:
             out = block_sparse_attention(query, key, value, plan.sparsity)
             if permute_here:
                 out = plan.permutation.unpermute(out, dim=1)
-            state.densities[(layer, state.step)] = plan.density
+            self._record(layer, plan)
         else:
             from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -117,7 +104,6 @@ class WanSparseAttnProcessor:
                 query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                 backend=self._attention_backend, parallel_config=self._parallel_config,
             )
-            state.densities[(layer, state.step)] = 1.0
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -1,0 +1,58 @@
+"""What every fastdit attention processor shares, whatever the model family.
+
+A processor holds a method (which plans the block sparsity), its dense schedule, and the
+:class:`~fastdit.integration.DenoisingState` that fastdit's hooks fill in before each transformer
+forward (latent grid, denoising step, layer indices, the active plan). It declares
+``_attention_backend`` and ``_parallel_config`` like diffusers' own processors and passes them on
+to the stock processors it delegates to.
+"""
+
+from __future__ import annotations
+
+from ..methods.dense import Dense
+from ..methods.base import MethodPlan
+from ..schedule import Schedule
+
+
+class FastditAttnProcessor:
+    """Base of the per-model processors in ``fastdit.pipelines``."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, method, schedule: Schedule | None = None) -> None:
+        self.method = method
+        self.schedule = schedule if schedule is not None else Schedule.from_method(method)
+        self.state = None  # a fastdit.integration.DenoisingState, bound by apply/attach
+
+    def _unbound_error(self) -> RuntimeError:
+        name = type(self).__name__
+        return RuntimeError(
+            f"{name} needs the latent grid, layer index and denoising step, which fastdit learns "
+            f"through hooks on the transformer: after set_attn_processor({name}(...)) call "
+            "fastdit.attach(pipe) once, or install with fastdit.apply(pipe, method)"
+        )
+
+    def _call_stock(self, stock, *args):
+        """Run a stock diffusers processor with this processor's backend and parallel config."""
+        stock._attention_backend = self._attention_backend
+        stock._parallel_config = self._parallel_config
+        return stock(*args)
+
+    def _layer_runs_sparse(self, attn) -> tuple[int, bool]:
+        """(layer index, whether this layer runs the method's plan at the current step).
+
+        ``Dense`` always runs fastdit's kernel; other methods follow their schedule, and a layer
+        that runs dense is recorded at density 1.
+        """
+        state = self.state
+        layer = state.layer_index[id(attn)]
+        sparse = isinstance(self.method, Dense) or not self.schedule.is_dense(
+            state.step, state.num_steps, layer, state.num_layers[id(attn)]
+        )
+        if not sparse:
+            state.densities[(layer, state.step)] = 1.0
+        return layer, sparse
+
+    def _record(self, layer: int, plan: MethodPlan) -> None:
+        self.state.densities[(layer, self.state.step)] = plan.density
