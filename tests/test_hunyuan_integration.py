@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdit
+from integration_helpers import expand_blocks, run
 from fastdit.pipelines.hunyuan_video import HunyuanVideoSparseAttnProcessor
 
 diffusers = pytest.importorskip("diffusers")
@@ -45,11 +46,6 @@ def inputs(rng, frames=6, height=12, width=16, valid=(9, 4)):
         guidance=torch.tensor([6000.0] * batch),
         return_dict=False,
     )
-
-
-def run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 def joint_names(model):
@@ -101,11 +97,6 @@ def install_reference(model, token_mask):
     model.set_attn_processor(
         {name: processor if name in targets else p for name, p in model.attn_processors.items()}
     )
-
-
-def expand_blocks(block_map: torch.Tensor, block: int, seq: int) -> torch.Tensor:
-    ones = torch.ones(block, block, dtype=torch.int32)
-    return torch.kron(block_map[0, 0].int(), ones).bool()[:seq, :seq]
 
 
 def test_stock_masks_padded_text_keys_only(rng):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdit
+from integration_helpers import expand_blocks, run
 from fastdit.pipelines.wan import WanSparseAttnProcessor, _apply_rotary_emb
 
 diffusers = pytest.importorskip("diffusers")
@@ -53,19 +54,9 @@ class MaskedSelfAttention:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
-
-
 def install_reference(model, token_mask):
     processor = MaskedSelfAttention(token_mask)
     model.set_attn_processor({name: processor if ".attn1." in name else p for name, p in model.attn_processors.items()})
-
-
-def expand_blocks(block_map: torch.Tensor, block: int, seq: int) -> torch.Tensor:
-    ones = torch.ones(block, block, dtype=torch.int32)
-    return torch.kron(block_map[0, 0].int(), ones).bool()[:seq, :seq]
 
 
 def test_dense_matches_stock_and_remove_restores_exactly(rng):
