@@ -35,7 +35,13 @@ __all__ = [
     "write_video",
 ]
 
-ATTENTION_METHODS = ("dense", "radial", "gna")
+# --attention name -> the method config class exported by ``fastdit``.
+METHOD_CLASS_NAMES = {
+    "dense": "Dense",
+    "radial": "Radial",
+    "gna": "GNA",
+}
+ATTENTION_METHODS = tuple(METHOD_CLASS_NAMES)
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_PROMPT = "A red fox runs through a snowy forest at sunrise, cinematic camera pan."
 DEFAULT_OUTPUT = "out.mp4"
@@ -135,7 +141,7 @@ def _non_negative_float(text: str) -> float:
 def _method_classes() -> dict[str, type]:
     import fastdit
 
-    return {"dense": fastdit.Dense, "radial": fastdit.Radial, "gna": fastdit.GNA}
+    return {name: getattr(fastdit, class_name) for name, class_name in METHOD_CLASS_NAMES.items()}
 
 
 def method_options(cls: type) -> tuple[list[str], list[str]]:

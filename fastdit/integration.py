@@ -58,8 +58,10 @@ class DenoisingState:
     active_plan: MethodPlan | None = None
     permuted: bool = False
     layer_index: dict[int, int] = field(default_factory=dict)  # id(attention module) -> block
+    transformer_index: dict[int, int] = field(default_factory=dict)  # id(attention module) -> model
     num_layers: dict[int, int] = field(default_factory=dict)  # id(attention module) -> blocks
     densities: dict[tuple[int, int | None], float] = field(default_factory=dict)
+    runtime: object | None = None  # the method's per-generation state (methods that plan per call)
     _last_timestep: float | None = None
 
     def begin_forward(self, layout: SequenceLayout, device: torch.device, cache_context, timestep) -> None:
@@ -80,6 +82,8 @@ class DenoisingState:
                 self.step += 1
             self._last_timestep = value
             self.context = getattr(cache_context, "name", None)
+        if self.layout is not None and layout != self.layout:
+            self._new_runtime()  # a shape change invalidates whatever the method learnt
         self.layout, self.grid = layout, layout.grid
         # Static plans are cached by the method; this is a dictionary look-up after the first call.
         self.active_plan = self.method.plan(self.layout, device)
@@ -88,6 +92,11 @@ class DenoisingState:
         self.generation += 1
         self.num_steps, self._last_timestep = None, None
         self.densities.clear()
+        self._new_runtime()
+
+    def _new_runtime(self) -> None:
+        new_runtime = getattr(self.method, "new_runtime", None)
+        self.runtime = new_runtime() if new_runtime is not None else None
 
     def reset(self) -> None:
         """The next forward starts a new generation (diffusers resets stateful hooks after each
@@ -220,8 +229,10 @@ def _install_hooks(model: torch.nn.Module, adapter, state: DenoisingState, handl
     handle._registries.append((model, created))
     handle._torch_hooks.extend(adapter.install_permutation_hooks(model, state))
     attentions = adapter.self_attention_modules(model)
+    transformer = len(handle._registries) - 1  # this model's position in the pipeline
     for layer, attention in enumerate(attentions):
         state.layer_index[id(attention)] = layer
+        state.transformer_index[id(attention)] = transformer
         state.num_layers[id(attention)] = len(attentions)
 
 

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,3 +249,60 @@ def test_attach_refuses_mixed_methods():
     with pytest.raises(ValueError, match="one method"):
         fastdit.attach(model)
     assert not hasattr(model, "_diffusers_hook")
+
+
+class RecordingMethod:
+    """A per-call method (the ``attend`` interface of VMoBA/AdaSpa/PARO/Agent): dense attention
+    on the kernel, recording what each call is told."""
+
+    def __init__(self):
+        self.dense = fastdit.Dense(block_size=64)
+        self.calls = []
+
+    def plan(self, layout, device=None):
+        return self.dense.plan(layout, device)
+
+    def new_runtime(self):
+        return {"calls": 0}
+
+    def attend(self, query, key, value, call):
+        call.runtime["calls"] += 1
+        self.calls.append(call)
+        return fastdit.block_sparse_attention(query, key, value, call.plan.sparsity), 0.5
+
+
+def test_per_call_method_sees_step_context_layer_and_runtime():
+    tiny = pytest.importorskip("fastdit.pipelines.tiny")
+    pipe = tiny.build_tiny_wan_pipeline(seed=0)
+    settings = dict(prompt="a cat", height=64, width=64, num_frames=5, num_inference_steps=2,
+                    guidance_scale=5.0, output_type="np")
+    stock = pipe(**settings, generator=torch.Generator().manual_seed(1)).frames[0]
+    method = RecordingMethod()
+    handle = fastdit.apply(pipe, method, schedule=fastdit.Schedule(dense_steps=1))
+    out = pipe(**settings, generator=torch.Generator().manual_seed(1)).frames[0]
+    num_layers = len(pipe.transformer.blocks)
+    # Step 0 is dense (stock path, attend not called); step 1 runs attend on every layer, per CFG pass.
+    seen = [(c.step, c.context, c.layer, c.num_layers, c.transformer, c.num_steps) for c in method.calls]
+    assert seen == [(1, ctx, layer, num_layers, 0, 2) for ctx in ("cond", "uncond") for layer in range(num_layers)]
+    first_runtime = method.calls[0].runtime
+    assert all(c.runtime is first_runtime for c in method.calls) and first_runtime["calls"] == len(seen)
+    assert handle.state.densities == {**{(l, 0): 1.0 for l in range(num_layers)}, **{(l, 1): 0.5 for l in range(num_layers)}}
+    assert np.abs(out - stock).max() < 1e-4
+    pipe(**settings, generator=torch.Generator().manual_seed(1))
+    assert method.calls[-1].runtime is not first_runtime  # a new generation, a new runtime
+    assert method.calls[-1].generation == method.calls[0].generation + 1
+    handle.remove()
+
+
+def test_shape_change_renews_runtime(rng):
+    model = tiny_transformer()
+    method = RecordingMethod()
+    handle = fastdit.apply(model, method)
+    run(model, inputs(rng))
+    runtime = handle.state.runtime
+    kwargs = inputs(rng, height=16, width=16)
+    kwargs["timestep"] = torch.tensor([400.0])  # same generation (timestep goes down)
+    run(model, kwargs)
+    assert handle.state.generation == 1 and handle.state.runtime is not runtime
+    assert method.calls[-1].runtime is handle.state.runtime
+    handle.remove()

@@ -1,8 +1,28 @@
-"""What every method produces: a block sparsity over a sequence layout, in a stated token order."""
+"""What every method produces, and what a method that plans per call is told.
+
+Static methods (Dense, Radial, GNA) implement ``plan(layout, device) -> MethodPlan``: one block
+sparsity per sequence layout, cached, executed by the kernel for every sparse layer and step.
+
+Methods that choose blocks from the data (VMoBA, AdaSpa), reorder per head (PARO) or compose
+several kernel calls (Agent) also implement ``plan`` (its ``permutation``, if any, still drives the
+once-per-forward token reordering, and its ``sparsity`` describes the static part, usually dense),
+and in addition::
+
+    new_runtime() -> object | None          # per-generation state (LSE cache, current plans)
+    attend(query, key, value, call) -> (out, density)
+
+``attend`` gets Q/K/V ``[B, S, H, D]`` after projections, norms and RoPE, in the token order of
+``call.plan`` (the same order the static path would give the kernel) and returns the output in that
+order, plus the attention density it ran at (fraction of (query block, key block) pairs computed,
+averaged over heads). It computes attention with :mod:`fastdit.kernels` only: a method plans
+block sparsities and composes kernel calls, it never carries an attention kernel of its own.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from ..kernels import BlockSparsity
 from ..layout import SequenceLayout, TilePermutation
@@ -35,3 +55,43 @@ class MethodPlan:
         if self.permutation is None:
             return self.layout.num_tokens
         return self.permutation.permuted_sequence_length(self.layout)
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionCall:
+    """One self-attention call as a per-call method (``attend``) sees it.
+
+    Attributes:
+        plan: the method's static plan for this forward (layout, permutation).
+        layer: block index of the attention module inside its transformer (0-based).
+        num_layers: number of self-attention layers of that transformer.
+        transformer: index of the transformer in the pipeline (Wan2.2: 0 high-noise, 1 low-noise).
+        step: pipeline-level denoising step (CFG passes of one step share it), 0-based.
+        num_steps: steps of this generation when the pipeline says (``None`` otherwise).
+        context: the CFG context name diffusers gives the pass (``"cond"``, ``"uncond"``) or
+            ``None`` outside a pipeline loop.
+        generation: counter that grows with every new generation.
+        runtime: the method's per-generation state (``method.new_runtime()``); a fresh one is made
+            on every new generation and on every change of the sequence layout.
+        key_padding: ``[B]`` int32 valid key counts (joint attention with padded text), or ``None``.
+    """
+
+    plan: MethodPlan
+    layer: int
+    num_layers: int
+    transformer: int
+    step: int | None
+    num_steps: int | None
+    context: str | None
+    generation: int
+    runtime: object | None = None
+    key_padding: torch.Tensor | None = None
+
+    @property
+    def layout(self) -> SequenceLayout:
+        return self.plan.layout
+
+    @property
+    def cache_key(self) -> tuple:
+        """Where per-layer state of this call lives: (CFG context, transformer, layer)."""
+        return (self.context, self.transformer, self.layer)

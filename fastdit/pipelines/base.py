@@ -9,8 +9,11 @@ to the stock processors it delegates to.
 
 from __future__ import annotations
 
+import torch
+
+from ..kernels import block_sparse_attention
+from ..methods.base import AttentionCall, MethodPlan
 from ..methods.dense import Dense
-from ..methods.base import MethodPlan
 from ..schedule import Schedule
 
 
@@ -56,3 +59,40 @@ class FastditAttnProcessor:
 
     def _record(self, layer: int, plan: MethodPlan) -> None:
         self.state.densities[(layer, self.state.step)] = plan.density
+
+    def _attend(
+        self,
+        attn,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sparse self-attention of one layer, Q/K/V ``[B, S, H, D]`` in the plan's token order.
+
+        Static methods run their plan on the kernel; methods with ``attend`` plan per call (from
+        Q and K, the step and their runtime state) and compose kernel calls themselves.
+        """
+        state = self.state
+        plan = state.active_plan
+        attend = getattr(self.method, "attend", None)
+        if attend is None:
+            out = block_sparse_attention(query, key, value, plan.sparsity, key_padding=key_padding)
+            self._record(layer, plan)
+            return out
+        call = AttentionCall(
+            plan=plan,
+            layer=layer,
+            num_layers=state.num_layers[id(attn)],
+            transformer=state.transformer_index.get(id(attn), 0),
+            step=state.step,
+            num_steps=state.num_steps,
+            context=state.context,
+            generation=state.generation,
+            runtime=state.runtime,
+            key_padding=key_padding,
+        )
+        out, density = attend(query, key, value, call)
+        state.densities[(layer, state.step)] = float(density)
+        return out

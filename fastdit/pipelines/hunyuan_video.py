@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import block_sparse_attention
 from ..layout import LatentGrid, SequenceLayout, TextSegment
 from ..schedule import Schedule
 from .base import FastditAttnProcessor
@@ -189,10 +188,9 @@ class HunyuanVideoSparseAttnProcessor(FastditAttnProcessor):
             )
             if key_lengths is not None:
                 key_lengths = key_lengths + (query.shape[1] - seq)
-        out = block_sparse_attention(query, key, value, plan.sparsity, key_padding=key_lengths)
+        out = self._attend(attn, layer, query, key, value, key_padding=key_lengths)
         if permutation is not None:
             out = permutation.unpermute_sequence(out, layout, dim=1)
-        self._record(layer, plan)
         out = out.flatten(2, 3).to(query.dtype)
 
         # 6. Output projections, as the stock processor.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import block_sparse_attention
 from ..layout import LatentGrid, SequenceLayout
 from ..schedule import Schedule
 from .base import FastditAttnProcessor
@@ -93,10 +92,9 @@ class WanSparseAttnProcessor(FastditAttnProcessor):
             permute_here = plan.permutation is not None and not state.permuted
             if permute_here:  # processor used without the block hooks: permute per call
                 query, key, value = (plan.permutation.permute(x, dim=1) for x in (query, key, value))
-            out = block_sparse_attention(query, key, value, plan.sparsity)
+            out = self._attend(attn, layer, query, key, value)
             if permute_here:
                 out = plan.permutation.unpermute(out, dim=1)
-            self._record(layer, plan)
         else:
             from diffusers.models.attention_dispatch import dispatch_attention_fn
 
