@@ -8,23 +8,23 @@ the exact rule is in :mod:`fastdit.methods.gna`), and return the same layout::
     out = na2d(q, k, v, kernel_size=(7, 7), stride=(2, 2), dilation=1)
 
 How it runs. The spatial dims are flattened to a grid (``na1d``: ``(1, 1, X)``, ``na2d``:
-``(1, X, Y)``, ``na3d``: ``(X, Y, Z)``). The result is always exactly NATTEN's, never the block
-superset of it:
+``(1, X, Y)``, ``na3d``: ``(X, Y, Z)``), the tokens are permuted tile-major, and
+:class:`~fastdit.methods.gna.GNA`'s plan runs on :func:`fastdit.kernels.block_sparse_attention`;
+the output is permuted back. The result is always exactly NATTEN's, for any extents:
 
-1. If some tile (entries dividing the extents, so no padding enters the sequence; volume dividing
-   the kernel block, 128 tried before 64) makes the configuration perfectly block-sparse, the
-   tokens are permuted tile-major, :class:`~fastdit.methods.gna.GNA`'s block plan runs on
-   :func:`fastdit.kernels.block_sparse_attention`, and the output is permuted back.
-2. Otherwise a block plan would include keys outside the windows, so the call runs on an exact
-   masked attention in PyTorch (chunked over queries, fp32 accumulation), and this is logged once
-   per configuration on the ``fastdit`` logger.
+1. The tile (entries dividing the extents, so no padding enters the sequence; volume dividing the
+   kernel block) is one that makes the configuration perfectly block-sparse when one exists (128
+   tried before 64): every visited block is fully inside the windows and the kernel runs without
+   element masks.
+2. Otherwise :func:`~fastdit.methods.gna.choose_tile` picks the sparsest tile, and blocks that are
+   only partly inside the windows run with a :class:`~fastdit.kernels.WindowMask` that applies the
+   window rule per (query, key) pair in the kernel.
 
-Plans and the path choice are cached per (shape, parameters, device).
+Plans are cached per (shape, parameters, device).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -32,17 +32,12 @@ import torch
 from .kernels import block_sparse_attention
 from .kernels.dispatch import SUPPORTED_DTYPES
 from .layout import LatentGrid, SequenceLayout
-from .methods.gna import GNA, _int_tuple, allowed_1d, check_dimension, choose_tile
+from .methods.gna import GNA, _int_tuple, check_dimension, choose_tile
 
 __all__ = ["na1d", "na2d", "na3d"]
 
-logger = logging.getLogger("fastdit")
-
 _BLOCK_SIZES = (128, 64)
-# Elements of one chunk of masked scores (B * heads * queries * keys) on the exact path.
-_CHUNK_ELEMENTS = 1 << 24
-_methods: dict[tuple, GNA | None] = {}
-_logged: set[tuple] = set()
+_methods: dict[tuple, GNA] = {}
 
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None):
@@ -87,8 +82,8 @@ def _check_inputs(ndim: int, query, key, value) -> None:
         )
 
 
-def _method_for(grid: LatentGrid, window, stride, dilation) -> GNA | None:
-    """A GNA whose tile makes the configuration perfectly block-sparse, or None if none exists."""
+def _method_for(grid: LatentGrid, window, stride, dilation) -> GNA:
+    """GNA with a perfectly block-sparse tile when one exists, else the sparsest dividing tile."""
     key = (grid, window, stride, dilation)
     if key not in _methods:
         method = None
@@ -97,26 +92,11 @@ def _method_for(grid: LatentGrid, window, stride, dilation) -> GNA | None:
             if tile is not None:
                 method = GNA(window, stride, dilation, tile=tile, block_size=block_size)
                 break
+        if method is None:
+            tile = choose_tile(grid, window, stride, dilation, _BLOCK_SIZES[0])
+            method = GNA(window, stride, dilation, tile=tile, block_size=_BLOCK_SIZES[0])
         _methods[key] = method
     return _methods[key]
-
-
-def _masked_attention(q, k, v, masks, grid: LatentGrid, scale: float) -> torch.Tensor:
-    """Exact attention on ``[B, N, heads, D]`` under the factorised mask, chunked over queries."""
-    batch, n, heads, _ = q.shape
-    coords = grid.coords(q.device)
-    k32, v32 = k.float(), v.float()
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * n))
-    for start in range(0, n, chunk):
-        rows = coords[start : start + chunk]
-        mask = masks[0][rows[:, 0]][:, coords[:, 0]]
-        mask &= masks[1][rows[:, 1]][:, coords[:, 1]]
-        mask &= masks[2][rows[:, 2]][:, coords[:, 2]]
-        scores = torch.einsum("bqhd,bkhd->bhqk", q[:, start : start + chunk].float(), k32) * scale
-        scores.masked_fill_(~mask, float("-inf"))
-        out[:, start : start + chunk] = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v32)
-    return out.to(q.dtype)
 
 
 def _neighborhood_attention(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale):
@@ -139,24 +119,11 @@ def _neighborhood_attention(ndim, query, key, value, kernel_size, stride, dilati
     q, k, v = (x.reshape(batch, grid.num_tokens, heads, head_dim) for x in (query, key, value))
 
     method = _method_for(grid, window3, stride3, dilation3)
-    if method is not None:
-        plan = method.plan(SequenceLayout(grid), device=q.device)
-        permutation = plan.permutation
-        q, k, v = (permutation.permute(x, dim=1) for x in (q, k, v))
-        out = block_sparse_attention(q, k, v, plan.sparsity, scale=scale, layout="bshd")
-        out = permutation.unpermute(out, dim=1)
-    else:
-        config = (spatial, kernel_size, stride, dilation)
-        if config not in _logged:
-            _logged.add(config)
-            logger.info(
-                "fastdit: na%dd with kernel_size=%s, stride=%s, dilation=%s on %s is not block-sparse "
-                "for any tile; running on the exact masked path",
-                ndim, kernel_size, stride, dilation, spatial,
-            )
-        masks = [
-            allowed_1d(x, w, s, d, q.device)
-            for x, w, s, d in zip(grid.shape, window3, stride3, dilation3)
-        ]
-        out = _masked_attention(q, k, v, masks, grid, float(scale))
+    plan = method.plan(SequenceLayout(grid), device=q.device)
+    permutation = plan.permutation
+    q, k, v = (permutation.permute(x, dim=1) for x in (q, k, v))
+    out = block_sparse_attention(
+        q, k, v, plan.sparsity, scale=scale, layout="bshd", window_mask=plan.window_mask
+    )
+    out = permutation.unpermute(out, dim=1)
     return out.reshape(query.shape)

@@ -174,7 +174,7 @@ def test_default_tile_and_plan_cache():
 
 
 @pytest.mark.parametrize("position", ["before", "after"])
-def test_plan_runs_exactly_through_the_kernel(rng, position):
+def test_perfect_plan_runs_exactly_without_element_masks(rng, position):
     # Perfect video config (frame-local 8x8 windows) with dense text, 64-aligned text segment.
     grid = LatentGrid(2, 8, 8)
     layout = SequenceLayout(grid, TextSegment(64, position))
@@ -182,6 +182,7 @@ def test_plan_runs_exactly_through_the_kernel(rng, position):
     plan = method.plan(layout)
     q, k, v = (torch.randn(1, layout.num_tokens, 2, 32, generator=rng) for _ in range(3))
     perm = plan.permutation
+    assert plan.window_mask is None
     out = block_sparse_attention(
         *(perm.permute_sequence(x, layout) for x in (q, k, v)), plan.sparsity, layout="bshd"
     )
@@ -189,6 +190,39 @@ def test_plan_runs_exactly_through_the_kernel(rng, position):
     mask = torch.ones(layout.num_tokens, layout.num_tokens, dtype=torch.bool)
     mask[layout.video_slice, layout.video_slice] = method.token_mask(grid)
     torch.testing.assert_close(out.double(), masked_reference(q, k, v, mask), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("position", [None, "before", "after"])
+def test_sliding_plan_is_exact_with_window_mask(rng, position):
+    # Sliding windows with dilation on a grid no tile of volume 64 divides: partial blocks.
+    grid = LatentGrid(3, 6, 10)
+    layout = SequenceLayout(grid, TextSegment(16, position) if position else None)
+    method = GNA((2, 3, 4), stride=(1, 2, 1), dilation=(1, 2, 2), block_size=64)
+    plan = method.plan(layout)
+    assert plan.window_mask is not None and not method.check(grid).perfectly_block_sparse
+    full = plan.sparsity.to_block_map().bool()
+    assert not (full & plan.window_mask.partial.to_block_map().bool()).any()  # disjoint lists
+    q, k, v = (torch.randn(2, layout.num_tokens, 2, 32, generator=rng) for _ in range(3))
+    perm = plan.permutation
+    out = block_sparse_attention(
+        *(perm.permute_sequence(x, layout) for x in (q, k, v)), plan.sparsity, layout="bshd",
+        window_mask=plan.window_mask, backend="triton",
+    )
+    out = perm.unpermute_sequence(out, layout)
+    mask = torch.ones(layout.num_tokens, layout.num_tokens, dtype=torch.bool)
+    mask[layout.video_slice, layout.video_slice] = method.token_mask(grid)
+    torch.testing.assert_close(out.double(), masked_reference(q, k, v, mask), atol=1e-4, rtol=1e-4)
+    # Full blocks are exactly the blocks whose every (video, video) pair is allowed.
+    if position is None:
+        permuted = mask[perm.gather_index()][:, perm.gather_index()]
+        blocks = math.ceil(grid.num_tokens / 64)
+        padded = torch.zeros(blocks * 64, blocks * 64, dtype=torch.bool)
+        padded[: grid.num_tokens, : grid.num_tokens] = permuted
+        exists = torch.ones_like(padded)
+        exists[grid.num_tokens :] = False
+        exists[:, grid.num_tokens :] = False
+        all_allowed = (padded | ~exists).reshape(blocks, 64, blocks, 64).all(dim=3).all(dim=1)
+        assert torch.equal(full[0, 0], all_allowed)
 
 
 # --------------------------------------------------------------------------- NATTEN API
@@ -230,9 +264,8 @@ def test_natten_matches_definition(rng, spatial, kernel_size, stride, dilation, 
     pad = (1,) * (3 - ndim)
     grid = LatentGrid(*(pad + spatial))
     params = [pad + ((p,) * ndim if isinstance(p, int) else p) for p in (kernel_size, stride, dilation)]
-    assert (natten._method_for(grid, *params) is not None) == block_sparse
-    if not block_sparse:
-        assert any(cfg[0] == spatial for cfg in natten._logged)
+    plan = natten._method_for(grid, *params).plan(SequenceLayout(grid))
+    assert (plan.window_mask is None) == block_sparse
 
 
 # --------------------------------------------------------------------------- validation

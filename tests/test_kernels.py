@@ -241,3 +241,64 @@ def test_block_mean_pool(rng, layout, block_size):
     assert pooled.dtype == torch.float32 and pooled.shape == expected.shape
     assert (pooled - expected).abs().max() <= 1e-5
     assert torch.allclose(block_mean_pool_reference(x, block_size, layout=layout), expected, atol=1e-5)
+
+
+def brute_force_window(query_start, key_coords, window, dilation):
+    """The WindowMask rule by explicit loops over token pairs (independent of fastdit's code)."""
+    seq_q, seq_kv = query_start.shape[0], key_coords.shape[0]
+    out = torch.zeros(seq_q, seq_kv, dtype=torch.bool)
+    for i in range(seq_q):
+        for j in range(seq_kv):
+            if query_start[i, 0] < 0 or key_coords[j, 0] < 0:
+                out[i, j] = True
+                continue
+            ok = True
+            for d in range(3):
+                delta = int(key_coords[j, d] - query_start[i, d])
+                ok &= 0 <= delta < window[d] * dilation[d] and delta % dilation[d] == 0
+            out[i, j] = ok
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_window_mask_partial_blocks_match_brute_force(rng, dtype, layout):
+    from fastdit.kernels import WindowMask
+
+    seq_q, seq_kv, heads, block = 200, 150, 2, 64
+    q, k, v = random_qkv(rng, 2, seq_q, seq_kv, heads, 64, dtype, layout)
+    full = random_block_map(rng, 1, heads, 4, 3, 0.3)
+    partial = random_block_map(rng, 1, heads, 4, 3, 0.6) & ~full
+    window = tuple(int(x) for x in torch.randint(1, 4, (3,), generator=rng))
+    dilation = tuple(int(x) for x in torch.randint(1, 3, (3,), generator=rng))
+    query_start = torch.randint(-1, 5, (seq_q, 3), generator=rng, dtype=torch.int32)
+    key_coords = torch.randint(-1, 8, (seq_kv, 3), generator=rng, dtype=torch.int32)
+    key_coords[:, 0] = torch.where(torch.rand(seq_kv, generator=rng) < 0.05, -1, key_coords[:, 0].clamp_min(0))
+    query_start[:, 0] = torch.where(torch.rand(seq_q, generator=rng) < 0.05, -1, query_start[:, 0].clamp_min(0))
+    mask = WindowMask(BlockSparsity.from_block_map(partial, block), query_start, key_coords, window, dilation)
+    key_lengths = torch.tensor([150, 111], dtype=torch.int32)
+    out, lse = block_sparse_attention(
+        q, k, v, BlockSparsity.from_block_map(full, block), layout=layout, return_lse=True,
+        key_padding=key_lengths, window_mask=mask, backend="triton",
+    )
+    # Brute force: per-token mask = full blocks | (partial blocks & rule), fp64 softmax.
+    ones = torch.ones(block, block, dtype=torch.int32)
+    expand = lambda m: torch.stack([torch.kron(m[0, h].int(), ones).bool()[:seq_q, :seq_kv] for h in range(heads)])
+    rule = brute_force_window(query_start, key_coords, window, dilation)
+    token_mask = expand(full) | (expand(partial) & rule)
+    token_mask = token_mask[None] & (torch.arange(seq_kv)[None, :] < key_lengths[:, None])[:, None, None]
+    qd, kd, vd = ((x.transpose(1, 2) if layout == "bshd" else x).double() for x in (q, k, v))
+    scores = ((qd @ kd.transpose(-1, -2)) * 64**-0.5).masked_fill(~token_mask, float("-inf"))
+    ref_lse = torch.logsumexp(scores, -1)
+    ref = torch.softmax(scores, -1).nan_to_num(0.0) @ vd
+    ref = ref.transpose(1, 2) if layout == "bshd" else ref
+    assert_close(out, ref, dtype)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max() <= 2e-2
+    # The reference path takes the same mask.
+    ref_out = block_sparse_attention(
+        q, k, v, BlockSparsity.from_block_map(full, block), layout=layout, key_padding=key_lengths,
+        window_mask=mask, backend="reference",
+    )
+    assert_close(ref_out, ref, dtype)

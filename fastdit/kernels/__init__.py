@@ -13,11 +13,13 @@ from .dispatch import (
     explain_backends,
 )
 from .plan import SUPPORTED_BLOCK_SIZES, BlockSparsity
+from .window import WindowMask
 
 __all__ = [
     "BACKENDS",
     "SUPPORTED_BLOCK_SIZES",
     "BlockSparsity",
+    "WindowMask",
     "block_mass",
     "block_mean_pool",
     "block_sparse_attention",

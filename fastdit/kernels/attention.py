@@ -16,7 +16,9 @@ papers: ``m_i`` running max in log2 units, ``l_i`` running sum, ``acc`` unnormal
 ``scale * log2(e)`` is folded once into ``qk_scale`` and exponentials use ``exp2``. Because a
 plan's key-block indices are sorted, the blocks that can need a bounds mask (the ragged last block,
 blocks past a key-padding length) are a suffix of each row: the main loop runs unmasked and only
-that suffix pays for masking.
+that suffix pays for masking. A :class:`~fastdit.kernels.window.WindowMask` adds a last loop over
+its partial blocks, where the factorised window rule masks scores per (query, key) pair; without
+one that loop is not compiled.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .plan import BlockSparsity
+from .window import WindowMask
 
 try:  # host-side tensor descriptors (TMA), Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -48,13 +51,14 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
 
 @triton.jit
 def _online_softmax_step(
-    acc, l_i, m_i, q, k, v, cols_ok, qk_scale,
+    acc, l_i, m_i, q, k, v, visible, qk_scale,
     MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
 ):
-    """Fold one ``[BLOCK_N, D]`` tile of keys and values into the running softmax state."""
+    """Fold one ``[BLOCK_N, D]`` tile of keys and values into the running softmax state;
+    ``visible`` (``[1, BLOCK_N]`` or ``[BLOCK_M, BLOCK_N]``) masks scores when ``MASK_KV``."""
     qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
     if MASK_KV:
-        qk = tl.where(cols_ok[None, :], qk, float("-inf"))
+        qk = tl.where(visible, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         # A row that has seen no valid key keeps m = -inf; subtract 0 instead (no NaN).
         m_shift = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -70,16 +74,42 @@ def _online_softmax_step(
 
 
 @triton.jit
+def _window_dim_ok(start, coord, span, dilation):
+    """``[BLOCK_M, BLOCK_N]``: key coordinate inside the query's window in one dimension."""
+    delta = coord[None, :] - start[:, None]
+    return (delta >= 0) & (delta < span) & (delta % dilation == 0)
+
+
+@triton.jit
+def _window_visible(
+    q_start_t, q_start_h, q_start_w, k_coords_ptr, cols, cols_ok,
+    span_t, span_h, span_w, dil_t, dil_h, dil_w,
+):
+    """The factorised window rule of :class:`fastdit.kernels.window.WindowMask` for one tile."""
+    k_t = tl.load(k_coords_ptr + cols * 3, mask=cols_ok, other=0)
+    k_h = tl.load(k_coords_ptr + cols * 3 + 1, mask=cols_ok, other=0)
+    k_w = tl.load(k_coords_ptr + cols * 3 + 2, mask=cols_ok, other=0)
+    inside = _window_dim_ok(q_start_t, k_t, span_t, dil_t)
+    inside = inside & _window_dim_ok(q_start_h, k_h, span_h, dil_h)
+    inside = inside & _window_dim_ok(q_start_w, k_w, span_w, dil_w)
+    inside = inside | (q_start_t < 0)[:, None] | (k_t < 0)[None, :]
+    return inside & cols_ok[None, :]
+
+
+@triton.jit
 def _attend_kv_block(
     acc, l_i, m_i, q,
     k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
     kv_row_start, kv_len, head_dim,
     qk_scale,
+    q_start_t, q_start_h, q_start_w, k_coords_ptr,
+    span_t, span_h, span_w, dil_t, dil_h, dil_w,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_KV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads."""
+    """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads;
+    ``WINDOW`` applies the window mask (a partial block; implies ``MASK_KV``)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
@@ -87,7 +117,8 @@ def _attend_kv_block(
         row_shift = (kv_row_start + sub).to(tl.int64)
         k_ptrs = k_base + row_shift * stride_ks + k_tile_offsets
         v_ptrs = v_base + row_shift * stride_vs + v_tile_offsets
-        cols_ok = (kv_row_start + sub + offs_n) < kv_len
+        cols = kv_row_start + sub + offs_n
+        cols_ok = cols < kv_len
         if MASK_KV:
             load_mask = cols_ok[:, None]
             if not EVEN_D:
@@ -101,8 +132,15 @@ def _attend_kv_block(
             d_ok = offs_d[None, :] < head_dim
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        if WINDOW:
+            visible = _window_visible(
+                q_start_t, q_start_h, q_start_w, k_coords_ptr, cols, cols_ok,
+                span_t, span_h, span_w, dil_t, dil_h, dil_w,
+            )
+        else:
+            visible = cols_ok[None, :]
         acc, l_i, m_i = _online_softmax_step(
-            acc, l_i, m_i, q, k, v, cols_ok, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
+            acc, l_i, m_i, q, k, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
         )
     return acc, l_i, m_i
 
@@ -111,6 +149,9 @@ def _attend_kv_block(
 def _block_sparse_attn_fwd(
     Q, K, V, Out, Lse, k_desc, v_desc,
     kv_counts_ptr, kv_indices_ptr, key_lengths_ptr,
+    partial_counts_ptr, partial_indices_ptr, q_start_ptr, k_coords_ptr,
+    stride_pcb, stride_pch, stride_pib, stride_pih, stride_piq,
+    span_t, span_h, span_w, dil_t, dil_h, dil_w,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -122,7 +163,7 @@ def _block_sparse_attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
-    USE_TMA: tl.constexpr, LAYOUT_BSHD: tl.constexpr,
+    USE_TMA: tl.constexpr, LAYOUT_BSHD: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -180,7 +221,7 @@ def _block_sparse_attn_fwd(
             tma_row, tma_col = batch * seq_kv, head * BLOCK_D
         else:
             tma_row, tma_col = pid_bh * seq_kv, 0
-        cols_all = tl.full([BLOCK_N], True, tl.int1)
+        cols_all = tl.full([1, BLOCK_N], True, tl.int1)
         for i in range(0, num_unmasked):
             kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
             for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
@@ -196,15 +237,38 @@ def _block_sparse_attn_fwd(
             acc, l_i, m_i = _attend_kv_block(
                 acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets,
                 v_tile_offsets, kv_row_start, kv_len, head_dim, qk_scale,
-                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
+                0, 0, 0, k_coords_ptr, 0, 0, 0, 1, 1, 1,
+                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, False,
             )
     for i in range(num_unmasked, count):
         kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
         acc, l_i, m_i = _attend_kv_block(
             acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
             kv_row_start, kv_len, head_dim, qk_scale,
-            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
+            0, 0, 0, k_coords_ptr, 0, 0, 0, 1, 1, 1,
+            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, False,
         )
+    if HAS_WINDOW:
+        # Partial blocks: the window rule decides per (query, key) pair.
+        q_rows = q_row_start + offs_m
+        q_start_t = tl.load(q_start_ptr + q_rows * 3, mask=rows_ok, other=0)
+        q_start_h = tl.load(q_start_ptr + q_rows * 3 + 1, mask=rows_ok, other=0)
+        q_start_w = tl.load(q_start_ptr + q_rows * 3 + 2, mask=rows_ok, other=0)
+        partial_row = batch * stride_pcb + head * stride_pch + q_block
+        partial_count = tl.load(partial_counts_ptr + partial_row)
+        partial_ptr = (
+            partial_indices_ptr + batch.to(tl.int64) * stride_pib + head.to(tl.int64) * stride_pih
+            + q_block.to(tl.int64) * stride_piq
+        )
+        for i in range(0, partial_count):
+            kv_row_start = tl.load(partial_ptr + i) * KV_BLOCK
+            acc, l_i, m_i = _attend_kv_block(
+                acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets,
+                v_tile_offsets, kv_row_start, kv_len, head_dim, qk_scale,
+                q_start_t, q_start_h, q_start_w, k_coords_ptr,
+                span_t, span_h, span_w, dil_t, dil_h, dil_w,
+                KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, True,
+            )
 
     # Rows that visited no valid key: output 0 and LSE -inf, never 0/0.
     no_keys = l_i == 0.0
@@ -335,6 +399,7 @@ def triton_block_sparse_attention(
     return_lse: bool,
     key_lengths: torch.Tensor | None,
     interpret: bool,
+    window: WindowMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel on validated inputs (see ``fastdit.kernels.block_sparse_attention``)."""
     if layout == "bshd":
@@ -353,6 +418,15 @@ def triton_block_sparse_attention(
     counts, indices = plan.kv_counts, plan.kv_indices
     plan_strides = _plan_strides(plan)
     tma_views = _tma_views(k, v, layout, interpret)
+    if window is None:
+        window_args = (counts, indices, counts, counts, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1)
+    else:
+        spans = tuple(w * d for w, d in zip(window.window, window.dilation))
+        window_args = (
+            window.partial.kv_counts, window.partial.kv_indices,
+            window.query_start, window.key_coords, *_plan_strides(window.partial),
+            *spans, *window.dilation,
+        )
 
     def launch(block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
         if tma_views is not None:
@@ -364,6 +438,7 @@ def triton_block_sparse_attention(
         _block_sparse_attn_fwd[grid](
             q, k, v, out, lse, k_desc, v_desc,
             counts, indices, key_lengths if key_lengths is not None else counts,
+            *window_args,
             *_strides(q, layout), *_strides(k, layout), *_strides(v, layout),
             *_strides(out, layout), *plan_strides,
             heads, seq_q, seq_kv, head_dim, scale * LOG2E,
@@ -377,6 +452,7 @@ def triton_block_sparse_attention(
             UPCAST_OPERANDS=interpret and q.dtype == torch.bfloat16,
             USE_TMA=tma_views is not None,
             LAYOUT_BSHD=layout == "bshd",
+            HAS_WINDOW=window is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
 
@@ -386,6 +462,6 @@ def triton_block_sparse_attention(
         launch(*config)
         return out, (lse if return_lse else None)
     key = (block_d, plan.q_block_size, plan.kv_block_size, q.dtype, tma_views is not None,
-           q.device.index)
+           window is not None, q.device.index)
     _launch_with_fallback(key, config, launch)
     return out, (lse if return_lse else None)

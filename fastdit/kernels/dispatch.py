@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .plan import BlockSparsity
+from .window import WindowMask
 
 logger = logging.getLogger("fastdit")
 
@@ -181,6 +182,7 @@ def block_sparse_attention(
     layout: str = "bshd",
     return_lse: bool = False,
     key_padding: torch.Tensor | None = None,
+    window_mask: WindowMask | None = None,
     backend: str | None = None,
 ):
     """Attention restricted to the key blocks ``plan`` lists for each query block.
@@ -194,6 +196,8 @@ def block_sparse_attention(
         scale: softmax scale, ``1/sqrt(D)`` by default.
         return_lse: also return the natural-log log-sum-exp, fp32 ``[B, H, S_q]``.
         key_padding: int tensor ``[B]`` of valid key lengths (keys at or past it are ignored).
+        window_mask: a :class:`~fastdit.kernels.window.WindowMask`: further (partial) blocks,
+            computed with its token-level window rule (exact GNA/NATTEN windows).
         backend: ``"triton"`` or ``"reference"`` to force one; by default the first that can run.
 
     Returns:
@@ -207,6 +211,11 @@ def block_sparse_attention(
     _check_plan(plan, batch, heads, seq_q, seq_kv, q.device)
     scale = _check_scale(scale, head_dim)
     key_lengths = _check_key_padding(key_padding, batch, q.device)
+    if window_mask is not None:
+        if not isinstance(window_mask, WindowMask):
+            raise TypeError(f"window_mask must be a fastdit.kernels.WindowMask, got {type(window_mask).__name__}")
+        _check_plan(window_mask.partial, batch, heads, seq_q, seq_kv, q.device)
+        window_mask.check(plan, seq_q, seq_kv)
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
 
     chosen = choose_backend(q.device, q.dtype, head_dim, backend)
@@ -215,13 +224,14 @@ def block_sparse_attention(
 
         out, lse = triton_block_sparse_attention(
             q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse,
-            key_lengths=key_lengths, interpret=q.device.type == "cpu",
+            key_lengths=key_lengths, interpret=q.device.type == "cpu", window=window_mask,
         )
     else:
         from .reference import attention_reference
 
         out, lse = attention_reference(
-            q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse, key_lengths=key_lengths
+            q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse,
+            key_lengths=key_lengths, window=window_mask,
         )
     return (out, lse) if return_lse else out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .plan import BlockSparsity
+from .window import WindowMask
 
 MAX_CHUNK_ELEMENTS = 1 << 26
 
@@ -58,8 +59,11 @@ def attention_reference(
     layout: str = "bshd",
     return_lse: bool = False,
     key_lengths: torch.Tensor | None = None,
+    window: WindowMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Masked softmax attention in fp32; output in the input's dtype and layout, LSE fp32."""
+    """Masked softmax attention in fp32; output in the input's dtype and layout, LSE fp32.
+
+    With ``window``, its partial blocks are visited too, under its token-level rule."""
     qf, kf, vf = (_to_bhsd_fp32(x, layout) for x in (q, k, v))
     batch, heads, seq_q, _ = qf.shape
     seq_kv = kf.shape[2]
@@ -69,6 +73,11 @@ def attention_reference(
     for q_blocks in _query_chunks(plan, batch, heads, seq_kv):
         rows = slice(q_blocks.start * plan.q_block_size, min(seq_q, q_blocks.stop * plan.q_block_size))
         mask = _token_mask(plan, q_blocks, seq_q, seq_kv, key_lengths, q.device)
+        if window is not None:
+            partial = _token_mask(window.partial, q_blocks, seq_q, seq_kv, key_lengths, q.device)
+            rule = window.allowed(torch.arange(rows.start, rows.stop, device=q.device),
+                                  torch.arange(seq_kv, device=q.device))
+            mask = mask | (partial & rule)
         scores = torch.einsum("bhid,bhjd->bhij", qf[:, :, rows], kf) * scale
         scores = scores.masked_fill(~mask, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)

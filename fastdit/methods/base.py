@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import BlockSparsity
+from ..kernels import BlockSparsity, WindowMask
 from ..layout import SequenceLayout, TilePermutation
 
 
@@ -39,15 +39,20 @@ class MethodPlan:
         permutation: ``None`` when the plan is over diffusers' frame-major token order; otherwise
             the tile-major permutation of the video tokens (text kept in place) that Q, K and V
             must go through before the kernel, and the output after it, inverted.
+        window_mask: further blocks the kernel computes under a token-level window rule (GNA
+            configurations that are not perfectly block-sparse), or ``None``.
     """
 
     sparsity: BlockSparsity
     layout: SequenceLayout
     permutation: TilePermutation | None = None
+    window_mask: WindowMask | None = None
 
     @property
     def density(self) -> float:
-        return self.sparsity.density
+        """Share of (query block, key block) pairs computed, full and partial."""
+        partial = self.window_mask.density if self.window_mask is not None else 0.0
+        return self.sparsity.density + partial
 
     @property
     def sequence_length(self) -> int:

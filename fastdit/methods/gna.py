@@ -15,15 +15,18 @@ works on the per-dimension ``[X, X]`` matrices (:func:`allowed_1d`). ``s = 1`` i
 attention, ``s = w`` blocked (Swin-like) attention, ``s = tile, w = odd * tile`` Sliding Tile
 Attention. Validation (NATTEN's): ``w * d <= X`` and ``1 <= s <= w``.
 
-Block-level reduction. The kernels execute block plans with no element masking. The video tokens
-are reordered tile-major (:class:`~fastdit.layout.TilePermutation`) with a tile whose volume
-divides ``block_size`` (by default it equals it, so query tile == key tile == kernel block); a
-(query block, key block) pair is kept iff some (query, key) token pair inside it is allowed. Tiles
-are products of per-dimension intervals, so this is a tile-level 1-D reduction per dimension and
-an outer AND: no ``N x N`` mask is built. When every kept block is fully allowed ("perfectly
+Block-level reduction. The video tokens are reordered tile-major
+(:class:`~fastdit.layout.TilePermutation`) with a tile whose volume divides ``block_size`` (by
+default it equals it, so query tile == key tile == kernel block). Tiles are products of
+per-dimension intervals, so the number of allowed (query, key) pairs of every (query block, key
+block) is a product of per-dimension tile-level counts, reduced to blocks without building an
+``N x N`` mask. A block with every pair allowed is *full* and runs unmasked; a block with some
+pairs allowed is *partial* and runs with a :class:`~fastdit.kernels.WindowMask` (per-token window
+starts and coordinates), which applies the rule above per pair inside the kernel. The plan
+therefore always computes exactly GNA. When there are no partial blocks ("perfectly
 block-sparse": stride a multiple of the query tile and window starts aligned with key tiles) the
-plan computes exactly GNA; otherwise it is a superset of the token mask, and :meth:`GNA.check`
-reports by how much (``extra_pairs_fraction``) and why.
+kernel does no element masking at all; :meth:`GNA.check` says whether that holds, how much work
+the partial blocks waste (``extra_pairs_fraction``) and why.
 
 Padding rule. A tile that does not divide the grid leaves padding positions inside the permuted
 sequence; they are zero vectors whose logit 0 would receive softmax weight, and the kernel's
@@ -42,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity
+from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, WindowMask
 from ..layout import LatentGrid, SequenceLayout, TilePermutation, _device_key, _positive_int
 from .base import MethodPlan
 
@@ -169,6 +172,42 @@ def _video_block_map(
     return (covers.T @ z.reshape(num_tiles, num_blocks)) > 0
 
 
+def _video_block_pairs(
+    tile_counts: list[torch.Tensor],
+    tile: tuple[int, int, int],
+    video_offset: int,
+    num_blocks: int,
+    block_size: int,
+) -> torch.Tensor | None:
+    """Float64 ``[num_blocks, num_blocks]``: allowed (video, video) token pairs per block pair.
+
+    ``tile_counts[d]`` is dimension ``d``'s ``[n_d, n_d]`` allowed pairs per tile pair; a tile
+    pair's 3-D count is their product. Exact when no tile straddles two blocks (the video starts
+    on a tile boundary); ``None`` otherwise.
+    """
+    volume = tile[0] * tile[1] * tile[2]
+    if video_offset % volume:
+        return None
+    device = tile_counts[0].device
+    t, h, w = (c.to(torch.float64) for c in tile_counts)
+    nt, nh, nw = t.shape[0], h.shape[0], w.shape[0]
+    num_tiles = nt * nh * nw
+    out = torch.zeros(num_blocks, num_blocks, dtype=torch.float64, device=device)
+    if volume == block_size and video_offset % block_size == 0:
+        first = video_offset // block_size
+        pairs = (t[:, None, None, :, None, None] * h[None, :, None, None, :, None]) * w[None, None, :, None, None, :]
+        out[first : first + num_tiles, first : first + num_tiles] = pairs.reshape(num_tiles, num_tiles)
+        return out
+    tiles = torch.arange(num_tiles, device=device)
+    covers = torch.zeros(num_tiles, num_blocks, dtype=torch.float64, device=device)
+    covers[tiles, (tiles * volume + video_offset) // block_size] = 1.0
+    z = covers.reshape(nt, nh, nw, num_blocks)
+    z = torch.einsum("xa,abcq->xbcq", t, z)
+    z = torch.einsum("yb,xbcq->xycq", h, z)
+    z = torch.einsum("zc,xycq->xyzq", w, z)
+    return covers.T @ z.reshape(num_tiles, num_blocks)
+
+
 def _outer_and(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The 3-D mask ``[nt*nh*nw, nt*nh*nw]`` (frame-major on both sides) of three 1-D masks."""
     n = t.shape[0] * h.shape[0] * w.shape[0]
@@ -188,11 +227,12 @@ class GNACheck:
 
     Attributes:
         tile, block_size: the tile and kernel block the check is for.
-        perfectly_block_sparse: every kept block is fully allowed, so the plan computes exactly GNA.
+        perfectly_block_sparse: every kept block is fully allowed, so the kernel runs no element
+            mask (otherwise partial blocks run with a window mask: still exact, slower per block).
         token_density: allowed (query, key) pairs over ``N^2``.
-        block_density: kept blocks over all blocks.
-        extra_pairs_fraction: pairs the plan computes that the token mask does not allow, over all
-            computed pairs (0 when perfect).
+        block_density: kept blocks (full and partial) over all blocks.
+        extra_pairs_fraction: pairs inside kept blocks that the window rule masks out, over all
+            pairs of kept blocks: the work partial blocks waste (0 when perfect).
         reason: why the configuration is not perfectly block-sparse ("" when it is).
     """
 
@@ -329,15 +369,51 @@ class GNA:
         return _check(grid, self.window, self.stride, self.dilation, tile, self.block_size)
 
     def plan(self, layout: SequenceLayout, device=None) -> MethodPlan:
-        """The block plan over ``permutation.permute_sequence`` order; cached per layout and device."""
+        """The exact plan over ``permutation.permute_sequence`` order: full blocks unmasked, partial
+        blocks under a window mask; cached per layout and device."""
         key = (layout, _device_key(device))
         cached = self._cache.get(key)
         if cached is None:
-            tile = self.resolve_tile(layout.grid)
-            sparsity = BlockSparsity.from_block_map(self.block_map(layout, device=key[1]), self.block_size)
-            cached = MethodPlan(sparsity, layout, TilePermutation(layout.grid, tile))
+            cached = self._build_plan(layout, key[1])
             self._cache[key] = cached
         return cached
+
+    def _build_plan(self, layout: SequenceLayout, device) -> MethodPlan:
+        grid, block = layout.grid, self.block_size
+        tile = self.resolve_tile(grid)
+        permutation = TilePermutation(grid, tile)
+        kept = self.block_map(layout, device=device)[0, 0]
+        _, counts = self._tile_maps(grid, tile, device)
+        num_blocks = kept.shape[0]
+        pairs = _video_block_pairs(counts, tile, layout.video_offset, num_blocks, block)
+        if pairs is None:  # tiles straddle blocks: treat every kept block as partial (still exact)
+            full = torch.zeros_like(kept)
+        else:
+            video = _block_sizes(grid.num_tokens, layout.video_offset, num_blocks, block, kept.device)
+            # Blocks without video on one side (text only) are fully allowed: 0 == 0.
+            full = kept & (pairs == video[:, None] * video[None, :])
+        partial = kept & ~full
+        sparsity = BlockSparsity.from_block_map(full[None, None], block)
+        window_mask = None
+        if bool(partial.any()):
+            window_mask = WindowMask(
+                BlockSparsity.from_block_map(partial[None, None], block),
+                self._query_starts(layout, permutation, kept.device),
+                permutation.permute_sequence(layout.token_coords(kept.device), layout, dim=0).to(torch.int32),
+                self.window,
+                self.dilation,
+            )
+        return MethodPlan(sparsity, layout, permutation, window_mask)
+
+    def _query_starts(self, layout: SequenceLayout, permutation: TilePermutation, device) -> torch.Tensor:
+        """int32 ``[S, 3]`` first allowed key coordinate per dimension, in the plan's order (text -1)."""
+        coords = layout.token_coords(device)
+        video = coords[:, 0] >= 0
+        starts = torch.full_like(coords, -1)
+        for dim, (extent, w, s, d) in enumerate(zip(layout.grid.shape, self.window, self.stride, self.dilation)):
+            first = neighborhood_1d(extent, w, s, d, device)
+            starts[video, dim] = first[coords[video, dim]]
+        return permutation.permute_sequence(starts, layout, dim=0).to(torch.int32)
 
 
 def _check(grid, window, stride, dilation, tile, block_size) -> GNACheck:

@@ -78,7 +78,9 @@ class FastditAttnProcessor:
         plan = state.active_plan
         attend = getattr(self.method, "attend", None)
         if attend is None:
-            out = block_sparse_attention(query, key, value, plan.sparsity, key_padding=key_padding)
+            out = block_sparse_attention(
+                query, key, value, plan.sparsity, key_padding=key_padding, window_mask=plan.window_mask
+            )
             self._record(layer, plan)
             return out
         call = AttentionCall(
