@@ -41,7 +41,7 @@ def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SECTIONS = ("offsets", "cudnn", "helpers", "reference")
+SECTIONS = ("offsets", "cudnn", "helpers", "reference", "window")
 
 
 def check_against_reference(generator: torch.Generator, dtypes, head_dims) -> None:
@@ -88,6 +88,30 @@ def check_helpers(generator: torch.Generator) -> None:
     pooled = block_mean_pool(q, 100)
     expected = torch.stack([c.float().mean(1) for c in q.split(100, dim=1)], dim=2)  # [B, H, nb, D]
     record("block_mean_pool bf16", max_abs_error(pooled, expected), 1e-4)
+
+
+def check_window_masks(generator: torch.Generator) -> None:
+    """Exact GNA/NATTEN on the kernel with partial blocks (sliding, dilated, odd extents)."""
+    from fastdit import GNA, LatentGrid, SequenceLayout, TextSegment
+
+    configs = [
+        (LatentGrid(8, 16, 24), None, (3, 7, 7), (1, 1, 1), (1, 1, 2)),
+        (LatentGrid(5, 15, 26), TextSegment(77, "after"), (3, 5, 9), (1, 2, 3), (1, 2, 1)),
+    ]
+    for grid, text, window, stride, dilation in configs:
+        for dtype in (torch.bfloat16, torch.float16):
+            layout = SequenceLayout(grid, text)
+            plan = GNA(window, stride, dilation, block_size=128).plan(layout, device="cuda")
+            shape = (2, plan.sequence_length, 4, 128)
+            q, k, v = (torch.randn(shape, device="cuda", generator=generator).to(dtype) for _ in range(3))
+            padding = torch.tensor([shape[1], shape[1] - 20], device="cuda") if text else None
+            out = block_sparse_attention(q, k, v, plan.sparsity, key_padding=padding, window_mask=plan.window_mask)
+            ref, _ = attention_reference(
+                q, k, v, plan.sparsity, scale=128**-0.5, key_lengths=padding.int() if text else None,
+                window=plan.window_mask,
+            )
+            name = f"window mask {str(dtype)[6:]} grid={grid.shape} text={text is not None} w={window} s={stride} d={dilation}"
+            record(name, max_abs_error(out, ref), TOLERANCE[dtype], partial_density=plan.window_mask.density)
 
 
 def check_dense_vs_cudnn(generator: torch.Generator) -> None:
@@ -147,6 +171,8 @@ def main() -> int:
         check_dense_vs_cudnn(generator)
     if "helpers" in sections:
         check_helpers(generator)
+    if "window" in sections:
+        check_window_masks(generator)
     if "reference" in sections:
         dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
         check_against_reference(generator, dtypes, [int(d) for d in args.head_dims.split(",")])
