@@ -137,6 +137,41 @@ def _divisors_dividing(extent: int, block_size: int) -> list[int]:
 # --------------------------------------------------------------------------- #
 
 
+def _reduce_to_blocks(
+    per_dim: list[torch.Tensor],
+    tile: tuple[int, int, int],
+    video_offset: int,
+    num_blocks: int,
+    block_size: int,
+) -> torch.Tensor:
+    """Float64 ``[num_blocks, num_blocks]``: ``sum over tile pairs touching the two blocks of
+    prod_d per_dim[d][tile_d(q), tile_d(k)]``, with the tiles in tile-major order from sequence
+    position ``video_offset``.
+
+    With ``covers[tile, block]`` = "block holds a position of tile", this is
+    ``covers^T (P_t (x) P_h (x) P_w) covers``, applied one dimension at a time (no ``N x N``).
+    """
+    device = per_dim[0].device
+    t, h, w = (m.to(torch.float64) for m in per_dim)
+    nt, nh, nw = t.shape[0], h.shape[0], w.shape[0]
+    num_tiles, volume = nt * nh * nw, tile[0] * tile[1] * tile[2]
+    if volume == block_size and video_offset % block_size == 0:
+        # One tile per block: a Kronecker product of the per-dimension matrices.
+        out = torch.zeros(num_blocks, num_blocks, dtype=torch.float64, device=device)
+        first = video_offset // block_size
+        kron = (t[:, None, None, :, None, None] * h[None, :, None, None, :, None]) * w[None, None, :, None, None, :]
+        out[first : first + num_tiles, first : first + num_tiles] = kron.reshape(num_tiles, num_tiles)
+        return out
+    positions = torch.arange(num_tiles * volume, device=device)
+    covers = torch.zeros(num_tiles, num_blocks, dtype=torch.float64, device=device)
+    covers[positions // volume, (positions + video_offset) // block_size] = 1.0
+    z = covers.reshape(nt, nh, nw, num_blocks)
+    z = torch.einsum("xa,abcq->xbcq", t, z)
+    z = torch.einsum("yb,xbcq->xycq", h, z)
+    z = torch.einsum("zc,xycq->xyzq", w, z)
+    return covers.T @ z.reshape(num_tiles, num_blocks)
+
+
 def _video_block_map(
     tile_maps: list[torch.Tensor],
     tile: tuple[int, int, int],
@@ -149,27 +184,7 @@ def _video_block_map(
     ``tile_maps[d]`` is dimension ``d``'s ``[n_d, n_d]`` tile-level map; video position ``p`` of the
     tile-major sequence (no padding) sits at sequence position ``video_offset + p``.
     """
-    device = tile_maps[0].device
-    nt, nh, nw = (m.shape[0] for m in tile_maps)
-    num_tiles, volume = nt * nh * nw, tile[0] * tile[1] * tile[2]
-    out = torch.zeros(num_blocks, num_blocks, dtype=torch.bool, device=device)
-    if volume == block_size and video_offset % block_size == 0:
-        # One tile per block: the block map is the Kronecker product of the tile-level maps.
-        first = video_offset // block_size
-        out[first : first + num_tiles, first : first + num_tiles] = _outer_and(*tile_maps)
-        return out
-    # General case (several tiles per block, or blocks straddling tiles after text): with covers
-    # [tile, block] = "block holds a position of tile", map = covers^T (T_t (x) T_h (x) T_w) covers,
-    # applied one dimension at a time.
-    positions = torch.arange(num_tiles * volume, device=device)
-    covers = torch.zeros(num_tiles, num_blocks, dtype=torch.float32, device=device)
-    covers[positions // volume, (positions + video_offset) // block_size] = 1.0
-    t, h, w = (m.to(torch.float32) for m in tile_maps)
-    z = covers.reshape(nt, nh, nw, num_blocks)
-    z = torch.einsum("xa,abcq->xbcq", t, z)
-    z = torch.einsum("yb,xbcq->xycq", h, z)
-    z = torch.einsum("zc,xycq->xyzq", w, z)
-    return (covers.T @ z.reshape(num_tiles, num_blocks)) > 0
+    return _reduce_to_blocks(tile_maps, tile, video_offset, num_blocks, block_size) > 0
 
 
 def _video_block_pairs(
@@ -185,27 +200,9 @@ def _video_block_pairs(
     pair's 3-D count is their product. Exact when no tile straddles two blocks (the video starts
     on a tile boundary); ``None`` otherwise.
     """
-    volume = tile[0] * tile[1] * tile[2]
-    if video_offset % volume:
+    if video_offset % (tile[0] * tile[1] * tile[2]):
         return None
-    device = tile_counts[0].device
-    t, h, w = (c.to(torch.float64) for c in tile_counts)
-    nt, nh, nw = t.shape[0], h.shape[0], w.shape[0]
-    num_tiles = nt * nh * nw
-    out = torch.zeros(num_blocks, num_blocks, dtype=torch.float64, device=device)
-    if volume == block_size and video_offset % block_size == 0:
-        first = video_offset // block_size
-        pairs = (t[:, None, None, :, None, None] * h[None, :, None, None, :, None]) * w[None, None, :, None, None, :]
-        out[first : first + num_tiles, first : first + num_tiles] = pairs.reshape(num_tiles, num_tiles)
-        return out
-    tiles = torch.arange(num_tiles, device=device)
-    covers = torch.zeros(num_tiles, num_blocks, dtype=torch.float64, device=device)
-    covers[tiles, (tiles * volume + video_offset) // block_size] = 1.0
-    z = covers.reshape(nt, nh, nw, num_blocks)
-    z = torch.einsum("xa,abcq->xbcq", t, z)
-    z = torch.einsum("yb,xbcq->xycq", h, z)
-    z = torch.einsum("zc,xycq->xyzq", w, z)
-    return covers.T @ z.reshape(num_tiles, num_blocks)
+    return _reduce_to_blocks(tile_counts, tile, video_offset, num_blocks, block_size)
 
 
 def _outer_and(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
