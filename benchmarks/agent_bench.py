@@ -77,7 +77,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from e2e_bench import MODELS as WAN_MODELS  # noqa: E402  (also puts the repository root on sys.path)
 from e2e_bench import SMOKE_MODELS as WAN_SMOKE_MODELS  # noqa: E402
-from e2e_bench import build_transformer, make_inputs  # noqa: E402
+from e2e_bench import AttentionTimer, build_transformer, make_inputs, synchronize  # noqa: E402
 from kernel_bench import REPO_ROOT, describe_error, git_commit, parse_list  # noqa: E402
 
 import fastdit  # noqa: E402
@@ -214,46 +214,6 @@ def unet_inputs(spec: Spec, unet, device, dtype, seed: int) -> dict:
                                            time_ids=torch.tensor([[1024.0, 1024.0, 0, 0, 1024.0, 1024.0]] * batch,
                                                                  device=device, dtype=dtype))
     return kwargs
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class AttentionTimer:
-    """Time inside the given attention modules per step (CUDA events; wall clock on the CPU)."""
-
-    def __init__(self, modules, device: torch.device) -> None:
-        self.device, self.pending, self.handles, self._open = device, [], [], {}
-        for module in modules:
-            self.handles.append(module.register_forward_pre_hook(self._start))
-            self.handles.append(module.register_forward_hook(self._stop))
-
-    def _mark(self):
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _start(self, module, args):
-        self._open[id(module)] = self._mark()
-
-    def _stop(self, module, args, output):
-        self.pending.append((self._open.pop(id(module)), self._mark()))
-
-    def collect_ms(self) -> float:
-        if self.device.type == "cuda":
-            total = sum(a.elapsed_time(b) for a, b in self.pending)
-        else:
-            total = sum((b - a) * 1e3 for a, b in self.pending)
-        self.pending.clear()
-        return total
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 # --------------------------------------------------------------------------- one model
