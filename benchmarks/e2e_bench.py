@@ -317,18 +317,17 @@ def synchronize(device: torch.device) -> None:
 
 
 class AttentionTimer:
-    """Time spent inside every ``blocks[i].attn1`` (self-attention module) call, summed per step.
+    """Time spent inside the given attention modules (e.g. every ``blocks[i].attn1``), summed per
+    step. CUDA events on the GPU (no synchronisation inside the forward), wall clock on the CPU."""
 
-    CUDA events on the GPU (no synchronisation inside the forward), wall clock on the CPU."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, modules, device: torch.device) -> None:
         self.device = device
         self.pending: list[tuple[object, object]] = []
         self.handles = []
-        for block in model.blocks:
-            self.handles.append(block.attn1.register_forward_pre_hook(self._start))
-            self.handles.append(block.attn1.register_forward_hook(self._stop))
-        self._open = None
+        self._open: dict[int, object] = {}
+        for module in modules:
+            self.handles.append(module.register_forward_pre_hook(self._start))
+            self.handles.append(module.register_forward_hook(self._stop))
 
     def _mark(self):
         if self.device.type == "cuda":
@@ -338,10 +337,10 @@ class AttentionTimer:
         return time.perf_counter()
 
     def _start(self, module, args):
-        self._open = self._mark()
+        self._open[id(module)] = self._mark()
 
     def _stop(self, module, args, output):
-        self.pending.append((self._open, self._mark()))
+        self.pending.append((self._open.pop(id(module)), self._mark()))
 
     def collect_ms(self) -> float:
         """Milliseconds recorded since the last call (call after synchronising)."""
@@ -382,7 +381,7 @@ def time_steps(model: torch.nn.Module, inputs: Inputs, device: torch.device, *, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    timer = AttentionTimer(model, device)
+    timer = AttentionTimer([block.attn1 for block in model.blocks], device)
     step_ms, attn_ms, output = [], [], None
     try:
         with torch.inference_mode(), sdpa():

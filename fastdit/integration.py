@@ -8,12 +8,16 @@ Nothing is patched. fastdit installs
 * attention processors (``transformer.set_attn_processor``), one instance shared by every
   attention module; it computes self-attention sparsely and hands every other call
   (cross-attention, image context) to the stock processor, untouched;
-* one stateful diffusers ``ModelHook`` per transformer (``HookRegistry``) that reads, before each
-  forward, the latent grid (from ``hidden_states``) and the pipeline-level denoising step (from
-  the pipeline's ``cache_context``, which diffusers >= 0.42 fills with ``step_index`` and
-  ``num_inference_steps``; without it, from the timestep value: one host read per forward);
+* one stateful diffusers ``ModelHook`` per transformer or UNet (``HookRegistry``) that reads,
+  before each forward, the latent grid (from ``hidden_states``/``sample``) and the pipeline-level
+  denoising step (from the pipeline's ``cache_context``, which diffusers >= 0.42 Wan/HunyuanVideo
+  pipelines fill with ``step_index`` and ``num_inference_steps``; without it, as in the Stable
+  Diffusion pipelines, from the timestep value, one host read per forward, and the step count from
+  the pipeline scheduler's ``num_inference_steps``);
 * for methods that reorder tokens (GNA), a pre-hook on the first transformer block and a hook on
-  the last one that permute the sequence and RoPE once per forward and restore the order.
+  the last one that permute the sequence and RoPE once per forward and restore the order;
+* for UNets, a pre-hook on each ``Transformer2DModel`` that records the ``H x W`` grid its
+  self-attention layers see (one per resolution).
 
 All of it is recorded in a :class:`FastditHandle`; ``handle.remove()`` (or ``fastdit.remove``)
 restores the original processor objects and hooks exactly.
@@ -60,8 +64,13 @@ class DenoisingState:
     layer_index: dict[int, int] = field(default_factory=dict)  # id(attention module) -> block
     transformer_index: dict[int, int] = field(default_factory=dict)  # id(attention module) -> model
     num_layers: dict[int, int] = field(default_factory=dict)  # id(attention module) -> blocks
+    # id(attention module) -> its own sequence when layers differ (UNet resolutions; set per forward)
+    layer_layouts: dict[int, SequenceLayout] = field(default_factory=dict)
+    # id(attention module) -> downsampling relative to the model's highest-resolution self-attention
+    layer_downsample: dict[int, int] = field(default_factory=dict)
     densities: dict[tuple[int, int | None], float] = field(default_factory=dict)
     runtime: object | None = None  # the method's per-generation state (methods that plan per call)
+    pipeline: weakref.ref | None = None  # the pipeline installed on, for its scheduler's step count
     _last_timestep: float | None = None
 
     def begin_forward(self, layout: SequenceLayout, device: torch.device, cache_context, timestep) -> None:
@@ -82,11 +91,19 @@ class DenoisingState:
                 self.step += 1
             self._last_timestep = value
             self.context = getattr(cache_context, "name", None)
+            self.num_steps = self._scheduler_num_steps()
         if self.layout is not None and layout != self.layout:
             self._new_runtime()  # a shape change invalidates whatever the method learnt
         self.layout, self.grid = layout, layout.grid
         # Static plans are cached by the method; this is a dictionary look-up after the first call.
         self.active_plan = self.method.plan(self.layout, device)
+
+    def _scheduler_num_steps(self) -> int | None:
+        """Steps of the running generation from the pipeline's scheduler (set by its
+        ``set_timesteps`` before the loop), for pipelines that set no ``cache_context``."""
+        pipe = self.pipeline() if self.pipeline is not None else None
+        steps = getattr(getattr(pipe, "scheduler", None), "num_inference_steps", None)
+        return int(steps) if isinstance(steps, int) and steps > 0 else None
 
     def _start_generation(self) -> None:
         self.generation += 1
@@ -152,9 +169,13 @@ def _hook_classes():
 
 
 def _adapters():
-    from .pipelines import hunyuan_video, wan
+    from .pipelines import hunyuan_video, unet, wan
 
-    return {"WanTransformer3DModel": wan, "HunyuanVideoTransformer3DModel": hunyuan_video}
+    return {
+        "WanTransformer3DModel": wan,
+        "HunyuanVideoTransformer3DModel": hunyuan_video,
+        "UNet2DConditionModel": unet,
+    }
 
 
 def supported_models() -> list[str]:
@@ -174,12 +195,12 @@ def _adapter_for(model: torch.nn.Module):
 def _transformers(pipe_or_model) -> list[torch.nn.Module]:
     if isinstance(pipe_or_model, torch.nn.Module):
         return [pipe_or_model]
-    found = [getattr(pipe_or_model, name, None) for name in ("transformer", "transformer_2")]
+    found = [getattr(pipe_or_model, name, None) for name in ("transformer", "transformer_2", "unet")]
     found = [model for model in found if model is not None]
     if not found:
         raise ValueError(
-            f"{type(pipe_or_model).__name__} has no transformer: pass a diffusers pipeline with a "
-            f"`transformer` (and optional `transformer_2`) or the transformer model itself"
+            f"{type(pipe_or_model).__name__} has no transformer or unet: pass a diffusers pipeline "
+            f"with a `transformer` (and optional `transformer_2`) or a `unet`, or the model itself"
         )
     return found
 
@@ -230,10 +251,19 @@ def _install_hooks(model: torch.nn.Module, adapter, state: DenoisingState, handl
     handle._torch_hooks.extend(adapter.install_permutation_hooks(model, state))
     attentions = adapter.self_attention_modules(model)
     transformer = len(handle._registries) - 1  # this model's position in the pipeline
-    for layer, attention in enumerate(attentions):
+    # UNets attend at several resolutions; DiT adapters have no such function (all 1).
+    downsampling = getattr(adapter, "self_attention_downsampling", None)
+    factors = downsampling(model) if downsampling is not None else [1] * len(attentions)
+    for layer, (attention, factor) in enumerate(zip(attentions, factors, strict=True)):
         state.layer_index[id(attention)] = layer
         state.transformer_index[id(attention)] = transformer
         state.num_layers[id(attention)] = len(attentions)
+        state.layer_downsample[id(attention)] = factor
+
+
+def _pipeline_reference(pipe_or_model) -> weakref.ref | None:
+    """A weak reference to the pipeline (not to a bare model): the state reads its scheduler."""
+    return None if isinstance(pipe_or_model, torch.nn.Module) else weakref.ref(pipe_or_model)
 
 
 def _self_attention_processor_names(model: torch.nn.Module, adapter) -> set[str]:
@@ -242,7 +272,7 @@ def _self_attention_processor_names(model: torch.nn.Module, adapter) -> set[str]
 
 
 def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHandle:
-    """Install ``method`` on every transformer of a pipeline (or on one transformer model).
+    """Install ``method`` on every transformer (or the UNet) of a pipeline, or on one model.
 
     ``schedule`` defaults to the method's own (Radial presets carry one), else all steps sparse.
     Returns a handle; ``handle.remove()`` or ``fastdit.remove(handle)`` restores the pipeline.
@@ -250,7 +280,7 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
     models = _transformers(pipe_or_model)
     adapters = [_adapter_for(model) for model in models]  # validate all before changing any
     schedule = schedule if schedule is not None else Schedule.from_method(method)
-    state = DenoisingState(method, schedule)
+    state = DenoisingState(method, schedule, pipeline=_pipeline_reference(pipe_or_model))
     handle = FastditHandle(state)
     try:
         for model, adapter in zip(models, adapters):
@@ -299,7 +329,9 @@ def attach(pipe_or_model) -> FastditHandle:
                 f"grid, step and plan), found {sorted(methods)}; use fastdit.apply for one method"
             )
         if handle is None:
-            handle = FastditHandle(DenoisingState(first.method, first.schedule))
+            handle = FastditHandle(
+                DenoisingState(first.method, first.schedule, pipeline=_pipeline_reference(pipe_or_model))
+            )
         for processor in processors.values():
             processor.state = handle.state
             handle._bound.append(processor)

@@ -31,8 +31,8 @@ def _resolve(name: str, amount: int | float, total: int | None) -> int:
     if total is None:
         raise ValueError(
             f"{name}={amount} is a fraction, but the total is unknown: install with "
-            "fastdit.apply(pipe, ...) on a pipeline whose denoising loop sets cache_context "
-            "(diffusers >= 0.42 Wan/HunyuanVideo pipelines do), or give a step count"
+            "fastdit.apply(pipe, ...) on the pipeline (fastdit reads the step count from its "
+            "cache_context or its scheduler), or give a step count"
         )
     return math.ceil(amount * total - 1e-9)
 
@@ -77,8 +77,9 @@ class Schedule:
             if num_steps is None:
                 raise ValueError(
                     f"dense_last_steps={self.dense_last_steps} needs the number of denoising steps, "
-                    "which fastdit reads from the pipeline's cache_context; call the transformer "
-                    "inside a diffusers >= 0.42 pipeline loop"
+                    "which fastdit reads from the pipeline (its cache_context, or its scheduler's "
+                    "num_inference_steps): install on the pipeline and call it, or pass "
+                    "schedule=fastdit.Schedule(...) without dense_last_steps for direct model calls"
                 )
             return step >= num_steps - _resolve("dense_last_steps", self.dense_last_steps, num_steps)
         return False

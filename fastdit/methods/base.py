@@ -16,6 +16,12 @@ and in addition::
 order, plus the attention density it ran at (fraction of (query block, key block) pairs computed,
 averaged over heads). It computes attention with :mod:`fastdit.kernels` only: a method plans
 block sparsities and composes kernel calls, it never carries an attention kernel of its own.
+
+Any method may also implement ``runs_on(layout, downsample) -> bool``, asked by the processor
+before a layer the schedule leaves sparse computes anything: ``False`` sends the call to the
+stock (exact) processor. ``downsample`` is the layer's spatial downsampling relative to the
+model's highest-resolution self-attention (UNets: 1, 2, 4, ...; 1 for DiTs). Agent uses it for
+its resolution restriction and its fallback guard.
 """
 
 from __future__ import annotations

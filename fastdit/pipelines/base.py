@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import block_sparse_attention
+from ..layout import SequenceLayout
 from ..methods.base import AttentionCall, MethodPlan
 from ..methods.dense import Dense
 from ..schedule import Schedule
@@ -42,17 +43,24 @@ class FastditAttnProcessor:
         stock._parallel_config = self._parallel_config
         return stock(*args)
 
-    def _layer_runs_sparse(self, attn) -> tuple[int, bool]:
+    def _layer_runs_sparse(self, attn, layout: SequenceLayout | None = None) -> tuple[int, bool]:
         """(layer index, whether this layer runs the method's plan at the current step).
 
         ``Dense`` always runs fastdit's kernel; other methods follow their schedule, and a layer
-        that runs dense is recorded at density 1.
+        that runs dense is recorded at density 1. A method with ``runs_on(layout, downsample)``
+        (Agent) can also send a call to the stock path: ``layout`` is this layer's sequence (the
+        forward's by default), ``downsample`` its spatial downsampling relative to the model's
+        highest-resolution self-attention (UNets; 1 for DiTs).
         """
         state = self.state
         layer = state.layer_index[id(attn)]
         sparse = isinstance(self.method, Dense) or not self.schedule.is_dense(
             state.step, state.num_steps, layer, state.num_layers[id(attn)]
         )
+        runs_on = getattr(self.method, "runs_on", None)
+        if sparse and runs_on is not None:
+            layout = layout if layout is not None else state.active_plan.layout
+            sparse = runs_on(layout, state.layer_downsample.get(id(attn), 1))
         if not sparse:
             state.densities[(layer, state.step)] = 1.0
         return layer, sparse
@@ -68,14 +76,16 @@ class FastditAttnProcessor:
         key: torch.Tensor,
         value: torch.Tensor,
         key_padding: torch.Tensor | None = None,
+        plan: MethodPlan | None = None,
     ) -> torch.Tensor:
         """Sparse self-attention of one layer, Q/K/V ``[B, S, H, D]`` in the plan's token order.
 
         Static methods run their plan on the kernel; methods with ``attend`` plan per call (from
-        Q and K, the step and their runtime state) and compose kernel calls themselves.
+        Q and K, the step and their runtime state) and compose kernel calls themselves. ``plan``
+        is the forward's active plan unless the layer has its own sequence (UNet resolutions).
         """
         state = self.state
-        plan = state.active_plan
+        plan = plan if plan is not None else state.active_plan
         attend = getattr(self.method, "attend", None)
         if attend is None:
             out = block_sparse_attention(

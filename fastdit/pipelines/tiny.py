@@ -1,4 +1,5 @@
-"""An embedded, offline Wan pipeline with random weights: the CLI's default model and the tests'.
+"""Embedded, offline pipelines with random weights: Wan (the CLI's default model and the tests') and
+Stable Diffusion (the UNet adapter's tests).
 
 ``build_tiny_wan_pipeline`` assembles a :class:`diffusers.WanPipeline` in-process from small
 configs (no download, no file on disk). The architecture is Wan2.1's, only narrower and shallower:
@@ -10,6 +11,11 @@ arithmetic, the token layout and every hook point are those of the real model:
     video tokens = latent_frames * (height // 16) * (width // 16)
 
 The video it produces is noise (the weights are random); it exists to exercise the plumbing.
+
+``build_tiny_sd_pipeline`` does the same for :class:`diffusers.StableDiffusionPipeline`: a
+two-level ``UNet2DConditionModel`` with SD 1.5's block types (cross-attention in the highest
+resolution blocks), a two-level ``AutoencoderKL`` (2x spatial), a small ``CLIPTextModel`` and the
+word-level tokenizer below, with SD 1.5's DDIM scheduler settings.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ __all__ = [
     "TINY_TRANSFORMER_CONFIG",
     "TINY_VAE_CONFIG",
     "TINY_TEXT_ENCODER_CONFIG",
+    "TINY_UNET_CONFIG",
+    "build_tiny_sd_pipeline",
     "build_tiny_wan_pipeline",
     "build_tiny_tokenizer",
     "is_tiny",
@@ -76,6 +84,22 @@ TINY_TEXT_ENCODER_CONFIG = dict(
     relative_attention_max_distance=32,
     dropout_rate=0.0,
     feed_forward_proj="gated-gelu",
+)
+
+# SD 1.5's block types and layout, narrow: cross-attention at the highest resolution (down_blocks.0,
+# up_blocks.1) and in the mid block; 2 heads of 16 (``attention_head_dim`` is the head count here,
+# diffusers' legacy naming for SD 1.x).
+TINY_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=2,
+    norm_num_groups=8,
 )
 
 # Word-level vocabulary of the tiny tokenizer (lower-cased; anything else maps to <unk>).
@@ -168,6 +192,46 @@ def build_tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, d
     )
     pipe = pipe.to(device)
     return pipe
+
+
+def build_tiny_sd_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A :class:`diffusers.StableDiffusionPipeline` with random weights, built offline and
+    deterministically (same ``seed``, same weights; the global RNG is restored). No safety checker.
+
+    Images of ``H x W`` px have a ``H/2 x W/2`` latent; the highest-resolution self-attention sees
+    all of its tokens (32 x 32 px: 256 tokens).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer(model_max_length=77)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(TINY_VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.pad_token_id,
+        ))
+    # Stable Diffusion 1.5's scheduler settings (scheduler/scheduler_config.json).
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    for model in (unet, vae, text_encoder):
+        _cast_like_from_pretrained(model, dtype)
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> None:
