@@ -11,6 +11,7 @@ from .dispatch import (
     block_sparse_attention,
     choose_backend,
     explain_backends,
+    segment_mean_pool,
 )
 from .plan import SUPPORTED_BLOCK_SIZES, BlockSparsity
 
@@ -23,4 +24,5 @@ __all__ = [
     "block_sparse_attention",
     "choose_backend",
     "explain_backends",
+    "segment_mean_pool",
 ]
