@@ -8,5 +8,6 @@ method is one new file here.
 from .base import MethodPlan
 from .gna import GNA, GNACheck
 from .radial import Radial
+from .vmoba import VMoBA
 
-__all__ = ["GNA", "GNACheck", "MethodPlan", "Radial"]
+__all__ = ["GNA", "GNACheck", "MethodPlan", "Radial", "VMoBA"]
