@@ -20,6 +20,7 @@ from fastdit.methods.vmoba import (
     default_partition_sizes,
     global_threshold_tiles,
     normalise_scores_,
+    topk_tile_means,
     topk_tiles,
 )
 from integration_helpers import run
@@ -239,6 +240,59 @@ def test_topk_equals_brute_force_at_token_and_tile_level(rng, k):
         assert torch.equal(topk_tiles(scores, k, own, tile, front), brute_tile_union(expected, tile, front))
 
 
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_topk_tile_means_equals_brute_force(rng, k):
+    tile_scores = torch.randn(2, 2, 9, 6, generator=rng)
+    own_tiles = torch.rand(9, 6, generator=rng) < 0.25
+    own_tiles[torch.arange(9), torch.randint(0, 6, (9,), generator=rng)] = True  # >= 1 own per tile
+    expected = torch.zeros(2, 2, 9, 6, dtype=torch.bool)
+    for b in range(2):
+        for h in range(2):
+            for t in range(9):
+                others = [c for c in range(6) if not own_tiles[t, c]]
+                others.sort(key=lambda c: -float(tile_scores[b, h, t, c]))
+                for c in [c for c in range(6) if own_tiles[t, c]] + others[: k - 1]:
+                    expected[b, h, t, c] = True
+    assert torch.equal(topk_tile_means(tile_scores, k, own_tiles), expected)
+
+
+@pytest.mark.parametrize("selection", ["global_threshold", "topk"])
+@pytest.mark.parametrize("grid, sizes", [RAGGED, DIVISIBLE])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_mean_aggregation_selects_with_tile_mean_queries(rng, selection, grid, sizes, layer):
+    method = VMoBA(partition_sizes=sizes, selection=selection, topk=(2, 3, 4), block_size=64,
+                   query_aggregation="mean")
+    layout = SequenceLayout(grid, TextSegment(5, "before"))  # the first tile holds 59 video queries
+    box = method.partition(grid, layer).box
+    query, key = structured_qk(rng, grid, box, batch=2, text=5, text_before=True)
+    chosen = method.select(query, key, layout, layer)
+    ids = torch.tensor(brute_partition_ids(grid, box))
+    parts = int(ids.max()) + 1
+    order = method.partition(grid, layer).order()
+    video_q, video_k = query[:, 5:], key[:, 5:]
+    means = torch.stack([video_k[:, ids == c].mean(1) for c in range(parts)], 1)  # [B, P, H, D]
+    tile_of = [(5 + p) // 64 for p in range(grid.num_tokens)]  # partition-major positions
+    tiles = tile_of[-1] + 1
+    tile_queries = torch.stack(
+        [video_q[:, order[[p for p in range(len(order)) if tile_of[p] == t]]].mean(1) for t in range(tiles)], 1
+    )
+    tile_scores = torch.einsum("bthd,bphd->bhtp", tile_queries, means)
+    own = brute_tile_union(F.one_hot(ids[order], parts).bool()[None, None], 64, 5)[0, 0]
+    if selection == "topk":
+        expected = torch.zeros(2, 2, tiles, parts, dtype=torch.bool)
+        for b in range(2):
+            for h in range(2):
+                for t in range(tiles):
+                    others = [c for c in range(parts) if not own[t, c]]
+                    others.sort(key=lambda c: -float(tile_scores[b, h, t, c]))
+                    expected[b, h, t] = own[t]
+                    expected[b, h, t, others[: (2, 3, 4)[layer] - 1]] = True
+    else:
+        expected = brute_global_threshold(normalise_scores_(tile_scores.clone()), method.tau) | own
+    mismatches = int((chosen.tile_partitions != expected).sum())  # fp32 rounding at the threshold
+    assert mismatches <= 1, mismatches
+
+
 @pytest.mark.parametrize("selection", ["global_threshold", "topk"])
 @pytest.mark.parametrize("grid, sizes", [RAGGED, DIVISIBLE])
 @pytest.mark.parametrize("layer", [0, 1, 2])
@@ -281,12 +335,13 @@ def token_mask_in_original_order(chosen, num_tokens: int, block: int) -> torch.T
 
 
 @pytest.mark.parametrize(
-    "grid, sizes, text",
-    [(*RAGGED, None), (*DIVISIBLE, None), (*RAGGED, ("after", 9, 4)), (*RAGGED, ("before", 11, 11))],
+    "grid, sizes, text, aggregation",
+    [(*RAGGED, None, "union"), (*DIVISIBLE, None, "union"), (*RAGGED, ("after", 9, 4), "union"),
+     (*RAGGED, ("before", 11, 11), "union"), (*RAGGED, ("before", 11, 11), "mean")],
 )
 @pytest.mark.parametrize("layer", [1, 2])
-def test_plan_and_attention_match_masked_sdpa(rng, grid, sizes, text, layer):
-    method = VMoBA(partition_sizes=sizes, tau=0.05, block_size=64)
+def test_plan_and_attention_match_masked_sdpa(rng, grid, sizes, text, aggregation, layer):
+    method = VMoBA(partition_sizes=sizes, tau=0.05, block_size=64, query_aggregation=aggregation)
     num_text = text[1] if text else 0
     layout = SequenceLayout(grid, TextSegment(num_text, text[0]) if text else None)
     box = method.partition(grid, layer).box
@@ -371,6 +426,8 @@ def test_validation():
         VMoBA(partition_sizes=((0,), (5, 13), (7, 5, 13)))
     with pytest.raises(ValueError, match="block_size must be one of"):
         VMoBA(block_size=96)
+    with pytest.raises(ValueError, match="query_aggregation must be one of"):
+        VMoBA(query_aggregation="max")
     with pytest.raises(ValueError, match="dense_steps"):
         VMoBA(dense_steps=1.5)
     assert fastdit.Schedule.from_method(VMoBA()) == fastdit.Schedule(dense_steps=0.25)

@@ -49,14 +49,24 @@ reorders the video tokens *partition-major* for this layer's partition kind (par
 another, frame-major inside: the reference code's order), so a partition is one contiguous run of
 tokens; text tokens stay in place. Then:
 
-* Query side, rule "union": a query tile visits partition ``c`` iff at least one of its video
-  tokens selects ``c`` (so each tile visits every partition one of its tokens lives in). For the
+* Query side, ``query_aggregation="union"`` (default): a query tile visits partition ``c`` iff at
+  least one of its video tokens selects ``c`` (so each tile visits every partition one of its
+  tokens lives in): every pair the token rule selects is computed. For the
   global threshold this is ``max_{i in tile} v_ic >= v*``; it is computed without the token-level
   selection: with ``M`` the tile maxima and ``G(x) = sum of v > x``, a tile keeps ``c`` iff
   ``G(M_c) < tau * total`` (equivalent to ``M_c >= v*`` for data values). ``G`` at all tile maxima
   comes from one bucketing pass (``searchsorted`` of every ``v`` into the sorted tile maxima and an
   fp64 ``index_add_`` of ``v`` per bucket, then a suffix sum), so no sort of all ``N x P`` pairs is
   needed and memory stays bounded (the pass runs over query chunks of at most ``2**25`` pairs).
+  The union grows with the disagreement between a tile's queries: with unstructured (random)
+  Q/K almost every tile selects every partition.
+* Query side, ``query_aggregation="mean"``: the rule runs with one query per tile, the mean of the
+  tile's video queries (scores ``qbar . kbar_c``, the tile mean of its queries' scores): the global
+  threshold over all (tile, partition) pairs of the head (each tile counts once), or per tile its
+  own partitions plus the ``k - 1`` best others. Density follows ``tau``/``k`` as at token level,
+  but a token's own selection is no longer guaranteed to be computed (a deviation from the token
+  rule; :meth:`VMoBA.analyze` reports both densities). It is also cheaper: no ``[B, H, N, P]``
+  tensor, the queries are mean-pooled per tile by the segment pooling kernel.
 * Key side: a key block is visited iff one of the partitions it overlaps is visited (a block that
   straddles a partition boundary is shared). The plan is therefore a superset of the token-level
   selection: every selected (query, key) pair is computed, plus the rest of the tiles and blocks
@@ -101,6 +111,7 @@ __all__ = [
     "default_partition_sizes",
     "global_threshold_tiles",
     "normalise_scores_",
+    "topk_tile_means",
     "topk_tiles",
 ]
 
@@ -108,6 +119,7 @@ Device = torch.device | str | None
 
 PARTITION_KINDS = ("1d", "2d", "3d")  # by layer % 3
 SELECTIONS = ("global_threshold", "topk")
+QUERY_AGGREGATIONS = ("union", "mean")
 
 # Published partition sizes (latent tokens) per grid: (1D (sT,), 2D (sH, sW), 3D (sT, sH, sW)).
 PUBLISHED_PARTITION_SIZES: dict[tuple[int, int, int], tuple[tuple[int, ...], ...]] = {
@@ -341,6 +353,19 @@ def topk_tiles(
     return torch.cat(out, dim=2)
 
 
+def topk_tile_means(tile_scores: torch.Tensor, k: int, own_tiles: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, H, nT, P]`` for ``query_aggregation="mean"``: each tile keeps its own partitions
+    (``own_tiles [nT, P]``) plus the ``k - 1`` best-scoring other partitions by its mean-query scores
+    ``tile_scores [B, H, nT, P]`` (ties at the last kept score kept)."""
+    others = tile_scores.masked_fill(own_tiles, float("-inf"))
+    extra = min(k - 1, tile_scores.shape[-1])
+    keep = own_tiles.expand_as(tile_scores).clone()
+    if extra > 0:
+        kth = others.topk(extra, dim=-1, sorted=True).values[..., -1:]
+        keep |= (others >= kth) & (others > float("-inf"))
+    return keep
+
+
 # --------------------------------------------------------------------------- per-call structure
 
 
@@ -356,6 +381,7 @@ class _Structure:
     offsets: torch.Tensor  # [P + 1] int32
     partition_of_position: torch.Tensor  # [N] long
     own_tiles: torch.Tensor  # [nTv, P] bool: partitions the tokens of each video tile live in
+    tile_offsets: torch.Tensor  # [nTv + 1] int32: video positions of each query tile
     cover: torch.Tensor  # [P, nK] float32: key blocks overlapping each partition
     text_map: torch.Tensor  # [nQ, nK] bool: text rows and columns
     first_tile: int
@@ -386,6 +412,12 @@ def _build_structure(layout: SequenceLayout, partition: VideoPartition, block_si
     own_onehot = torch.zeros(1, 1, num_video, parts, dtype=torch.bool)
     own_onehot[0, 0, torch.arange(num_video), own] = True
     own_tiles = _tile_reduce(own_onehot, b, front, _any)[0, 0]
+    # Tile starts in video positions: the first tile lacks the `front` positions before the video.
+    tile_offsets = torch.cat((
+        torch.zeros(1, dtype=torch.long),
+        torch.arange(b - front, num_video, b, dtype=torch.long),
+        torch.tensor([num_video]),
+    ))
     first_block = (offsets[:-1] + offset) // b
     last_block = (offsets[1:] - 1 + offset) // b
     blocks = torch.arange(num_blocks)
@@ -405,6 +437,7 @@ def _build_structure(layout: SequenceLayout, partition: VideoPartition, block_si
         offsets=offsets.to(device=device, dtype=torch.int32),
         partition_of_position=own.to(device),
         own_tiles=own_tiles.to(device),
+        tile_offsets=tile_offsets.to(device=device, dtype=torch.int32),
         cover=cover.to(device=device, dtype=torch.float32),
         text_map=text_map.to(device),
         first_tile=offset // b,
@@ -450,7 +483,8 @@ class VMoBAStats:
         box: partition box ``(bT, bH, bW)``; ``num_partitions``: their number.
         token_density: (query, key) pairs the token-level rule selects (own partitions included),
             over ``N**2``, mean over batch and heads.
-        tile_density: pairs computed after the query-tile union, before key-block rounding.
+        tile_density: pairs computed after the query-tile aggregation (union or mean), before
+            key-block rounding.
         computed_density: pairs the block plan computes (tile union and key-block rounding).
         block_density: visited (query tile, key block) pairs of the whole plan (text included),
             over ``nQ * nK``: the density the attention call reports.
@@ -513,6 +547,9 @@ class VMoBA:
         topk: ``(k_1D, k_2D, k_3D)`` partitions per query in ``"topk"`` mode, own partition
             included (the paper's training-free Wan 480p values 2/6/18).
         block_size: kernel query tile and key block (64 or 128).
+        query_aggregation: how a query tile's selection follows from its queries: ``"union"``
+            (every token's selection is computed) or ``"mean"`` (the tile's mean query selects);
+            see the module docstring.
         dense_steps, dense_last_steps, dense_layers: the dense schedule (ints count, floats are
             fractions): the paper's training-free setting runs the first 25% of the steps dense.
     """
@@ -522,6 +559,7 @@ class VMoBA:
     selection: str = "global_threshold"
     topk: tuple[int, int, int] = (2, 6, 18)
     block_size: int = 128
+    query_aggregation: str = "union"
     dense_steps: int | float = 0.25
     dense_last_steps: int | float = 0
     dense_layers: int | float = 0
@@ -554,6 +592,11 @@ class VMoBA:
         if isinstance(block, bool) or block not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got block_size={block!r}")
         object.__setattr__(self, "block_size", int(block))
+        if self.query_aggregation not in QUERY_AGGREGATIONS:
+            raise ValueError(
+                f"query_aggregation must be one of {QUERY_AGGREGATIONS}, got "
+                f"query_aggregation={self.query_aggregation!r}"
+            )
         schedule = Schedule(self.dense_steps, self.dense_last_steps, self.dense_layers)  # validates
         for name in ("dense_steps", "dense_last_steps", "dense_layers"):
             object.__setattr__(self, name, getattr(schedule, name))
@@ -611,12 +654,23 @@ class VMoBA:
         return None
 
     # ------------------------------------------------------------------ per call
+    @staticmethod
+    def _mean_keys(key: torch.Tensor, structure: _Structure) -> torch.Tensor:
+        """fp32 ``[B, H, P, D]``: each partition's mean key; K ``[B, S, H, D]`` in kernel order."""
+        video = structure.layout.video_slice
+        return segment_mean_pool(key[:, video], structure.offsets, validate=False)
+
+    def _tile_mean_scores(self, query: torch.Tensor, key: torch.Tensor, structure: _Structure) -> torch.Tensor:
+        """fp32 ``[B, H, nTv, P]``: each query tile's mean video query against the mean keys."""
+        video = structure.layout.video_slice
+        mean_queries = segment_mean_pool(query[:, video], structure.tile_offsets, validate=False)
+        return torch.einsum("bhtd,bhpd->bhtp", mean_queries, self._mean_keys(key, structure))
+
     def _scores(self, query: torch.Tensor, key: torch.Tensor, structure: _Structure) -> torch.Tensor:
         """Raw scores fp32 ``[B, H, N, P]`` of the video queries (partition-major) against the
         partitions' mean keys; Q/K ``[B, S, H, D]`` already in kernel order."""
-        video = structure.layout.video_slice
-        key_video, query_video = key[:, video], query[:, video]
-        mean_keys = segment_mean_pool(key_video, structure.offsets, validate=False)  # [B, H, P, D]
+        query_video = query[:, structure.layout.video_slice]
+        mean_keys = self._mean_keys(key, structure)  # [B, H, P, D]
         batch, num, heads, head_dim = query_video.shape
         parts = mean_keys.shape[2]
         scores = torch.empty(batch, heads, num, parts, dtype=torch.float32, device=query.device)
@@ -649,6 +703,12 @@ class VMoBA:
         )
 
     def _tile_partitions(self, query, key, structure: _Structure, layer: int) -> torch.Tensor:
+        if self.query_aggregation == "mean":
+            tile_scores = self._tile_mean_scores(query, key, structure)
+            if self.selection == "topk":
+                return topk_tile_means(tile_scores, self.topk[layer % 3], structure.own_tiles)
+            keep = global_threshold_tiles(normalise_scores_(tile_scores), self.tau)
+            return keep | structure.own_tiles
         scores = self._scores(query, key, structure)
         b, front = structure.block_size, structure.front
         if self.selection == "topk":
