@@ -561,3 +561,15 @@ def test_cli_knows_vmoba():
     method = cli.build_method("vmoba", {"tau": 0.3, "topk": (1, 2, 3), "selection": "topk"})
     assert (method.tau, method.topk, method.selection) == (0.3, (1, 2, 3), "topk")
     assert cli.build_schedule(method) == fastdit.Schedule(dense_steps=0.25)
+
+
+@pytest.mark.parametrize("aggregation", ["union", "mean"])
+def test_grid_within_one_tile(rng, aggregation):
+    # 32 video tokens + 9 text tokens: one query tile, one key block, so the plan is dense.
+    grid = LatentGrid(2, 4, 4)
+    layout = SequenceLayout(grid, TextSegment(9, "after"))
+    method = VMoBA(block_size=64, query_aggregation=aggregation)
+    query, key = (torch.randn(1, 41, 2, 16, generator=rng) for _ in range(2))
+    for layer in range(3):
+        chosen = method.select(query, key, layout, layer)
+        assert chosen.tile_partitions.shape[2] == 1 and chosen.sparsity.density == 1.0

@@ -1,4 +1,4 @@
-"""VMoBA: Mixture-of-Block Attention for video diffusion (Wu et al., 2025), training-free, on fastdit's kernels.
+"""VMoBA: Mixture-of-Block Attention (Wu et al., 2025), training-free, on fastdit's kernels.
 
 Paper: Wu et al., 2025, "VMoBA: Mixture-of-Block Attention for Video Diffusion Models".
 Architecture line: ``layout`` -> this module (plans a per-head block sparsity from Q and K on every
@@ -68,18 +68,20 @@ tokens; text tokens stay in place. Then:
   rule; :meth:`VMoBA.analyze` reports both densities). It is also cheaper: no ``[B, H, N, P]``
   tensor, the queries are mean-pooled per tile by the segment pooling kernel.
 * Key side: a key block is visited iff one of the partitions it overlaps is visited (a block that
-  straddles a partition boundary is shared). The plan is therefore a superset of the token-level
-  selection: every selected (query, key) pair is computed, plus the rest of the tiles and blocks
-  it touches. :meth:`VMoBA.analyze` reports the token-level density next to the block density.
+  straddles a partition boundary is shared). With the union rule the plan is therefore a superset
+  of the token-level selection: every selected (query, key) pair is computed, plus the rest of the
+  tiles and blocks it touches. :meth:`VMoBA.analyze` reports the token-level density next to the
+  density after the tile aggregation and the block density.
 * Joint ``[video | text]`` sequences (HunyuanVideo): query tiles and key blocks holding a text token
   are dense (text queries attend to everything, every query attends to all text); padded text keys
   are masked by the kernel's ``key_padding``.
 
 Cost on the hot path (GPU): one gather of Q, K, V into partition-major order and one scatter of the
 output per call (none for the 1D kind, whose order is frame-major already); index tensors are built
-once per grid and cached. Then a segment mean pool (Triton), an fp32 ``[B, H, N, P]`` score tensor
-(the largest temporary: ``4 * H * N * P`` bytes per sample, 480 MB for Wan2.1-14B 720p, P <= 40),
-the selection, a ``[B, H, nQ, nK]`` block map and the kernel. No Python loop over heads, layers or
+once per grid and cached. Then a segment mean pool (Triton), with the union rule an fp32
+``[B, H, N, P]`` score tensor (the largest temporary: ``4 * H * N * P`` bytes per sample, 480 MB for
+Wan2.1-14B 720p, P <= 40; the mean rule needs ``[B, H, nQ, P]`` only), the selection, a
+``[B, H, nQ, nK]`` block map and the kernel. No Python loop over heads, layers or
 blocks (a loop over a few fixed-size query chunks bounds temporaries), no host synchronisation in
 :meth:`VMoBA.attend`. The processors convert the returned density (a 0-d tensor) to a float when
 they record it: one host read per attention call, after the kernel is queued. Summation order of
@@ -96,7 +98,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_sparse_attention, segment_mean_pool
+from ..kernels import (
+    SUPPORTED_BLOCK_SIZES,
+    BlockSparsity,
+    block_sparse_attention,
+    segment_mean_pool,
+)
 from ..layout import LatentGrid, SequenceLayout, _as_int, _device_key
 from ..schedule import Schedule
 from .base import AttentionCall, MethodPlan
@@ -177,14 +184,16 @@ class VideoPartition:
         box = tuple(self.box)
         if len(box) != 3 or any(not 1 <= b <= e for b, e in zip(box, self.grid.shape)):
             raise ValueError(
-                f"box must be 3 sizes in [1, extent] for grid {self.grid.shape}, got box={self.box!r}"
+                f"box must be 3 sizes in [1, extent] for grid {self.grid.shape}, "
+                f"got box={self.box!r}"
             )
         object.__setattr__(self, "box", box)
 
     @property
     def counts(self) -> tuple[int, int, int]:
         """``(nT, nH, nW)``: partitions along each dimension."""
-        return tuple(math.ceil(e / b) for e, b in zip(self.grid.shape, self.box))  # type: ignore[return-value]
+        counts = (math.ceil(e / b) for e, b in zip(self.grid.shape, self.box))
+        return tuple(counts)  # type: ignore[return-value]
 
     @property
     def num_partitions(self) -> int:
@@ -192,7 +201,7 @@ class VideoPartition:
 
     @property
     def is_identity(self) -> bool:
-        """True when partition-major order is frame-major order (1D partitions, or one partition)."""
+        """Partition-major order is frame-major order (1D partitions, or a single partition)."""
         return self.box[1:] == self.grid.shape[1:] or self.num_partitions == 1
 
     def token_partition(self, device: Device = None) -> torch.Tensor:
@@ -232,7 +241,8 @@ class VideoPartition:
         return self._cpu()["partition_of_position"]
 
     def offsets(self) -> torch.Tensor:
-        """LongTensor ``[P + 1]`` (CPU): partition ``c`` is the positions ``[offsets[c], offsets[c + 1])``."""
+        """LongTensor ``[P + 1]`` (CPU): partition ``c`` holds positions ``offsets[c]`` to
+        ``offsets[c + 1] - 1``."""
         return self._cpu()["offsets"]
 
 
@@ -284,8 +294,8 @@ def _tile_chunks(num_positions: int, tile: int, front: int, positions_per_chunk:
 
 
 def normalise_scores_(scores: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise ``scores [B, H, N, P]`` in place per ``(b, h)``: ``(s - min) / (max - min)``
-    (divisor 1 when ``max == min``, so every value becomes 0). Returns ``scores``."""
+    """Min-max normalise ``scores [B, H, N, P]`` in place per ``(b, h)``:
+    ``(s - min) / (max - min)`` (divisor 1 when ``max == min``: every value becomes 0)."""
     flat = scores.flatten(2)
     low = flat.amin(-1)[:, :, None, None]
     span = flat.amax(-1)[:, :, None, None] - low
@@ -355,8 +365,8 @@ def topk_tiles(
 
 def topk_tile_means(tile_scores: torch.Tensor, k: int, own_tiles: torch.Tensor) -> torch.Tensor:
     """Bool ``[B, H, nT, P]`` for ``query_aggregation="mean"``: each tile keeps its own partitions
-    (``own_tiles [nT, P]``) plus the ``k - 1`` best-scoring other partitions by its mean-query scores
-    ``tile_scores [B, H, nT, P]`` (ties at the last kept score kept)."""
+    (``own_tiles [nT, P]``) plus the ``k - 1`` best-scoring other partitions by its mean-query
+    scores ``tile_scores [B, H, nT, P]`` (ties at the last kept score kept)."""
     others = tile_scores.masked_fill(own_tiles, float("-inf"))
     extra = min(k - 1, tile_scores.shape[-1])
     keep = own_tiles.expand_as(tile_scores).clone()
@@ -376,7 +386,7 @@ class _Structure:
     partition: VideoPartition
     layout: SequenceLayout
     block_size: int
-    sequence_order: torch.Tensor | None  # [S] gather index into partition-major order, None = identity
+    sequence_order: torch.Tensor | None  # [S] gather index into kernel order; None: identity
     sequence_inverse: torch.Tensor | None  # [S]
     offsets: torch.Tensor  # [P + 1] int32
     partition_of_position: torch.Tensor  # [N] long
@@ -415,7 +425,7 @@ def _build_structure(layout: SequenceLayout, partition: VideoPartition, block_si
     # Tile starts in video positions: the first tile lacks the `front` positions before the video.
     tile_offsets = torch.cat((
         torch.zeros(1, dtype=torch.long),
-        torch.arange(b - front, num_video, b, dtype=torch.long),
+        torch.arange(b - front, max(num_video, b - front), b, dtype=torch.long),
         torch.tensor([num_video]),
     ))
     first_block = (offsets[:-1] + offset) // b
@@ -476,7 +486,7 @@ class VMoBACallPlan:
 
 @dataclass(frozen=True)
 class VMoBAStats:
-    """Densities of one call's selection (:meth:`VMoBA.analyze`), video x video pairs only unless said.
+    """Densities of one call's selection (:meth:`VMoBA.analyze`); video x video pairs unless said.
 
     Attributes:
         kind: partition kind of the layer ("1d", "2d", "3d").
@@ -532,7 +542,7 @@ def _check_sizes(partition_sizes) -> tuple[tuple[int, ...], ...] | None:
 
 @dataclass(frozen=True)
 class VMoBA:
-    """VMoBA (Wu et al., 2025): per-head mixture-of-block attention chosen from Q and K at every call.
+    """VMoBA (Wu et al., 2025): per-head mixture-of-block attention chosen from Q and K per call.
 
     The exact rule, the tile aggregation and the costs are in this module's docstring.
 
@@ -577,7 +587,9 @@ class VMoBA:
         object.__setattr__(self, "tau", float(tau))
         object.__setattr__(self, "partition_sizes", _check_sizes(self.partition_sizes))
         if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got selection={self.selection!r}")
+            raise ValueError(
+                f"selection must be one of {SELECTIONS}, got selection={self.selection!r}"
+            )
         try:
             topk = tuple(self.topk)
         except TypeError:
@@ -590,7 +602,9 @@ class VMoBA:
         object.__setattr__(self, "topk", topk)
         block = self.block_size
         if isinstance(block, bool) or block not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got block_size={block!r}")
+            raise ValueError(
+                f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got block_size={block!r}"
+            )
         object.__setattr__(self, "block_size", int(block))
         if self.query_aggregation not in QUERY_AGGREGATIONS:
             raise ValueError(
@@ -603,7 +617,7 @@ class VMoBA:
 
     # ------------------------------------------------------------------ partitions
     def resolve_partition_sizes(self, grid: LatentGrid) -> tuple[tuple[int, ...], ...]:
-        """The ``((sT,), (sH, sW), (sT, sH, sW))`` used on ``grid`` (explicit ones clamped to it)."""
+        """The ``((sT,), (sH, sW), (sT, sH, sW))`` used on ``grid`` (explicit ones clamped)."""
         if self.partition_sizes is None:
             return default_partition_sizes(grid)
         return tuple(
@@ -660,13 +674,17 @@ class VMoBA:
         video = structure.layout.video_slice
         return segment_mean_pool(key[:, video], structure.offsets, validate=False)
 
-    def _tile_mean_scores(self, query: torch.Tensor, key: torch.Tensor, structure: _Structure) -> torch.Tensor:
+    def _tile_mean_scores(
+        self, query: torch.Tensor, key: torch.Tensor, structure: _Structure
+    ) -> torch.Tensor:
         """fp32 ``[B, H, nTv, P]``: each query tile's mean video query against the mean keys."""
         video = structure.layout.video_slice
         mean_queries = segment_mean_pool(query[:, video], structure.tile_offsets, validate=False)
         return torch.einsum("bhtd,bhpd->bhtp", mean_queries, self._mean_keys(key, structure))
 
-    def _scores(self, query: torch.Tensor, key: torch.Tensor, structure: _Structure) -> torch.Tensor:
+    def _scores(
+        self, query: torch.Tensor, key: torch.Tensor, structure: _Structure
+    ) -> torch.Tensor:
         """Raw scores fp32 ``[B, H, N, P]`` of the video queries (partition-major) against the
         partitions' mean keys; Q/K ``[B, S, H, D]`` already in kernel order."""
         query_video = query[:, structure.layout.video_slice]
@@ -734,14 +752,17 @@ class VMoBA:
         :meth:`plan` has no permutation). Returns the output in the same order and the block
         density it ran at (a 0-d tensor: no host synchronisation here)."""
         if call.plan.permutation is not None:
-            raise ValueError("VMoBA reorders tokens per call; its MethodPlan must carry no permutation")
+            raise ValueError(
+                "VMoBA reorders tokens per call; its MethodPlan must carry no permutation"
+            )
         selected = self.select(query, key, call.layout, call.layer)
         out = block_sparse_attention(
             selected.permute(query), selected.permute(key), selected.permute(value),
             selected.sparsity, key_padding=call.key_padding,
         )
         counts = selected.sparsity.kv_counts
-        density = counts.sum(dtype=torch.float32) / (counts.numel() * selected.sparsity.num_kv_blocks)
+        total = counts.numel() * selected.sparsity.num_kv_blocks
+        density = counts.sum(dtype=torch.float32) / total
         return selected.unpermute(out), density
 
     # ------------------------------------------------------------------ reporting
@@ -774,7 +795,8 @@ class VMoBA:
             torch.ones(1, 1, int(num), 1, dtype=torch.float64, device=query.device),
             b, front, lambda t, d: t.sum(d),
         )[0, 0, :, 0]
-        tile_pairs = ((selected.tile_partitions.to(torch.float64) @ sizes) * video_rows_per_tile).sum(-1).mean()
+        tile_pairs = selected.tile_partitions.to(torch.float64) @ sizes  # [B, H, nTv]
+        tile_pairs = (tile_pairs * video_rows_per_tile).sum(-1).mean()
         block_map = selected.sparsity.to_block_map().to(torch.float64)
         video_positions = torch.zeros(layout.num_tokens, dtype=torch.float64, device=query.device)
         video_positions[layout.video_slice] = 1.0
