@@ -35,6 +35,11 @@ pipeline's denoising loop sets (fastdit reads the step index from it). Methods:
   the GNA mask). None is perfectly block-sparse: the odd extents (21 frames; 45 rows at 720p)
   cap the tile volume at 8 (480p) and 16 (720p) tokens, so every 128-token block holds several
   tiles; 3-D neighbourhoods of similar density compute 30-65% extra pairs.
+* ``vmoba`` / ``vmoba-mean``: ``fastdit.VMoBA()`` with the paper's training-free defaults (tau
+  0.25 global threshold, published partition sizes, first 25% = 13 of 50 steps dense), query tiles
+  aggregated by union (``vmoba``) or by their mean query (``vmoba-mean``); dense step reused from
+  Radial's (the same stock computation), sparse step at index 13, plus a selection report (token
+  vs block density on layers 0-2) from one untimed forward. See the VMoBA section below.
 
 The fastdit rows keep cuDNN as SDPA backend for whatever takes the stock path (cross-attention,
 dense steps and layers). Per (model, method, phase) it records the median ms per step over
@@ -62,6 +67,7 @@ How to run
     python benchmarks/e2e_bench.py --models wan13b-480p         # ~1.5 min
     python benchmarks/e2e_bench.py --models wan14b-720p --methods stock-cudnn,radial
     python benchmarks/e2e_bench.py --smoke --out /tmp/e2e       # tiny model, CPU fp32, < 1 min
+    python benchmarks/e2e_bench.py --models wan14b-720p --methods stock-cudnn,stock-flash,radial,vmoba,vmoba-mean
     python benchmarks/e2e_bench.py --replot benchmarks/results/e2e_bench_<gpu>_<date>.json
 
 Writes ``e2e_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
@@ -78,6 +84,9 @@ Dense), ~7 s (Radial sparse step). Defaults: 1.3B warm-up 2 forwards + 5 steps p
 (5 forwards: ~60 s cuDNN, ~85 s FA2, ~70 s Dense, ~60 s Radial dense step, ~35 s each sparse
 step; GNA dense step reused) ~6 min, plus ~10 s to build the 28 GB model and Triton's first-call
 compilation. Total ~7.5-8 min, inside a 10-minute call; ``--models wan13b-480p`` alone is short.
+Each VMoBA row adds its sparse step (warm-up + timed forwards) and one analysis forward (14B:
+~40-60 s per row, not measured yet): with every method the 14B run no longer fits one 10-minute
+call, so split it with ``--methods``.
 Memory: 14B bf16 weights ~28 GB plus activations at 75,600 tokens (a few GB; no autograd), freed
 between models.
 """
@@ -114,11 +123,11 @@ from kernel_bench import (  # noqa: E402  (also puts the repository root on sys.
 )
 
 import fastdit  # noqa: E402
-from fastdit import GNA, Dense, LatentGrid, Radial, Schedule, SequenceLayout  # noqa: E402
+from fastdit import GNA, Dense, LatentGrid, Radial, Schedule, SequenceLayout, VMoBA  # noqa: E402
 from fastdit.kernels import explain_backends  # noqa: E402
 
-ALL_METHODS = ("stock-cudnn", "stock-flash", "dense", "radial", "gna")
-RUN_ORDER = ("stock-cudnn", "stock-flash", "radial", "gna", "dense")
+ALL_METHODS = ("stock-cudnn", "stock-flash", "dense", "radial", "gna", "vmoba", "vmoba-mean")
+RUN_ORDER = ("stock-cudnn", "stock-flash", "radial", "gna", "vmoba", "vmoba-mean", "dense")
 STOCK_BACKENDS = {"stock-cudnn": "CUDNN_ATTENTION", "stock-flash": "FLASH_ATTENTION"}
 RADIAL_PRESET = "wan2.1-14b"
 NUM_STEPS = 50
@@ -431,6 +440,7 @@ class ModelRun:
         self.schedule = Schedule.from_method(self.radial)
         self.gna_table: list[dict] = []
         self.gna_config: dict | None = None
+        self.vmoba_stats: dict[str, list[dict]] = {}  # VMoBA selection reports (run_vmoba)
         self.radial_density: float | None = None
         self.model = None
         self.inputs = None
@@ -628,6 +638,8 @@ class ModelRun:
                 if measure_dense or not self.reuse_dense_step("gna", config):
                     phases.append(("dense-step", 0))
                 self.run_fastdit("gna", gna, self.schedule, phases, config)
+            elif method in VMOBA_METHODS:
+                run_vmoba(self, method)
         return self.rows
 
     def close(self) -> None:
@@ -635,6 +647,108 @@ class ModelRun:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ VMoBA
+# Everything VMoBA-specific of this benchmark lives here (rows, schedule, selection report).
+#
+# VMoBA with the paper's training-free defaults (tau 0.25 global threshold, published partition
+# sizes at 480p/720p, first 25% of the steps dense: 13 of 50) on fastdit's kernel, in two rows:
+# ``vmoba`` (query tiles take the union of their queries' selections: every selected pair is
+# computed) and ``vmoba-mean`` (a tile's mean query selects; density follows tau). Their dense step
+# runs every layer on the stock path, exactly Radial's dense step, so Radial's timing is reused
+# when that row ran (measured otherwise). The sparse step is timed at step index 13 (each layer
+# selects its partitions from Q and K, then runs the kernel). One extra, untimed cond forward at
+# that step runs ``VMoBA.analyze`` on layers 0-2 (1D, 2D, 3D partitions): the exact token-level
+# density of the rule next to the density after the query-tile aggregation and the key-block
+# rounding. The weights are random, so Q and K have no structure: the token-level selection is
+# scattered and the union rule computes nearly every block; a trained model's attention is local.
+
+VMOBA_METHODS = {
+    "vmoba": dict(query_aggregation="union"),
+    "vmoba-mean": dict(query_aggregation="mean"),
+}
+VMOBA_COLORS = {"vmoba": "tab:purple", "vmoba-mean": "tab:pink"}
+VMOBA_ANALYZED_LAYERS = 3
+
+
+def vmoba_dense_steps(num_steps: int) -> int:
+    """Dense steps of VMoBA's default schedule (a fraction of the steps) for ``num_steps``."""
+    return math.ceil(VMoBA().dense_steps * num_steps - 1e-9)
+
+
+def vmoba_selection_stats(model_run: "ModelRun", method: VMoBA, step_index: int) -> list[dict]:
+    """``VMoBA.analyze`` on the Q/K of layers 0-2 of one cond forward at ``step_index``."""
+    from unittest import mock
+
+    stats: list[dict] = []
+    attend = VMoBA.attend
+
+    def analyze_then_attend(self, query, key, value, call):
+        if call.layer < VMOBA_ANALYZED_LAYERS and call.context == "cond":
+            result = self.analyze(query, key, call.layout, call.layer)
+            stats.append(dict(layer=call.layer, **vars(result)))
+        return attend(self, query, key, value, call)
+
+    handle = fastdit.apply(model_run.model, method)
+    timestep = torch.tensor([TIMESTEP], device=model_run.device)
+    try:
+        with torch.inference_mode(), mock.patch.object(VMoBA, "attend", analyze_then_attend):
+            with model_run.model.cache_context("cond", step_index=step_index,
+                                               num_inference_steps=NUM_STEPS):
+                model_run.model(hidden_states=model_run.inputs.latent, timestep=timestep,
+                                encoder_hidden_states=model_run.inputs.text_cond,
+                                return_dict=False)
+    finally:
+        handle.remove()
+    return stats
+
+
+def run_vmoba(model_run: "ModelRun", name: str) -> None:
+    """The rows of one VMoBA variant on one model: dense step (reused from Radial when possible),
+    sparse step, and the selection report in ``model_run.vmoba_stats[name]``."""
+    method = VMoBA(**VMOBA_METHODS[name])
+    grid = model_run.grid
+    dense_steps = vmoba_dense_steps(NUM_STEPS)
+    sizes = method.resolve_partition_sizes(grid)
+    config = (f"VMoBA(tau={method.tau}, {method.selection}, {method.query_aggregation} tiles, "
+              f"partitions 1D {sizes[0]} 2D {sizes[1]} 3D {sizes[2]}, block "
+              f"{method.block_size}): dense_steps {dense_steps}/{NUM_STEPS}")
+    phases = [("sparse-step", dense_steps)]
+    if not model_run.reuse_dense_step(name, config):
+        phases.insert(0, ("dense-step", 0))
+    model_run.run_fastdit(name, method, Schedule.from_method(method), phases, config)
+    for row in model_run.rows:
+        if row["method"] == name:
+            row["plan_density"] = None  # chosen per call: the "ran" column is the density
+    if model_run.fastdit_unavailable() is not None:
+        return
+    try:
+        stats = vmoba_selection_stats(model_run, method, dense_steps)
+    except Exception as exc:  # the report is extra; its failure must not end the run
+        print(f"[{model_run.spec.name}] {name} selection report failed: {describe_error(exc)}",
+              flush=True)
+        return
+    model_run.vmoba_stats[name] = stats
+    for s in stats:
+        print(f"[{model_run.spec.name}] {name} layer {s['layer']} ({s['kind']}, box {s['box']}, "
+              f"{s['num_partitions']} partitions): token density {s['token_density']:.3f}, "
+              f"after tile aggregation {s['tile_density']:.3f}, computed "
+              f"{s['computed_density']:.3f}, block density {s['block_density']:.3f}", flush=True)
+    if model_run.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def format_vmoba_stats(name: str, stats: list[dict]) -> list[str]:
+    lines = [f"{name} selection (cond pass, sparse step; pairs over N^2, video only; block = plan "
+             "blocks incl. text):",
+             f"{'layer':>7} {'kind':<5}{'box':<16}{'parts':>6}{'token':>8}{'tile':>8}"
+             f"{'computed':>10}{'block':>8}"]
+    for s in stats:
+        lines.append(f"{s['layer']:>7} {s['kind']:<5}{str(tuple(s['box'])):<16}"
+                     f"{s['num_partitions']:>6}{s['token_density']:>8.3f}{s['tile_density']:>8.3f}"
+                     f"{s['computed_density']:>10.3f}{s['block_density']:>8.3f}")
+    return lines
 
 
 # ------------------------------------------------------------------------------ estimates
@@ -651,11 +765,12 @@ def estimate_rows(rows: list[dict], num_steps: int, dense_steps: int) -> list[di
     for model in dict.fromkeys(r["model"] for r in rows):
         per_model = []
         for method in ALL_METHODS:
-            if method in ("radial", "gna"):
+            if method in ("radial", "gna", *VMOBA_METHODS):
                 dense, sparse = (find(rows, model, method, p) for p in ("dense-step",
                                                                          "sparse-step"))
                 parts = [dense, sparse]
-                n_dense, n_sparse = dense_steps, num_steps - dense_steps
+                n_dense = vmoba_dense_steps(num_steps) if method in VMOBA_METHODS else dense_steps
+                n_sparse = num_steps - n_dense
             else:
                 dense = sparse = find(rows, model, method, "step")
                 parts = [dense]
@@ -743,7 +858,7 @@ def evaluate_targets(estimates: list[dict], metadata: dict) -> list[dict]:
     for model in models_run:
         if model == TARGET_MODEL or metadata.get("smoke"):
             continue
-        for method in ("radial", "gna", "dense"):
+        for method in ("radial", "gna", *VMOBA_METHODS, "dense"):
             est = next((r for r in estimates if r["model"] == model and r["method"] == method
                         and r["status"] == "ok"), None)
             if est and est["speedup_vs_cudnn"] is not None:
@@ -810,6 +925,8 @@ def format_tables(rows: list[dict], estimates: list[dict], metadata: dict) -> st
                     f"{format_number(e['speedup_vs_flash'], '.3f'):>8}"
                     f"{format_number(e['step_density'], '.3f'):>9}"
                 )
+        for method, stats in metadata.get("vmoba", {}).get(model, {}).items():
+            lines += format_vmoba_stats(method, stats)
         gna = metadata.get("gna", {}).get(model)
         if gna:
             c = gna["chosen"]
@@ -852,7 +969,7 @@ def plot_results(rows: list[dict], estimates: list[dict], metadata: dict, path: 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(len(models), 2, figsize=(14, 4.5 * len(models)), squeeze=False)
     colors = {"stock-cudnn": "black", "stock-flash": "tab:gray", "dense": "tab:blue",
-              "radial": "tab:orange", "gna": "tab:green"}
+              "radial": "tab:orange", "gna": "tab:green", **VMOBA_COLORS}
     for index, model in enumerate(models):
         ax_step, ax_e2e = axes[index]
         ok = display_order([r for r in rows if r["model"] == model and r["status"] == "ok"])
@@ -891,7 +1008,8 @@ def plot_results(rows: list[dict], estimates: list[dict], metadata: dict, path: 
         ax_e2e.set_xticks(list(xs), [e["method"] for e in est], fontsize=8)
         ax_e2e.set_ylabel(f"s per {metadata['num_steps']}-step generation (transformer)")
         ax_e2e.set_title(f"{model}: {metadata['num_steps']}-step estimate "
-                         f"({metadata['dense_steps']} dense steps for radial/gna)")
+                         f"({metadata['dense_steps']} dense steps for radial/gna, "
+                         f"{vmoba_dense_steps(metadata['num_steps'])} for vmoba)")
         if totals:
             ax_e2e.set_ylim(0, max(totals) * 1.3)
         ax_e2e.grid(True, axis="y", alpha=0.3)
@@ -1032,6 +1150,7 @@ def main(argv: list[str] | None = None) -> None:
     metadata = collect_metadata(args, device, dtype)
     metadata["model_labels"] = {s.name: s.label for s in specs}
     metadata["gna"] = {}
+    metadata["vmoba"] = {}
     print(f"device {metadata['device_name']} ({device}), {metadata['dtype']}, models "
           f"{args.models}, methods {args.methods}; diffusers attention backend "
           f"{metadata['diffusers_attention_backend']}; fastdit backends (None = can run): "
@@ -1050,6 +1169,8 @@ def main(argv: list[str] | None = None) -> None:
                 metadata["gna"][spec.name] = dict(radial_density=model_run.radial_density,
                                                   chosen=model_run.gna_config,
                                                   candidates=model_run.gna_table)
+            if model_run.vmoba_stats:
+                metadata["vmoba"][spec.name] = model_run.vmoba_stats
             model_run.close()  # frees this model before the next one is built
             del model_run
         # Written after every model, so that a run cut short keeps the finished models.

@@ -2,7 +2,8 @@
 
 Checks, on fresh random inputs, the Triton kernels against ``fastdit.kernels.reference`` for every
 dtype, head_dim, layout, block size, ragged length and key padding; the dense plan against cuDNN
-SDPA at the Wan2.1-1.3B 480p shape; and a tensor of more than 2**31 elements (64-bit offsets).
+SDPA at the Wan2.1-1.3B 480p shape; a tensor of more than 2**31 elements (64-bit offsets); and
+segment pooling and VMoBA's per-call selection and attention (section ``vmoba``).
 Prints one line per check and exits non-zero on any failure. Run: ``python benchmarks/gpu_check.py``.
 """
 
@@ -41,7 +42,7 @@ def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SECTIONS = ("offsets", "cudnn", "helpers", "reference", "window")
+SECTIONS = ("offsets", "cudnn", "helpers", "reference", "window", "vmoba")
 
 
 def check_against_reference(generator: torch.Generator, dtypes, head_dims) -> None:
@@ -156,6 +157,43 @@ def check_64bit_offsets(generator: torch.Generator) -> None:
         torch.cuda.empty_cache()
 
 
+def check_vmoba(generator: torch.Generator) -> None:
+    """Segment pooling against loops; VMoBA's selection on the GPU against the same selection on
+    the CPU (PyTorch paths), and its attention against the reference with the same plan, on the
+    Wan 480p grid with 4 heads, for every partition kind and both query aggregations."""
+    from fastdit import LatentGrid, SequenceLayout, VMoBA
+    from fastdit.kernels import segment_mean_pool
+    from fastdit.methods.base import AttentionCall
+
+    x = torch.randn(2, 5000, 4, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 1, 130, 1365, 2000, 4999, 5000], device="cuda")
+    pooled = segment_mean_pool(x, offsets)
+    expected = torch.stack([x[:, a:b].float().mean(1) for a, b in zip(offsets[:-1], offsets[1:])], 2)
+    record("segment_mean_pool bf16", max_abs_error(pooled, expected), 1e-4)
+
+    grid = LatentGrid(21, 30, 52)
+    layout = SequenceLayout(grid)
+    q, k, v = (torch.randn(1, grid.num_tokens, 4, 128, device="cuda", generator=generator,
+                           dtype=torch.bfloat16) for _ in range(3))
+    for aggregation in ("union", "mean"):
+        method = VMoBA(tau=0.05, query_aggregation=aggregation)
+        for layer in range(3):
+            name = f"vmoba {aggregation} layer {layer}"
+            chosen = method.select(q, k, layout, layer)
+            on_cpu = method.select(q.cpu(), k.cpu(), layout, layer)
+            mismatch = (chosen.tile_partitions.cpu() != on_cpu.tile_partitions).double().mean().item()
+            record(name + " selection vs CPU (mismatch fraction)", mismatch, 1e-3,
+                   density=chosen.sparsity.density)
+            call = AttentionCall(method.plan(layout, q.device), layer, 30, 0, 20, 50, "cond", 1)
+            out, density = method.attend(q, k, v, call)
+            ref, _ = attention_reference(
+                chosen.permute(q), chosen.permute(k), chosen.permute(v), chosen.sparsity,
+                scale=128**-0.5,
+            )
+            record(name + " attention vs reference", max_abs_error(out, chosen.unpermute(ref)), 2e-2,
+                   density=float(density))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
@@ -173,6 +211,8 @@ def main() -> int:
         check_helpers(generator)
     if "window" in sections:
         check_window_masks(generator)
+    if "vmoba" in sections:
+        check_vmoba(generator)
     if "reference" in sections:
         dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
         check_against_reference(generator, dtypes, [int(d) for d in args.head_dims.split(",")])

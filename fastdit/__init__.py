@@ -10,12 +10,19 @@ The whole system is one line::
 
 from . import kernels, layout
 from .integration import apply, attach, remove, supported_models
-from .kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention
+from .kernels import (
+    BlockSparsity,
+    block_mass,
+    block_mean_pool,
+    block_sparse_attention,
+    segment_mean_pool,
+)
 from .layout import LatentGrid, SequenceLayout, TextSegment, TilePermutation
 from .methods.agent import Agent
 from .methods.dense import Dense
 from .methods.gna import GNA
 from .methods.radial import Radial
+from .methods.vmoba import VMoBA
 from .natten import na1d, na2d, na3d
 from .schedule import Schedule
 
@@ -27,6 +34,7 @@ __all__ = [
     "Dense",
     "Radial",
     "Schedule",
+    "VMoBA",
     "apply",
     "attach",
     "remove",
@@ -43,6 +51,7 @@ __all__ = [
     "block_mass",
     "block_mean_pool",
     "block_sparse_attention",
+    "segment_mean_pool",
     "kernels",
     "layout",
 ]

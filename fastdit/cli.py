@@ -41,6 +41,7 @@ METHOD_CLASS_NAMES = {
     "radial": "Radial",
     "gna": "GNA",
     "agent": "Agent",
+    "vmoba": "VMoBA",
 }
 ATTENTION_METHODS = tuple(METHOD_CLASS_NAMES)
 DTYPES = ("float32", "float16", "bfloat16")

@@ -11,6 +11,7 @@ from .dispatch import (
     block_sparse_attention,
     choose_backend,
     explain_backends,
+    segment_mean_pool,
 )
 from .plan import SUPPORTED_BLOCK_SIZES, BlockSparsity
 from .window import WindowMask
@@ -25,4 +26,5 @@ __all__ = [
     "block_sparse_attention",
     "choose_backend",
     "explain_backends",
+    "segment_mean_pool",
 ]

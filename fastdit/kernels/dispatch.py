@@ -301,3 +301,54 @@ def block_mean_pool(
     from .reference import block_mean_pool_reference
 
     return block_mean_pool_reference(x, block_size, layout=layout)
+
+
+def segment_mean_pool(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    layout: str = "bshd",
+    validate: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Mean of each run ``offsets[c] <= j < offsets[c + 1]`` of tokens: fp32 ``[B, H, nseg, D]``.
+
+    ``offsets`` is an integer tensor ``[nseg + 1]`` on ``x``'s device, strictly increasing from 0
+    to ``S`` (every run non-empty): runs of differing lengths, e.g. ragged partitions laid out
+    contiguously. ``validate`` checks that, at the cost of one host synchronisation; callers that
+    build the offsets themselves pass ``validate=False`` and stay sync-free.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_tensor("x", x)
+    _, seq_len, _, head_dim = _split_shape(x, layout)
+    if (
+        not isinstance(offsets, torch.Tensor)
+        or offsets.dim() != 1
+        or offsets.numel() < 2
+        or offsets.dtype.is_floating_point
+        or offsets.dtype == torch.bool
+    ):
+        raise ValueError(
+            "offsets must be a 1-D integer tensor [nseg + 1] with at least one segment, got "
+            f"{getattr(offsets, 'dtype', type(offsets).__name__)} "
+            f"{tuple(getattr(offsets, 'shape', ()))}"
+        )
+    if offsets.device != x.device:
+        raise ValueError(f"offsets is on {offsets.device} but x is on {x.device}")
+    if validate:
+        first, last = int(offsets[0]), int(offsets[-1])
+        if first != 0 or last != seq_len or bool((offsets[1:] <= offsets[:-1]).any()):
+            raise ValueError(
+                f"offsets must increase strictly from 0 to the sequence length {seq_len}, got "
+                f"{offsets.tolist() if offsets.numel() <= 16 else f'[{first}, ..., {last}]'}"
+            )
+    x = _unit_last_stride(x)
+    offsets = offsets.to(torch.int32).contiguous()
+    if choose_backend(x.device, x.dtype, head_dim, backend) == "triton":
+        from .pooling import triton_segment_mean_pool
+
+        return triton_segment_mean_pool(x, offsets, layout=layout)
+    from .reference import segment_mean_pool_reference
+
+    return segment_mean_pool_reference(x, offsets, layout=layout)

@@ -84,11 +84,17 @@ class BlockSparsity:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_block_map(
-        cls, block_map: torch.Tensor, block_size: int | tuple[int, int] = 128
+        cls,
+        block_map: torch.Tensor,
+        block_size: int | tuple[int, int] = 128,
+        max_kv: int | None = None,
     ) -> BlockSparsity:
         """From a boolean ``[B|1, H|1, nQ, nK]`` map (True = visit), on any device.
 
-        Costs one host synchronisation (to size the index tensor); do it once per shape.
+        Sizing the index tensor to the longest row costs one host synchronisation; do it once per
+        shape. Methods that build plans inside a denoising step pass ``max_kv`` (e.g. ``nK``, an
+        upper bound on every row's count) and stay sync-free: kernels only read the first
+        ``kv_counts`` entries of a row, so a wider index tensor costs memory, not time.
         """
         q_block, kv_block = normalize_block_size(block_size)
         if block_map.dtype != torch.bool:
@@ -99,7 +105,10 @@ class BlockSparsity:
             )
         num_kv_blocks = block_map.shape[-1]
         counts = block_map.sum(dim=-1, dtype=torch.int32)
-        max_kv = max(int(counts.max()), 1) if counts.numel() else 1
+        if max_kv is None:
+            max_kv = max(int(counts.max()), 1) if counts.numel() else 1
+        elif not 1 <= max_kv <= num_kv_blocks:
+            raise ValueError(f"max_kv must be in [1, nK={num_kv_blocks}], got {max_kv=}")
         # A stable sort of "not kept" puts the kept blocks first, in ascending order.
         order = torch.sort((~block_map).to(torch.uint8), dim=-1, stable=True).indices
         indices = order[..., :max_kv].to(torch.int32)

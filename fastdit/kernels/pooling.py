@@ -1,11 +1,13 @@
-"""Block mean pooling: the Triton kernel and its launcher.
+"""Block and segment mean pooling: the Triton kernel and its launchers.
 
 For every batch ``b``, head ``h`` and block ``c`` of ``block_size`` consecutive tokens (any size,
 not only powers of two)::
 
     pooled[b, h, c] = mean_{j in block c, j < S} x[b, j, h]        (fp32, [B, H, nb, D])
 
-The last block averages only its real tokens. VMoBA's key-block summaries and agent pooling are
+The last block averages only its real tokens. With segment offsets instead of a block size, block
+``c`` is the run ``offsets[c] <= j < offsets[c + 1]`` (runs of any, differing lengths: VMoBA's
+ragged partitions in partition-major order). VMoBA's key-block summaries and agent pooling are
 built on it.
 """
 
@@ -20,10 +22,10 @@ from .attention import _strides
 
 @triton.jit
 def _block_mean_pool_kernel(
-    X, Pooled,
+    X, Pooled, Offsets,
     stride_xb, stride_xh, stride_xs,
     num_heads, seq_len, head_dim, num_blocks, block_size,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_OFFSETS: tl.constexpr,
 ):
     block = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -32,8 +34,12 @@ def _block_mean_pool_kernel(
     offs_s = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    block_start = block * block_size
-    block_end = tl.minimum(block_start + block_size, seq_len)
+    if HAS_OFFSETS:
+        block_start = tl.load(Offsets + block).to(tl.int32)
+        block_end = tl.load(Offsets + block + 1).to(tl.int32)
+    else:
+        block_start = block * block_size
+        block_end = tl.minimum(block_start + block_size, seq_len)
     x_ptrs = (
         X + batch.to(tl.int64) * stride_xb + head.to(tl.int64) * stride_xh
         + block_start.to(tl.int64) * stride_xs
@@ -61,8 +67,28 @@ def triton_block_mean_pool(x: torch.Tensor, block_size: int, *, layout: str) -> 
         (batch, heads, num_blocks, head_dim), dtype=torch.float32, device=x.device
     )
     _block_mean_pool_kernel[(num_blocks, batch * heads)](
-        x, pooled, *_strides(x, layout), heads, seq_len, head_dim, num_blocks, block_size,
+        x, pooled, pooled, *_strides(x, layout), heads, seq_len, head_dim, num_blocks, block_size,
         CHUNK=min(64, triton.next_power_of_2(block_size)),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_OFFSETS=False, num_warps=4,
+    )
+    return pooled
+
+
+def triton_segment_mean_pool(x: torch.Tensor, offsets: torch.Tensor, *, layout: str) -> torch.Tensor:
+    """Launch the pooling kernel over the runs ``[offsets[c], offsets[c + 1])`` (see
+    ``fastdit.kernels.segment_mean_pool``); ``offsets`` is a validated int tensor on ``x``'s device."""
+    if layout == "bshd":
+        batch, seq_len, heads, head_dim = x.shape
+    else:
+        batch, heads, seq_len, head_dim = x.shape
+    num_segments = offsets.numel() - 1
+    pooled = torch.empty(
+        (batch, heads, num_segments, head_dim), dtype=torch.float32, device=x.device
+    )
+    # Segment lengths live on the device; a fixed chunk avoids reading them on the host.
+    _block_mean_pool_kernel[(num_segments, batch * heads)](
+        x, pooled, offsets, *_strides(x, layout), heads, seq_len, head_dim, num_segments, 1,
+        CHUNK=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_OFFSETS=True,
+        num_warps=4,
     )
     return pooled

@@ -132,3 +132,14 @@ def block_mean_pool_reference(x: torch.Tensor, block_size: int, *, layout: str =
     sums.index_add_(2, block_of, xf)
     counts = torch.bincount(block_of, minlength=num_blocks).to(torch.float32)
     return sums / counts[:, None]
+
+
+def segment_mean_pool_reference(x: torch.Tensor, offsets: torch.Tensor, *, layout: str = "bshd") -> torch.Tensor:
+    """Mean of each run ``[offsets[c], offsets[c + 1])`` of tokens, fp32 ``[B, H, nseg, D]``."""
+    xf = _to_bhsd_fp32(x, layout)
+    offsets = offsets.to(device=x.device, dtype=torch.long)
+    lengths = offsets[1:] - offsets[:-1]
+    segment_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
+    sums = torch.zeros((*xf.shape[:2], lengths.numel(), xf.shape[3]), device=x.device)
+    sums.index_add_(2, segment_of, xf)
+    return sums / lengths.to(torch.float32)[:, None]

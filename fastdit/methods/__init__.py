@@ -9,5 +9,6 @@ from .agent import Agent
 from .base import MethodPlan
 from .gna import GNA, GNACheck
 from .radial import Radial
+from .vmoba import VMoBA
 
-__all__ = ["Agent", "GNA", "GNACheck", "MethodPlan", "Radial"]
+__all__ = ["Agent", "GNA", "GNACheck", "MethodPlan", "Radial", "VMoBA"]
