@@ -129,10 +129,12 @@ SHAPES = {
         Shape("wan14b-720p", seq_len=75_600, heads=40, head_dim=128),
     )
 }
-# Ragged lengths on purpose (1000 = 7 * 128 + 104, 1900 = 14 * 128 + 108).
+# Ragged lengths on purpose (300 = 2 * 128 + 44, 1000 = 7 * 128 + 104, 1900 = 14 * 128 + 108);
+# smoke-300 is small enough for Triton's interpreter on a CPU (the tests run it).
 SMOKE_SHAPES = {
     s.name: s
     for s in (
+        Shape("smoke-300", seq_len=300, heads=1, head_dim=32),
         Shape("smoke-1k", seq_len=1000, heads=2, head_dim=64),
         Shape("smoke-2k", seq_len=1900, heads=3, head_dim=64),
     )
@@ -437,7 +439,7 @@ class ShapeRun:
 
     def log(self, row: dict, wall_s: float | None = None) -> None:
         head = (f"[{row['shape']}] {row['mask']:<6} {row['target_density']:<6.4g} "
-                f"{row['backend']:<7} {row['layout']}")
+                f"{row['backend']:<8} {row['layout']}")
         if row["status"] == "ok":
             print(f"{head} {row['ms']:10.3f} ms {row['tflops']:8.4g} TFLOP/s  "
                   f"err {row['err_vs_ref']:.2e}  ({wall_s:.1f} s)", flush=True)
@@ -636,7 +638,7 @@ def format_number(value: float | None, spec: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'mask':<7}{'target':>7}{'dens':>7}  {'backend':<8}{'layout':<7}{'ms':>10}"
+    header = (f"{'mask':<7}{'target':>7}{'dens':>7}  {'backend':<9}{'layout':<7}{'ms':>10}"
               f"{'TFLOP/s':>10}{'xcuDNN':>8}{'err_ref':>10}{'rel_err':>9}  {'peer diff':<17}"
               f"{'plan_ms':>8}")
     lines = []
@@ -648,7 +650,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(header)
         for r in shape_rows:
             start = (f"{r['mask']:<7}{r['target_density']:>7.3f}{r['density']:>7.3f}  "
-                     f"{r['backend']:<8}{r['layout']:<7}")
+                     f"{r['backend']:<9}{r['layout']:<7}")
             if r["status"] != "ok":
                 lines.append(f"{start}{r['status'].upper()}: {(r['error'] or '')[:90]}")
                 continue

@@ -91,11 +91,10 @@ from typing import Any
 
 import numpy as np
 
+from . import cli
 from .cli import (
-    ATTENTION_METHODS,
     DEFAULT_PROMPT,
     DEFAULT_SEED,
-    METHOD_CLASS_NAMES,
     TINY_DESCRIPTION,
     UsageError,
     _method_classes,
@@ -166,9 +165,10 @@ def _check_label(label: str, where: str) -> None:
 
 
 def _check_method_name(name: str, where: str) -> None:
-    if name not in ATTENTION_METHODS:
+    # Read from cli at call time: the method table is the one place methods are registered.
+    if name not in cli.ATTENTION_METHODS:
         raise UsageError(
-            f"{where}: unknown method {name!r}; valid methods: {', '.join(ATTENTION_METHODS)}"
+            f"{where}: unknown method {name!r}; valid methods: {', '.join(cli.ATTENTION_METHODS)}"
         )
 
 
@@ -319,10 +319,11 @@ def parse_method_entries(args: argparse.Namespace) -> list[MethodEntry]:
         entry.preset = name.strip()
 
     for entry in entries:
-        entry.method = build_method(
-            entry.name, entry.options, entry.preset,
-            method_flag=f"method {entry.label!r} ({entry.source}):", option_flag="--method-opt",
-        )
+        try:
+            entry.method = build_method(entry.name, entry.options, entry.preset,
+                                        method_flag="method", option_flag="--method-opt")
+        except UsageError as exc:
+            raise UsageError(f"method {entry.label!r} ({entry.source}): {exc}") from None
         if entry.name != "dense":
             amounts = {key: getattr(args, key) for key in _DENSE_KEYS}
             for key in _DENSE_KEYS:
@@ -789,7 +790,7 @@ def run_compare(args: argparse.Namespace) -> int:
             {
                 "label": run.label,
                 "method": run.entry.name if run.entry else "stock",
-                "class": METHOD_CLASS_NAMES[run.entry.name] if run.entry else None,
+                "class": type(run.entry.method).__name__ if run.entry else None,
                 "config": _config_json(run.entry.method) if run.entry else None,
                 "preset": run.entry.preset if run.entry else None,
                 "schedule": _schedule_json(run.entry.schedule) if run.entry else None,

@@ -156,6 +156,19 @@ def _matplotlib():
     return plt
 
 
+def _finish(plt, fig, axis, path: Path, xlabel: str, ylabel: str, title: str,
+            legend: bool) -> None:
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=10)
+    axis.grid(True, alpha=0.3)
+    if legend:
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _method_runs(results: dict) -> list[dict]:
     return [run for run in results["runs"] if run["method"] != "stock"]
 
@@ -183,15 +196,9 @@ def _plot_speedup_vs_psnr(plt, results: dict, path: Path) -> None:
             axis.scatter([x], [transformer], facecolors="none", edgecolors=color, marker=marker,
                          s=60)
     axis.axhline(1.0, color="gray", linestyle=":", linewidth=1)
-    axis.set_xlabel("PSNR vs dense (dB; arrow at the edge: identical)")
-    axis.set_ylabel("speedup over dense")
-    axis.set_title("speed vs quality (filled: end to end, hollow: transformer)", fontsize=10)
-    axis.grid(True, alpha=0.3)
-    if runs:
-        axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, axis, path, "PSNR vs dense (dB; arrow at the edge: identical)",
+            "speedup over dense", "speed vs quality (filled: end to end, hollow: transformer)",
+            legend=bool(runs))
 
 
 def _plot_psnr_per_frame(plt, results: dict, path: Path) -> None:
@@ -217,15 +224,8 @@ def _plot_psnr_per_frame(plt, results: dict, path: Path) -> None:
         axis.axhline(top, color="gray", linestyle="--", linewidth=1)
         axis.annotate("identical (inf)", (0, top), textcoords="offset points", xytext=(2, 3),
                       fontsize=8, color="gray")
-    axis.set_xlabel("frame")
-    axis.set_ylabel("PSNR vs dense (dB), mean over videos")
-    axis.set_title("per-frame PSNR")
-    axis.grid(True, alpha=0.3)
-    if curves:
-        axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, axis, path, "frame", "PSNR vs dense (dB), mean over videos",
+            "per-frame PSNR", legend=bool(curves))
 
 
 def _plot_density(plt, results: dict, path: Path) -> bool:
