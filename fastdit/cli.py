@@ -442,14 +442,19 @@ def check_supported_pipeline(pipe) -> None:
 
 def compile_transformers(pipe) -> None:
     """Regional ``torch.compile`` of each transformer's repeated blocks (diffusers'
-    ``compile_repeated_blocks``), or of the whole transformer when it declares none."""
+    ``compile_repeated_blocks``). The transformer's own forward stays eager, so fastdit's
+    transformer hook (grid, step) and the timing hooks run outside the compiled blocks; the
+    block-level token-permutation hooks of permuting methods (GNA) are traced with their block.
+    GPU only, and not exercised by the CPU test suite."""
     from .runner import _transformer_models
 
     for model in _transformer_models(pipe):
-        if getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks"):
-            model.compile_repeated_blocks()
-        else:
-            model.compile()
+        if not (getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks")):
+            raise UsageError(
+                f"--compile: {type(model).__name__} declares no repeated blocks to compile "
+                "(diffusers' _repeated_blocks)"
+            )
+        model.compile_repeated_blocks()
 
 
 def load_for_run(args: argparse.Namespace, setup: RunSetup):
@@ -732,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
             "density per layer and step, peak memory), report.md, report.html, results.json.\n\n"
             "Examples:\n"
             "  fastdit compare                                  # tiny model, CPU, ~1 min\n"
-            "  fastdit compare --methods radial,gna,g7=gna --method-opt gna:window=1,5,5 \\\n"
-            "      --method-opt g7:window=3,7,7\n"
+            "  fastdit compare --methods radial,gna,g3=gna --method-opt gna:window=1,5,5 \\\n"
+            "      --method-opt g3:window=3,5,5\n"
             "  fastdit compare --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --methods radial \\\n"
             "      --preset radial:wan2.1-14b --prompts-file prompts.txt --seed 0,1\n\n"
             "A method entry is NAME or LABEL=NAME (LABEL: letters, digits, '.', '_', '-'); the\n"
@@ -838,7 +843,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} requested but CUDA is not available here")
     rows = [("fastdit", fastdit.__version__), ("python", sys.version.split()[0])]
-    rows += [(package, version(package)) for package in ("torch", "triton", "diffusers", "transformers", "xformers")]
+    rows += [(package, version(package)) for package in ("torch", "triton", "diffusers", "transformers")]
     if torch.cuda.is_available():
         rows.append(("cuda", torch.version.cuda))
         rows.append(("cudnn", str(torch.backends.cudnn.version())))

@@ -650,8 +650,8 @@ def run_compare(args: argparse.Namespace) -> int:
     for prompt in prompts:
         kwargs, dropped = pipeline_call_kwargs(pipe, prompt, setup.settings, args.negative_prompt)
         call_kwargs.append(kwargs)
-    for name in dropped:
-        notices.append(f"{type(pipe).__name__} takes no {name}; ignored")
+    # The same settings for every prompt: the same names are dropped for each.
+    notices += [f"{type(pipe).__name__} takes no {name}; ignored" for name in dropped]
     if args.no_lpips:
         lpips_scorer, lpips_reason = None, "disabled with --no-lpips"
     else:
@@ -718,7 +718,7 @@ def run_compare(args: argparse.Namespace) -> int:
                             expected, result.frames, data_range=255, device=setup.device,
                             lpips_scorer=lpips_scorer)
                     extra, extra_note = _records(result)
-                    if extra_note:
+                    if extra_note and f"{run.label}: {extra_note}" not in notices:
                         notices.append(f"{run.label}: {extra_note}")
                     run.speeds.append(result.speed)
                     run.qualities.append(quality)

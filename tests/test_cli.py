@@ -305,6 +305,10 @@ def test_info_reports_versions_backends_and_reasons(capsys, monkeypatch):
     assert "triton     cannot run: tensors are on the CPU and TRITON_INTERPRET=1 is not set" in out
     assert "reference  can run" in out
     assert "WanTransformer3DModel" in out and "radial" in out
+    assert "optional packages:" in out and "matplotlib" in out and "lpips" in out
+    assert "radial     Radial: decay=0.2, block_size=128" in out
+    assert "gna        GNA: window (required)" in out
+    assert "presets: wan2.1-14b, hunyuanvideo" in out
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["info", "--device", "cpu"]) == 0
     assert "triton     can run" in capsys.readouterr().out
