@@ -289,6 +289,7 @@ def parse_method_entries(args: argparse.Namespace) -> list[MethodEntry]:
             )
         seen.add(entry.label)
 
+    given: set[tuple[str, str]] = set()  # (label, key) set on this command line
     for item in args.method_opt or ():
         key_part, sep, value = item.partition("=")
         prefix, colon, key = key_part.rpartition(":")
@@ -298,7 +299,10 @@ def parse_method_entries(args: argparse.Namespace) -> list[MethodEntry]:
                 f"--method-opt expects [LABEL:]KEY=VALUE (e.g. gna:window=3,5,5), got {item!r}"
             )
         entry = _target(entries, prefix.strip() if colon else None, "--method-opt", item)
-        entry.options[key] = parse_value(value)
+        if (entry.label, key) in given:
+            raise UsageError(f"--method-opt {entry.label}:{key} is given more than once")
+        given.add((entry.label, key))
+        entry.options[key] = parse_value(value)  # overrides a config file's or a default
 
     for item in args.preset or ():
         prefix, colon, name = item.rpartition(":")

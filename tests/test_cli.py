@@ -210,6 +210,7 @@ def test_generate_in_process(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "9 frames 64x64 px @ 8 fps, seed 1" in stdout
     assert "latent 3x8x8 -> tokens 3x4x4 = 48" in stdout
+    assert "in 4 forwards, self-attention" in stdout  # 2 steps x (cond, uncond)
     assert f"output       {out}" in stdout
     assert _read_video(out).shape == (9, 64, 64, 3)
 

@@ -252,6 +252,8 @@ def test_bad_config_files(tmp_path, content, needle):
         (["--methods", "radial,gna", "--method-opt", "window=3,3,3"], "LABEL:"),
         (["--method-opt", "g7:window=1,3,3"], "no method labelled 'g7'"),
         (["--method-opt", "gna:window"], "[LABEL:]KEY=VALUE"),
+        (["--method-opt", "radial:decay=1", "--method-opt", "radial:decay=2"],
+         "radial:decay is given more than once"),
         (["--preset", "bogus"], "unknown radial preset 'bogus'"),
         (["--methods", "gna", "--method-opt", "window=1,3,3", "--preset", "gna:x"],
          "has no presets"),
