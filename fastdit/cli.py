@@ -1,12 +1,23 @@
-"""The ``fastdit`` command line: ``fastdit generate`` (``python -m fastdit generate``).
+"""The ``fastdit`` command line (``python -m fastdit``): generate, compare, bench, info.
 
-``generate`` loads a pipeline (by default the embedded, offline tiny Wan model with random
-weights), installs an attention method with :func:`fastdit.apply`, runs it with diffusers'
-progress bar, writes an mp4 and prints a one-screen summary. Subcommands are argparse subparsers,
-each with a ``func`` default, so more (``compare``, ``bench``, ``info``) plug in next to it.
+* ``generate`` loads a pipeline (by default the embedded, offline tiny Wan model with random
+  weights), installs an attention method with :func:`fastdit.apply`, runs it with diffusers'
+  progress bar, writes an mp4 and prints a one-screen summary.
+* ``compare`` runs the same prompts and seeds through dense attention and several methods and
+  writes a report directory (:mod:`fastdit.compare`, :mod:`fastdit.metrics`,
+  :mod:`fastdit.report`).
+* ``bench`` is the kernel micro-benchmark (:mod:`fastdit.bench`; GPU only, ``--smoke`` on CPU).
+* ``info`` prints versions, optional packages, which kernel backends can run and why not, and the
+  supported models, methods and presets.
+
+Subcommands are argparse subparsers, each with a ``func`` default. Loading, sizes, device/dtype,
+``--compile``/``--cpu-offload`` and timing (:mod:`fastdit.runner`) are shared by generate and
+compare.
 
 Exit codes: 0 success, 1 runtime error (model could not be loaded, video could not be written),
-2 bad command line (argparse errors, bad option values, inconsistent sizes), 130 interrupted.
+2 bad command line (argparse errors, unknown method/option/preset, bad option values, sizes the
+model cannot take, an unsupported model class, a missing file given on the command line, a
+GPU-only option without a GPU), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,15 +34,20 @@ from typing import Any
 
 __all__ = [
     "ATTENTION_METHODS",
+    "METHOD_CLASS_NAMES",
+    "RunSetup",
     "UsageError",
     "build_method",
     "build_parser",
     "build_schedule",
+    "check_supported_pipeline",
+    "load_for_run",
     "main",
     "method_options",
     "parse_amount",
     "parse_attention_opts",
     "parse_value",
+    "resolve_run_setup",
     "write_video",
 ]
 
@@ -49,6 +65,7 @@ DEFAULT_PROMPT = "A red fox runs through a snowy forest at sunrise, cinematic ca
 DEFAULT_OUTPUT = "out.mp4"
 DEFAULT_FPS = 16
 DEFAULT_SEED = 0
+TINY_DESCRIPTION = "tiny (embedded, random weights, offline)"
 
 
 class UsageError(ValueError):
@@ -165,24 +182,37 @@ def method_options(cls: type) -> tuple[list[str], list[str]]:
     return [p.name for p in params], [p.name for p in params if p.default is p.empty]
 
 
-def build_method(attention: str, options: dict[str, Any] | None = None, preset: str | None = None):
+def build_method(
+    attention: str,
+    options: dict[str, Any] | None = None,
+    preset: str | None = None,
+    *,
+    method_flag: str = "--attention",
+    option_flag: str = "--attention-opt",
+):
     """The method config for ``--attention``/``--attention-opt``/``--preset``.
 
-    Raises :class:`UsageError` naming the bad method, option or preset and listing valid ones.
+    ``method_flag``/``option_flag`` name the flags in messages (``fastdit compare`` passes its
+    own). Raises :class:`UsageError` naming the bad method, option, preset or file and listing
+    valid ones; an option naming a file that does not exist (a plan file) is a usage error too.
     """
     options = dict(options or {})
     if attention not in ATTENTION_METHODS:
         raise UsageError(
             f"unknown attention method {attention!r}; valid methods: {', '.join(ATTENTION_METHODS)}"
         )
-    if preset is not None and attention != "radial":
-        raise UsageError(f"--preset selects a radial preset, but --attention is {attention!r}")
     cls = _method_classes()[attention]
+    if preset is not None and not callable(getattr(cls, "presets", None)):
+        with_presets = [n for n, c in _method_classes().items() if callable(getattr(c, "presets", None))]
+        raise UsageError(
+            f"--preset {preset!r}: {method_flag} {attention} has no presets (methods with presets: "
+            f"{', '.join(with_presets) or 'none'})"
+        )
     names, required = method_options(cls)
     unknown = [key for key in options if key not in names]
     if unknown:
         raise UsageError(
-            f"unknown option {unknown[0]!r} for --attention {attention}; valid options: "
+            f"unknown option {unknown[0]!r} for {method_flag} {attention}; valid options: "
             f"{', '.join(names) if names else '(none)'}"
         )
     try:
@@ -190,23 +220,23 @@ def build_method(attention: str, options: dict[str, Any] | None = None, preset: 
             valid = list(cls.presets())
             if preset not in valid:
                 raise UsageError(
-                    f"unknown radial preset {preset!r}; valid presets: {', '.join(valid)}"
+                    f"unknown {attention} preset {preset!r}; valid presets: {', '.join(valid)}"
                 )
             return cls.preset(preset, **options)
         missing = [name for name in required if name not in options]
         if missing:
             raise UsageError(
-                f"--attention {attention} requires --attention-opt "
+                f"{method_flag} {attention} requires {option_flag} "
                 + " ".join(f"{name}=..." for name in missing)
                 + (" (e.g. window=3,5,5)" if "window" in missing else "")
             )
         return cls(**options)
-    except TypeError as exc:  # a value of the wrong kind that the config did not catch itself
-        raise UsageError(f"bad --attention-opt for --attention {attention}: {exc}") from None
     except UsageError:
         raise
-    except ValueError as exc:
-        raise UsageError(f"bad --attention-opt for --attention {attention}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # TypeError: a value of a kind the config did not check
+        raise UsageError(f"bad {option_flag} for {method_flag} {attention}: {exc}") from None
+    except OSError as exc:  # an option naming a file (a plan file) that cannot be read
+        raise UsageError(f"bad {option_flag} for {method_flag} {attention}: {exc}") from None
 
 
 def build_schedule(method, dense_steps=None, dense_last_steps=None, dense_layers=None):
@@ -254,24 +284,6 @@ def _describe_schedule(schedule) -> str:
 
 
 # --------------------------------------------------------------------------- video
-def _to_uint8(frames) -> Any:
-    import numpy as np
-
-    frames = np.asarray(frames)
-    if frames.ndim == 5:  # (batch, frames, H, W, C): the first video
-        frames = frames[0]
-    if frames.ndim == 3:  # a single image
-        frames = frames[None]
-    if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected frames shaped (F, H, W, C), got shape {tuple(frames.shape)}")
-    if frames.dtype != np.uint8:
-        frames = (np.clip(np.nan_to_num(frames.astype(np.float32)), 0.0, 1.0) * 255.0).round()
-        frames = frames.astype(np.uint8)
-    if frames.shape[-1] == 1:
-        frames = np.repeat(frames, 3, axis=-1)
-    return np.ascontiguousarray(frames[..., :3])
-
-
 def _write_imageio(frames, path: str, fps: float) -> None:
     import imageio.v2 as imageio
 
@@ -312,7 +324,9 @@ def write_video(frames, path: str, fps: float = DEFAULT_FPS) -> str:
     imageio with the imageio-ffmpeg backend (libx264, yuv420p) first, OpenCV's ``mp4v`` writer
     if that fails. Raises :class:`OSError` when neither can write ``path``.
     """
-    frames = _to_uint8(frames)
+    from .runner import frames_to_uint8
+
+    frames = frames_to_uint8(frames)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     errors = []
@@ -329,7 +343,9 @@ def write_video(frames, path: str, fps: float = DEFAULT_FPS) -> str:
     raise OSError(f"could not write video {path!r}: " + "; ".join(errors))
 
 
-# --------------------------------------------------------------------------- generate
+# --------------------------------------------------------------------------- running a pipeline
+# What generate and compare share: device/dtype and size checks, loading with the GPU-only
+# options, the pipeline settings, the timing probe.
 def _default_device() -> str:
     import torch
 
@@ -355,10 +371,12 @@ def _validate_sizes(height, width, num_frames) -> None:
     bad = [
         f"{name}={value}"
         for name, value in (("height", height), ("width", width))
-        if value is not None and value % 16
+        if value is not None and (value % 16 or value <= 0)
     ]
     if bad:
-        raise UsageError(f"--height and --width must be multiples of 16, got {' and '.join(bad)}")
+        raise UsageError(
+            f"--height and --width must be positive multiples of 16, got {' and '.join(bad)}"
+        )
     if num_frames is not None and num_frames % 4 != 1:
         down, up = (num_frames - 1) // 4 * 4 + 1, ((num_frames - 1) // 4 + 1) * 4 + 1
         near = f"{down} or {up}" if down >= 1 else f"{up}"
@@ -368,11 +386,103 @@ def _validate_sizes(height, width, num_frames) -> None:
         )
 
 
-def _call_parameters(pipe) -> set[str]:
+def _check_gpu_only_options(args: argparse.Namespace, device) -> None:
+    """``--compile`` and ``--cpu-offload`` are GPU-only; ``--cpu-offload`` needs accelerate."""
+    import importlib.util
+
+    for flag, wanted, why in (
+        ("--compile", args.compile, "it compiles the transformer blocks for the GPU"),
+        ("--cpu-offload", args.cpu_offload, "it offloads models from a GPU to the CPU"),
+    ):
+        if wanted and device.type != "cuda":
+            raise UsageError(f"{flag} is GPU-only ({why}), got --device {device}")
+    if args.cpu_offload and importlib.util.find_spec("accelerate") is None:
+        raise UsageError("--cpu-offload needs the accelerate package: pip install accelerate")
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """Resolved device, dtype and pipeline settings of a generate/compare command line."""
+
+    device: Any
+    dtype_name: str
+    dtype: Any
+    tiny: bool
+    settings: dict[str, Any]  # pipeline keyword -> value (None: the pipeline's default)
+
+
+def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
+    """Everything that can be checked without a model, checked before loading one."""
+    from .pipelines.tiny import TINY_DEFAULTS, is_tiny
+
+    _validate_sizes(args.height, args.width, args.num_frames)
+    device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
+    _check_gpu_only_options(args, device)
+    settings = {
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+    }
+    tiny = is_tiny(args.model)
+    if tiny:
+        settings = {k: (TINY_DEFAULTS[k] if v is None else v) for k, v in settings.items()}
+    return RunSetup(device, dtype_name, dtype, tiny, settings)
+
+
+def check_supported_pipeline(pipe) -> None:
+    """A pipeline whose transformer fastdit cannot adapt is a usage error (exit 2)."""
+    from .integration import _adapter_for, _transformers
+
     try:
-        return set(inspect.signature(pipe.__call__).parameters)
-    except (TypeError, ValueError):
-        return set()
+        for model in _transformers(pipe):
+            _adapter_for(model)
+    except ValueError as exc:
+        raise UsageError(f"unsupported model: {exc}") from None
+
+
+def compile_transformers(pipe) -> None:
+    """Regional ``torch.compile`` of each transformer's repeated blocks (diffusers'
+    ``compile_repeated_blocks``). The transformer's own forward stays eager, so fastdit's
+    transformer hook (grid, step) and the timing hooks run outside the compiled blocks; the
+    block-level token-permutation hooks of permuting methods (GNA) are traced with their block.
+    GPU only, and not exercised by the CPU test suite."""
+    from .runner import _transformer_models
+
+    for model in _transformer_models(pipe):
+        if not (getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks")):
+            raise UsageError(
+                f"--compile: {type(model).__name__} declares no repeated blocks to compile "
+                "(diffusers' _repeated_blocks)"
+            )
+        model.compile_repeated_blocks()
+
+
+def load_for_run(args: argparse.Namespace, setup: RunSetup):
+    """Load the pipeline of ``--model``, check fastdit supports it, apply ``--cpu-offload`` and
+    ``--compile``. Returns ``(pipe, load seconds)``."""
+    from .pipelines.tiny import load_pipeline
+
+    start = time.perf_counter()
+    pipe = load_pipeline(
+        args.model, dtype=setup.dtype, device="cpu" if args.cpu_offload else setup.device
+    )
+    check_supported_pipeline(pipe)
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=setup.device)
+    if args.compile:
+        compile_transformers(pipe)
+    return pipe, time.perf_counter() - start
+
+
+def make_probe(pipe, setup: RunSetup, args: argparse.Namespace):
+    from .runner import SpeedProbe
+
+    return SpeedProbe(
+        pipe, setup.device, time_attention=not args.compile,
+        attention_note="not measured under --compile (hooks inside compiled blocks)",
+    )
 
 
 def _latent_description(pipe, height, width, num_frames) -> str | None:
@@ -395,13 +505,10 @@ def _seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
+# --------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from .runner import pipeline_call_kwargs, run_generation
 
-    from .pipelines.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
-
-    # Everything that can be checked without a model is checked before loading one.
-    _validate_sizes(args.height, args.width, args.num_frames)
     attention = args.attention or ("radial" if args.preset else "dense")
     options = parse_attention_opts(args.attention_opt)
     method = build_method(attention, options, args.preset)
@@ -413,95 +520,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         schedule = build_schedule(
             method, args.dense_steps, args.dense_last_steps, args.dense_layers
         )
-    device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
-
-    import fastdit
-
-    tiny = is_tiny(args.model)
-    settings = {
-        "height": args.height,
-        "width": args.width,
-        "num_frames": args.num_frames,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-    }
-    if tiny:
-        settings = {k: (TINY_DEFAULTS[k] if v is None else v) for k, v in settings.items()}
-
-    start = time.perf_counter()
-    pipe = load_pipeline(args.model, dtype=dtype, device=device)
-    load_time = time.perf_counter() - start
-
-    accepted = _call_parameters(pipe)
-    kwargs: dict[str, Any] = {"prompt": args.prompt, "output_type": "np"}
-    if args.negative_prompt is not None:
-        kwargs["negative_prompt"] = args.negative_prompt
-    kwargs.update({k: v for k, v in settings.items() if v is not None})
-    if accepted:
-        dropped = sorted(k for k in kwargs if k not in accepted)
-        for name in dropped:
-            if name != "output_type":
-                print(f"note: {type(pipe).__name__} takes no {name}; ignored")
-            del kwargs[name]
-    kwargs["generator"] = torch.Generator("cpu").manual_seed(args.seed)
-
-    handle = None
-    step_ends: list[float] = []
-    first_call: list[float] = []
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def on_step_end(_pipe, _step, _timestep, callback_kwargs):
-        synchronize()
-        step_ends.append(time.perf_counter())
-        return callback_kwargs
-
-    hooks = []
-
-    def mark_first_call(*_):
-        if not first_call:
-            first_call.append(time.perf_counter())
-
-    if not accepted or "callback_on_step_end" in accepted:
-        kwargs["callback_on_step_end"] = on_step_end
-        for name in ("transformer", "transformer_2"):
-            model = getattr(pipe, name, None)
-            if isinstance(model, torch.nn.Module):
-                hooks.append(model.register_forward_pre_hook(mark_first_call))
-
-    if method is not None:
-        handle = fastdit.apply(pipe, method, schedule=schedule)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    setup = resolve_run_setup(args)
+    pipe, load_time = load_for_run(args, setup)
+    call_kwargs, dropped = pipeline_call_kwargs(
+        pipe, args.prompt, setup.settings, args.negative_prompt
+    )
+    for name in dropped:
+        print(f"note: {type(pipe).__name__} takes no {name}; ignored")
+    probe = make_probe(pipe, setup, args)
     try:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            output = pipe(**kwargs)
-        synchronize()
-        run_time = time.perf_counter() - start
-        density = handle.summary() if handle is not None else None
+        result = run_generation(pipe, call_kwargs, probe, args.seed, method, schedule)
     finally:
-        for hook in hooks:
-            hook.remove()
-        if handle is not None:
-            handle.remove()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-    frames = getattr(output, "frames", None)
-    if frames is None:
-        frames = getattr(output, "images", None)
-    if frames is None:
-        raise ValueError(f"{type(pipe).__name__} returned no frames or images")
-    frames = _to_uint8(frames)
-    backend = write_video(frames, args.output, args.fps)
+        probe.remove()
+    backend = write_video(result.frames, args.output, args.fps)
 
     # ---- one-screen summary
-    num_frames, height, width = frames.shape[:3]
+    speed = result.speed
+    num_frames, height, width = result.frames.shape[:3]
     lines = ["", "fastdit generate"]
-    model_name = "tiny (embedded, random weights, offline)" if tiny else args.model
-    lines.append(f"  model        {model_name} [{type(pipe).__name__}, {device}, {dtype_name}]")
+    model_name = TINY_DESCRIPTION if setup.tiny else args.model
+    lines.append(f"  model        {model_name} [{type(pipe).__name__}, {setup.device}, "
+                 f"{setup.dtype_name}]")
     video = f"{num_frames} frames {height}x{width} px @ {args.fps:g} fps, seed {args.seed}"
     latent = _latent_description(pipe, height, width, num_frames)
     lines.append(f"  video        {video}")
@@ -510,30 +549,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lines.append(f"  attention    {_describe_method(method, attention, args.preset)}")
     if attention != "dense":
         lines.append(f"  dense        {_describe_schedule(schedule)}")
-    steps = len(step_ends)
-    if steps and first_call:
-        denoise = step_ends[-1] - first_call[0]
+    run_time = speed.run_s
+    if speed.step_s:
+        denoise = speed.denoise_s
         lines.append(
             f"  total time   {_seconds(load_time + run_time)} (load {_seconds(load_time)}, "
             f"run {_seconds(run_time)}: denoise {_seconds(denoise)}, "
             f"text+decode {_seconds(run_time - denoise)})"
         )
-        lines.append(f"  per step     {_seconds(denoise / steps)} x {steps} steps")
+        lines.append(f"  per step     {_seconds(denoise / len(speed.step_s))} x "
+                     f"{len(speed.step_s)} steps")
     else:
         lines.append(
             f"  total time   {_seconds(load_time + run_time)} (load {_seconds(load_time)}, "
             f"run {_seconds(run_time)})"
         )
-    if density:
-        density_lines = str(density).rstrip().splitlines()
+    if speed.transformer_calls:
+        share = speed.self_attention_share
+        attention_text = (f", self-attention {share:.0%} of it" if share is not None
+                          else f" ({speed.attention_note})" if speed.attention_note else "")
+        lines.append(f"  transformer  {_seconds(speed.transformer_s)} in "
+                     f"{speed.transformer_calls} forwards{attention_text}")
+    if result.density_summary:
+        density_lines = result.density_summary.rstrip().splitlines()
         lines.append(f"  density      {density_lines[0]}")
         lines.extend(f"               {line}" for line in density_lines[1:])
-    if peak is not None:
-        gpu = torch.cuda.get_device_name(device)
-        lines.append(f"  peak memory  {peak / 2**30:.2f} GiB ({gpu})")
+    if speed.peak_memory_bytes is not None:
+        import torch
+
+        gpu = torch.cuda.get_device_name(setup.device)
+        lines.append(f"  peak memory  {speed.peak_memory_bytes / 2**30:.2f} GiB ({gpu})")
     lines.append(f"  output       {args.output} ({backend})")
     print("\n".join(lines), flush=True)
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    return run_compare(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
 
 
 # --------------------------------------------------------------------------- parser
@@ -541,8 +601,87 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the examples' layout; every flag's help states its default itself."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an int or a comma list of ints (0,1,2), got {text!r}"
+        ) from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected at least one seed, got {text!r}")
+    return seeds
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> None:
+    """The flags generate and compare share (model, prompt, sizes, device, schedule, GPU options)."""
     from .pipelines.tiny import TINY_DEFAULTS
+
+    tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
+    add = parser.add_argument
+    add(
+        "--model",
+        default=None,
+        help="hub id or local diffusers pipeline folder, or 'tiny' (default: the embedded tiny "
+        "offline Wan model with random weights)",
+    )
+    if compare:
+        add("--prompt", action="append", default=None,
+            help=f"text prompt, repeatable (default: {DEFAULT_PROMPT!r} when neither --prompt "
+            "nor --prompts-file is given)")
+        add("--prompts-file", default=None, metavar="FILE",
+            help="text file with one prompt per line (blank lines and lines starting with # are "
+            "skipped), added after the --prompt ones (default: none)")
+    else:
+        add("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    add("--negative-prompt", default=None, help="negative prompt (default: the pipeline's own)")
+    for flag, key, kind in (
+        ("--height", "height", int),
+        ("--width", "width", int),
+        ("--num-frames", "num_frames", _positive_int),
+        ("--steps", "num_inference_steps", _positive_int),
+        ("--guidance-scale", "guidance_scale", _non_negative_float),
+    ):
+        text = {
+            "height": "video height in px, a multiple of 16",
+            "width": "video width in px, a multiple of 16",
+            "num_frames": "number of frames, 4k+1",
+            "num_inference_steps": "number of denoising steps",
+            "guidance_scale": "classifier-free guidance scale (<= 1 disables it)",
+        }[key]
+        add(flag, type=kind, default=None, dest=flag[2:].replace("-", "_"),
+            help=f"{text} ({tiny_note.format(TINY_DEFAULTS[key])})")
+    if compare:
+        add("--seed", "--seeds", dest="seeds", action="append", type=_seed_list, default=None,
+            metavar="SEED[,SEED...]",
+            help=f"seeds of the initial noise, repeatable or a comma list: every prompt runs "
+            f"with every seed (default: {DEFAULT_SEED})")
+    else:
+        add("--seed", type=int, default=DEFAULT_SEED,
+            help=f"random seed of the initial noise (default: {DEFAULT_SEED})")
+    add("--fps", type=_positive_float, default=DEFAULT_FPS,
+        help=f"frame rate of the written video (default: {DEFAULT_FPS})")
+    add("--dtype", choices=DTYPES, default=None,
+        help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    add("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    every = " for every method" if compare else ""
+    add("--dense-steps", type=parse_amount, default=None, metavar="N|FRACTION",
+        help=f"first denoising steps run dense{every}: a count (12) or a fraction (0.25, 1/4) "
+        "(default: the preset's, else 0)")
+    add("--dense-last-steps", type=parse_amount, default=None, metavar="N|FRACTION",
+        help=f"last denoising steps run dense{every} (default: the preset's, else 0)")
+    add("--dense-layers", type=parse_amount, default=None, metavar="N|FRACTION",
+        help=f"first transformer blocks run dense{every} (default: the preset's, else 0)")
+    add("--compile", action="store_true",
+        help="torch.compile the transformer blocks (regional compilation); GPU only; attention "
+        "time is then not measured (default: off)")
+    add("--cpu-offload", action="store_true",
+        help="keep models on the CPU and move each to the GPU while it runs "
+        "(diffusers' enable_model_cpu_offload, needs accelerate); GPU only (default: off)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench
 
     parser = argparse.ArgumentParser(
         prog="fastdit",
@@ -570,39 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     gen.set_defaults(func=cmd_generate)
-    tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
+    _add_run_arguments(gen, compare=False)
     add = gen.add_argument
-    add(
-        "--model",
-        default=None,
-        help="hub id or local diffusers pipeline folder, or 'tiny' (default: the embedded tiny "
-        "offline Wan model with random weights)",
-    )
-    add("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
-    add("--negative-prompt", default=None, help="negative prompt (default: the pipeline's own)")
-    for flag, key, kind in (
-        ("--height", "height", int),
-        ("--width", "width", int),
-        ("--num-frames", "num_frames", _positive_int),
-        ("--steps", "num_inference_steps", _positive_int),
-        ("--guidance-scale", "guidance_scale", _non_negative_float),
-    ):
-        text = {
-            "height": "video height in px, a multiple of 16",
-            "width": "video width in px, a multiple of 16",
-            "num_frames": "number of frames, 4k+1",
-            "num_inference_steps": "number of denoising steps",
-            "guidance_scale": "classifier-free guidance scale (<= 1 disables it)",
-        }[key]
-        add(flag, type=kind, default=None, dest=flag[2:].replace("-", "_"),
-            help=f"{text} ({tiny_note.format(TINY_DEFAULTS[key])})")
-    add("--seed", type=int, default=DEFAULT_SEED,
-        help=f"random seed of the initial noise (default: {DEFAULT_SEED})")
-    add("--fps", type=_positive_float, default=DEFAULT_FPS,
-        help=f"frame rate of the written video (default: {DEFAULT_FPS})")
-    add("--dtype", choices=DTYPES, default=None,
-        help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
-    add("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add("--attention", choices=ATTENTION_METHODS, default=None,
         help="attention method run by fastdit's kernels (default: dense, or radial with --preset)")
     add("--attention-opt", action="append", default=None, metavar="KEY=VALUE",
@@ -611,21 +719,81 @@ def build_parser() -> argparse.ArgumentParser:
     add("--preset", default=None,
         help="Radial preset (wan2.1-14b, hunyuanvideo, wan2.2-a14b, distilled-4step); implies "
         "--attention radial and its dense schedule (default: none)")
-    add("--dense-steps", type=parse_amount, default=None, metavar="N|FRACTION",
-        help="first denoising steps run dense: a count (12) or a fraction (0.25, 1/4) "
-        "(default: the preset's, else 0)")
-    add("--dense-last-steps", type=parse_amount, default=None, metavar="N|FRACTION",
-        help="last denoising steps run dense (default: the preset's, else 0)")
-    add("--dense-layers", type=parse_amount, default=None, metavar="N|FRACTION",
-        help="first transformer blocks run dense (default: the preset's, else 0)")
     add("--output", "-o", default=DEFAULT_OUTPUT,
         help=f"output mp4 path (default: {DEFAULT_OUTPUT})")
+
+    from .compare import DEFAULT_METHOD_OPTIONS, DEFAULT_METHODS, DEFAULT_OUTPUT_DIR, DEFAULT_WARMUP
+
+    default_opts = " ".join(
+        f"{label}:{key}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
+        for label, options in DEFAULT_METHOD_OPTIONS.items() for key, value in options.items()
+    )
+    cmp = commands.add_parser(
+        "compare",
+        help="run dense and several methods on the same prompts and seeds; write a report",
+        description=(
+            "Run the same prompts and seeds through dense attention (diffusers' stock\n"
+            "processors: the reference) and each method, then write a report directory: every\n"
+            "video, side-by-side grid videos, PSNR/SSIM (and LPIPS when available locally) per\n"
+            "video and frame, speed (end to end, transformer, per step, attention share,\n"
+            "density per layer and step, peak memory), report.md, report.html, results.json.\n\n"
+            "Examples:\n"
+            "  fastdit compare                                  # tiny model, CPU, ~1 min\n"
+            "  fastdit compare --methods radial,gna,g3=gna --method-opt gna:window=1,5,5 \\\n"
+            "      --method-opt g3:window=3,5,5\n"
+            "  fastdit compare --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --methods radial \\\n"
+            "      --preset radial:wan2.1-14b --prompts-file prompts.txt --seed 0,1\n\n"
+            "A method entry is NAME or LABEL=NAME (LABEL: letters, digits, '.', '_', '-'); the\n"
+            "config file is JSON: {\"methods\": [{\"method\": \"gna\", \"label\": \"g\",\n"
+            "\"options\": {\"window\": [1, 5, 5]}, \"preset\": null, \"dense_steps\": 0,\n"
+            "\"dense_last_steps\": 0, \"dense_layers\": 0}]} (every key but method optional)."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    cmp.set_defaults(func=cmd_compare)
+    _add_run_arguments(cmp, compare=True)
+    add = cmp.add_argument
+    add("--methods", default=None, metavar="ENTRY[,ENTRY...]",
+        help=f"methods compared with dense, comma list of NAME or LABEL=NAME with NAME one of "
+        f"{', '.join(ATTENTION_METHODS)} ('dense' is fastdit's own dense kernel) (default: "
+        f"{DEFAULT_METHODS}, with {default_opts} unless --config is given)")
+    add("--method-opt", action="append", default=None, metavar="[LABEL:]KEY=VALUE",
+        help="option of one method entry, repeatable, e.g. gna:window=3,5,5 or "
+        "radial:decay=0.5; LABEL may be left out when one method is compared (default: the "
+        "method's defaults)")
+    add("--preset", action="append", default=None, metavar="[LABEL:]NAME",
+        help="preset of a method entry, e.g. radial:wan2.1-14b; without LABEL, the one entry "
+        "whose method has presets (default: none)")
+    add("--config", default=None, metavar="FILE",
+        help="JSON file with method entries (see above); its entries come before --methods' "
+        "(default: none)")
+    add("--output-dir", "-o", default=DEFAULT_OUTPUT_DIR,
+        help=f"report directory, created or reused (default: {DEFAULT_OUTPUT_DIR})")
+    add("--reference-dir", default=None, metavar="DIR",
+        help="also compare every video with DIR/p<prompt>_s<seed>.mp4, e.g. the videos/dense "
+        "folder of an earlier report (default: none)")
+    add("--warmup", type=int, default=None, metavar="N",
+        help="untimed generations per method before the timed ones (Triton compilation, "
+        f"autotuning, lazy initialisation) (default: {DEFAULT_WARMUP})")
+    add("--no-lpips", action="store_true",
+        help="skip LPIPS even when the lpips package and its weights are available locally "
+        "(default: LPIPS when available, skipped with a notice otherwise)")
+
+    bench_parser = commands.add_parser(
+        "bench",
+        help="kernel micro-benchmark: fastdit vs SDPA (cuDNN, flash), FlexAttention, xformers",
+        description=bench.DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    bench.add_arguments(bench_parser, default_out=bench.DEFAULT_OUT)
+    bench_parser.set_defaults(func=cmd_bench)
 
     info = commands.add_parser(
         "info",
         help="versions, which kernel backends can run here and why not, supported models",
-        description="Print versions (torch, triton, diffusers, CUDA, GPU), each kernel backend "
-        "with the reason it cannot run here if it cannot, and the supported models and methods.",
+        description="Print versions (torch, triton, diffusers, CUDA, GPU), optional packages, "
+        "each kernel backend with the reason it cannot run here if it cannot, and the supported "
+        "models, methods (with their options) and presets.",
         formatter_class=_HelpFormatter,
     )
     info.add_argument("--device", default=None,
@@ -638,9 +806,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_defaults(cls: type) -> str:
+    """``decay=0.2, block_size=128, window (required)`` for a method config class."""
+    names, required = method_options(cls)
+    defaults = {}
+    if dataclasses.is_dataclass(cls):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+    parts = []
+    for name in names:
+        if name in required:
+            parts.append(f"{name} (required)")
+        elif name in defaults:
+            parts.append(f"{name}={defaults[name]!r}")
+        else:
+            parts.append(name)
+    return ", ".join(parts) if parts else "(no options)"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """``fastdit info``: what this machine can run, and why not where it cannot."""
     import importlib.metadata
+    import importlib.util
 
     import torch
 
@@ -657,9 +845,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} requested but CUDA is not available here")
     rows = [("fastdit", fastdit.__version__), ("python", sys.version.split()[0])]
-    rows += [(package, version(package)) for package in ("torch", "triton", "diffusers", "transformers", "xformers")]
+    rows += [(package, version(package)) for package in ("torch", "triton", "diffusers", "transformers")]
     if torch.cuda.is_available():
         rows.append(("cuda", torch.version.cuda))
+        rows.append(("cudnn", str(torch.backends.cudnn.version())))
         for index in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(index)
             rows.append((f"gpu {index}", f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"))
@@ -667,13 +856,38 @@ def cmd_info(args: argparse.Namespace) -> int:
         rows.append(("gpu", "none (CPU only)"))
     for name, value in rows:
         print(f"{name:<13} {value}")
+
+    print("\noptional packages:")
+    from .metrics import load_lpips
+
+    optional = (
+        ("imageio-ffmpeg", "writes mp4 videos (OpenCV's writer is the fallback)"),
+        ("matplotlib", "plots of fastdit compare and fastdit bench"),
+        ("lpips", "LPIPS in fastdit compare (also needs its AlexNet weights cached locally)"),
+        ("accelerate", "--cpu-offload"),
+        ("xformers", "xformers baseline of fastdit bench"),
+        ("scikit-image", "the tests' PSNR/SSIM reference"),
+    )
+    for package, use in optional:
+        print(f"  {package:<15} {version(package):<15} {use}")
+    if version("lpips") != "not installed":
+        _, lpips_reason = load_lpips("cpu")
+        print(f"  LPIPS weights   {'found' if lpips_reason is None else lpips_reason}")
+    flex = "available" if importlib.util.find_spec("torch.nn.attention.flex_attention") else (
+        "not available in this torch")
+    print(f"  FlexAttention   {flex} (baseline of fastdit bench)")
+
     dtype = getattr(torch, args.dtype)
     print(f"\nkernel backends for {device.type}, {args.dtype}, head_dim {args.head_dim} (tried in order):")
     for name, reason in explain_backends(device, dtype, args.head_dim).items():
         print(f"  {name:<10} {'can run' if reason is None else 'cannot run: ' + reason}")
     print(f"\nsupported models: {', '.join(fastdit.supported_models())}")
     print(f"attention methods: {', '.join(ATTENTION_METHODS)}")
-    print(f"radial presets: {', '.join(fastdit.Radial.presets())}")
+    for name, cls in _method_classes().items():
+        print(f"  {name:<10} {cls.__name__}: {_option_defaults(cls)}")
+        presets = getattr(cls, "presets", None)
+        if callable(presets):
+            print(f"  {'':<10} presets: {', '.join(presets())}")
     return 0
 
 

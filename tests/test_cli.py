@@ -210,6 +210,7 @@ def test_generate_in_process(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "9 frames 64x64 px @ 8 fps, seed 1" in stdout
     assert "latent 3x8x8 -> tokens 3x4x4 = 48" in stdout
+    assert "in 4 forwards, self-attention" in stdout  # 2 steps x (cond, uncond)
     assert f"output       {out}" in stdout
     assert _read_video(out).shape == (9, 64, 64, 3)
 
@@ -305,6 +306,10 @@ def test_info_reports_versions_backends_and_reasons(capsys, monkeypatch):
     assert "triton     cannot run: tensors are on the CPU and TRITON_INTERPRET=1 is not set" in out
     assert "reference  can run" in out
     assert "WanTransformer3DModel" in out and "radial" in out
+    assert "optional packages:" in out and "matplotlib" in out and "lpips" in out
+    assert "radial     Radial: decay=0.2, block_size=128" in out
+    assert "gna        GNA: window (required)" in out
+    assert "presets: wan2.1-14b, hunyuanvideo" in out
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["info", "--device", "cpu"]) == 0
     assert "triton     can run" in capsys.readouterr().out
