@@ -12,6 +12,7 @@ from . import kernels, layout
 from .integration import apply, attach, remove, supported_models
 from .kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention
 from .layout import LatentGrid, SequenceLayout, TextSegment, TilePermutation
+from .methods.adaspa import AdaSpa
 from .methods.dense import Dense
 from .methods.gna import GNA
 from .methods.radial import Radial
@@ -21,6 +22,7 @@ from .schedule import Schedule
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaSpa",
     "GNA",
     "Dense",
     "Radial",

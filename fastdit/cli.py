@@ -40,6 +40,7 @@ METHOD_CLASS_NAMES = {
     "dense": "Dense",
     "radial": "Radial",
     "gna": "GNA",
+    "adaspa": "AdaSpa",
 }
 ATTENTION_METHODS = tuple(METHOD_CLASS_NAMES)
 DTYPES = ("float32", "float16", "bfloat16")

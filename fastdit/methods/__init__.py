@@ -5,8 +5,9 @@ Architecture line: ``layout`` -> ``methods/<name>.py`` (plans a :class:`~fastdit
 method is one new file here.
 """
 
+from .adaspa import AdaSpa, AdaSpaRuntime
 from .base import MethodPlan
 from .gna import GNA, GNACheck
 from .radial import Radial
 
-__all__ = ["GNA", "GNACheck", "MethodPlan", "Radial"]
+__all__ = ["AdaSpa", "AdaSpaRuntime", "GNA", "GNACheck", "MethodPlan", "Radial"]
