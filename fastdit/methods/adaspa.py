@@ -22,7 +22,8 @@ with ``s = scale * q . k``; the recall of a mask is its kept mass over the total
   serves the following steps.
 * Row-uniform top-k: every query-block row keeps the same number of key blocks, the
   ``k(s) = ceil((1 - s) * nf)`` heaviest by mass (at least 1, at most ``nf``), where ``nf`` is the
-  number of key blocks that hold no text (``nb`` for Wan).
+  number of key blocks that hold no text (``nb`` for Wan). Blocks of exactly equal mass at the
+  cut are taken in ``torch.topk``'s order.
 * Head-adaptive budgets: ``r_h`` = recall of head ``h`` with ``k(s)`` blocks per row; ``n`` = number
   of heads with ``r_h > 0.8``; heads ranked by ``r_h`` (descending, ties by head index); the ``n``
   highest get sparsity ``(1 + s) / 2``, the ``n`` lowest ``(3s - 1) / 2``, the rest ``s``.
@@ -125,7 +126,7 @@ def _budget(sparsity: float, free_blocks: int) -> int:
 
 
 def tier_sparsities(sparsity: float) -> tuple[float, float]:
-    """(high-recall tier, low-recall tier) sparsities: ``(1 + s) / 2`` and ``max(0, (3s - 1) / 2)``."""
+    """(high-recall tier, low-recall tier) sparsities: ``(1 + s) / 2``, ``max(0, (3s - 1) / 2)``."""
     return (1.0 + sparsity) / 2.0, max(0.0, (3.0 * sparsity - 1.0) / 2.0)
 
 
@@ -146,10 +147,12 @@ class BlockSelection:
         kv_counts, kv_indices: the plan in padded CSR (int32 ``[B, H, nb]`` and ``[B, H, nb, w]``);
             every row of a (batch, head) has the same count.
         blocks_per_row: int32 ``[B, H]``, key blocks per row (text blocks included).
-        recall_at_sparsity: fp32 ``[B, H]``, recall with ``k(s)`` blocks for every head (tier input).
+        recall_at_sparsity: fp32 ``[B, H]``, recall with ``k(s)`` blocks in every head (the
+            tiers' input).
         recall: fp32 ``[B, H]``, recall of the chosen mask.
-        tier: int8 ``[B, H]``: +1 high-recall tier (sparser), -1 low-recall tier (denser), 0 neither.
-        head_sparsity: fp32 ``[B, H]``, the sparsity each head's budget came from.
+        tier: int8 ``[B, H]``: +1 high-recall tier (sparser), -1 low-recall tier (denser), 0
+            neither.
+        head_sparsity: fp64 ``[B, H]``, the sparsity each head's budget came from.
         num_high_recall_heads: int64 ``[B]``, ``n`` (heads with recall above the threshold).
         density: fp32 scalar, kept (query block, key block) pairs over ``nb**2``, text rows dense,
             averaged over batch and heads.
@@ -232,12 +235,14 @@ def select_blocks(
         k_head = torch.where(tier == 1, k_high, torch.where(tier == -1, k_low, k_uniform))
         head_sparsity = torch.where(
             tier == 1, high_sparsity, torch.where(tier == -1, low_sparsity, sparsity)
-        ).float()
+        ).double()
         recall = recall_with(k_head)
     else:
         tier = torch.zeros((batch, heads), dtype=torch.long, device=device)
         k_head = k_all
-        head_sparsity = torch.full((batch, heads), float(sparsity), device=device)
+        head_sparsity = torch.full(
+            (batch, heads), float(sparsity), dtype=torch.float64, device=device
+        )
         recall = recall_at_sparsity
 
     # The first k_head of the heaviest-first list, plus the text blocks, ascending; slots past the
@@ -393,12 +398,15 @@ class AdaSpaRuntime:
 def _check_fraction(name: str, value, *, low: float, high: float, closed_high: bool) -> float:
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
     if ok:
-        value = float(value)
-        ok = math.isfinite(value) and low <= value and (value <= high if closed_high else value < high)
+        number = float(value)
+        below_high = number <= high if closed_high else number < high
+        ok = math.isfinite(number) and low <= number and below_high
     if not ok:
         bracket = "]" if closed_high else ")"
-        raise ValueError(f"{name} must be a number in [{low}, {high}{bracket}, got {name}={value!r}")
-    return value
+        raise ValueError(
+            f"{name} must be a number in [{low}, {high}{bracket}, got {name}={value!r}"
+        )
+    return number
 
 
 @dataclass(frozen=True)
@@ -427,28 +435,34 @@ class AdaSpa:
     reference_steps: int | None = 50
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "sparsity", _check_fraction("sparsity", self.sparsity, low=0.0, high=1.0, closed_high=False))
-        if isinstance(self.block_size, bool) or self.block_size not in SUPPORTED_BLOCK_SIZES:
+        set_field = object.__setattr__
+        sparsity = _check_fraction("sparsity", self.sparsity, low=0.0, high=1.0, closed_high=False)
+        set_field(self, "sparsity", sparsity)
+        block = self.block_size
+        if isinstance(block, bool) or block not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(
-                f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got block_size={self.block_size!r}"
+                f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got block_size={block!r}"
             )
-        set_(self, "block_size", int(self.block_size))
+        set_field(self, "block_size", int(block))
         if not isinstance(self.head_adaptive, bool):
-            raise ValueError(f"head_adaptive must be a bool, got head_adaptive={self.head_adaptive!r}")
+            raise ValueError(
+                f"head_adaptive must be a bool, got head_adaptive={self.head_adaptive!r}"
+            )
         threshold = _check_fraction(
             "recall_threshold", self.recall_threshold, low=0.0, high=1.0, closed_high=True
         )
-        set_(self, "recall_threshold", threshold)
+        set_field(self, "recall_threshold", threshold)
         reference = self.reference_steps
         if reference is not None and (
-            isinstance(reference, bool) or not isinstance(reference, numbers.Integral) or reference < 1
+            isinstance(reference, bool)
+            or not isinstance(reference, numbers.Integral)
+            or reference < 1
         ):
             raise ValueError(
                 f"reference_steps must be a positive int or None, got reference_steps={reference!r}"
             )
-        set_(self, "reference_steps", None if reference is None else int(reference))
-        set_(self, "search_steps", self._checked_search_steps(self.search_steps))
+        set_field(self, "reference_steps", None if reference is None else int(reference))
+        set_field(self, "search_steps", self._checked_search_steps(self.search_steps))
 
     def _checked_search_steps(self, steps) -> tuple:
         if isinstance(steps, (numbers.Real, str)) or steps is None:
@@ -456,7 +470,9 @@ class AdaSpa:
         try:
             steps = tuple(steps)
         except TypeError:
-            raise ValueError(f"search_steps must be a sequence of steps, got search_steps={steps!r}") from None
+            raise ValueError(
+                f"search_steps must be a sequence of steps, got search_steps={steps!r}"
+            ) from None
         if not steps:
             raise ValueError("search_steps must name at least one step, got search_steps=()")
         checked = []
@@ -468,14 +484,18 @@ class AdaSpa:
                 )
             if isinstance(step, numbers.Integral):
                 step = int(step)
-                if step < 0 or (self.reference_steps is not None and step >= self.reference_steps):
-                    bound = f"[0, reference_steps={self.reference_steps})" if self.reference_steps else ">= 0"
-                    raise ValueError(f"search step {step} must be {bound}, got search_steps={steps!r}")
+                reference = self.reference_steps
+                if step < 0 or (reference is not None and step >= reference):
+                    bound = f"in [0, reference_steps={reference})" if reference else ">= 0"
+                    raise ValueError(
+                        f"search step {step} must be {bound}, got search_steps={steps!r}"
+                    )
             else:
                 step = float(step)
                 if not 0.0 <= step < 1.0:
                     raise ValueError(
-                        f"a fractional search step must be in [0, 1), got {step!r} in search_steps={steps!r}"
+                        f"a fractional search step must be in [0, 1), got {step!r} in "
+                        f"search_steps={steps!r}"
                     )
             checked.append(step)
         kinds = {type(step) for step in checked}
@@ -484,9 +504,12 @@ class AdaSpa:
                 "with reference_steps=None, search_steps must be all absolute step indices (ints) "
                 f"or all fractions (floats), got search_steps={steps!r}"
             )
-        positions = [step if self._fraction(step) is None else self._fraction(step) for step in checked]
+        fractions = [self._fraction(step) for step in checked]
+        positions = [step if f is None else f for step, f in zip(checked, fractions)]
         if any(b <= a for a, b in zip(positions, positions[1:])):
-            raise ValueError(f"search_steps must be strictly increasing, got search_steps={steps!r}")
+            raise ValueError(
+                f"search_steps must be strictly increasing, got search_steps={steps!r}"
+            )
         return tuple(checked)
 
     def _fraction(self, step: int | float) -> float | None:
@@ -507,11 +530,13 @@ class AdaSpa:
         return first if fraction is None else fraction
 
     def resolve_search_steps(self, num_steps: int | None) -> tuple[int, ...]:
-        """The search steps of a ``num_steps``-step run, ascending and unique (may lie past the end)."""
+        """The search steps of a ``num_steps``-step run: ascending, unique, maybe past the end."""
         resolved = []
         for step in self.search_steps:
             fraction = self._fraction(step)
-            resolved.append(step if fraction is None else _resolve("search_steps", fraction, num_steps))
+            if fraction is not None:
+                step = _resolve("search_steps", fraction, num_steps)
+            resolved.append(step)
         return tuple(sorted(set(resolved)))
 
     # ------------------------------------------------------------------ plans
@@ -520,7 +545,9 @@ class AdaSpa:
         if isinstance(layout, LatentGrid):
             layout = SequenceLayout(layout)
         if not isinstance(layout, SequenceLayout):
-            raise ValueError(f"layout must be a SequenceLayout or LatentGrid, got layout={layout!r}")
+            raise ValueError(
+                f"layout must be a SequenceLayout or LatentGrid, got layout={layout!r}"
+            )
         device = _device_key(device)
         seq = layout.num_tokens
         return MethodPlan(_dense_plan(seq, seq, self.block_size, device), layout)
@@ -556,7 +583,7 @@ class AdaSpa:
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall
     ) -> tuple[torch.Tensor, float]:
-        """Self-attention of one layer at one step (Q/K/V ``[B, S, H, D]``); see the module docstring."""
+        """Self-attention of one layer at one step, Q/K/V ``[B, S, H, D]`` (module docstring)."""
         runtime = call.runtime
         if not isinstance(runtime, AdaSpaRuntime):
             raise RuntimeError(
@@ -594,7 +621,9 @@ class AdaSpa:
             return self._dense_search(query, key, value, call, scheduled=False), 1.0
         return self._sparse(query, key, value, call, current), current.density_float()
 
-    def _dense_search(self, query, key, value, call: AttentionCall, *, scheduled: bool) -> torch.Tensor:
+    def _dense_search(
+        self, query, key, value, call: AttentionCall, *, scheduled: bool
+    ) -> torch.Tensor:
         """Dense attention returning the LSE, cached; then the mass pass and a selection."""
         seq = query.shape[1]
         dense = _dense_plan(seq, seq, _LSE_PASS_BLOCK, query.device)
@@ -605,7 +634,9 @@ class AdaSpa:
         self._search(query, key, call, lse, "dense-lse", scheduled=scheduled)
         return out
 
-    def _search(self, query, key, call: AttentionCall, lse, kind: str, *, scheduled: bool) -> _LayerPlan:
+    def _search(
+        self, query, key, call: AttentionCall, lse, kind: str, *, scheduled: bool
+    ) -> _LayerPlan:
         """One ``QK^T`` block-mass pass with ``lse``, a selection, and its record."""
         mass = block_mass(query, key, lse, call.plan.sparsity, key_padding=call.key_padding)
         text = text_blocks(call.layout, self.block_size)
@@ -634,11 +665,13 @@ class AdaSpa:
 
     def _sparse(self, query, key, value, call: AttentionCall, plan: _LayerPlan) -> torch.Tensor:
         """Attention on the current mask; text query rows (if any) recomputed densely."""
-        out = block_sparse_attention(query, key, value, plan.sparsity(), key_padding=call.key_padding)
+        padding = call.key_padding
+        out = block_sparse_attention(query, key, value, plan.sparsity(), key_padding=padding)
         text = call.layout.text_slice
         if text is not None:
-            text_rows = _dense_plan(text.stop - text.start, query.shape[1], self.block_size, query.device)
+            seq = query.shape[1]
+            text_rows = _dense_plan(text.stop - text.start, seq, self.block_size, query.device)
             out[:, text] = block_sparse_attention(
-                query[:, text], key, value, text_rows, key_padding=call.key_padding
+                query[:, text], key, value, text_rows, key_padding=padding
             )
         return out
