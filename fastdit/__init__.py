@@ -19,6 +19,7 @@ from .kernels import (
 )
 from .layout import LatentGrid, SequenceLayout, TextSegment, TilePermutation
 from .methods.agent import Agent
+from .methods.adaspa import AdaSpa
 from .methods.dense import Dense
 from .methods.gna import GNA
 from .methods.radial import Radial
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "AdaSpa",
     "GNA",
     "Dense",
     "Radial",

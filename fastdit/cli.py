@@ -58,6 +58,7 @@ METHOD_CLASS_NAMES = {
     "gna": "GNA",
     "agent": "Agent",
     "vmoba": "VMoBA",
+    "adaspa": "AdaSpa",
 }
 ATTENTION_METHODS = tuple(METHOD_CLASS_NAMES)
 DTYPES = ("float32", "float16", "bfloat16")

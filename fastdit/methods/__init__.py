@@ -5,10 +5,11 @@ Architecture line: ``layout`` -> ``methods/<name>.py`` (plans a :class:`~fastdit
 method is one new file here.
 """
 
+from .adaspa import AdaSpa, AdaSpaRuntime
 from .agent import Agent
 from .base import MethodPlan
 from .gna import GNA, GNACheck
 from .radial import Radial
 from .vmoba import VMoBA
 
-__all__ = ["Agent", "GNA", "GNACheck", "MethodPlan", "Radial", "VMoBA"]
+__all__ = ["AdaSpa", "AdaSpaRuntime", "Agent", "GNA", "GNACheck", "MethodPlan", "Radial", "VMoBA"]
