@@ -6,6 +6,17 @@ import torch
 # Kernel tests run the Triton kernels on CPU tensors through Triton's interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Triton fixes interpreter mode when it is imported and each @triton.jit when it is defined: import
+# it and every kernel module now, so a test that sets TRITON_INTERPRET=0 for a while (to take the
+# PyTorch reference path) cannot leave compiled-mode kernels behind for the tests after it.
+import importlib  # noqa: E402
+import pkgutil  # noqa: E402
+
+import fastdit.kernels  # noqa: E402
+
+for _module in pkgutil.iter_modules(fastdit.kernels.__path__):
+    importlib.import_module(f"fastdit.kernels.{_module.name}")
+
 
 @pytest.fixture
 def rng() -> torch.Generator:

@@ -298,7 +298,8 @@ def test_mean_aggregation_selects_with_tile_mean_queries(rng, selection, grid, s
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_tile_selection_is_union_of_brute_force_token_selection(rng, selection, grid, sizes, layer):
     # End to end through VMoBA.select: partitions, pooled keys, scores, selection, own partitions.
-    method = VMoBA(partition_sizes=sizes, selection=selection, topk=(2, 3, 4), block_size=64)
+    method = VMoBA(partition_sizes=sizes, selection=selection, topk=(2, 3, 4), block_size=64,
+                   query_aggregation="union")
     layout = SequenceLayout(grid)
     box = method.partition(grid, layer).box
     query, key = structured_qk(rng, grid, box, batch=2)
@@ -396,7 +397,7 @@ def test_plan_and_attention_match_masked_sdpa(rng, grid, sizes, text, aggregatio
 
 def test_analyze_reports_token_and_block_densities(rng):
     grid, sizes = DIVISIBLE
-    method = VMoBA(partition_sizes=sizes, tau=0.05, block_size=64)
+    method = VMoBA(partition_sizes=sizes, tau=0.05, block_size=64, query_aggregation="union")
     layout = SequenceLayout(grid)
     query, key = structured_qk(rng, grid, method.partition(grid, 2).box)
     stats = method.analyze(query, key, layout, 2)
@@ -405,7 +406,7 @@ def test_analyze_reports_token_and_block_densities(rng):
     assert stats.token_density == pytest.approx(stats.tile_density) == pytest.approx(stats.computed_density)
     assert stats.computed_density == pytest.approx(stats.block_density)
     ragged, ragged_sizes = RAGGED
-    method = VMoBA(partition_sizes=ragged_sizes, tau=0.05, block_size=64)
+    method = VMoBA(partition_sizes=ragged_sizes, tau=0.05, block_size=64, query_aggregation="union")
     query, key = structured_qk(rng, ragged, method.partition(ragged, 2).box)
     stats = method.analyze(query, key, SequenceLayout(ragged), 2)
     assert 0 < stats.token_density <= stats.tile_density <= stats.computed_density <= 1
