@@ -11,16 +11,20 @@ from .dispatch import (
     block_sparse_attention,
     choose_backend,
     explain_backends,
+    quantize_qk_int8,
 )
 from .plan import SUPPORTED_BLOCK_SIZES, BlockSparsity
+from .quantized import QuantizedQK
 
 __all__ = [
     "BACKENDS",
     "SUPPORTED_BLOCK_SIZES",
     "BlockSparsity",
+    "QuantizedQK",
     "block_mass",
     "block_mean_pool",
     "block_sparse_attention",
     "choose_backend",
     "explain_backends",
+    "quantize_qk_int8",
 ]

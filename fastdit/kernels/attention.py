@@ -53,6 +53,19 @@ def _online_softmax_step(
 ):
     """Fold one ``[BLOCK_N, D]`` tile of keys and values into the running softmax state."""
     qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+    return _fold_scores(
+        acc, l_i, m_i, qk, v, cols_ok, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
+    )
+
+
+@triton.jit
+def _fold_scores(
+    acc, l_i, m_i, qk, v, cols_ok, qk_scale,
+    MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+):
+    """Fold a ``[BLOCK_M, BLOCK_N]`` tile of raw scores ``qk`` (``qk * qk_scale`` in log2 units)
+    and its values into the running softmax state: the online-softmax update shared by every
+    attention kernel (P is cast to V's dtype for ``P @ V``, accumulated in fp32)."""
     if MASK_KV:
         qk = tl.where(cols_ok[None, :], qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -108,6 +121,33 @@ def _attend_kv_block(
 
 
 @triton.jit
+def _count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK: tl.constexpr, EVEN_KV: tl.constexpr):
+    """How many of the row's ``count`` key blocks lie entirely below ``kv_len``.
+
+    Indices are sorted, so the blocks that reach past ``kv_len`` form a suffix of the row: the
+    first ``num_unmasked`` blocks need no bounds mask.
+    """
+    num_unmasked = count
+    if not EVEN_KV:
+        full_blocks = kv_len // KV_BLOCK
+        last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
+        while last >= full_blocks:
+            num_unmasked -= 1
+            last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
+    return num_unmasked
+
+
+@triton.jit
+def _normalized_output(acc, l_i, m_i):
+    """``(acc / l, lse)`` with LSE in natural-log units; a row that visited no valid key gets
+    output 0 and LSE -inf, never 0/0."""
+    no_keys = l_i == 0.0
+    l_safe = tl.where(no_keys, 1.0, l_i)
+    lse = tl.where(no_keys, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    return acc / l_safe[:, None], lse
+
+
+@triton.jit
 def _block_sparse_attn_fwd(
     Q, K, V, Out, Lse, k_desc, v_desc,
     kv_counts_ptr, kv_indices_ptr, key_lengths_ptr,
@@ -160,14 +200,7 @@ def _block_sparse_attn_fwd(
     if HAS_KEY_LENGTHS:
         kv_len = tl.minimum(tl.load(key_lengths_ptr + batch).to(tl.int32), seq_kv)
 
-    # Indices are sorted, so blocks that reach past kv_len form a suffix of the row.
-    num_unmasked = count
-    if not EVEN_KV:
-        full_blocks = kv_len // KV_BLOCK
-        last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
-        while last >= full_blocks:
-            num_unmasked -= 1
-            last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
+    num_unmasked = _count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -206,10 +239,7 @@ def _block_sparse_attn_fwd(
             KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
         )
 
-    # Rows that visited no valid key: output 0 and LSE -inf, never 0/0.
-    no_keys = l_i == 0.0
-    l_safe = tl.where(no_keys, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, lse = _normalized_output(acc, l_i, m_i)
     o_ptrs = (
         Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
         + q_row_start.to(tl.int64) * stride_os
@@ -217,7 +247,6 @@ def _block_sparse_attn_fwd(
     )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
     if RETURN_LSE:
-        lse = tl.where(no_keys, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
         lse_ptrs = Lse + pid_bh.to(tl.int64) * seq_q + q_row_start + offs_m
         tl.store(lse_ptrs, lse, mask=rows_ok)
 
@@ -303,25 +332,29 @@ def _plan_strides(plan: BlockSparsity) -> tuple[int, int, int, int, int]:
     )
 
 
+def _tma_view(x: torch.Tensor, layout: str, interpret: bool, dtypes=(torch.float16, torch.bfloat16)):
+    """The 2-D view of K or V for tensor-descriptor loads (``[B*S, H*D]`` for bshd, ``[B*H*S, D]``
+    for bhsd), or None where that path does not apply: Hopper or newer, a dtype of ``dtypes``,
+    head_dim 64 or 128, contiguous, 16-byte aligned."""
+    if interpret or TensorDescriptor is None or x.device.type != "cuda":
+        return None
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
+    if x.dtype not in dtypes or x.shape[-1] not in (64, 128):
+        return None
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        return None
+    head_dim = x.shape[-1]
+    width = x.shape[2] * head_dim if layout == "bshd" else head_dim
+    return x.view(-1, width)
+
+
 def _tma_views(k: torch.Tensor, v: torch.Tensor, layout: str, interpret: bool):
-    """2-D views of K and V for tensor-descriptor loads, or None where that path does not apply:
-    Hopper or newer, fp16/bf16, head_dim 64 or 128, contiguous, 16-byte aligned."""
-    if interpret or TensorDescriptor is None or k.device.type != "cuda":
+    """2-D views of K and V for tensor-descriptor loads, or None unless both qualify."""
+    k_view, v_view = _tma_view(k, layout, interpret), _tma_view(v, layout, interpret)
+    if k_view is None or v_view is None:
         return None
-    if torch.cuda.get_device_capability(k.device)[0] < 9:
-        return None
-    if k.dtype not in (torch.float16, torch.bfloat16) or k.shape[-1] not in (64, 128):
-        return None
-    if not (k.is_contiguous() and v.is_contiguous()):
-        return None
-    if k.data_ptr() % 16 or v.data_ptr() % 16:
-        return None
-    head_dim = k.shape[-1]
-    if layout == "bshd":
-        width = k.shape[2] * head_dim
-    else:
-        width = head_dim
-    return k.view(-1, width), v.view(-1, width)
+    return k_view, v_view
 
 
 def triton_block_sparse_attention(
