@@ -47,6 +47,12 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
 
 
 @triton.jit
+def _int8_scores(q, k):
+    """``q @ k^T`` of int8 tiles as a real int8 x int8 -> int32 MMA, returned in fp32."""
+    return tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+
+
+@triton.jit
 def _online_softmax_step(
     acc, l_i, m_i, q, k, v, cols_ok, qk_scale,
     MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
@@ -90,9 +96,11 @@ def _attend_kv_block(
     qk_scale,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_KV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, INT8_QK: tl.constexpr,
 ):
-    """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads."""
+    """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads.
+
+    ``INT8_QK``: Q and K are int8 tiles (the INT8 kernel) and ``q @ k^T`` is an int8 MMA."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
@@ -114,10 +122,33 @@ def _attend_kv_block(
             d_ok = offs_d[None, :] < head_dim
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        acc, l_i, m_i = _online_softmax_step(
-            acc, l_i, m_i, q, k, v, cols_ok, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
+        if INT8_QK:
+            qk = _int8_scores(q, k)
+        else:
+            qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+        acc, l_i, m_i = _fold_scores(
+            acc, l_i, m_i, qk, v, cols_ok, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
         )
     return acc, l_i, m_i
+
+
+@triton.jit
+def _plan_row(
+    kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
+    stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS: tl.constexpr,
+):
+    """The plan's row for ``(batch, head, q_block)``: key-block count, pointer to its sorted
+    key-block indices, and the batch element's valid key length."""
+    # stride_cb / stride_ch are 0 where the plan broadcasts over batch / heads.
+    count = tl.load(kv_counts_ptr + batch * stride_cb + head * stride_ch + q_block)
+    index_ptr = (
+        kv_indices_ptr + batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih
+        + q_block.to(tl.int64) * stride_iq
+    )
+    kv_len = seq_kv
+    if HAS_KEY_LENGTHS:
+        kv_len = tl.minimum(tl.load(key_lengths_ptr + batch).to(tl.int32), seq_kv)
+    return count, index_ptr, kv_len
 
 
 @triton.jit
@@ -189,16 +220,10 @@ def _block_sparse_attn_fwd(
     k_tile_offsets = offs_n[:, None] * stride_ks + offs_d[None, :]
     v_tile_offsets = offs_n[:, None] * stride_vs + offs_d[None, :]
 
-    # stride_cb / stride_ch are 0 where the plan broadcasts over batch / heads.
-    plan_row = batch * stride_cb + head * stride_ch + q_block
-    count = tl.load(kv_counts_ptr + plan_row)
-    index_ptr = (
-        kv_indices_ptr + batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih
-        + q_block.to(tl.int64) * stride_iq
+    count, index_ptr, kv_len = _plan_row(
+        kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS,
     )
-    kv_len = seq_kv
-    if HAS_KEY_LENGTHS:
-        kv_len = tl.minimum(tl.load(key_lengths_ptr + batch).to(tl.int32), seq_kv)
 
     num_unmasked = _count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
 
@@ -229,14 +254,14 @@ def _block_sparse_attn_fwd(
             acc, l_i, m_i = _attend_kv_block(
                 acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets,
                 v_tile_offsets, kv_row_start, kv_len, head_dim, qk_scale,
-                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
+                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, False,
             )
     for i in range(num_unmasked, count):
         kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
         acc, l_i, m_i = _attend_kv_block(
             acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
             kv_row_start, kv_len, head_dim, qk_scale,
-            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
+            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, False,
         )
 
     out, lse = _normalized_output(acc, l_i, m_i)

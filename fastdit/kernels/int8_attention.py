@@ -28,10 +28,13 @@ import triton
 import triton.language as tl
 
 from .attention import (
+    _attend_kv_block,
     _count_unmasked_blocks,
     _fold_scores,
+    _int8_scores,
     _launch_with_fallback,
     _normalized_output,
+    _plan_row,
     _plan_strides,
     _strides,
     _tma_view,
@@ -43,51 +46,6 @@ try:  # host-side tensor descriptors (TMA), Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
-
-
-@triton.jit
-def _int8_scores(q, k):
-    """``q @ k^T`` of int8 tiles as a real int8 x int8 -> int32 MMA, returned in fp32."""
-    return tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-
-
-@triton.jit
-def _attend_int8_kv_block(
-    acc, l_i, m_i, q, q_scale,
-    k_base, v_base, stride_vs, k_tile_offsets, v_tile_offsets, k_scale_row,
-    kv_block, kv_len, head_dim,
-    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASK_KV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-):
-    """Fold one key block in, with pointer loads (int8 K rows are ``head_dim`` apart)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    qk_scale = q_scale * tl.load(k_scale_row + kv_block)
-    kv_row_start = kv_block * KV_BLOCK
-    for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
-        row_shift = (kv_row_start + sub).to(tl.int64)
-        k_ptrs = k_base + row_shift * head_dim + k_tile_offsets
-        v_ptrs = v_base + row_shift * stride_vs + v_tile_offsets
-        cols_ok = (kv_row_start + sub + offs_n) < kv_len
-        if MASK_KV:
-            load_mask = cols_ok[:, None]
-            if not EVEN_D:
-                load_mask = load_mask & (offs_d[None, :] < head_dim)
-            k = tl.load(k_ptrs, mask=load_mask, other=0)
-            v = tl.load(v_ptrs, mask=load_mask, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            d_ok = offs_d[None, :] < head_dim
-            k = tl.load(k_ptrs, mask=d_ok, other=0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        acc, l_i, m_i = _fold_scores(
-            acc, l_i, m_i, _int8_scores(q, k), v, cols_ok, qk_scale,
-            MASK_KV, DOT_PRECISION, UPCAST_OPERANDS,
-        )
-    return acc, l_i, m_i
 
 
 @triton.jit
@@ -132,15 +90,10 @@ def _int8_block_sparse_attn_fwd(
     v_tile_offsets = offs_n[:, None] * stride_vs + offs_d[None, :]
     k_scale_row = KScale + pid_bh.to(tl.int64) * num_kv_blocks
 
-    plan_row = batch * stride_cb + head * stride_ch + q_block
-    count = tl.load(kv_counts_ptr + plan_row)
-    index_ptr = (
-        kv_indices_ptr + batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih
-        + q_block.to(tl.int64) * stride_iq
+    count, index_ptr, kv_len = _plan_row(
+        kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS,
     )
-    kv_len = seq_kv
-    if HAS_KEY_LENGTHS:
-        kv_len = tl.minimum(tl.load(key_lengths_ptr + batch).to(tl.int32), seq_kv)
     num_unmasked = _count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -169,16 +122,20 @@ def _int8_block_sparse_attn_fwd(
                 )
     else:
         for i in range(0, num_unmasked):
-            acc, l_i, m_i = _attend_int8_kv_block(
-                acc, l_i, m_i, q, q_scale, k_base, v_base, stride_vs, k_tile_offsets,
-                v_tile_offsets, k_scale_row, tl.load(index_ptr + i), kv_len, head_dim,
-                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
+            kv_block = tl.load(index_ptr + i)
+            acc, l_i, m_i = _attend_kv_block(
+                acc, l_i, m_i, q, k_base, head_dim, v_base, stride_vs, k_tile_offsets,
+                v_tile_offsets, kv_block * KV_BLOCK, kv_len, head_dim,
+                q_scale * tl.load(k_scale_row + kv_block),
+                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, True,
             )
     for i in range(num_unmasked, count):
-        acc, l_i, m_i = _attend_int8_kv_block(
-            acc, l_i, m_i, q, q_scale, k_base, v_base, stride_vs, k_tile_offsets,
-            v_tile_offsets, k_scale_row, tl.load(index_ptr + i), kv_len, head_dim,
-            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS,
+        kv_block = tl.load(index_ptr + i)
+        acc, l_i, m_i = _attend_kv_block(
+            acc, l_i, m_i, q, k_base, head_dim, v_base, stride_vs, k_tile_offsets,
+            v_tile_offsets, kv_block * KV_BLOCK, kv_len, head_dim,
+            q_scale * tl.load(k_scale_row + kv_block),
+            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, True,
         )
 
     out, lse = _normalized_output(acc, l_i, m_i)
