@@ -9,11 +9,13 @@ The whole system is one line::
 """
 
 from . import kernels, layout
+from .calibrate import calibrate
 from .integration import apply, attach, remove, supported_models
 from .kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention
 from .layout import LatentGrid, SequenceLayout, TextSegment, TilePermutation
 from .methods.dense import Dense
 from .methods.gna import GNA
+from .methods.paro import PARO, ParoPlan
 from .methods.radial import Radial
 from .natten import na1d, na2d, na3d
 from .schedule import Schedule
@@ -22,11 +24,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GNA",
+    "PARO",
     "Dense",
+    "ParoPlan",
     "Radial",
     "Schedule",
     "apply",
     "attach",
+    "calibrate",
     "remove",
     "supported_models",
     "na1d",

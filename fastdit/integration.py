@@ -249,6 +249,9 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
     """
     models = _transformers(pipe_or_model)
     adapters = [_adapter_for(model) for model in models]  # validate all before changing any
+    check_models = getattr(method, "check_models", None)
+    if check_models is not None:  # methods with calibrated data (PARO) refuse other models
+        check_models(models)
     schedule = schedule if schedule is not None else Schedule.from_method(method)
     state = DenoisingState(method, schedule)
     handle = FastditHandle(state)

@@ -7,6 +7,7 @@ method is one new file here.
 
 from .base import MethodPlan
 from .gna import GNA, GNACheck
+from .paro import PARO, ParoPlan
 from .radial import Radial
 
-__all__ = ["GNA", "GNACheck", "MethodPlan", "Radial"]
+__all__ = ["GNA", "GNACheck", "MethodPlan", "PARO", "ParoPlan", "Radial"]
