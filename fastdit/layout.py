@@ -638,21 +638,23 @@ class AxisReordering:
                 f"order_ids must be [H]=({x.shape[head_dim_pos]},), got {tuple(order_ids.shape)}"
             )
 
-    def reorder(self, x: torch.Tensor, order_ids: torch.Tensor) -> torch.Tensor:
+    def reorder(self, x: torch.Tensor, order_ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, S, H, D)`` in sequence order -> contiguous ``(B, H, S, D)``, head ``h`` in order
-        ``AXIS_ORDERS[order_ids[h]]``."""
+        ``AXIS_ORDERS[order_ids[h]]``. ``index``: ``gather_index(order_ids)`` when the caller
+        reorders several tensors alike (Q, K, V and the output share one)."""
         self._check(x, 1, order_ids, 2)
         batch, seq, heads, head_dim = x.shape
-        index = self.gather_index(order_ids)[None, :, :, None].expand(batch, heads, seq, head_dim)
-        return torch.gather(x.transpose(1, 2), 2, index)
+        index = self.gather_index(order_ids) if index is None else index
+        return torch.gather(x.transpose(1, 2), 2, index[None, :, :, None].expand(batch, heads, seq, head_dim))
 
-    def restore(self, y: torch.Tensor, order_ids: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`reorder`: ``(B, H, S, D)`` reordered -> contiguous ``(B, S, H, D)``."""
+    def restore(self, y: torch.Tensor, order_ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`reorder`: ``(B, H, S, D)`` reordered -> contiguous ``(B, S, H, D)``
+        (one scatter straight into the sequence-major output)."""
         self._check(y, 2, order_ids, 1)
         batch, heads, seq, head_dim = y.shape
         out = torch.empty((batch, seq, heads, head_dim), dtype=y.dtype, device=y.device)
-        index = self.gather_index(order_ids)[None, :, :, None].expand(batch, heads, seq, head_dim)
-        out.transpose(1, 2).scatter_(2, index, y)
+        index = self.gather_index(order_ids) if index is None else index
+        out.transpose(1, 2).scatter_(2, index[None, :, :, None].expand(batch, heads, seq, head_dim), y)
         return out
 
     def reorder_all(self, x: torch.Tensor, order: str, dim: int = 1) -> torch.Tensor:

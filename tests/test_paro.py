@@ -264,13 +264,19 @@ def test_calibrate_then_generate_with_paro_on_tiny_wan(tmp_path):
         assert relative(out) < 0.2, (quantize, relative(out))
         expected = plan.masks.float().mean(dim=(2, 3, 4))  # [bucket, layer]
         assert densities == {(layer, step): pytest.approx(float(expected[step, layer])) for layer in range(2) for step in range(2)}
-    # With every block kept, PARO is dense attention through the reordering: same output.
-    full_path = tmp_path / "full.safetensors"
-    ParoPlan(plan.orders, torch.ones_like(plan.masks), plan.metadata).save(full_path)
-    out, _ = generate(PARO(plan=full_path, quantize=None))
+    # With every block kept, PARO is dense attention through the reordering: same output
+    # (mixed orders on the bf16 kernel; frame-major orders, no reordering, on INT8).
+    mixed = torch.tensor([[1, 2], [3, 5]], dtype=torch.uint8)  # TWH, HWT / HTW, WTH
+    paths = {name: tmp_path / f"{name}.safetensors" for name in ("full", "thw", "mixed")}
+    ParoPlan(mixed, torch.ones_like(plan.masks), plan.metadata).save(paths["full"])
+    ParoPlan(torch.zeros_like(mixed), torch.ones_like(plan.masks), plan.metadata).save(paths["thw"])
+    ParoPlan(mixed, plan.masks, plan.metadata).save(paths["mixed"])
+    out, _ = generate(PARO(plan=paths["full"], quantize=None))
     assert relative(out) < 1e-2
-    out, _ = generate(PARO(plan=full_path, quantize="int8"))
+    out, _ = generate(PARO(plan=paths["thw"], quantize="int8"))
     assert relative(out) < 5e-2
+    out, _ = generate(PARO(plan=paths["mixed"], quantize="int8"))  # reordered, sparse, INT8
+    assert torch.isfinite(out).all() and relative(out) < 0.2
     # A plan for another model is refused at install time, before anything changes.
     other = dict(plan.metadata, transformer_layers=[3])
     ParoPlan(plan.orders.repeat(2, 1)[:3], plan.masks.repeat(1, 2, 1, 1, 1)[:, :3], other).save(tmp_path / "o.safetensors")

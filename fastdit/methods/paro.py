@@ -260,6 +260,7 @@ class _DevicePlans:
     """A plan file's orders and block plans on one device (made once, filled per bucket)."""
 
     order_ids: list[torch.Tensor]  # per layer slot: long [H]
+    frame_major: list[bool]  # per layer slot: every head keeps diffusers' order (THW)
     sparsities: dict[tuple[int, int], BlockSparsity] = field(default_factory=dict)
 
 
@@ -321,8 +322,9 @@ class PARO:
         key = ("device", _device_key(device))
         plans = self._cache.get(key)
         if plans is None:
-            order_ids = self.paro_plan.orders.long().to(device)
-            plans = _DevicePlans(order_ids=list(order_ids.unbind(0)))
+            orders = self.paro_plan.orders.long()
+            frame_major = [bool(row.eq(AXIS_ORDERS.index("THW")).all()) for row in orders]
+            plans = _DevicePlans(list(orders.to(device).unbind(0)), frame_major)
             self._cache[key] = plans
         return plans
 
@@ -358,13 +360,20 @@ class PARO:
         bucket = paro_plan.bucket(call.step, call.num_steps)
         plans = self._device_plans(query.device)
         sparsity = self._sparsity(plans, bucket, slot, query.device)
+        density = self._density(bucket, slot)
+        if plans.frame_major[slot]:  # nothing to reorder in this layer
+            out = block_sparse_attention(
+                query, key, value, sparsity, key_padding=call.key_padding, quantize=self.quantize
+            )
+            return out, density
         reordering = self._reordering(call.layout)
         order_ids = plans.order_ids[slot]
-        q, k, v = (reordering.reorder(x, order_ids) for x in (query, key, value))
+        index = reordering.gather_index(order_ids)  # [H, S], shared by Q, K, V and the output
+        q, k, v = (reordering.reorder(x, order_ids, index) for x in (query, key, value))
         out = block_sparse_attention(
             q, k, v, sparsity, layout="bhsd", key_padding=call.key_padding, quantize=self.quantize
         )
-        return reordering.restore(out, order_ids), self._density(bucket, slot)
+        return reordering.restore(out, order_ids, index), density
 
     def _reordering(self, layout: SequenceLayout) -> AxisReordering:
         key = ("reordering", layout)
