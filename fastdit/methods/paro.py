@@ -23,19 +23,23 @@ Timestep buckets: step ``s`` of ``n`` falls in bucket ``min(nb - 1, s * nb // n)
 calibrated ones, so a plan calibrated with one step count serves generations with another (by
 fraction of the schedule); a call outside a denoising loop uses bucket 0.
 
-Host synchronisation: none per call. The plans of a bucket are moved to the device the first time
-that bucket runs (one copy per (bucket, layer); they stay there: ``sum H * nQ * max_kv * 4``
-bytes over buckets and layers, about 0.1 GB for Wan2.1-1.3B 480p at 30% density).
+Host synchronisation: none per call, except the first time a bucket runs on a device: its block
+maps are copied there and turned into plans (``BlockSparsity.from_block_map``, one sync per
+layer). They stay there: ``sum H * nQ * max_kv * 4`` bytes over buckets and layers, about 0.1 GB
+for Wan2.1-1.3B 480p at 30% density, a few GB for Wan2.1-14B 720p.
 
 Plan file: safetensors, never pickle. ``orders`` (uint8 ``[layers, H]``) and ``masks``: the
 boolean ``[buckets, layers, H, nQ, nK]`` block maps bit-packed (``numpy.packbits``), each bucket
 XOR-ed with the previous one (neighbouring buckets share most blocks) and deflated (zlib); the
 JSON metadata (model class, layers, heads, grid, text layout, steps, buckets, block size,
 calibration target, fastdit version) is checked against the pipeline at install and at the first
-forward. Size: ``buckets * layers * H * nb^2 / 8`` bytes before deflate, e.g. Wan2.1-1.3B at 720p
-(nb = 591, 30 layers x 12 heads, 4 buckets) 63 MB and Wan2.1-14B at 720p (40 x 40) 279 MB raw;
-deflate on banded, bucket-to-bucket-similar masks divides that several times (``ParoPlan.save``
-reports the real size), where the reference stores 1.6 to 8.9 GB of boolean masks.
+forward. Size: ``buckets * layers * H * nb^2 / 8`` bytes before deflate: Wan2.1-1.3B at 720p
+(nb = 591, 30 layers x 12 heads, 4 buckets) 62.9 MB, Wan2.1-14B at 720p (40 x 40) 279 MB.
+Deflate shrinks structured masks a lot and random ones not at all. Measured on synthetic 720p
+plans (bands plus strided diagonals per head, ~10% density, 2% of the blocks changing from
+bucket to bucket): 2.1 MB (1.3B) and 9.2 MB (14B); uniformly random 30% masks: 60.7 MB (1.3B).
+Calibrated masks are what the reordering makes block-local, so they sit at the structured end;
+``fastdit calibrate`` prints the real size. The reference stores 1.6 to 8.9 GB of boolean masks.
 """
 
 from __future__ import annotations
@@ -331,14 +335,12 @@ class PARO:
     def _sparsity(self, plans: _DevicePlans, bucket: int, slot: int, device) -> BlockSparsity:
         sparsity = plans.sparsities.get((bucket, slot))
         if sparsity is None:
-            # First use of this bucket on this device: all its layers, built on the CPU (no device
-            # sync) and copied over once.
+            # First use of this bucket on this device: all its layers at once (one host sync each,
+            # to size the index lists; never again for this bucket).
             paro_plan = self.paro_plan
             for each in range(paro_plan.masks.shape[1]):
-                block_map = paro_plan.masks[bucket, each][None]
-                plans.sparsities[(bucket, each)] = BlockSparsity.from_block_map(
-                    block_map, paro_plan.block_size
-                ).to(device)
+                block_map = paro_plan.masks[bucket, each][None].to(device)
+                plans.sparsities[(bucket, each)] = BlockSparsity.from_block_map(block_map, paro_plan.block_size)
             sparsity = plans.sparsities[(bucket, slot)]
         return sparsity
 
