@@ -39,7 +39,6 @@ Writes ``int8_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (def
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import math
@@ -65,6 +64,7 @@ from kernel_bench import (  # noqa: E402
     output_stem,
     parse_list,
     random_block_map,
+    write_outputs,
 )
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8  # noqa: E402
@@ -265,18 +265,6 @@ def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(rows: list[dict], metadata: dict, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "png"))
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path.write_text(json.dumps({"metadata": metadata, "results": rows}, indent=1, default=str))
-    plot_results(rows, metadata, png_path)
-    return [csv_path, json_path, png_path]
-
-
 def report(rows: list[dict], metadata: dict, verdicts: list[dict]) -> None:
     print(f"\n# fastdit int8_bench  {metadata['device_name']}  torch {metadata['torch']}  "
           f"triton {metadata['triton']}  {metadata['date']}")
@@ -355,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     verdicts = evaluate_targets(rows, metadata)
     metadata["targets"] = verdicts
     stem = output_stem(metadata).replace("kernel_bench_", "int8_bench_", 1)
-    paths = write_outputs(rows, metadata, args.out, stem)
+    paths = write_outputs(rows, metadata, args.out, stem, fields=CSV_FIELDS, plot=plot_results)
     report(rows, metadata, verdicts)
     print(f"\nelapsed {metadata['elapsed_s']} s; wrote " + ", ".join(str(p) for p in paths))
 

@@ -46,7 +46,6 @@ Writes ``paro_e2e_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -72,7 +71,13 @@ from e2e_bench import (  # noqa: E402  (kernel_bench, imported by it, puts the r
     sdpa_context,
     time_steps,
 )
-from kernel_bench import REPO_ROOT, describe_error, parse_list, random_block_map  # noqa: E402
+from kernel_bench import (  # noqa: E402
+    REPO_ROOT,
+    describe_error,
+    parse_list,
+    random_block_map,
+    write_outputs,
+)
 
 import fastdit  # noqa: E402
 from fastdit.layout import AXIS_ORDERS, SequenceLayout  # noqa: E402
@@ -217,17 +222,9 @@ def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def save(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
     stem = output_stem(metadata).replace("e2e_bench_", "paro_e2e_bench_", 1)
-    paths = [out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "png")]
-    with paths[0].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    paths[1].write_text(json.dumps({"metadata": metadata, "results": rows}, indent=1, default=str))
-    plot_results(rows, metadata, paths[2])
-    return paths
+    return write_outputs(rows, metadata, out_dir, stem, fields=CSV_FIELDS, plot=plot_results)
 
 
 def report(rows: list[dict], metadata: dict) -> None:
@@ -288,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as work_dir:
         rows = run(args, device, dtype, Path(work_dir))
     metadata["elapsed_s"] = round(time.perf_counter() - start, 1)
-    paths = write_outputs(rows, metadata, args.out)
+    paths = save(rows, metadata, args.out)
     report(rows, metadata)
     print(f"\nelapsed {metadata['elapsed_s']} s; wrote " + ", ".join(str(p) for p in paths))
 

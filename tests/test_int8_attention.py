@@ -8,11 +8,7 @@ import torch
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8
 from fastdit.kernels.int8_attention import triton_int8_block_sparse_attention
-from fastdit.kernels.reference import (
-    attention_reference,
-    int8_attention_reference,
-    quantize_qk_reference,
-)
+from fastdit.kernels.reference import attention_reference, int8_attention_reference
 
 
 def make(rng, shape, dtype, offset=0.0, offset_shape=None):
@@ -107,8 +103,11 @@ def test_int8_bhsd_layout_and_block_64(rng):
     ref, ref_lse = block_sparse_attention(
         q, k, v, plan, layout="bhsd", quantize="int8", return_lse=True, backend="reference"
     )
+    # Each backend quantizes on its own here: a rounding tie that flips (K's mean summed in
+    # another order) moves one int8 value by one step, about 1e-3 in the LSE. The exact
+    # comparison on shared INT8 inputs is test_int8_kernel_matches_reference.
     assert (out.double() - ref.double()).abs().max() <= 2e-2
-    assert lse_gap(lse, ref_lse) <= 1e-3
+    assert lse_gap(lse, ref_lse) <= 5e-3
 
 
 @pytest.mark.parametrize("offset", [0.0, 20.0], ids=["unit", "offset20"])
