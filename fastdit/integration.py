@@ -251,7 +251,7 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
     adapters = [_adapter_for(model) for model in models]  # validate all before changing any
     check_models = getattr(method, "check_models", None)
     if check_models is not None:  # methods with calibrated data (PARO) refuse other models
-        check_models(models)
+        check_models(models, [len(a.self_attention_modules(m)) for m, a in zip(models, adapters)])
     schedule = schedule if schedule is not None else Schedule.from_method(method)
     state = DenoisingState(method, schedule)
     handle = FastditHandle(state)

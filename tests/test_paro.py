@@ -226,7 +226,7 @@ def test_plan_file_refusals(rng, tmp_path):
     with pytest.raises(ValueError, match="text tokens"):
         method.plan(SequenceLayout(LatentGrid(2, 6, 10), TextSegment(8, "after")))
     with pytest.raises(ValueError, match="calibrated on WanTransformer3DModel"):
-        method.check_models([torch.nn.Linear(2, 2)])
+        method.check_models([torch.nn.Linear(2, 2)], [2])
 
 
 # --------------------------------------------------------------------------- end to end
@@ -280,7 +280,7 @@ def test_calibrate_then_generate_with_paro_on_tiny_wan(tmp_path):
     # A plan for another model is refused at install time, before anything changes.
     other = dict(plan.metadata, transformer_layers=[3])
     ParoPlan(plan.orders.repeat(2, 1)[:3], plan.masks.repeat(1, 2, 1, 1, 1)[:, :3], other).save(tmp_path / "o.safetensors")
-    with pytest.raises(ValueError, match=r"covers transformers of \[3\] layers"):
+    with pytest.raises(ValueError, match=r"covers transformers of \[3\] self-attention layers"):
         fastdit.apply(pipe, PARO(plan=tmp_path / "o.safetensors"))
     # INT8 needs a 16-bit pipeline: a clear error, not a kernel failure.
     pipe32 = build_tiny_wan_pipeline(dtype=torch.float32)
@@ -288,3 +288,40 @@ def test_calibrate_then_generate_with_paro_on_tiny_wan(tmp_path):
     with pytest.raises(ValueError, match="needs a bf16 or fp16 pipeline"), torch.inference_mode():
         pipe32("a red fox", num_inference_steps=1, output_type="latent", **TINY)
     handle.remove()
+
+
+def test_paro_on_hunyuan_video_keeps_text_in_place_and_dense(rng, tmp_path):
+    # Joint [video | text] attention with per-batch text padding (valid lengths 9 and 4): the
+    # collector's block mass, the plans' dense text rows/columns, and PARO's reordering with the
+    # text left in place, against fastdit's dense path on the same transformer.
+    from integration_helpers import run
+    from test_hunyuan_integration import inputs, tiny_transformer
+
+    model = tiny_transformer()
+    kwargs = inputs(rng)
+    collector = _MassCollector(block_size=64, num_buckets=1, num_steps=1, calibration_steps=None)
+    handle = fastdit.apply(model, collector)
+    dense = run(model, kwargs)
+    handle.remove()
+    layout = collector.layout
+    assert layout.text is not None and layout.text.position == "after" and collector.transformer_layers == {0: 2}
+    orders, masks = collector.build(recall=0.9)
+    text_block = layout.text_slice.start // 64  # video 288 tokens, text 288..296: block 4
+    assert masks[..., text_block, :].all() and masks[..., :, text_block].all()
+    metadata = {
+        "model_class": type(model).__name__, "transformer_layers": [2], "num_heads": 2,
+        "head_dim": 16, "layout": _layout_to_json(layout), "num_steps": 1, "num_buckets": 1,
+        "block_size": 64, "target": {"recall": 0.9}, "fastdit_version": fastdit.__version__,
+    }
+    mixed = torch.tensor([[2, 4], [5, 1]], dtype=torch.uint8)
+    paths = {name: tmp_path / f"{name}.safetensors" for name in ("full", "calibrated")}
+    ParoPlan(mixed, torch.ones_like(masks), metadata).save(paths["full"])
+    ParoPlan(orders, masks, metadata).save(paths["calibrated"])
+    handle = fastdit.apply(model, PARO(plan=paths["full"], quantize=None))
+    out = run(model, kwargs)
+    handle.remove()
+    assert torch.allclose(out, dense, atol=1e-4, rtol=1e-4)  # reordering is exact, text in place
+    handle = fastdit.apply(model, PARO(plan=paths["calibrated"], quantize=None))
+    out = run(model, kwargs)
+    handle.remove()
+    assert torch.isfinite(out).all() and ((out - dense).norm() / dense.norm()) < 0.2

@@ -176,8 +176,9 @@ class ParoPlan:
                 f"{_describe_layout(layout)}; {_CALIBRATE_HINT}"
             )
 
-    def check_models(self, models, source: str = "the plan") -> None:
-        """Model class and layer counts of the pipeline's transformers against the metadata."""
+    def check_models(self, models, layers: list[int], source: str = "the plan") -> None:
+        """Model class, self-attention layers per transformer (as the pipeline adapter counts
+        them) and heads of the pipeline's transformers against the metadata."""
         meta = self.metadata
         classes = {type(model).__name__ for model in models}
         if classes != {meta["model_class"]}:
@@ -185,11 +186,10 @@ class ParoPlan:
                 f"{source} was calibrated on {meta['model_class']}, but the pipeline has "
                 f"{sorted(classes)}; {_CALIBRATE_HINT}"
             )
-        layers = [getattr(getattr(model, "config", None), "num_layers", None) for model in models]
-        if None not in layers and layers != list(meta["transformer_layers"]):
+        if list(layers) != list(meta["transformer_layers"]):
             raise ValueError(
-                f"{source} covers transformers of {meta['transformer_layers']} layers, but the "
-                f"pipeline's have {layers}; {_CALIBRATE_HINT}"
+                f"{source} covers transformers of {meta['transformer_layers']} self-attention "
+                f"layers, but the pipeline's have {list(layers)}; {_CALIBRATE_HINT}"
             )
         heads = [getattr(getattr(model, "config", None), "num_attention_heads", None) for model in models]
         if None not in heads and set(heads) != {meta["num_heads"]}:
@@ -315,9 +315,10 @@ class PARO:
     def paro_plan(self) -> ParoPlan:
         return self._cache["plan"]
 
-    def check_models(self, models) -> None:
-        """Called by ``fastdit.apply``: the pipeline's transformers must be the calibrated ones."""
-        self.paro_plan.check_models(models, source=repr(self.plan_file))
+    def check_models(self, models, layers: list[int]) -> None:
+        """Called by ``fastdit.apply`` with the transformers and their self-attention layer
+        counts: they must be the calibrated ones."""
+        self.paro_plan.check_models(models, layers, source=repr(self.plan_file))
 
     def new_runtime(self) -> None:
         return None
