@@ -7,7 +7,8 @@ each of the 6 axis orders it reorders Q, K and the LSE (all heads alike) and add
 attention mass ``W[p, c] = sum_{i in p, j in c} softmax_ij`` (:func:`fastdit.kernels.block_mass`,
 one ``QK^T`` pass, no ``S x S`` map) into an fp32 accumulator per (timestep bucket, layer, order,
 head). Memory: ``buckets * layers * 6 * heads * nb^2 * 4`` bytes on the pipeline's device (Wan2.1-1.3B
-480p, block 128, 4 buckets: 2.3 GB); fewer buckets or steps shrink it.
+480p, block 128, 4 buckets: 2.3 GB). Wan2.1-14B at 720p needs 13.4 GB per bucket, so calibrate it
+with ``num_buckets=1`` or 2 on an 80 GB GPU.
 
 Then, per (layer, head), from the mass summed over buckets and normalised per query-block row:
 
