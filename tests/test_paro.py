@@ -213,6 +213,11 @@ def test_plan_file_refusals(rng, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a safetensors PARO plan"):
         ParoPlan.load(tmp_path / "junk.safetensors")
+    damaged = {"fastdit_paro_plan": json.dumps({"format": "fastdit-paro-plan", "format_version": 1})}
+    save_file({"orders": torch.zeros(1, 1, dtype=torch.uint8), "masks": torch.zeros(3, dtype=torch.uint8)},
+              str(tmp_path / "damaged.safetensors"), metadata=damaged)
+    with pytest.raises(ValueError, match="damaged PARO plan"):
+        ParoPlan.load(tmp_path / "damaged.safetensors")
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a fastdit PARO plan"):
         ParoPlan.load(tmp_path / "other.safetensors")

@@ -245,13 +245,16 @@ class ParoPlan:
                 f"{path!r} has plan format version {version}, this fastdit reads version "
                 f"{PLAN_FORMAT_VERSION}; {_CALIBRATE_HINT}"
             )
-        layout = _layout_from_json(metadata["layout"])
-        nq = math.ceil(layout.num_tokens / metadata["block_size"])
-        shape = (
-            metadata["num_buckets"], sum(metadata["transformer_layers"]), metadata["num_heads"], nq, nq,
-        )
+        try:
+            layout = _layout_from_json(metadata["layout"])
+            nq = math.ceil(layout.num_tokens / metadata["block_size"])
+            shape = (
+                metadata["num_buckets"], sum(metadata["transformer_layers"]), metadata["num_heads"], nq, nq,
+            )
+            delta = np.frombuffer(zlib.decompress(tensors["masks"].numpy().tobytes()), dtype=np.uint8)
+        except (KeyError, TypeError, ValueError, zlib.error) as exc:
+            raise ValueError(f"{path!r}: damaged PARO plan ({type(exc).__name__}: {exc})") from None
         per_bucket = math.ceil(math.prod(shape[1:]) / 8)
-        delta = np.frombuffer(zlib.decompress(tensors["masks"].numpy().tobytes()), dtype=np.uint8)
         if delta.size != shape[0] * per_bucket:
             raise ValueError(f"{path!r}: mask data does not match the shape {shape} of its metadata")
         bits = np.bitwise_xor.accumulate(delta.reshape(shape[0], per_bucket), axis=0)
