@@ -2,8 +2,9 @@
 
 Checks, on fresh random inputs, the Triton kernels against ``fastdit.kernels.reference`` for every
 dtype, head_dim, layout, block size, ragged length and key padding; the dense plan against cuDNN
-SDPA at the Wan2.1-1.3B 480p shape; a tensor of more than 2**31 elements (64-bit offsets); and
-segment pooling and VMoBA's per-call selection and attention (section ``vmoba``).
+SDPA at the Wan2.1-1.3B 480p shape; a tensor of more than 2**31 elements (64-bit offsets); window
+masks (exact GNA with partial blocks, section ``window``); segment pooling and VMoBA's per-call
+selection and attention (section ``vmoba``); and the INT8 path (quantization, int8 MMA kernel on pointer and TMA loads, accuracy against bf16).
 Prints one line per check and exits non-zero on any failure. Run: ``python benchmarks/gpu_check.py``.
 """
 
@@ -42,7 +43,7 @@ def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SECTIONS = ("offsets", "cudnn", "helpers", "reference", "window", "vmoba")
+SECTIONS = ("offsets", "cudnn", "helpers", "reference", "window", "vmoba", "int8")
 
 
 def check_against_reference(generator: torch.Generator, dtypes, head_dims) -> None:
@@ -194,6 +195,75 @@ def check_vmoba(generator: torch.Generator) -> None:
                    density=float(density))
 
 
+def cosine_and_rel_l1(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    a, b = out.double().flatten(), ref.double().flatten()
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item(), ((a - b).abs().sum() / b.abs().sum()).item()
+
+
+def check_int8(generator: torch.Generator, head_dims, device: str = "cuda") -> None:
+    """The INT8 path (quantization kernel, int8 MMA, pointer and TMA loads): quantization against
+    its reference and the kernel against the fp32 reference on the same INT8 inputs."""
+    from fastdit.kernels import quantize_qk_int8
+    from fastdit.kernels.int8_attention import triton_int8_block_sparse_attention
+    from fastdit.kernels.reference import int8_attention_reference
+
+    for dtype in (torch.bfloat16, torch.float16):
+        for head_dim in head_dims:
+            for layout, contiguous in (("bshd", True), ("bhsd", True), ("bshd", False)):
+                for block_size in (128, 64):
+                    seq_q, seq_kv, heads, batch = 1000, 1337, 3, 2
+                    shape = lambda s: (batch, s, heads, head_dim) if layout == "bshd" else (batch, heads, s, head_dim)  # noqa: E731
+                    q, k, v = (torch.randn(shape(s), device=device, generator=generator).to(dtype)
+                               for s in (seq_q, seq_kv, seq_kv))
+                    if not contiguous:  # V a non-contiguous view: the pointer-load path on Hopper too
+                        wide = torch.randn(shape(seq_kv)[:-1] + (2 * head_dim,), device=device, generator=generator)
+                        v = wide.to(dtype)[..., :head_dim]
+                    num_q, num_kv = math.ceil(seq_q / block_size), math.ceil(seq_kv / block_size)
+                    block_map = torch.rand(batch, heads, num_q, num_kv, device=device, generator=generator) < 0.4
+                    block_map[0, 0, 2] = False
+                    plan = BlockSparsity.from_block_map(block_map, block_size)
+                    for padding in (None, torch.tensor([seq_kv, 555], device=device)):
+                        name = (f"int8 {str(dtype)[6:]} D={head_dim} {layout}{'' if contiguous else ' non-contiguous-v'} "
+                                f"block={block_size} padding={padding is not None}")
+                        kwargs = dict(block_size=block_size, layout=layout, key_padding=padding, lse_shift=True)
+                        quantized = quantize_qk_int8(q, k, **kwargs)
+                        expected = quantize_qk_int8(q, k, backend="reference", **kwargs)
+                        diff = max((quantized.q.int() - expected.q.int()).abs().max().item(),
+                                   (quantized.k.int() - expected.k.int()).abs().max().item())
+                        record(name + " quantization (max int8 step)", float(diff), 1.0)
+                        lengths = padding.to(torch.int32) if padding is not None else None
+                        out, lse = triton_int8_block_sparse_attention(
+                            quantized, v, plan, layout=layout, return_lse=True, key_lengths=lengths,
+                            interpret=device == "cpu",
+                        )
+                        ref, ref_lse = int8_attention_reference(
+                            quantized, v, plan, layout=layout, return_lse=True, key_lengths=lengths,
+                        )
+                        finite = torch.isfinite(ref_lse)
+                        same_empty = torch.equal(torch.isneginf(lse), ~finite)
+                        record(name, max_abs_error(out, ref) if same_empty else float("nan"), TOLERANCE[dtype])
+                        record(name + " lse", (lse[finite] - ref_lse[finite]).abs().max().item(), 1e-3)
+
+
+def check_int8_accuracy(generator: torch.Generator) -> None:
+    """PARO's accuracy target for the INT8 path against the bf16 kernel (Wan 480p shape, 30%
+    random plan): on unit-variance keys and on keys sharing a large per-head offset."""
+    device = "cuda"
+    seq, heads, head_dim = 32760, 12, 128
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, generator=generator, dtype=torch.bfloat16) for _ in range(3))
+    offset = 8.0 * torch.randn(heads, head_dim, device=device, generator=generator)
+    num_blocks = math.ceil(seq / 128)
+    block_map = torch.rand(1, heads, num_blocks, num_blocks, device=device, generator=generator) < 0.3
+    block_map |= torch.eye(num_blocks, dtype=torch.bool, device=device)
+    plan = BlockSparsity.from_block_map(block_map)
+    for kind, keys in (("unit", k), ("offset", (k.float() + offset).to(k.dtype))):
+        ref = block_sparse_attention(q, keys, v, plan)
+        out = block_sparse_attention(q, keys, v, plan, quantize="int8")
+        cosine, rel_l1 = cosine_and_rel_l1(out, ref)
+        record(f"int8 vs bf16 kernel, Wan 480p shape, {kind} keys: 1 - cosine", 1.0 - cosine, 1e-3)
+        record(f"int8 vs bf16 kernel, Wan 480p shape, {kind} keys: relative L1", rel_l1, 2e-2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
@@ -216,6 +286,9 @@ def main() -> int:
     if "reference" in sections:
         dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
         check_against_reference(generator, dtypes, [int(d) for d in args.head_dims.split(",")])
+    if "int8" in sections:
+        check_int8(generator, [int(d) for d in args.head_dims.split(",")])
+        check_int8_accuracy(generator)
     failed = [r for r in results if not r["ok"]]
     out_dir = os.environ.get("OUT", "benchmarks/results")
     with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:

@@ -8,7 +8,7 @@ writes into ``benchmarks/results`` by default:
     python benchmarks/kernel_bench.py --smoke              # tiny shapes, any device (CPU: fp32)
     python benchmarks/kernel_bench.py --replot benchmarks/results/kernel_bench_<gpu>_<date>.json
 
-``benchmarks/e2e_bench.py`` imports its helpers from here.
+``benchmarks/e2e_bench.py``, ``int8_bench.py`` and ``paro_e2e_bench.py`` import helpers from here.
 """
 
 from __future__ import annotations
@@ -20,16 +20,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Benchmark the checkout this script lives in, installed or not.
 sys.path.insert(0, str(REPO_ROOT))
 
-# The helpers benchmarks/e2e_bench.py imports from here, and the main entry point.
+# The helpers benchmarks/e2e_bench.py, int8_bench.py and paro_e2e_bench.py import from here, and
+# the main entry point.
 from fastdit.bench import (  # noqa: E402,F401
     BLOCK_SIZE,
     SHAPES,
     SMOKE_SHAPES,
+    Shape,
+    Timing,
+    banded_block_map,
+    benchmark_ms,
+    collect_metadata,
     describe_error,
+    fastdit_backend,
     format_number,
     git_commit,
     main,
+    output_stem,
     parse_list,
+    random_block_map,
+    write_outputs,
 )
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The whole system is one line::
 """
 
 from . import kernels, layout
+from .calibrate import calibrate
 from .integration import apply, attach, remove, supported_models
 from .kernels import (
     BlockSparsity,
@@ -22,6 +23,7 @@ from .methods.agent import Agent
 from .methods.adaspa import AdaSpa
 from .methods.dense import Dense
 from .methods.gna import GNA
+from .methods.paro import PARO, ParoPlan
 from .methods.radial import Radial
 from .methods.vmoba import VMoBA
 from .natten import na1d, na2d, na3d
@@ -33,12 +35,15 @@ __all__ = [
     "Agent",
     "AdaSpa",
     "GNA",
+    "PARO",
     "Dense",
+    "ParoPlan",
     "Radial",
     "Schedule",
     "VMoBA",
     "apply",
     "attach",
+    "calibrate",
     "remove",
     "supported_models",
     "na1d",

@@ -728,18 +728,21 @@ def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(rows: list[dict], metadata: dict, out_dir: Path, stem: str) -> list[Path]:
+def write_outputs(rows: list[dict], metadata: dict, out_dir: Path, stem: str,
+                  fields: tuple[str, ...] = CSV_FIELDS, plot=None) -> list[Path]:
+    """``<stem>.csv`` (``fields``), ``.json`` (metadata and rows) and ``.png`` (``plot``, this
+    benchmark's ``plot_results`` by default) in ``out_dir``; other benchmarks reuse it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "png"))
     with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     json_path.write_text(json.dumps({"metadata": metadata, "results": rows}, indent=1, default=str))
     if importlib.util.find_spec("matplotlib") is None:
         print("note: plot skipped: matplotlib is not installed (pip install 'fastdit[report]')")
         return [csv_path, json_path]
-    plot_results(rows, metadata, png_path)
+    (plot or plot_results)(rows, metadata, png_path)
     return [csv_path, json_path, png_path]
 
 

@@ -6,6 +6,7 @@
 * ``compare`` runs the same prompts and seeds through dense attention and several methods and
   writes a report directory (:mod:`fastdit.compare`, :mod:`fastdit.metrics`,
   :mod:`fastdit.report`).
+* ``calibrate`` writes the plan file PARO runs on (:func:`fastdit.calibrate`).
 * ``bench`` is the kernel micro-benchmark (:mod:`fastdit.bench`; GPU only, ``--smoke`` on CPU).
 * ``info`` prints versions, optional packages, which kernel backends can run and why not, and the
   supported models, methods and presets.
@@ -59,6 +60,7 @@ METHOD_CLASS_NAMES = {
     "agent": "Agent",
     "vmoba": "VMoBA",
     "adaspa": "AdaSpa",
+    "paro": "PARO",
 }
 ATTENTION_METHODS = tuple(METHOD_CLASS_NAMES)
 DTYPES = ("float32", "float16", "bfloat16")
@@ -165,16 +167,8 @@ def _method_classes() -> dict[str, type]:
 
 
 def method_options(cls: type) -> tuple[list[str], list[str]]:
-    """(all option names, required option names) of a method config class."""
-    if dataclasses.is_dataclass(cls):
-        fields = [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
-        names = [f.name for f in fields]
-        required = [
-            f.name
-            for f in fields
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        return names, required
+    """(all option names, required option names) of a method config class: its constructor's
+    parameters (dataclass fields and init-only variables such as PARO's ``plan``)."""
     params = [
         p
         for p in inspect.signature(cls).parameters.values()
@@ -804,6 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--head-dim", type=_positive_int, default=128,
                       help="head dim to check the backends for (default: 128)")
     info.set_defaults(func=cmd_info)
+    _add_calibrate_parser(commands)
     return parser
 
 
@@ -889,6 +884,121 @@ def cmd_info(args: argparse.Namespace) -> int:
         presets = getattr(cls, "presets", None)
         if callable(presets):
             print(f"  {'':<10} presets: {', '.join(presets())}")
+    return 0
+
+
+# --------------------------------------------------------------------------- calibrate
+DEFAULT_PLAN_OUTPUT = "paro_plan.safetensors"
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _add_calibrate_parser(commands) -> None:
+    from .calibrate import DEFAULT_DENSITY
+    from .pipelines.tiny import TINY_DEFAULTS
+
+    cal = commands.add_parser(
+        "calibrate",
+        help="calibrate PARO: per-head axis orders and block plans from dense runs",
+        description=(
+            "Run a pipeline dense on a few prompts, collect block-level attention mass per layer,\n"
+            "head and axis order, and write a PARO plan file (orders and per-timestep-bucket\n"
+            "block plans) for `fastdit generate --attention paro --attention-opt plan=FILE`.\n\n"
+            "Examples:\n"
+            "  fastdit calibrate -o plan.safetensors          # embedded tiny model, offline\n"
+            "  fastdit calibrate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --height 480 --width 832 \\\n"
+            "      --num-frames 81 --steps 50 --prompt 'a cat surfing' --prompt 'a city at night'"
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    cal.set_defaults(func=cmd_calibrate)
+    add = cal.add_argument
+    tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
+    add("--model", default=None,
+        help="hub id or local diffusers pipeline folder, or 'tiny' (default: the embedded tiny model)")
+    add("--prompt", action="append", default=None,
+        help=f"calibration prompt, repeatable; one generation each (default: {DEFAULT_PROMPT!r})")
+    add("--negative-prompt", default=None, help="negative prompt (default: the pipeline's own)")
+    add("--height", type=int, default=None, help=f"video height in px ({tiny_note.format(TINY_DEFAULTS['height'])})")
+    add("--width", type=int, default=None, help=f"video width in px ({tiny_note.format(TINY_DEFAULTS['width'])})")
+    add("--num-frames", type=_positive_int, default=None,
+        help=f"number of frames, 4k+1 ({tiny_note.format(TINY_DEFAULTS['num_frames'])})")
+    add("--steps", type=_positive_int, default=None,
+        help=f"denoising steps of the schedule the plan is for (default: {TINY_DEFAULTS['num_inference_steps']} "
+        "for the tiny model, else 50)")
+    add("--guidance-scale", type=_non_negative_float, default=None,
+        help=f"classifier-free guidance scale ({tiny_note.format(TINY_DEFAULTS['guidance_scale'])})")
+    target = cal.add_mutually_exclusive_group()
+    target.add_argument("--density", type=_fraction, default=None,
+                        help=f"key blocks kept per query block, a fraction (default: {DEFAULT_DENSITY})")
+    target.add_argument("--recall", type=_fraction, default=None,
+                        help="or: keep each query block's largest key blocks up to this fraction of "
+                        "its attention mass")
+    add("--buckets", type=_positive_int, default=4,
+        help="timestep buckets, each with its own block plans (default: 4)")
+    add("--block-size", type=int, choices=(64, 128), default=128, help="kernel block (default: 128)")
+    add("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default: {DEFAULT_SEED})")
+    add("--dtype", choices=DTYPES, default=None,
+        help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    add("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add("--output", "-o", default=DEFAULT_PLAN_OUTPUT,
+        help=f"plan file to write (safetensors; default: {DEFAULT_PLAN_OUTPUT})")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB" if num_bytes >= 1e5 else f"{num_bytes / 1e3:.1f} kB"
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``fastdit calibrate``: dense runs -> PARO plan file."""
+    from .pipelines.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
+
+    _validate_sizes(args.height, args.width, args.num_frames)
+    tiny = is_tiny(args.model)
+    steps = args.steps or (TINY_DEFAULTS["num_inference_steps"] if tiny else 50)
+    if args.buckets > steps:
+        raise UsageError(f"--buckets must be <= --steps, got buckets={args.buckets} for steps={steps}")
+    device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
+    settings = {
+        "height": args.height, "width": args.width, "num_frames": args.num_frames,
+        "guidance_scale": args.guidance_scale,
+    }
+    if tiny:
+        settings = {k: (TINY_DEFAULTS[k] if v is None else v) for k, v in settings.items()}
+    if args.negative_prompt is not None:
+        settings["negative_prompt"] = args.negative_prompt
+
+    import fastdit
+
+    start = time.perf_counter()
+    pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    load_time = time.perf_counter() - start
+    plan = fastdit.calibrate(
+        pipe, args.prompt or [DEFAULT_PROMPT], steps, density=args.density, recall=args.recall,
+        num_buckets=args.buckets, block_size=args.block_size, output=args.output, seed=args.seed,
+        **{k: v for k, v in settings.items() if v is not None},
+    )
+    size = os.path.getsize(args.output)
+    model_name = "tiny (embedded, random weights, offline)" if tiny else args.model
+    lines = [
+        "", "fastdit calibrate",
+        f"  model        {model_name} [{type(pipe).__name__}, {device}, {dtype_name}]",
+        f"  plan         {plan.summary()}",
+        f"  time         {_seconds(plan.metadata['calibration']['seconds'])} calibration "
+        f"(load {_seconds(load_time)})",
+        f"  output       {args.output}: {_size(size)} ({_size(plan.packed_size())} of bit-packed "
+        "masks before deflate)",
+        f"  use          fastdit generate --attention paro --attention-opt plan={args.output}",
+    ]
+    print("\n".join(lines), flush=True)
     return 0
 
 

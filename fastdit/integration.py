@@ -279,6 +279,9 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
     """
     models = _transformers(pipe_or_model)
     adapters = [_adapter_for(model) for model in models]  # validate all before changing any
+    check_models = getattr(method, "check_models", None)
+    if check_models is not None:  # methods with calibrated data (PARO) refuse other models
+        check_models(models, [len(a.self_attention_modules(m)) for m, a in zip(models, adapters)])
     schedule = schedule if schedule is not None else Schedule.from_method(method)
     state = DenoisingState(method, schedule, pipeline=_pipeline_reference(pipe_or_model))
     handle = FastditHandle(state)

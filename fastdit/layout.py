@@ -9,7 +9,8 @@ This module is the first stage of the fastdit architecture line::
 It describes *where* every token of the attention sequence lives (which latent
 frame / row / column, or which text position) and how to reorder the video
 tokens tile-major so that a 3D tile of the latent grid becomes one contiguous
-block of the sequence. It knows nothing about sparsity methods or kernels.
+block of the sequence, or per head into one of the 6 axis orders of (T, H, W)
+(PARO). It knows nothing about sparsity methods or kernels.
 
 Conventions
 -----------
@@ -33,10 +34,13 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "AXIS_ORDERS",
+    "AxisReordering",
     "LatentGrid",
     "TextSegment",
     "SequenceLayout",
     "TilePermutation",
+    "axis_order_permutation",
 ]
 
 Device = torch.device | str | None
@@ -554,3 +558,112 @@ class TilePermutation:
         text = torch.arange(layout.text.length, device=video.device) < layout.text.num_valid
         parts = (text, video) if layout.text.position == "before" else (video, text)
         return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------- #
+# Axis orders (PARO)
+# --------------------------------------------------------------------------- #
+
+#: The 6 orders of the latent axes; ``"THW"`` is diffusers' frame-major order (the identity).
+AXIS_ORDERS = ("THW", "TWH", "HWT", "HTW", "WHT", "WTH")
+
+
+def axis_order_permutation(grid: LatentGrid, order: str, device: Device = None) -> torch.Tensor:
+    """LongTensor ``[N]``: the frame-major index of the token at each position of ``order``.
+
+    In order ``"HWT"`` (say) tokens are sorted by ``h``, then ``w``, then ``t``: position
+    ``(h * W + w) * T + t`` holds frame-major token ``t * H * W + h * W + w``. The inverse is
+    ``argsort`` of it (see :class:`AxisReordering`).
+    """
+    if order not in AXIS_ORDERS:
+        raise ValueError(f"order must be one of {AXIS_ORDERS}, got order={order!r}")
+    axes = tuple("THW".index(axis) for axis in order)
+    frame_major = torch.arange(grid.num_tokens, device=device, dtype=torch.long).view(grid.shape)
+    return frame_major.permute(axes).reshape(-1)
+
+
+@dataclass(frozen=True)
+class AxisReordering:
+    """Per-head reordering of a self-attention sequence into axis orders (PARO), text in place.
+
+    For each of the 6 :data:`AXIS_ORDERS` an index table over the whole sequence
+    (``layout.num_tokens`` positions): the video slice follows :func:`axis_order_permutation`,
+    text positions map to themselves. The tables (``[6, S]`` int64, computed once per layout and
+    device and cached) are shared by every layer; a layer's heads pick rows of them with an
+    ``order_ids`` tensor ``[H]`` (indices into :data:`AXIS_ORDERS`), so reordering all heads is
+    one ``torch.gather`` (no loop over heads) and nothing per layer is stored but ``H`` ints.
+    """
+
+    layout: SequenceLayout
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layout, SequenceLayout):
+            raise ValueError(f"layout must be a SequenceLayout, got layout={self.layout!r}")
+
+    def _tables(self, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = _device_key(device)
+        cached = self._cache.get(key)
+        if cached is None:
+            cpu = self._cache.get("cpu_tables")
+            if cpu is None:
+                seq = self.layout.num_tokens
+                video = self.layout.video_slice
+                gather = torch.arange(seq, dtype=torch.long).repeat(len(AXIS_ORDERS), 1)
+                for row, order in enumerate(AXIS_ORDERS):
+                    gather[row, video] = axis_order_permutation(self.layout.grid, order) + video.start
+                scatter = torch.argsort(gather, dim=1)
+                cpu = (gather, scatter)
+                self._cache["cpu_tables"] = cpu
+            cached = tuple(t.to(key) for t in cpu)
+            self._cache[key] = cached
+        return cached
+
+    def gather_index(self, order_ids: torch.Tensor) -> torch.Tensor:
+        """LongTensor ``[H, S]``: for each head, the original position of each reordered position."""
+        return self._tables(order_ids.device)[0][order_ids]
+
+    def scatter_index(self, order_ids: torch.Tensor) -> torch.Tensor:
+        """LongTensor ``[H, S]``: for each head, the reordered position of each original position."""
+        return self._tables(order_ids.device)[1][order_ids]
+
+    def _check(self, x: torch.Tensor, dim: int, order_ids: torch.Tensor | None, head_dim_pos: int) -> None:
+        if x.dim() != 4 or x.shape[dim] != self.layout.num_tokens:
+            raise ValueError(
+                f"expected a 4-D tensor with layout.num_tokens={self.layout.num_tokens} on dim {dim}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if order_ids is not None and tuple(order_ids.shape) != (x.shape[head_dim_pos],):
+            raise ValueError(
+                f"order_ids must be [H]=({x.shape[head_dim_pos]},), got {tuple(order_ids.shape)}"
+            )
+
+    def reorder(self, x: torch.Tensor, order_ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, S, H, D)`` in sequence order -> contiguous ``(B, H, S, D)``, head ``h`` in order
+        ``AXIS_ORDERS[order_ids[h]]``. ``index``: ``gather_index(order_ids)`` when the caller
+        reorders several tensors alike (Q, K, V and the output share one)."""
+        self._check(x, 1, order_ids, 2)
+        batch, seq, heads, head_dim = x.shape
+        index = self.gather_index(order_ids) if index is None else index
+        return torch.gather(x.transpose(1, 2), 2, index[None, :, :, None].expand(batch, heads, seq, head_dim))
+
+    def restore(self, y: torch.Tensor, order_ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`reorder`: ``(B, H, S, D)`` reordered -> contiguous ``(B, S, H, D)``
+        (one scatter straight into the sequence-major output)."""
+        self._check(y, 2, order_ids, 1)
+        batch, heads, seq, head_dim = y.shape
+        out = torch.empty((batch, seq, heads, head_dim), dtype=y.dtype, device=y.device)
+        index = self.gather_index(order_ids) if index is None else index
+        out.transpose(1, 2).scatter_(2, index[None, :, :, None].expand(batch, heads, seq, head_dim), y)
+        return out
+
+    def reorder_all(self, x: torch.Tensor, order: str, dim: int = 1) -> torch.Tensor:
+        """Every head into the same ``order``, along sequence dimension ``dim`` (calibration)."""
+        dim = _normalize_dim(dim, x.ndim)
+        if x.shape[dim] != self.layout.num_tokens:
+            raise ValueError(
+                f"x.shape[{dim}] must equal layout.num_tokens={self.layout.num_tokens}, got {tuple(x.shape)}"
+            )
+        if order not in AXIS_ORDERS:
+            raise ValueError(f"order must be one of {AXIS_ORDERS}, got order={order!r}")
+        return x.index_select(dim, self._tables(x.device)[0][AXIS_ORDERS.index(order)])

@@ -11,20 +11,24 @@ from .dispatch import (
     block_sparse_attention,
     choose_backend,
     explain_backends,
+    quantize_qk_int8,
     segment_mean_pool,
 )
 from .plan import SUPPORTED_BLOCK_SIZES, BlockSparsity
+from .quantized import QuantizedQK
 from .window import WindowMask
 
 __all__ = [
     "BACKENDS",
     "SUPPORTED_BLOCK_SIZES",
     "BlockSparsity",
+    "QuantizedQK",
     "WindowMask",
     "block_mass",
     "block_mean_pool",
     "block_sparse_attention",
     "choose_backend",
     "explain_backends",
+    "quantize_qk_int8",
     "segment_mean_pool",
 ]

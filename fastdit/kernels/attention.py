@@ -50,6 +50,12 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
 
 
 @triton.jit
+def _int8_scores(q, k):
+    """``q @ k^T`` of int8 tiles as a real int8 x int8 -> int32 MMA, returned in fp32."""
+    return tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+
+
+@triton.jit
 def _online_softmax_step(
     acc, l_i, m_i, q, k, v, visible, qk_scale,
     MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
@@ -57,6 +63,20 @@ def _online_softmax_step(
     """Fold one ``[BLOCK_N, D]`` tile of keys and values into the running softmax state;
     ``visible`` (``[1, BLOCK_N]`` or ``[BLOCK_M, BLOCK_N]``) masks scores when ``MASK_KV``."""
     qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+    return _fold_scores(
+        acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
+    )
+
+
+@triton.jit
+def _fold_scores(
+    acc, l_i, m_i, qk, v, visible, qk_scale,
+    MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+):
+    """Fold a ``[BLOCK_M, BLOCK_N]`` tile of raw scores ``qk`` (``qk * qk_scale`` in log2 units)
+    and its values into the running softmax state: the online-softmax update shared by every
+    attention kernel (P is cast to V's dtype for ``P @ V``, accumulated in fp32). ``visible``
+    (``[1, BLOCK_N]`` or ``[BLOCK_M, BLOCK_N]``) masks scores when ``MASK_KV``."""
     if MASK_KV:
         qk = tl.where(visible, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -106,10 +126,12 @@ def _attend_kv_block(
     span_t, span_h, span_w, dil_t, dil_h, dil_w,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_KV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr, WINDOW: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, INT8_QK: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads;
-    ``WINDOW`` applies the window mask (a partial block; implies ``MASK_KV``)."""
+    """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads.
+
+    ``INT8_QK``: Q and K are int8 tiles (the INT8 kernel) and ``q @ k^T`` is an int8 MMA.
+    ``WINDOW``: the window mask applies (a partial block; implies ``MASK_KV``)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
@@ -132,6 +154,10 @@ def _attend_kv_block(
             d_ok = offs_d[None, :] < head_dim
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        if INT8_QK:
+            qk = _int8_scores(q, k)
+        else:
+            qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
         if WINDOW:
             visible = _window_visible(
                 q_start_t, q_start_h, q_start_w, k_coords_ptr, cols, cols_ok,
@@ -139,10 +165,56 @@ def _attend_kv_block(
             )
         else:
             visible = cols_ok[None, :]
-        acc, l_i, m_i = _online_softmax_step(
-            acc, l_i, m_i, q, k, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
+        acc, l_i, m_i = _fold_scores(
+            acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
         )
     return acc, l_i, m_i
+
+
+@triton.jit
+def _plan_row(
+    kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
+    stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS: tl.constexpr,
+):
+    """The plan's row for ``(batch, head, q_block)``: key-block count, pointer to its sorted
+    key-block indices, and the batch element's valid key length."""
+    # stride_cb / stride_ch are 0 where the plan broadcasts over batch / heads.
+    count = tl.load(kv_counts_ptr + batch * stride_cb + head * stride_ch + q_block)
+    index_ptr = (
+        kv_indices_ptr + batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih
+        + q_block.to(tl.int64) * stride_iq
+    )
+    kv_len = seq_kv
+    if HAS_KEY_LENGTHS:
+        kv_len = tl.minimum(tl.load(key_lengths_ptr + batch).to(tl.int32), seq_kv)
+    return count, index_ptr, kv_len
+
+
+@triton.jit
+def _count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK: tl.constexpr, EVEN_KV: tl.constexpr):
+    """How many of the row's ``count`` key blocks lie entirely below ``kv_len``.
+
+    Indices are sorted, so the blocks that reach past ``kv_len`` form a suffix of the row: the
+    first ``num_unmasked`` blocks need no bounds mask.
+    """
+    num_unmasked = count
+    if not EVEN_KV:
+        full_blocks = kv_len // KV_BLOCK
+        last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
+        while last >= full_blocks:
+            num_unmasked -= 1
+            last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
+    return num_unmasked
+
+
+@triton.jit
+def _normalized_output(acc, l_i, m_i):
+    """``(acc / l, lse)`` with LSE in natural-log units; a row that visited no valid key gets
+    output 0 and LSE -inf, never 0/0."""
+    no_keys = l_i == 0.0
+    l_safe = tl.where(no_keys, 1.0, l_i)
+    lse = tl.where(no_keys, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    return acc / l_safe[:, None], lse
 
 
 @triton.jit
@@ -190,25 +262,12 @@ def _block_sparse_attn_fwd(
     k_tile_offsets = offs_n[:, None] * stride_ks + offs_d[None, :]
     v_tile_offsets = offs_n[:, None] * stride_vs + offs_d[None, :]
 
-    # stride_cb / stride_ch are 0 where the plan broadcasts over batch / heads.
-    plan_row = batch * stride_cb + head * stride_ch + q_block
-    count = tl.load(kv_counts_ptr + plan_row)
-    index_ptr = (
-        kv_indices_ptr + batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih
-        + q_block.to(tl.int64) * stride_iq
+    count, index_ptr, kv_len = _plan_row(
+        kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS,
     )
-    kv_len = seq_kv
-    if HAS_KEY_LENGTHS:
-        kv_len = tl.minimum(tl.load(key_lengths_ptr + batch).to(tl.int32), seq_kv)
 
-    # Indices are sorted, so blocks that reach past kv_len form a suffix of the row.
-    num_unmasked = count
-    if not EVEN_KV:
-        full_blocks = kv_len // KV_BLOCK
-        last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
-        while last >= full_blocks:
-            num_unmasked -= 1
-            last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
+    num_unmasked = _count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -239,6 +298,7 @@ def _block_sparse_attn_fwd(
                 v_tile_offsets, kv_row_start, kv_len, head_dim, qk_scale,
                 0, 0, 0, k_coords_ptr, 0, 0, 0, 1, 1, 1,
                 KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, False,
+                False,
             )
     for i in range(num_unmasked, count):
         kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
@@ -247,6 +307,7 @@ def _block_sparse_attn_fwd(
             kv_row_start, kv_len, head_dim, qk_scale,
             0, 0, 0, k_coords_ptr, 0, 0, 0, 1, 1, 1,
             KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, False,
+            False,
         )
     if HAS_WINDOW:
         # Partial blocks: the window rule decides per (query, key) pair.
@@ -254,11 +315,9 @@ def _block_sparse_attn_fwd(
         q_start_t = tl.load(q_start_ptr + q_rows * 3, mask=rows_ok, other=0)
         q_start_h = tl.load(q_start_ptr + q_rows * 3 + 1, mask=rows_ok, other=0)
         q_start_w = tl.load(q_start_ptr + q_rows * 3 + 2, mask=rows_ok, other=0)
-        partial_row = batch * stride_pcb + head * stride_pch + q_block
-        partial_count = tl.load(partial_counts_ptr + partial_row)
-        partial_ptr = (
-            partial_indices_ptr + batch.to(tl.int64) * stride_pib + head.to(tl.int64) * stride_pih
-            + q_block.to(tl.int64) * stride_piq
+        partial_count, partial_ptr, _ = _plan_row(
+            partial_counts_ptr, partial_indices_ptr, key_lengths_ptr, batch, head, q_block,
+            stride_pcb, stride_pch, stride_pib, stride_pih, stride_piq, seq_kv, False,
         )
         for i in range(0, partial_count):
             kv_row_start = tl.load(partial_ptr + i) * KV_BLOCK
@@ -267,13 +326,11 @@ def _block_sparse_attn_fwd(
                 v_tile_offsets, kv_row_start, kv_len, head_dim, qk_scale,
                 q_start_t, q_start_h, q_start_w, k_coords_ptr,
                 span_t, span_h, span_w, dil_t, dil_h, dil_w,
-                KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, True,
+                KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, False,
+                True,
             )
 
-    # Rows that visited no valid key: output 0 and LSE -inf, never 0/0.
-    no_keys = l_i == 0.0
-    l_safe = tl.where(no_keys, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, lse = _normalized_output(acc, l_i, m_i)
     o_ptrs = (
         Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
         + q_row_start.to(tl.int64) * stride_os
@@ -281,7 +338,6 @@ def _block_sparse_attn_fwd(
     )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
     if RETURN_LSE:
-        lse = tl.where(no_keys, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
         lse_ptrs = Lse + pid_bh.to(tl.int64) * seq_q + q_row_start + offs_m
         tl.store(lse_ptrs, lse, mask=rows_ok)
 
@@ -367,25 +423,29 @@ def _plan_strides(plan: BlockSparsity) -> tuple[int, int, int, int, int]:
     )
 
 
+def _tma_view(x: torch.Tensor, layout: str, interpret: bool, dtypes=(torch.float16, torch.bfloat16)):
+    """The 2-D view of K or V for tensor-descriptor loads (``[B*S, H*D]`` for bshd, ``[B*H*S, D]``
+    for bhsd), or None where that path does not apply: Hopper or newer, a dtype of ``dtypes``,
+    head_dim 64 or 128, contiguous, 16-byte aligned."""
+    if interpret or TensorDescriptor is None or x.device.type != "cuda":
+        return None
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
+    if x.dtype not in dtypes or x.shape[-1] not in (64, 128):
+        return None
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        return None
+    head_dim = x.shape[-1]
+    width = x.shape[2] * head_dim if layout == "bshd" else head_dim
+    return x.view(-1, width)
+
+
 def _tma_views(k: torch.Tensor, v: torch.Tensor, layout: str, interpret: bool):
-    """2-D views of K and V for tensor-descriptor loads, or None where that path does not apply:
-    Hopper or newer, fp16/bf16, head_dim 64 or 128, contiguous, 16-byte aligned."""
-    if interpret or TensorDescriptor is None or k.device.type != "cuda":
+    """2-D views of K and V for tensor-descriptor loads, or None unless both qualify."""
+    k_view, v_view = _tma_view(k, layout, interpret), _tma_view(v, layout, interpret)
+    if k_view is None or v_view is None:
         return None
-    if torch.cuda.get_device_capability(k.device)[0] < 9:
-        return None
-    if k.dtype not in (torch.float16, torch.bfloat16) or k.shape[-1] not in (64, 128):
-        return None
-    if not (k.is_contiguous() and v.is_contiguous()):
-        return None
-    if k.data_ptr() % 16 or v.data_ptr() % 16:
-        return None
-    head_dim = k.shape[-1]
-    if layout == "bshd":
-        width = k.shape[2] * head_dim
-    else:
-        width = head_dim
-    return k.view(-1, width), v.view(-1, width)
+    return k_view, v_view
 
 
 def triton_block_sparse_attention(

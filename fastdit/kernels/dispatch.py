@@ -19,11 +19,14 @@ import torch
 
 from .plan import BlockSparsity
 from .window import WindowMask
+from .quantized import QUANTIZATIONS, QuantizedQK
 
 logger = logging.getLogger("fastdit")
 
 LAYOUTS = ("bshd", "bhsd")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# INT8 attention keeps P and V in 16 bits (P.V in fp16/bf16, fp32 accumulation).
+QUANTIZED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -171,6 +174,18 @@ def _check_qk(q, k, layout):
     return batch, seq_q, seq_kv, heads, head_dim
 
 
+def _check_quantize(quantize: str | None, dtype: torch.dtype) -> None:
+    if quantize is None:
+        return
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be None or one of {QUANTIZATIONS}, got {quantize!r}")
+    if dtype not in QUANTIZED_DTYPES:
+        raise TypeError(
+            f"quantize={quantize!r} needs fp16 or bf16 inputs (P.V runs in V's 16-bit dtype), "
+            f"got {dtype}"
+        )
+
+
 # ---------------------------------------------------------------------- entry points
 def block_sparse_attention(
     q: torch.Tensor,
@@ -184,6 +199,7 @@ def block_sparse_attention(
     key_padding: torch.Tensor | None = None,
     window_mask: WindowMask | None = None,
     backend: str | None = None,
+    quantize: str | None = None,
 ):
     """Attention restricted to the key blocks ``plan`` lists for each query block.
 
@@ -199,6 +215,9 @@ def block_sparse_attention(
         window_mask: a :class:`~fastdit.kernels.window.WindowMask`: further (partial) blocks,
             computed with its token-level window rule (exact GNA/NATTEN windows).
         backend: ``"triton"`` or ``"reference"`` to force one; by default the first that can run.
+        quantize: ``None`` (fp16/bf16/fp32 throughout) or ``"int8"``: Q and K quantized to INT8
+            with per-block scales and K smoothed by its mean (fp16/bf16 inputs only; see
+            :mod:`fastdit.kernels.quantized`); the quantization pass is part of this call.
 
     Returns:
         The output in the input's layout and dtype, or ``(out, lse)``. A query row that sees no
@@ -216,9 +235,31 @@ def block_sparse_attention(
             raise TypeError(f"window_mask must be a fastdit.kernels.WindowMask, got {type(window_mask).__name__}")
         _check_plan(window_mask.partial, batch, heads, seq_q, seq_kv, q.device)
         window_mask.check(plan, seq_q, seq_kv)
+    _check_quantize(quantize, q.dtype)
+    if window_mask is not None and quantize is not None:
+        raise ValueError(f"window_mask is not supported with quantize={quantize!r} (use the bf16/fp16 kernel)")
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
 
     chosen = choose_backend(q.device, q.dtype, head_dim, backend)
+    if quantize is not None:
+        quantized = _quantize_qk(
+            q, k, plan.q_block_size, plan.kv_block_size, scale, layout, key_lengths, return_lse,
+            True, chosen,
+        )
+        if chosen == "triton":
+            from .int8_attention import triton_int8_block_sparse_attention
+
+            out, lse = triton_int8_block_sparse_attention(
+                quantized, v, plan, layout=layout, return_lse=return_lse,
+                key_lengths=key_lengths, interpret=q.device.type == "cpu",
+            )
+        else:
+            from .reference import int8_attention_reference
+
+            out, lse = int8_attention_reference(
+                quantized, v, plan, layout=layout, return_lse=return_lse, key_lengths=key_lengths
+            )
+        return (out, lse) if return_lse else out
     if chosen == "triton":
         from .attention import triton_block_sparse_attention
 
@@ -234,6 +275,47 @@ def block_sparse_attention(
             key_lengths=key_lengths, window=window_mask,
         )
     return (out, lse) if return_lse else out
+
+
+def _quantize_qk(q, k, q_block, kv_block, scale, layout, key_lengths, lse_shift, smooth_k, chosen) -> QuantizedQK:
+    if chosen == "triton":
+        from .quantize import triton_quantize_qk as quantize
+    else:
+        from .reference import quantize_qk_reference as quantize
+    return quantize(
+        q, k, q_block_size=q_block, kv_block_size=kv_block, scale=scale, layout=layout,
+        key_lengths=key_lengths, lse_shift=lse_shift, smooth_k=smooth_k,
+    )
+
+
+def quantize_qk_int8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int | tuple[int, int] = 128,
+    scale: float | None = None,
+    layout: str = "bshd",
+    key_padding: torch.Tensor | None = None,
+    lse_shift: bool = False,
+    smooth_k: bool = True,
+    backend: str | None = None,
+) -> QuantizedQK:
+    """The quantization pass of ``block_sparse_attention(..., quantize="int8")`` on its own.
+
+    Q and K (fp16/bf16, ``layout``) -> a :class:`~fastdit.kernels.quantized.QuantizedQK`: int8
+    ``(B, H, S, D)`` tensors, per-block scales over ``block_size`` (query, key) tokens, K's mean.
+    ``smooth_k=False`` skips the smoothing (for comparisons; the attention path always smooths).
+    """
+    from .plan import normalize_block_size
+
+    batch, _, _, _, head_dim = _check_qk(q, k, layout)
+    _check_quantize("int8", q.dtype)
+    q_block, kv_block = normalize_block_size(block_size)
+    scale = _check_scale(scale, head_dim)
+    key_lengths = _check_key_padding(key_padding, batch, q.device)
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    chosen = choose_backend(q.device, q.dtype, head_dim, backend)
+    return _quantize_qk(q, k, q_block, kv_block, scale, layout, key_lengths, lse_shift, smooth_k, chosen)
 
 
 def block_mass(

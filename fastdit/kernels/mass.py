@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import LOG2E, _dot, _plan_strides, _strides
+from .attention import LOG2E, _dot, _plan_row, _plan_strides, _strides
 from .plan import BlockSparsity
 
 
@@ -58,15 +58,10 @@ def _block_mass_kernel(
 
     k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     k_tile_offsets = offs_n[:, None] * stride_ks + offs_d[None, :]
-    plan_row = batch * stride_cb + head * stride_ch + q_block
-    count = tl.load(kv_counts_ptr + plan_row)
-    index_ptr = (
-        kv_indices_ptr + batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih
-        + q_block.to(tl.int64) * stride_iq
+    count, index_ptr, kv_len = _plan_row(
+        kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS,
     )
-    kv_len = seq_kv
-    if HAS_KEY_LENGTHS:
-        kv_len = tl.minimum(tl.load(key_lengths_ptr + batch).to(tl.int32), seq_kv)
     mass_row = Mass + (pid_bh.to(tl.int64) * num_q_blocks + q_block) * num_kv_blocks
 
     for i in range(0, count):

@@ -1,7 +1,8 @@
 """Plain-PyTorch references for every kernel in ``fastdit.kernels``.
 
 Each computes the same function as its Triton kernel from the same plan, in fp32, by masking
-ordinary attention. Tests compare the kernels against these; they are also the execution path
+ordinary attention (the INT8 path: by quantizing the same way and attending over the
+dequantized values). Tests compare the kernels against these; they are also the execution path
 on a CPU without ``TRITON_INTERPRET=1``. Work is split over query-block chunks so that no
 ``S_q x S_kv`` tensor larger than :data:`MAX_CHUNK_ELEMENTS` exists at once.
 """
@@ -12,7 +13,9 @@ import torch
 
 from .plan import BlockSparsity
 from .window import WindowMask
+from .quantized import QuantizedQK
 
+LOG2E = 1.4426950408889634
 MAX_CHUNK_ELEMENTS = 1 << 26
 
 
@@ -143,3 +146,80 @@ def segment_mean_pool_reference(x: torch.Tensor, offsets: torch.Tensor, *, layou
     sums = torch.zeros((*xf.shape[:2], lengths.numel(), xf.shape[3]), device=x.device)
     sums.index_add_(2, segment_of, xf)
     return sums / lengths.to(torch.float32)[:, None]
+
+
+def quantize_qk_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    q_block_size: int,
+    kv_block_size: int,
+    scale: float,
+    layout: str = "bshd",
+    key_lengths: torch.Tensor | None = None,
+    lse_shift: bool = False,
+    smooth_k: bool = True,
+) -> QuantizedQK:
+    """Per-block symmetric INT8 Q and K with K smoothed by its mean over the valid keys (the
+    function :mod:`fastdit.kernels.quantize` computes), in fp32 PyTorch."""
+    qf, kf = _to_bhsd_fp32(q, layout), _to_bhsd_fp32(k, layout)
+    seq_kv = kf.shape[2]
+    valid = None
+    if key_lengths is not None:
+        valid = (torch.arange(seq_kv, device=k.device)[None, :] < key_lengths.to(k.device)[:, None].long())
+        valid = valid[:, None, :, None]
+        kf = torch.where(valid, kf, 0.0)  # rows past the valid length may hold anything
+    if smooth_k:
+        count = float(seq_kv) if key_lengths is None else key_lengths.to(k.device).clamp(0, seq_kv).clamp_min(1).float()[:, None, None]
+        mean = kf.sum(dim=2) / count
+    else:
+        mean = torch.zeros_like(kf[:, :, 0])
+    shift = torch.einsum("bhsd,bhd->bhs", qf, mean) * scale if lse_shift else None
+    k_smoothed = kf - mean[:, :, None, :]
+    if valid is not None:
+        k_smoothed = torch.where(valid, k_smoothed, 0.0)
+    k_q, k_scale = _quantize_blocks_reference(k_smoothed, kv_block_size, 1.0)
+    q_q, q_scale = _quantize_blocks_reference(qf, q_block_size, scale * LOG2E)
+    return QuantizedQK(q_q, q_scale, k_q, k_scale, mean, shift, q_block_size, kv_block_size, scale)
+
+
+def _quantize_blocks_reference(x: torch.Tensor, block: int, multiplier: float):
+    """int8 ``[B, H, S, D]`` and fp32 scales ``[B, H, ceil(S/block)]`` of an fp32 ``[B, H, S, D]``."""
+    batch, heads, seq_len, head_dim = x.shape
+    num_blocks = -(-seq_len // block)
+    padded = torch.zeros((batch, heads, num_blocks * block, head_dim), dtype=torch.float32, device=x.device)
+    padded[:, :, :seq_len] = x
+    blocks = padded.view(batch, heads, num_blocks, block, head_dim)
+    absmax = blocks.abs().amax(dim=(-1, -2))
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # all-zero block: scale 1/127
+    y = blocks * (127.0 / absmax)[..., None, None]
+    y = y + torch.where(y >= 0, 0.5, -0.5)
+    x_q = y.clamp(-127.0, 127.0).trunc().to(torch.int8).view(batch, heads, -1, head_dim)[:, :, :seq_len]
+    return x_q.contiguous(), absmax / 127.0 * multiplier
+
+
+def int8_attention_reference(
+    quantized: QuantizedQK,
+    v: torch.Tensor,
+    plan: BlockSparsity,
+    *,
+    layout: str = "bshd",
+    return_lse: bool = False,
+    key_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The INT8 kernel's function in fp32: attention over the dequantized (smoothed) Q and K, then
+    the LSE shift; output in V's dtype and ``layout``."""
+    q_rows = torch.arange(quantized.q.shape[2], device=v.device) // quantized.q_block_size
+    kv_rows = torch.arange(quantized.k.shape[2], device=v.device) // quantized.kv_block_size
+    # q_scale holds scale * log2(e): the dequantized product is in log2 units; ln 2 turns it back.
+    q_deq = quantized.q.float() * quantized.q_scale[:, :, q_rows, None]
+    k_deq = quantized.k.float() * quantized.k_scale[:, :, kv_rows, None]
+    v_bhsd = v.transpose(1, 2) if layout == "bshd" else v
+    out, lse = attention_reference(
+        q_deq, k_deq, v_bhsd.float(), plan, scale=1.0 / LOG2E, layout="bhsd", return_lse=True,
+        key_lengths=key_lengths,
+    )
+    out = (out.transpose(1, 2) if layout == "bshd" else out).to(v.dtype)
+    if not return_lse:
+        return out, None
+    return out, lse + quantized.lse_shift

@@ -9,7 +9,8 @@ from .adaspa import AdaSpa, AdaSpaRuntime
 from .agent import Agent
 from .base import MethodPlan
 from .gna import GNA, GNACheck
+from .paro import PARO, ParoPlan
 from .radial import Radial
 from .vmoba import VMoBA
 
-__all__ = ["AdaSpa", "AdaSpaRuntime", "Agent", "GNA", "GNACheck", "MethodPlan", "Radial", "VMoBA"]
+__all__ = ["AdaSpa", "AdaSpaRuntime", "Agent", "GNA", "GNACheck", "MethodPlan", "PARO", "ParoPlan", "Radial", "VMoBA"]

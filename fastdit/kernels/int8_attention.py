@@ -1,0 +1,238 @@
+"""Block-sparse attention with INT8 Q and K: the Triton kernel and its launcher.
+
+Inputs are a :class:`~fastdit.kernels.quantized.QuantizedQK` (int8 ``Q_q``, ``K_q`` contiguous
+``(B, H, S, D)``, fp32 per-block scales ``sq`` and ``sk``, K smoothed by its mean ``mu``, see
+:mod:`fastdit.kernels.quantize`) and V in fp16/bf16, ``"bshd"`` or ``"bhsd"``. For every batch
+``b``, head ``h`` and query row ``i`` in query block ``p``, over the key blocks ``c`` of
+``plan[b, h, p]`` and keys ``j < kv_len``::
+
+    s2_ij  = (Q_q[i] . K_q[j]) * sq[p] * sk[c]      int8 x int8 -> int32 MMA, then fp32;
+                                                    sq holds scale * log2(e): s2 is in log2 units
+    out_i  = sum_j exp2(s2_ij - m_i) v_j / sum_j exp2(s2_ij - m_i)
+    lse_i  = ln 2 * (m_i + log2 sum_j exp2(s2_ij - m_i)) + scale * q_i . mu
+
+``s2_ij / log2(e)`` approximates ``scale * q_i . (k_j - mu)``, i.e. the exact scores shifted by the
+row constant ``-scale * q_i . mu``: the softmax (and so the output) ignores it, the LSE gets it
+back from ``lse_shift``. The online softmax is the bf16 kernel's (``_fold_scores``: exp2, running
+max ``m_i`` and sum ``l_i``); P is cast to V's dtype for ``P @ V`` with fp32 accumulation (an fp16
+accumulator there caused black frames in SageAttention users' bf16 models).
+
+Plans, bounds handling (the masked suffix of each row), 64-bit offsets and Hopper TMA loads are
+those of :mod:`fastdit.kernels.attention`, reused from it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import (
+    _attend_kv_block,
+    _count_unmasked_blocks,
+    _fold_scores,
+    _int8_scores,
+    _launch_with_fallback,
+    _normalized_output,
+    _plan_row,
+    _plan_strides,
+    _strides,
+    _tma_view,
+)
+from .plan import BlockSparsity
+from .quantized import QuantizedQK
+
+try:  # host-side tensor descriptors (TMA), Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+
+@triton.jit
+def _int8_block_sparse_attn_fwd(
+    Qq, Kq, V, Out, Lse, QScale, KScale, LseShift, k_desc, v_desc,
+    kv_counts_ptr, kv_indices_ptr, key_lengths_ptr,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_cb, stride_ch,
+    stride_ib, stride_ih, stride_iq,
+    num_heads, seq_q, seq_kv, head_dim, num_q_blocks, num_kv_blocks,
+    Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    USE_TMA: tl.constexpr, LAYOUT_BSHD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    q_row_start = pid_m * BLOCK_M
+    q_block = q_row_start // Q_BLOCK
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = (q_row_start + offs_m) < seq_q
+    d_ok = offs_d < head_dim
+
+    # Int8 Q and K are contiguous (B, H, S, D): rows are head_dim apart.
+    q_ptrs = (
+        Qq + (pid_bh.to(tl.int64) * seq_q + q_row_start) * head_dim
+        + offs_m[:, None] * head_dim + offs_d[None, :]
+    )
+    q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0)
+    q_scale = tl.load(QScale + pid_bh.to(tl.int64) * num_q_blocks + q_block)
+
+    k_base = Kq + pid_bh.to(tl.int64) * seq_kv * head_dim
+    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    k_tile_offsets = offs_n[:, None] * head_dim + offs_d[None, :]
+    v_tile_offsets = offs_n[:, None] * stride_vs + offs_d[None, :]
+    k_scale_row = KScale + pid_bh.to(tl.int64) * num_kv_blocks
+
+    count, index_ptr, kv_len = _plan_row(
+        kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS,
+    )
+    num_unmasked = _count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if USE_TMA:
+        # Hopper+: whole tiles of the 2-D views [B*H*S, D] (int8 K) and [B*S, H*D] or
+        # [B*H*S, D] (V); coordinates are rows, not bytes.
+        k_row = pid_bh * seq_kv
+        if LAYOUT_BSHD:
+            v_row, v_col = batch * seq_kv, head * BLOCK_D
+        else:
+            v_row, v_col = pid_bh * seq_kv, 0
+        cols_all = tl.full([BLOCK_N], True, tl.int1)
+        for i in range(0, num_unmasked):
+            kv_block = tl.load(index_ptr + i)
+            kv_row_start = kv_block * KV_BLOCK
+            qk_scale = q_scale * tl.load(k_scale_row + kv_block)
+            for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
+                k = k_desc.load([k_row + kv_row_start + sub, 0])
+                v = v_desc.load([v_row + kv_row_start + sub, v_col])
+                acc, l_i, m_i = _fold_scores(
+                    acc, l_i, m_i, _int8_scores(q, k), v, cols_all, qk_scale,
+                    False, DOT_PRECISION, UPCAST_OPERANDS,
+                )
+    else:
+        for i in range(0, num_unmasked):
+            kv_block = tl.load(index_ptr + i)
+            acc, l_i, m_i = _attend_kv_block(
+                acc, l_i, m_i, q, k_base, head_dim, v_base, stride_vs, k_tile_offsets,
+                v_tile_offsets, kv_block * KV_BLOCK, kv_len, head_dim,
+                q_scale * tl.load(k_scale_row + kv_block),
+                0, 0, 0, k_base, 0, 0, 0, 1, 1, 1,
+                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, True, False,
+            )
+    for i in range(num_unmasked, count):
+        kv_block = tl.load(index_ptr + i)
+        acc, l_i, m_i = _attend_kv_block(
+            acc, l_i, m_i, q, k_base, head_dim, v_base, stride_vs, k_tile_offsets,
+            v_tile_offsets, kv_block * KV_BLOCK, kv_len, head_dim,
+            q_scale * tl.load(k_scale_row + kv_block),
+            0, 0, 0, k_base, 0, 0, 0, 1, 1, 1,
+            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, True, False,
+        )
+
+    out, lse = _normalized_output(acc, l_i, m_i)
+    o_ptrs = (
+        Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        + q_row_start.to(tl.int64) * stride_os
+        + offs_m[:, None] * stride_os + offs_d[None, :]
+    )
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
+    if RETURN_LSE:
+        row_offsets = pid_bh.to(tl.int64) * seq_q + q_row_start + offs_m
+        lse = lse + tl.load(LseShift + row_offsets, mask=rows_ok, other=0.0)
+        tl.store(Lse + row_offsets, lse, mask=rows_ok)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed on (BLOCK_D, Q_BLOCK, KV_BLOCK). Not tuned on a
+# GPU yet: SageAttention's Triton INT8 defaults (128-row query tiles, 64-key tiles, 8 warps at
+# head_dim 128); a config that does not fit is shrunk at the first launch.
+_INT8_CONFIGS = {
+    (64, 128, 128): (128, 64, 4, 3),
+    (128, 128, 128): (128, 64, 8, 3),
+    (256, 128, 128): (64, 32, 4, 1),
+    (64, 64, 64): (64, 64, 4, 3),
+    (128, 64, 64): (64, 64, 4, 3),
+    (256, 64, 64): (64, 32, 4, 1),
+}
+
+
+def _int8_launch_config(block_d: int, q_block: int, kv_block: int, interpret: bool):
+    if interpret:
+        return q_block, kv_block, 4, 1
+    config = _INT8_CONFIGS.get((block_d, q_block, kv_block))
+    if config is not None:
+        return config
+    return min(q_block, 64), min(kv_block, 64), 4, 2
+
+
+def triton_int8_block_sparse_attention(
+    quantized: QuantizedQK,
+    v: torch.Tensor,
+    plan: BlockSparsity,
+    *,
+    layout: str,
+    return_lse: bool,
+    key_lengths: torch.Tensor | None,
+    interpret: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the INT8 kernel on validated inputs; the output has V's layout and dtype."""
+    batch, heads, seq_q, head_dim = quantized.q.shape
+    seq_kv = quantized.k.shape[2]
+    if return_lse and quantized.lse_shift is None:
+        raise ValueError("return_lse needs a QuantizedQK made with lse_shift=True")
+    out_shape = (batch, seq_q, heads, head_dim) if layout == "bshd" else (batch, heads, seq_q, head_dim)
+    out = torch.empty(out_shape, dtype=v.dtype, device=v.device)
+    lse = (
+        torch.empty((batch, heads, seq_q), dtype=torch.float32, device=v.device)
+        if return_lse
+        else out  # unused placeholder pointer
+    )
+    # int8 MMA needs a reduction dim of at least 32.
+    block_d = max(32, triton.next_power_of_2(head_dim))
+    k_view = _tma_view(quantized.k, "bhsd", interpret, dtypes=(torch.int8,))
+    v_view = _tma_view(v, layout, interpret)
+    use_tma = k_view is not None and v_view is not None and block_d == head_dim
+
+    def launch(block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+        if use_tma:
+            k_desc = TensorDescriptor.from_tensor(k_view, [block_n, block_d])
+            v_desc = TensorDescriptor.from_tensor(v_view, [block_n, block_d])
+        else:
+            k_desc, v_desc = quantized.k, v  # unused
+        grid = (triton.cdiv(seq_q, block_m), batch * heads)
+        _int8_block_sparse_attn_fwd[grid](
+            quantized.q, quantized.k, v, out, lse, quantized.q_scale, quantized.k_scale,
+            quantized.lse_shift if return_lse else out, k_desc, v_desc,
+            plan.kv_counts, plan.kv_indices, key_lengths if key_lengths is not None else plan.kv_counts,
+            *_strides(v, layout), *_strides(out, layout), *_plan_strides(plan),
+            heads, seq_q, seq_kv, head_dim, quantized.q_scale.shape[2], quantized.k_scale.shape[2],
+            Q_BLOCK=plan.q_block_size, KV_BLOCK=plan.kv_block_size,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            EVEN_KV=key_lengths is None and seq_kv % plan.kv_block_size == 0,
+            EVEN_D=block_d == head_dim,
+            HAS_KEY_LENGTHS=key_lengths is not None,
+            RETURN_LSE=return_lse,
+            DOT_PRECISION="tf32",
+            UPCAST_OPERANDS=interpret and v.dtype == torch.bfloat16,
+            USE_TMA=use_tma,
+            LAYOUT_BSHD=layout == "bshd",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    config = _int8_launch_config(block_d, plan.q_block_size, plan.kv_block_size, interpret)
+    if interpret:
+        launch(*config)
+        return out, (lse if return_lse else None)
+    key = ("int8", block_d, plan.q_block_size, plan.kv_block_size, v.dtype, use_tma, v.device.index)
+    _launch_with_fallback(key, config, launch)
+    return out, (lse if return_lse else None)
