@@ -83,7 +83,9 @@ class DenoisingState:
             self.context = cache_context.name
         else:
             # Outside a pipeline loop: a new step is a new timestep value; CFG passes share one.
-            value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+            # The maximum, not the first entry: Wan2.2 TI2V passes per-token timesteps whose
+            # first-frame (conditioning) tokens are 0 at every step.
+            value = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
             if self._last_timestep is None or value > self._last_timestep:
                 self._start_generation()
                 self.step = 0
@@ -310,7 +312,17 @@ def attach(pipe_or_model) -> FastditHandle:
     """For processors installed the diffusers way (``set_attn_processor(WanSparseAttnProcessor(...))``):
     install the hooks that tell them the latent grid, layer and denoising step."""
     models = _transformers(pipe_or_model)
-    handle: FastditHandle | None = None
+    handle = FastditHandle(DenoisingState(None, None, pipeline=_pipeline_reference(pipe_or_model)))
+    try:
+        _attach_models(models, handle)
+    except Exception:
+        handle.remove()  # a later model failed: undo what the earlier ones got
+        raise
+    _handles[pipe_or_model] = handle
+    return handle
+
+
+def _attach_models(models: list[torch.nn.Module], handle: FastditHandle) -> None:
     for model in models:
         adapter = _adapter_for(model)
         processors = {
@@ -324,23 +336,19 @@ def attach(pipe_or_model) -> FastditHandle:
             )
         first = next(iter(processors.values()))
         methods = {repr(p.method) for p in processors.values()}
-        if handle is not None:
+        if handle.state.method is not None:
             methods.add(repr(handle.state.method))
         if len(methods) > 1:
             raise ValueError(
                 "fastdit.attach needs one method per pipeline (the processors share the latent "
                 f"grid, step and plan), found {sorted(methods)}; use fastdit.apply for one method"
             )
-        if handle is None:
-            handle = FastditHandle(
-                DenoisingState(first.method, first.schedule, pipeline=_pipeline_reference(pipe_or_model))
-            )
+        if handle.state.method is None:
+            handle.state.method, handle.state.schedule = first.method, first.schedule
         for processor in processors.values():
             processor.state = handle.state
             handle._bound.append(processor)
         _install_hooks(model, adapter, handle.state, handle)
-    _handles[pipe_or_model] = handle
-    return handle
 
 
 # Which handle was installed on which pipeline or model, for fastdit.remove(pipe).

@@ -302,3 +302,21 @@ def test_window_mask_partial_blocks_match_brute_force(rng, dtype, layout):
         window_mask=mask, backend="reference",
     )
     assert_close(ref_out, ref, dtype)
+
+
+def test_window_mask_takes_strided_coordinates_and_refuses_overlapping_blocks(rng):
+    from fastdit.kernels import WindowMask
+
+    seq, block = 130, 64
+    q, k, v = random_qkv(rng, 1, seq, seq, 2, 32, torch.float32)
+    starts = torch.randint(0, 3, (3, seq), generator=rng, dtype=torch.int32).t()  # a transposed view
+    coords = torch.randint(0, 5, (3, seq), generator=rng, dtype=torch.int32).t()
+    partial = BlockSparsity.from_block_map(torch.ones(1, 1, 3, 3, dtype=torch.bool), block)
+    mask = WindowMask(partial, starts, coords, (2, 2, 3), (1, 1, 1))
+    empty = BlockSparsity.from_block_map(torch.zeros(1, 1, 3, 3, dtype=torch.bool), block)
+    out = block_sparse_attention(q, k, v, empty, window_mask=mask, backend="triton")
+    ref = block_sparse_attention(q, k, v, empty, window_mask=mask, backend="reference")
+    assert_close(out, ref, torch.float32)
+    full = BlockSparsity.dense(seq, seq, block)
+    with pytest.raises(ValueError, match="must not repeat a block of the plan"):
+        block_sparse_attention(q, k, v, full, window_mask=mask)

@@ -301,3 +301,29 @@ def test_shape_change_renews_runtime(rng):
     assert handle.state.generation == 1 and handle.state.runtime is not runtime
     assert method.calls[-1].runtime is handle.state.runtime
     handle.remove()
+
+
+def test_step_from_per_token_timesteps_and_attach_rolls_back(rng):
+    # Wan2.2 TI2V passes per-token timesteps whose first-frame tokens are 0 at every step.
+    model = tiny_transformer()
+    handle = fastdit.apply(model, fastdit.Dense(block_size=64))
+    layout = fastdit.SequenceLayout(fastdit.LatentGrid(2, 4, 4))
+    steps = []
+    for t in (999.0, 800.0, 600.0):
+        timestep = torch.full((1, 32), t)
+        timestep[:, :16] = 0.0
+        handle.state.begin_forward(layout, torch.device("cpu"), None, timestep)
+        steps.append(handle.state.step)
+    assert steps == [0, 1, 2] and handle.state.generation == 1
+    handle.remove()
+
+    class TwoModels:  # a pipeline whose second transformer has no fastdit processor
+        transformer = tiny_transformer()
+        transformer_2 = tiny_transformer()
+
+    pipe = TwoModels()
+    pipe.transformer.set_attn_processor(WanSparseAttnProcessor(fastdit.Dense()))
+    with pytest.raises(ValueError, match="no fastdit processor is installed"):
+        fastdit.attach(pipe)
+    assert not hasattr(pipe.transformer, "_diffusers_hook")  # the first model's hooks are undone
+    fastdit.attach(pipe.transformer).remove()  # and it can be attached again

@@ -235,6 +235,7 @@ def block_sparse_attention(
             raise TypeError(f"window_mask must be a fastdit.kernels.WindowMask, got {type(window_mask).__name__}")
         _check_plan(window_mask.partial, batch, heads, seq_q, seq_kv, q.device)
         window_mask.check(plan, seq_q, seq_kv)
+        window_mask.check_disjoint(plan)
     _check_quantize(quantize, q.dtype)
     if window_mask is not None and quantize is not None:
         raise ValueError(f"window_mask is not supported with quantize={quantize!r} (use the bf16/fp16 kernel)")

@@ -20,6 +20,7 @@ Memory: ``6 * S`` int32 values, never ``S x S``.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,7 @@ class WindowMask:
                 )
             if x.device != self.partial.device:
                 raise ValueError(f"{name} is on {x.device} but partial is on {self.partial.device}")
+            object.__setattr__(self, name, x.contiguous())  # the kernel reads rows of 3 int32
         window, dilation = tuple(int(w) for w in self.window), tuple(int(d) for d in self.dilation)
         if len(window) != 3 or len(dilation) != 3 or min(window + dilation) < 1:
             raise ValueError(f"window and dilation must be 3 ints >= 1, got {window=}, {dilation=}")
@@ -89,6 +91,21 @@ class WindowMask:
                 f"window mask covers {self.query_start.shape[0]} queries and {self.key_coords.shape[0]} "
                 f"keys, but the inputs have S_q={seq_q} and S_kv={seq_kv}"
             )
+
+    def check_disjoint(self, plan: BlockSparsity) -> None:
+        """Raise ValueError if a partial block is also one of ``plan``'s blocks (the kernel would
+        count it twice). One device-to-host read per (mask, plan) pair, then remembered."""
+        checked = self.__dict__.setdefault("_disjoint_from", weakref.WeakSet())
+        if plan in checked:
+            return
+        both = plan.to_block_map().bool() & self.partial.to_block_map().bool()
+        if bool(both.any()):
+            where = [int(i) for i in both.nonzero()[0]]
+            raise ValueError(
+                "window_mask.partial must not repeat a block of the plan, got block "
+                f"(batch, head, q_block, kv_block)={tuple(where)} in both"
+            )
+        checked.add(plan)
 
     def allowed(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """BoolTensor ``[len(rows), len(cols)]`` of the token rule (reference and tests)."""
