@@ -71,7 +71,9 @@ class DenoisingState:
     densities: dict[tuple[int, int | None], float] = field(default_factory=dict)
     runtime: object | None = None  # the method's per-generation state (methods that plan per call)
     pipeline: weakref.ref | None = None  # the pipeline installed on, for its scheduler's step count
+    repeated_timestep_is_new_generation: bool = False  # set by adapters whose CFG is batched
     _last_timestep: float | None = None
+    _contexts_at_step: set = field(default_factory=set)
 
     def begin_forward(self, layout: SequenceLayout, device: torch.device, cache_context, timestep) -> None:
         if cache_context is not None and cache_context.step_index is not None:
@@ -86,13 +88,24 @@ class DenoisingState:
             # The maximum, not the first entry: Wan2.2 TI2V passes per-token timesteps whose
             # first-frame (conditioning) tokens are 0 at every step.
             value = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
-            if self._last_timestep is None or value > self._last_timestep:
+            context = getattr(cache_context, "name", None)
+            # Models whose pipelines batch the CFG passes into one forward and never reset
+            # stateful hooks (Stable Diffusion's UNet): the same timestep again in a context
+            # already seen at this step is a new generation (a repeated 1-step turbo call).
+            repeated = (
+                self.repeated_timestep_is_new_generation
+                and value == self._last_timestep
+                and context in self._contexts_at_step
+            )
+            if self._last_timestep is None or value > self._last_timestep or repeated:
                 self._start_generation()
                 self.step = 0
             elif value < self._last_timestep:
                 self.step += 1
+                self._contexts_at_step.clear()
             self._last_timestep = value
-            self.context = getattr(cache_context, "name", None)
+            self._contexts_at_step.add(context)
+            self.context = context
             self.num_steps = self._scheduler_num_steps()
         if self.layout is not None and layout != self.layout:
             self._new_runtime()  # a shape change invalidates whatever the method learnt
@@ -104,12 +117,19 @@ class DenoisingState:
         """Steps of the running generation from the pipeline's scheduler (set by its
         ``set_timesteps`` before the loop), for pipelines that set no ``cache_context``."""
         pipe = self.pipeline() if self.pipeline is not None else None
-        steps = getattr(getattr(pipe, "scheduler", None), "num_inference_steps", None)
-        return int(steps) if isinstance(steps, int) and steps > 0 else None
+        scheduler = getattr(pipe, "scheduler", None)
+        steps = getattr(scheduler, "num_inference_steps", None)
+        if not isinstance(steps, int) or steps <= 0:
+            return None
+        # img2img (strength < 1) starts the loop at the scheduler's begin index.
+        begin = getattr(scheduler, "begin_index", None) or 0
+        order = getattr(scheduler, "order", 1) or 1
+        return max(1, steps - begin // order)
 
     def _start_generation(self) -> None:
         self.generation += 1
         self.num_steps, self._last_timestep = None, None
+        self._contexts_at_step.clear()
         self.densities.clear()
         self._new_runtime()
 
@@ -121,6 +141,7 @@ class DenoisingState:
         """The next forward starts a new generation (diffusers resets stateful hooks after each
         pipeline call); what the finished generation recorded stays readable until then."""
         self.step, self._last_timestep = None, None
+        self._contexts_at_step.clear()
 
     def summary(self) -> str:
         """Per-layer attention density of the latest generation ('dense' for dense steps)."""
@@ -252,6 +273,8 @@ def _install_hooks(model: torch.nn.Module, adapter, state: DenoisingState, handl
     handle._registries.append((model, created))
     handle._torch_hooks.extend(adapter.install_permutation_hooks(model, state))
     attentions = adapter.self_attention_modules(model)
+    if getattr(adapter, "CFG_BATCHED_WITHOUT_RESET", False):
+        state.repeated_timestep_is_new_generation = True
     transformer = len(handle._registries) - 1  # this model's position in the pipeline
     # UNets attend at several resolutions; DiT adapters have no such function (all 1).
     downsampling = getattr(adapter, "self_attention_downsampling", None)

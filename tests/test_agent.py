@@ -383,6 +383,11 @@ def test_tiny_sd_pipeline_end_to_end():
     assert densities[(0, 0)] < 1.0 and densities[(1, 0)] == 1.0  # layer 1: the mid block
     assert all(densities[(layer, step)] == 1.0 for layer in range(4) for step in (1, 2))
     assert np.isfinite(out).all() and np.abs(out - stock).max() > 1e-4
+    # SD never resets stateful hooks: repeated 1-step calls (same timestep) are new generations.
+    generation = handle.state.generation
+    for _ in range(2):
+        pipe(**settings | dict(num_inference_steps=1), generator=torch.Generator().manual_seed(1))
+    assert handle.state.generation == generation + 2 and handle.state.num_steps == 1
     handle.remove()
     assert all(pipe.unet.attn_processors[n] is p for n, p in stock_processors.items())
     assert (pipe(**settings, generator=torch.Generator().manual_seed(1)).images == stock).all()

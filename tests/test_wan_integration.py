@@ -315,6 +315,12 @@ def test_step_from_per_token_timesteps_and_attach_rolls_back(rng):
         handle.state.begin_forward(layout, torch.device("cpu"), None, timestep)
         steps.append(handle.state.step)
     assert steps == [0, 1, 2] and handle.state.generation == 1
+    # Batched-CFG models without a hook reset (UNets): a repeated 1-step call is a new
+    # generation, a second CFG context at the same timestep is not.
+    handle.state.repeated_timestep_is_new_generation = True
+    for context in ("cond", "uncond", "cond", "uncond"):
+        handle.state.begin_forward(layout, torch.device("cpu"), type("C", (), {"name": context, "step_index": None})(), torch.tensor([999.0]))
+    assert handle.state.generation == 3 and handle.state.step == 0
     handle.remove()
 
     class TwoModels:  # a pipeline whose second transformer has no fastdit processor

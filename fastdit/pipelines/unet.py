@@ -135,6 +135,9 @@ class UNetSparseAttnProcessor(FastditAttnProcessor):
 
 # ---------------------------------------------------------------------- the adapter interface
 processor_class = UNetSparseAttnProcessor
+# The Stable Diffusion pipelines run cond and uncond in one batched UNet forward and never reset
+# stateful hooks (UNet2DConditionModel has no CacheMixin): a repeated timestep is a new generation.
+CFG_BATCHED_WITHOUT_RESET = True
 
 
 def _resolution_blocks(unet) -> list[tuple[int, torch.nn.Module]]:
