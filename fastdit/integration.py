@@ -68,7 +68,9 @@ class DenoisingState:
     layer_layouts: dict[int, SequenceLayout] = field(default_factory=dict)
     # id(attention module) -> downsampling relative to the model's highest-resolution self-attention
     layer_downsample: dict[int, int] = field(default_factory=dict)
-    densities: dict[tuple[int, int | None], float] = field(default_factory=dict)
+    # (layer, step) -> density as recorded: a float, or a 0-d device tensor read only when
+    # ``densities`` is (a per-call method's density costs no host sync inside the step).
+    _density_records: dict[tuple[int, int | None], float | torch.Tensor] = field(default_factory=dict)
     runtime: object | None = None  # the method's per-generation state (methods that plan per call)
     pipeline: weakref.ref | None = None  # the pipeline installed on, for its scheduler's step count
     repeated_timestep_is_new_generation: bool = False  # set by adapters whose CFG is batched
@@ -130,12 +132,21 @@ class DenoisingState:
         self.generation += 1
         self.num_steps, self._last_timestep = None, None
         self._contexts_at_step.clear()
-        self.densities.clear()
+        self._density_records.clear()
         self._new_runtime()
 
     def _new_runtime(self) -> None:
         new_runtime = getattr(self.method, "new_runtime", None)
         self.runtime = new_runtime() if new_runtime is not None else None
+
+    def record_density(self, layer: int, density: float | torch.Tensor) -> None:
+        """The density ``layer`` ran at in the current step (a float or a 0-d tensor)."""
+        self._density_records[(layer, self.step)] = density
+
+    @property
+    def densities(self) -> dict[tuple[int, int | None], float]:
+        """(layer, step) -> attention density of the latest generation, as floats."""
+        return {key: float(value) for key, value in self._density_records.items()}
 
     def reset(self) -> None:
         """The next forward starts a new generation (diffusers resets stateful hooks after each
@@ -145,11 +156,12 @@ class DenoisingState:
 
     def summary(self) -> str:
         """Per-layer attention density of the latest generation ('dense' for dense steps)."""
-        if not self.densities:
+        densities = self.densities
+        if not densities:
             return "fastdit: no attention call recorded yet"
         lines = [f"fastdit {type(self.method).__name__}: grid {self.grid.shape if self.grid else '?'}"]
         by_layer: dict[int, list[float]] = {}
-        for (layer, _step), density in sorted(self.densities.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        for (layer, _step), density in sorted(densities.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
             by_layer.setdefault(layer, []).append(density)
         for layer, values in sorted(by_layer.items()):
             mean = sum(values) / len(values)

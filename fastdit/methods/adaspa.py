@@ -73,10 +73,9 @@ layers): LSE 75,600 x 40 x 40 x 4 B = 484 MB per CFG context; plans at most 40 x
 
 Selection runs as batched torch ops on the device (top-k, cumulative sums, a stable sort of the
 head recalls, scatter, sort of the chosen indices): no Python loop over heads, layers or blocks.
-Host synchronisation: none in the mass pass, selection or attention; **one host read per (context,
-transformer, layer) and search**, when the new plan's density is first returned to the processor
-(``attend`` returns the density as a float, which the processor records per call). Records keep
-device tensors and are copied to the host when :attr:`AdaSpaRuntime.records` is read.
+Host synchronisation: none in the mass pass, selection or attention. ``attend`` returns the plan's
+density as a 0-d device tensor, which the state reads only when the densities are asked for.
+Records keep device tensors and are copied to the host when :attr:`AdaSpaRuntime.records` is read.
 """
 
 from __future__ import annotations
@@ -287,7 +286,6 @@ class _LayerPlan:
     block_size: int
     num_kv_blocks: int
     density: torch.Tensor  # fp32 scalar on the device
-    density_value: float | None = None  # read once, on first use
 
     @classmethod
     def from_selection(cls, selection: BlockSelection, block_size: int) -> _LayerPlan:
@@ -306,11 +304,6 @@ class _LayerPlan:
             self.kv_counts, self.kv_indices.to(torch.int32), self.block_size, self.block_size,
             self.num_kv_blocks,
         )
-
-    def density_float(self) -> float:
-        if self.density_value is None:
-            self.density_value = float(self.density)  # the one host read per search and layer
-        return self.density_value
 
     @property
     def nbytes(self) -> int:
@@ -611,7 +604,7 @@ class AdaSpa:
             )
             if call.step != steps[0] and lse_usable:
                 plan = self._search(query, key, call, cached, "cached-lse", scheduled=True)
-                return self._sparse(query, key, value, call, plan), plan.density_float()
+                return self._sparse(query, key, value, call, plan), plan.density
             return self._dense_search(query, key, value, call, scheduled=True), 1.0
         if not batch_matches:
             logger.info(
@@ -619,7 +612,7 @@ class AdaSpa:
                 cache_key, call.step,
             )
             return self._dense_search(query, key, value, call, scheduled=False), 1.0
-        return self._sparse(query, key, value, call, current), current.density_float()
+        return self._sparse(query, key, value, call, current), current.density
 
     def _dense_search(
         self, query, key, value, call: AttentionCall, *, scheduled: bool

@@ -14,7 +14,7 @@ and in addition::
 ``attend`` gets Q/K/V ``[B, S, H, D]`` after projections, norms and RoPE, in the token order of
 ``call.plan`` (the same order the static path would give the kernel) and returns the output in that
 order, plus the attention density it ran at (fraction of (query block, key block) pairs computed,
-averaged over heads). It computes attention with :mod:`fastdit.kernels` only: a method plans
+averaged over heads), as a float or a 0-d tensor (read on the host only when someone asks). It computes attention with :mod:`fastdit.kernels` only: a method plans
 block sparsities and composes kernel calls, it never carries an attention kernel of its own.
 
 Any method may also implement ``runs_on(layout, downsample) -> bool``, asked by the processor

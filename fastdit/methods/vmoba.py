@@ -87,8 +87,8 @@ once per grid and cached. Then a segment mean pool (Triton), with the union rule
 Wan2.1-14B 720p, P <= 40; the mean rule needs ``[B, H, nQ, P]`` only), the selection, a
 ``[B, H, nQ, nK]`` block map and the kernel. No Python loop over heads, layers or
 blocks (a loop over a few fixed-size query chunks bounds temporaries), no host synchronisation in
-:meth:`VMoBA.attend`. The processors convert the returned density (a 0-d tensor) to a float when
-they record it: one host read per attention call, after the kernel is queued. Summation order of
+:meth:`VMoBA.attend`; the returned density is a 0-d tensor the state keeps as is and reads only
+when the densities are asked for (after the run). Summation order of
 the fp64 bucket sums is not deterministic on the GPU (atomics), which can only flip a pair lying
 within rounding of the threshold.
 """

@@ -62,11 +62,11 @@ class FastditAttnProcessor:
             layout = layout if layout is not None else state.active_plan.layout
             sparse = runs_on(layout, state.layer_downsample.get(id(attn), 1))
         if not sparse:
-            state.densities[(layer, state.step)] = 1.0
+            state.record_density(layer, 1.0)
         return layer, sparse
 
     def _record(self, layer: int, plan: MethodPlan) -> None:
-        self.state.densities[(layer, self.state.step)] = plan.density
+        self.state.record_density(layer, plan.density)
 
     def _attend(
         self,
@@ -106,5 +106,5 @@ class FastditAttnProcessor:
             key_padding=key_padding,
         )
         out, density = attend(query, key, value, call)
-        state.densities[(layer, state.step)] = float(density)
+        state.record_density(layer, density)  # a device tensor stays one: no sync here
         return out
