@@ -1,0 +1,185 @@
+"""Sweep the INT8 attention kernel's launch configurations and P / conversion modes on a GPU.
+
+At the core kernel benchmark's shapes (bf16 inputs, head_dim 128, 128-token blocks, a random plan
+at ``--density``), times with ``triton.testing.do_bench``:
+
+* ``bf16``: the bf16 block-sparse kernel as shipped, and with each ``--p-modes`` value of
+  ``fastdit.kernels.attention._softmax_numerator`` (to report what they would bring it too);
+* ``key-mean`` and ``quantize``: K's smoothing mean alone, and the whole quantization (mean, K and
+  Q launches);
+* ``int8-kernel``: the INT8 kernel alone on inputs quantized beforehand, for every candidate
+  (BLOCK_M, BLOCK_N, num_warps, num_stages) x ``P_MODE`` x int32 -> fp32 conversion (instruction
+  or magic-number add, ``_int8_scores``); on later shapes only the first shape's best few configs.
+  ``--warp-specialize`` re-times the best few rows with a warp-specialized main loop (Triton 3.6
+  fails to compile it on Hopper: "PassManager::run failed" in NVGPUWarpSpecialization).
+
+Every row also reports the output's cosine similarity and relative L1 against the shipped bf16
+kernel. The best configuration and modes go into ``_INT8_CONFIGS`` / ``_INT8_P_MODE`` /
+``_INT8_MAGIC_CONVERT`` in ``fastdit/kernels/int8_attention.py`` by hand. Writes one JSON.
+
+    python benchmarks/tune_int8.py --shapes wan13b-480p,wan14b-720p --out tune_int8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8  # noqa: E402
+from fastdit.kernels import attention as attention_module  # noqa: E402
+from fastdit.kernels import int8_attention as int8_module  # noqa: E402
+from fastdit.kernels.quantized import key_mean  # noqa: E402
+
+SHAPES = {"wan13b-480p": (32760, 12), "wan14b-720p": (75600, 40)}
+BLOCK = 128
+HEAD_DIM = 128
+ALL_CONFIGS = [
+    (bm, bn, w, s)
+    for bm, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))
+    if not (bm == 64 and w == 8)
+]
+
+
+def accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    a, b = out.double().flatten(), ref.double().flatten()
+    return float((a @ b) / (a.norm() * b.norm())), float((a - b).abs().sum() / b.abs().sum())
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="wan13b-480p")
+    parser.add_argument("--density", type=float, default=0.25)
+    parser.add_argument("--top", type=int, default=3, help="configs carried to later shapes")
+    parser.add_argument("--configs", default="all",
+                        help="'all' or BLOCK_M:BLOCK_N:warps:stages,... for the first shape")
+    parser.add_argument("--p-modes", default="0,3", help="P_MODE values to sweep")
+    parser.add_argument("--magic", default="0,1", help="MAGIC_CONVERT values to sweep")
+    parser.add_argument("--warp-specialize", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("tune_int8.json"))
+    args = parser.parse_args()
+    rows: list[dict] = []
+    start = time.perf_counter()
+
+    def record(**row) -> None:
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+
+    for shape in args.shapes.split(","):
+        seq, heads = SHAPES[shape]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, seq, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   for _ in range(3))
+        blocks = math.ceil(seq / BLOCK)
+        block_map = torch.rand(1, heads, blocks, blocks, device="cuda", generator=gen) < args.density
+        block_map |= torch.eye(blocks, dtype=torch.bool, device="cuda")
+        plan = BlockSparsity.from_block_map(block_map, BLOCK)
+        pairs = plan.computed_pairs(seq, seq)
+        flop = 4.0 * pairs * HEAD_DIM
+        base = dict(shape=shape, density=round(plan.density, 4))
+
+        attention_module._BF16_P_MODE = 0
+        reference = block_sparse_attention(q, k, v, plan)
+        p_modes = [int(x) for x in args.p_modes.split(",")]
+        for mode in dict.fromkeys([0] + p_modes):
+            attention_module._BF16_P_MODE = mode
+            try:
+                out = block_sparse_attention(q, k, v, plan)
+                ms = bench(lambda: block_sparse_attention(q, k, v, plan))
+                cos, l1 = accuracy(out, reference)
+                record(**base, kind="bf16", p_mode=mode, ms=ms, tflops=flop / ms / 1e9, cosine=cos, rel_l1=l1)
+            except Exception as exc:  # noqa: BLE001
+                record(**base, kind="bf16", p_mode=mode, error=str(exc).splitlines()[0][:200])
+        attention_module._BF16_P_MODE = 0
+        bf16_ms = next(r["ms"] for r in rows if r["shape"] == shape and r["kind"] == "bf16" and r["p_mode"] == 0)
+
+        record(**base, kind="key-mean", ms=bench(lambda: key_mean(k, "bshd", None)))
+        record(**base, kind="quantize", ms=bench(lambda: quantize_qk_int8(q, k, block_size=BLOCK)))
+        quantized = quantize_qk_int8(q, k, block_size=BLOCK)
+
+        def int8_call():
+            return int8_module.triton_int8_block_sparse_attention(
+                quantized, v, plan, layout="bshd", return_lse=False, key_lengths=None, interpret=False
+            )[0]
+
+        key = (HEAD_DIM, BLOCK, BLOCK)
+        shipped = int8_module._INT8_CONFIGS[key]
+
+        def time_config(config, mode, magic, ws):
+            int8_module._INT8_CONFIGS[key] = config
+            int8_module._INT8_P_MODE = mode
+            int8_module._INT8_MAGIC_CONVERT = bool(magic)
+            int8_module._INT8_WARP_SPECIALIZE = ws
+            attention_module._working_configs.clear()
+            labels = dict(config=list(config), p_mode=mode, magic=magic, ws=ws)
+            try:
+                out = int8_call()
+                used = next(c for k, c in attention_module._working_configs.items() if k[0] == "int8")
+                if used != config:
+                    record(**base, kind="int8-kernel", **labels, error=f"did not fit, shrunk to {used}")
+                    return None
+                ms = bench(int8_call)
+                cos, l1 = accuracy(out, reference)
+                record(**base, kind="int8-kernel", **labels, ms=ms, tflops=flop / ms / 1e9,
+                       speedup_vs_bf16=bf16_ms / ms, cosine=cos, rel_l1=l1)
+                return ms
+            except Exception as exc:  # noqa: BLE001 - a config that fails to compile is a row
+                record(**base, kind="int8-kernel", **labels,
+                       error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                return None
+
+        if shape == args.shapes.split(",")[0]:
+            sweep = ALL_CONFIGS if args.configs == "all" else [
+                tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")
+            ]
+        else:
+            sweep = [shipped] + best_configs
+        timed = []
+        for config in dict.fromkeys(sweep):
+            for mode, magic in itertools.product(p_modes, [int(x) for x in args.magic.split(",")]):
+                ms = time_config(config, mode, magic, False)
+                if ms is not None:
+                    timed.append((ms, config, mode, magic))
+        if shape == args.shapes.split(",")[0]:
+            best_configs = list(dict.fromkeys(config for _, config, _, _ in sorted(timed)))[: args.top]
+        if args.warp_specialize:
+            for _, config, mode, magic in sorted(timed)[: args.top]:
+                time_config(config, mode, magic, True)
+        int8_module._INT8_CONFIGS[key] = shipped
+        int8_module._INT8_P_MODE, int8_module._INT8_WARP_SPECIALIZE = 0, False
+        int8_module._INT8_MAGIC_CONVERT = False
+        del q, k, v, quantized, reference
+        torch.cuda.empty_cache()
+
+    metadata = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                    date=time.strftime("%Y-%m-%d"), density=args.density,
+                    elapsed_s=round(time.perf_counter() - start, 1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(metadata=metadata, rows=rows), indent=1))
+    best = sorted((r for r in rows if r["kind"] == "int8-kernel" and r.get("ms")),
+                  key=lambda r: (r["shape"], r["ms"]))
+    print("\nbest int8-kernel rows per shape:")
+    for shape in args.shapes.split(","):
+        for r in [r for r in best if r["shape"] == shape][:5]:
+            print(f"  {shape} {r['config']} p_mode={r['p_mode']} magic={r['magic']} ws={r['ws']} {r['ms']:.3f} ms "
+                  f"x{r['speedup_vs_bf16']:.3f} vs bf16 cos {r['cosine']:.5f} L1 {r['rel_l1']:.4f}")
+    print(f"elapsed {metadata['elapsed_s']} s")
+
+
+if __name__ == "__main__":
+    main()
