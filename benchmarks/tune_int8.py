@@ -1,21 +1,24 @@
-"""Sweep the INT8 attention kernel's launch configurations and P / conversion modes on a GPU.
+"""Sweep the INT8 attention kernel's launch configurations on a GPU.
 
 At the core kernel benchmark's shapes (bf16 inputs, head_dim 128, 128-token blocks, a random plan
 at ``--density``), times with ``triton.testing.do_bench``:
 
-* ``bf16``: the bf16 block-sparse kernel as shipped, and with each ``--p-modes`` value of
-  ``fastdit.kernels.attention._softmax_numerator`` (to report what they would bring it too);
+* ``bf16``: the bf16 block-sparse kernel as shipped (the baseline);
 * ``key-mean`` and ``quantize``: K's smoothing mean alone, and the whole quantization (mean, K and
   Q launches);
 * ``int8-kernel``: the INT8 kernel alone on inputs quantized beforehand, for every candidate
-  (BLOCK_M, BLOCK_N, num_warps, num_stages) x ``P_MODE`` x int32 -> fp32 conversion (instruction
-  or magic-number add, ``_int8_scores``); on later shapes only the first shape's best few configs.
-  ``--warp-specialize`` re-times the best few rows with a warp-specialized main loop (Triton 3.6
-  fails to compile it on Hopper: "PassManager::run failed" in NVGPUWarpSpecialization).
+  (BLOCK_M, BLOCK_N, num_warps, num_stages) on the first shape, and the shipped plus the best
+  ``--top`` of them on later shapes.
 
-Every row also reports the output's cosine similarity and relative L1 against the shipped bf16
-kernel. The best configuration and modes go into ``_INT8_CONFIGS`` / ``_INT8_P_MODE`` /
-``_INT8_MAGIC_CONVERT`` in ``fastdit/kernels/int8_attention.py`` by hand. Writes one JSON.
+Every row also reports the output's cosine similarity and relative L1 against the bf16 kernel.
+The best configuration goes into ``_INT8_CONFIGS`` in ``fastdit/kernels/int8_attention.py`` by hand.
+
+Other levers were measured with the version of this script in commit bd24815
+(``benchmarks/results/tune_int8_run{1,2}_*.json``) and are not shipped: P's exponentials two per
+instruction in bf16x2 or f16x2 (``ex2.approx``) and P truncated to bf16 by a byte permute were
+0-4% slower than fp32 ``exp2`` with a rounding conversion, in both kernels; a warp-specialized main
+loop (``tl.range(..., warp_specialize=True)``) does not compile on Hopper with Triton 3.6. The
+magic-number int32 -> fp32 conversion (1-3% faster) is shipped.
 
     python benchmarks/tune_int8.py --shapes wan13b-480p,wan14b-720p --out tune_int8.json
 """
@@ -67,9 +70,6 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="configs carried to later shapes")
     parser.add_argument("--configs", default="all",
                         help="'all' or BLOCK_M:BLOCK_N:warps:stages,... for the first shape")
-    parser.add_argument("--p-modes", default="0,3", help="P_MODE values to sweep")
-    parser.add_argument("--magic", default="0,1", help="MAGIC_CONVERT values to sweep")
-    parser.add_argument("--warp-specialize", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("tune_int8.json"))
     args = parser.parse_args()
     rows: list[dict] = []
@@ -93,20 +93,9 @@ def main() -> None:
         flop = 4.0 * pairs * HEAD_DIM
         base = dict(shape=shape, density=round(plan.density, 4))
 
-        attention_module._BF16_P_MODE = 0
         reference = block_sparse_attention(q, k, v, plan)
-        p_modes = [int(x) for x in args.p_modes.split(",")]
-        for mode in dict.fromkeys([0] + p_modes):
-            attention_module._BF16_P_MODE = mode
-            try:
-                out = block_sparse_attention(q, k, v, plan)
-                ms = bench(lambda: block_sparse_attention(q, k, v, plan))
-                cos, l1 = accuracy(out, reference)
-                record(**base, kind="bf16", p_mode=mode, ms=ms, tflops=flop / ms / 1e9, cosine=cos, rel_l1=l1)
-            except Exception as exc:  # noqa: BLE001
-                record(**base, kind="bf16", p_mode=mode, error=str(exc).splitlines()[0][:200])
-        attention_module._BF16_P_MODE = 0
-        bf16_ms = next(r["ms"] for r in rows if r["shape"] == shape and r["kind"] == "bf16" and r["p_mode"] == 0)
+        bf16_ms = bench(lambda: block_sparse_attention(q, k, v, plan))
+        record(**base, kind="bf16", ms=bf16_ms, tflops=flop / bf16_ms / 1e9)
 
         record(**base, kind="key-mean", ms=bench(lambda: key_mean(k, "bshd", None)))
         record(**base, kind="quantize", ms=bench(lambda: quantize_qk_int8(q, k, block_size=BLOCK)))
@@ -120,13 +109,10 @@ def main() -> None:
         key = (HEAD_DIM, BLOCK, BLOCK)
         shipped = int8_module._INT8_CONFIGS[key]
 
-        def time_config(config, mode, magic, ws):
+        def time_config(config):
             int8_module._INT8_CONFIGS[key] = config
-            int8_module._INT8_P_MODE = mode
-            int8_module._INT8_MAGIC_CONVERT = bool(magic)
-            int8_module._INT8_WARP_SPECIALIZE = ws
             attention_module._working_configs.clear()
-            labels = dict(config=list(config), p_mode=mode, magic=magic, ws=ws)
+            labels = dict(config=list(config))
             try:
                 out = int8_call()
                 used = next(c for k, c in attention_module._working_configs.items() if k[0] == "int8")
@@ -151,18 +137,12 @@ def main() -> None:
             sweep = [shipped] + best_configs
         timed = []
         for config in dict.fromkeys(sweep):
-            for mode, magic in itertools.product(p_modes, [int(x) for x in args.magic.split(",")]):
-                ms = time_config(config, mode, magic, False)
-                if ms is not None:
-                    timed.append((ms, config, mode, magic))
+            ms = time_config(config)
+            if ms is not None:
+                timed.append((ms, config))
         if shape == args.shapes.split(",")[0]:
-            best_configs = list(dict.fromkeys(config for _, config, _, _ in sorted(timed)))[: args.top]
-        if args.warp_specialize:
-            for _, config, mode, magic in sorted(timed)[: args.top]:
-                time_config(config, mode, magic, True)
+            best_configs = [config for _, config in sorted(timed)][: args.top]
         int8_module._INT8_CONFIGS[key] = shipped
-        int8_module._INT8_P_MODE, int8_module._INT8_WARP_SPECIALIZE = 0, False
-        int8_module._INT8_MAGIC_CONVERT = False
         del q, k, v, quantized, reference
         torch.cuda.empty_cache()
 
@@ -176,7 +156,7 @@ def main() -> None:
     print("\nbest int8-kernel rows per shape:")
     for shape in args.shapes.split(","):
         for r in [r for r in best if r["shape"] == shape][:5]:
-            print(f"  {shape} {r['config']} p_mode={r['p_mode']} magic={r['magic']} ws={r['ws']} {r['ms']:.3f} ms "
+            print(f"  {shape} {r['config']} {r['ms']:.3f} ms "
                   f"x{r['speedup_vs_bf16']:.3f} vs bf16 cos {r['cosine']:.5f} L1 {r['rel_l1']:.4f}")
     print(f"elapsed {metadata['elapsed_s']} s")
 

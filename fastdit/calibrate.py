@@ -46,7 +46,7 @@ from .methods.base import AttentionCall, MethodPlan
 from .methods.dense import Dense
 from .methods.paro import ParoPlan, _layout_to_json
 
-__all__ = ["DEFAULT_DENSITY", "calibrate", "choose_orders", "order_cost", "select_blocks"]
+__all__ = ["DEFAULT_DENSITY", "calibrate", "choose_orders", "order_cost", "select_blocks", "spread_steps"]
 
 #: Density target when neither ``density`` nor ``recall`` is given: the upper end of the 20-30%
 #: that PAROAttention reports as lossless.
@@ -62,6 +62,16 @@ def _check_target(density: float | None, recall: float | None) -> tuple[float | 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be a number in (0, 1], got {name}={value!r}")
     return (float(density) if density is not None else None), (float(recall) if recall is not None else None)
+
+
+def spread_steps(num_steps: int, count: int) -> list[int]:
+    """``count`` denoising steps of ``num_steps`` spread evenly from the first to the last (what
+    ``fastdit calibrate --calibration-steps`` collects)."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= num_steps:
+        raise ValueError(f"the number of calibration steps must be an int in [1, {num_steps}], got {count!r}")
+    if count == 1:
+        return [0]
+    return sorted({round(i * (num_steps - 1) / (count - 1)) for i in range(count)})
 
 
 def _sorted_rows(mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +153,7 @@ class _MassCollector:
         self.transformer_layers: dict[int, int] = {}
         self.calls_per_bucket = [0] * num_buckets
         self.collected_steps: set[int] = set()
+        self.collect_seconds = 0.0  # wall time of the block-mass collection (GPU synchronised)
         self.num_heads = self.head_dim = None
 
     def plan(self, layout: SequenceLayout, device=None) -> MethodPlan:
@@ -166,6 +177,9 @@ class _MassCollector:
             return out, 1.0
         num_steps = call.num_steps or self.num_steps
         bucket = min(self.num_buckets - 1, step * self.num_buckets // num_steps)
+        if query.is_cuda:
+            torch.cuda.synchronize(query.device)
+        start = time.perf_counter()
         accumulator = self._accumulator(call, query)
         for index, order in enumerate(AXIS_ORDERS):
             if order == "THW":  # diffusers' order already
@@ -177,6 +191,9 @@ class _MassCollector:
             accumulator[bucket, index] += mass.sum(dim=0)
         self.calls_per_bucket[bucket] += 1
         self.collected_steps.add(step)
+        if query.is_cuda:
+            torch.cuda.synchronize(query.device)
+        self.collect_seconds += time.perf_counter() - start
         return out, 1.0
 
     def _accumulator(self, call: AttentionCall, query: torch.Tensor) -> torch.Tensor:
@@ -255,7 +272,8 @@ def calibrate(
             its calibrated attention mass.
         num_buckets: timestep buckets, each with its own plans (steps split evenly).
         block_size: kernel block, 128 or 64.
-        calibration_steps: the denoising steps whose attention is collected (default: all).
+        calibration_steps: the denoising steps whose attention is collected (default: all;
+            :func:`spread_steps` picks evenly spread ones). The others run dense, uncollected.
         output: path to save the plan to (safetensors), or ``None``.
         seed: generation ``i`` uses ``torch.Generator("cpu").manual_seed(seed + i)``.
         pipe_kwargs: passed to every pipeline call (height, width, num_frames, guidance_scale...).
@@ -314,6 +332,7 @@ def calibrate(
             "collected_steps": sorted(collector.collected_steps),
             "calls_per_bucket": collector.calls_per_bucket,
             "seconds": round(seconds, 2),
+            "collect_seconds": round(collector.collect_seconds, 2),
         },
     }
     plan = ParoPlan(orders, masks, metadata)

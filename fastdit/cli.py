@@ -944,6 +944,9 @@ def _add_calibrate_parser(commands) -> None:
                         "its attention mass")
     add("--buckets", type=_positive_int, default=4,
         help="timestep buckets, each with its own block plans (default: 4)")
+    add("--calibration-steps", type=_positive_int, default=None,
+        help="collect attention mass on this many steps, spread evenly over the schedule; the others "
+        "run dense without collection (default: every step)")
     add("--block-size", type=int, choices=(64, 128), default=128, help="kernel block (default: 128)")
     add("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default: {DEFAULT_SEED})")
     add("--dtype", choices=DTYPES, default=None,
@@ -966,6 +969,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     steps = args.steps or (TINY_DEFAULTS["num_inference_steps"] if tiny else 50)
     if args.buckets > steps:
         raise UsageError(f"--buckets must be <= --steps, got buckets={args.buckets} for steps={steps}")
+    calibration_steps = None
+    if args.calibration_steps is not None:
+        if not args.buckets <= args.calibration_steps <= steps:
+            raise UsageError(
+                f"--calibration-steps must lie in [--buckets, --steps] = [{args.buckets}, {steps}] so that "
+                f"every timestep bucket gets collected steps, got {args.calibration_steps}"
+            )
+        from .calibrate import spread_steps
+
+        calibration_steps = spread_steps(steps, args.calibration_steps)
     device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
     settings = {
         "height": args.height, "width": args.width, "num_frames": args.num_frames,
@@ -984,6 +997,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     plan = fastdit.calibrate(
         pipe, args.prompt or [DEFAULT_PROMPT], steps, density=args.density, recall=args.recall,
         num_buckets=args.buckets, block_size=args.block_size, output=args.output, seed=args.seed,
+        calibration_steps=calibration_steps,
         **{k: v for k, v in settings.items() if v is not None},
     )
     size = os.path.getsize(args.output)
@@ -992,8 +1006,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "", "fastdit calibrate",
         f"  model        {model_name} [{type(pipe).__name__}, {device}, {dtype_name}]",
         f"  plan         {plan.summary()}",
-        f"  time         {_seconds(plan.metadata['calibration']['seconds'])} calibration "
-        f"(load {_seconds(load_time)})",
+        f"  time         {_seconds(plan.metadata['calibration']['seconds'])} calibration, of which "
+        f"{_seconds(plan.metadata['calibration']['collect_seconds'])} collecting block mass on "
+        f"{len(plan.metadata['calibration']['collected_steps'])} of {steps} steps x "
+        f"{plan.metadata['calibration']['prompts']} prompt(s) (load {_seconds(load_time)})",
         f"  output       {args.output}: {_size(size)} ({_size(plan.packed_size())} of bit-packed "
         "masks before deflate)",
         f"  use          fastdit generate --attention paro --attention-opt plan={args.output}",

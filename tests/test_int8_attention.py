@@ -95,6 +95,33 @@ def test_int8_kernel_matches_reference(rng, dtype, head_dim):
     assert torch.equal(out[0, 128:256, 0], torch.zeros_like(out[0, 128:256, 0]))
 
 
+def test_int8_scores_exact_at_the_int32_bound(rng):
+    # The kernel turns int32 scores into fp32 by a magic-number add, exact for |s| < 2**22. At
+    # head_dim 256 the int8 dot reaches 127 * 127 * 256 = 4,129,024 (just below 2**22): keys of all
+    # +127, all -127 and random int8 rows, queries of all +127 (or -127); the LSE, with a scale
+    # that keeps scores moderate, must match the exact float64 computation.
+    from fastdit.kernels.quantized import QuantizedQK
+
+    seq, head_dim = 64, 256
+    k = torch.randint(-127, 128, (1, 1, seq, head_dim), generator=rng, dtype=torch.int8)
+    k[0, 0, 0], k[0, 0, 1] = 127, -127
+    q = torch.full((1, 1, seq, head_dim), 127, dtype=torch.int8)
+    q[0, 0, seq // 2 :] = -127
+    q_scale = torch.full((1, 1, 1), 3e-6, dtype=torch.float32)  # log2 units
+    k_scale = torch.ones((1, 1, 1), dtype=torch.float32)
+    quantized = QuantizedQK(q, q_scale, k, k_scale, torch.zeros(1, 1, head_dim), torch.zeros(1, 1, seq),
+                            seq, seq, 1.0)
+    v = make(rng, (1, seq, 1, head_dim), torch.float16)
+    plan = BlockSparsity.dense(seq, seq, block_size=seq)
+    _, lse = triton_int8_block_sparse_attention(
+        quantized, v, plan, layout="bshd", return_lse=True, key_lengths=None, interpret=True
+    )
+    scores = q[0, 0].double() @ k[0, 0].double().T  # exact integers
+    assert scores.abs().max() == 127 * 127 * 256
+    expected = torch.logsumexp(scores * 3e-6 * math.log(2), dim=-1)
+    assert torch.allclose(lse[0, 0].double(), expected, rtol=0, atol=1e-4), (lse[0, 0] - expected).abs().max()
+
+
 def test_int8_bhsd_layout_and_block_64(rng):
     batch, seq, heads, head_dim = 1, 190, 2, 64
     q, k, v = (make(rng, (batch, heads, seq, head_dim), torch.bfloat16) for _ in range(3))

@@ -32,6 +32,8 @@ def test_calibrate_then_generate_with_the_plan(tmp_path, capsys):
         assert needle in stdout, (needle, stdout)
     plan = ParoPlan.load(plan_path)
     assert plan.metadata["calibration"]["prompts"] == 2 and plan.metadata["num_steps"] == 2
+    assert plan.metadata["calibration"]["collected_steps"] == [0, 1]
+    assert "collecting block mass on 2 of 2 steps x 2 prompt(s)" in stdout
 
     video = tmp_path / "paro.mp4"
     generate = ["generate", *SMALL, *FAST, "--attention", "paro"]
@@ -55,6 +57,8 @@ def test_calibrate_then_generate_with_the_plan(tmp_path, capsys):
         (["calibrate", "--density", "0"], "(0, 1]"),
         (["calibrate", "--density", "0.3", "--recall", "0.9"], "not allowed with argument"),
         (["calibrate", "--height", "100"], "height=100"),
+        (["calibrate", "--steps", "8", "--buckets", "4", "--calibration-steps", "3"], "[4, 8]"),
+        (["calibrate", "--steps", "8", "--calibration-steps", "9"], "got 9"),
     ],
 )
 def test_bad_paro_command_lines_exit_2(tmp_path, capsys, monkeypatch, argv, needle):
@@ -66,3 +70,24 @@ def test_bad_paro_command_lines_exit_2(tmp_path, capsys, monkeypatch, argv, need
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_steps_collect_only_the_spread_steps(tmp_path, capsys):
+    plan_path = tmp_path / "plan.safetensors"
+    argv = ["calibrate", *SMALL[:-1], "5", *FAST, "--buckets", "2", "--calibration-steps", "3"]
+    assert cli.main([*argv, "-o", str(plan_path)]) == 0
+    assert "on 3 of 5 steps x 1 prompt(s)" in capsys.readouterr().out
+    calibration = ParoPlan.load(plan_path).metadata["calibration"]
+    assert calibration["collected_steps"] == [0, 2, 4]
+    assert calibration["calls_per_bucket"] == [2 * 2, 1 * 2]  # steps 0, 2 | 4; 2 layers each
+
+
+def test_spread_steps():
+    from fastdit.calibrate import spread_steps
+
+    assert spread_steps(50, 10) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]
+    assert spread_steps(50, 50) == list(range(50))
+    assert spread_steps(7, 1) == [0]
+    for count in (0, 51, 2.5, True):
+        with pytest.raises(ValueError, match="calibration steps"):
+            spread_steps(50, count)

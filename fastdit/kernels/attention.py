@@ -50,67 +50,28 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
 
 
 @triton.jit
-def _int8_scores(q, k, MAGIC_CONVERT: tl.constexpr):
+def _int8_scores(q, k):
     """``q @ k^T`` of int8 tiles as a real int8 x int8 -> int32 MMA, returned in fp32.
 
-    ``MAGIC_CONVERT``: int32 -> fp32 without a conversion instruction (those run at a sixteenth of
-    the FMA rate, like the exponentials, and would double that pipe's load): ``s + 0x4B400000``
-    read as fp32 is exactly ``1.5 * 2**23 + s`` for ``|s| < 2**22``, then one subtraction. An int8
-    dot over head_dim <= 256 is at most ``127 * 127 * 256 < 2**22`` in magnitude, so this is exact."""
+    The int32 -> fp32 conversion uses no conversion instruction (those run at a sixteenth of the
+    FMA rate, like the exponentials): ``s + 0x4B400000`` read as fp32 is exactly
+    ``1.5 * 2**23 + s`` for ``|s| < 2**22``, then one subtraction. An int8 dot over head_dim <= 256
+    (``MAX_HEAD_DIM``) is at most ``127 * 127 * 256 < 2**22`` in magnitude, so this is exact; on an
+    H100 it made the INT8 kernel 1-3% faster (``benchmarks/results/tune_int8_run2_*.json``)."""
     s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-    if MAGIC_CONVERT:
-        return (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    return s.to(tl.float32)
-
-
-@triton.jit
-def _softmax_numerator(x, dtype, P_MODE: tl.constexpr):
-    """``(p, p_sum)``: ``p = 2 ** x`` of an fp32 score tile in ``dtype`` for ``P @ V``, and the fp32
-    values the row sum adds (those of ``p`` itself, so numerator and denominator agree).
-
-    ``P_MODE`` 0: fp32 ``ex2.approx`` (``tl.math.exp2``), rounded to ``dtype``. The others are
-    GPU-only (inline PTX) and bf16-only, measured by ``benchmarks/tune_int8.py``:
-    1: the argument rounded to bf16 and two exponentials per instruction
-    (``ex2.approx.ftz.bf16x2``, sm_90+); 2: the same in fp16 (``ex2.approx.f16x2``), then bf16;
-    3: fp32 exponentials, truncated to bf16 by one byte permute per pair (``prmt``) instead of a
-    conversion; the row sum adds the truncated values (masked to their top 16 bits), so truncation
-    is as accurate as rounding once normalised."""
-    if P_MODE == 1:
-        p = tl.inline_asm_elementwise(
-            "ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
-            dtype=tl.bfloat16, is_pure=True, pack=2,
-        )
-        return p, p.to(tl.float32)
-    elif P_MODE == 2:
-        p = tl.inline_asm_elementwise(
-            "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-            dtype=tl.float16, is_pure=True, pack=2,
-        )
-        return p.to(dtype), p.to(tl.float32)
-    elif P_MODE == 3:
-        p = tl.math.exp2(x)
-        p_bf16 = tl.inline_asm_elementwise(
-            "prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [p],
-            dtype=tl.bfloat16, is_pure=True, pack=2,
-        )
-        kept = (p.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return p_bf16, kept
-    else:
-        p = tl.math.exp2(x)
-        return p.to(dtype), p
+    return (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
 @triton.jit
 def _online_softmax_step(
     acc, l_i, m_i, q, k, v, visible, qk_scale,
     MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
-    P_MODE: tl.constexpr,
 ):
     """Fold one ``[BLOCK_N, D]`` tile of keys and values into the running softmax state;
     ``visible`` (``[1, BLOCK_N]`` or ``[BLOCK_M, BLOCK_N]``) masks scores when ``MASK_KV``."""
     qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
     return _fold_scores(
-        acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS, P_MODE
+        acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
     )
 
 
@@ -118,13 +79,11 @@ def _online_softmax_step(
 def _fold_scores(
     acc, l_i, m_i, qk, v, visible, qk_scale,
     MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
-    P_MODE: tl.constexpr,
 ):
     """Fold a ``[BLOCK_M, BLOCK_N]`` tile of raw scores ``qk`` (``qk * qk_scale`` in log2 units)
     and its values into the running softmax state: the online-softmax update shared by every
     attention kernel (P is cast to V's dtype for ``P @ V``, accumulated in fp32). ``visible``
-    (``[1, BLOCK_N]`` or ``[BLOCK_M, BLOCK_N]``) masks scores when ``MASK_KV``. ``P_MODE``
-    picks how P is computed and converted (``_softmax_numerator``)."""
+    (``[1, BLOCK_N]`` or ``[BLOCK_M, BLOCK_N]``) masks scores when ``MASK_KV``."""
     if MASK_KV:
         qk = tl.where(visible, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -133,11 +92,11 @@ def _fold_scores(
     else:
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_shift = m_ij
-    p, p_sum = _softmax_numerator(qk * qk_scale - m_shift[:, None], v.dtype, P_MODE)
+    p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p_sum, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = _dot(p, v, acc, DOT_PRECISION, UPCAST_OPERANDS)
+    acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST_OPERANDS)
     return acc, l_i, m_ij
 
 
@@ -175,12 +134,10 @@ def _attend_kv_block(
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_KV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr, INT8_QK: tl.constexpr, WINDOW: tl.constexpr,
-    P_MODE: tl.constexpr,
 ):
     """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads.
 
-    ``INT8_QK``: Q and K are int8 tiles (the INT8 kernel) and ``q @ k^T`` is an int8 MMA (2: its
-    int32 result converted by ``_int8_scores``' magic-number add).
+    ``INT8_QK``: Q and K are int8 tiles (the INT8 kernel) and ``q @ k^T`` is an int8 MMA.
     ``WINDOW``: the window mask applies (a partial block; implies ``MASK_KV``)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -205,7 +162,7 @@ def _attend_kv_block(
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
         if INT8_QK:
-            qk = _int8_scores(q, k, INT8_QK == 2)
+            qk = _int8_scores(q, k)
         else:
             qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
         if WINDOW:
@@ -216,8 +173,7 @@ def _attend_kv_block(
         else:
             visible = cols_ok[None, :]
         acc, l_i, m_i = _fold_scores(
-            acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS,
-            P_MODE,
+            acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
         )
     return acc, l_i, m_i
 
@@ -287,7 +243,6 @@ def _block_sparse_attn_fwd(
     EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     USE_TMA: tl.constexpr, LAYOUT_BSHD: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    P_MODE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -340,7 +295,7 @@ def _block_sparse_attn_fwd(
                 v = v_desc.load([tma_row + kv_row_start + sub, tma_col])
                 acc, l_i, m_i = _online_softmax_step(
                     acc, l_i, m_i, q, k, v, cols_all, qk_scale, False, DOT_PRECISION,
-                    UPCAST_OPERANDS, P_MODE,
+                    UPCAST_OPERANDS,
                 )
     else:
         for i in range(0, num_unmasked):
@@ -350,7 +305,7 @@ def _block_sparse_attn_fwd(
                 v_tile_offsets, kv_row_start, kv_len, head_dim, qk_scale,
                 0, 0, 0, k_coords_ptr, 0, 0, 0, 1, 1, 1,
                 KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, False,
-                False, P_MODE,
+                False,
             )
     for i in range(num_unmasked, count):
         kv_row_start = tl.load(index_ptr + i) * KV_BLOCK
@@ -359,7 +314,7 @@ def _block_sparse_attn_fwd(
             kv_row_start, kv_len, head_dim, qk_scale,
             0, 0, 0, k_coords_ptr, 0, 0, 0, 1, 1, 1,
             KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, False,
-            False, P_MODE,
+            False,
         )
     if HAS_WINDOW:
         # Partial blocks: the window rule decides per (query, key) pair.
@@ -379,7 +334,7 @@ def _block_sparse_attn_fwd(
                 q_start_t, q_start_h, q_start_w, k_coords_ptr,
                 span_t, span_h, span_w, dil_t, dil_h, dil_w,
                 KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, False,
-                True, P_MODE,
+                True,
             )
 
     out, lse = _normalized_output(acc, l_i, m_i)
@@ -406,11 +361,12 @@ _CONFIGS = {
     (64, 64, 64, 2): (64, 64, 4, 2),
     (128, 64, 64, 2): (64, 64, 4, 2),
     (256, 64, 64, 2): (64, 32, 4, 1),
+    # fp32 (tests) at head_dim 256: (64, 64, 4, 1) spilled so much that one compile took 45 s
+    # on an H100 and block 128 did not finish in minutes; this one compiles in 8-20 s.
+    (256, 128, 128, 4): (32, 32, 8, 1),
+    (256, 64, 64, 4): (32, 32, 8, 1),
 }
 _working_configs: dict[tuple, tuple[int, int, int, int]] = {}
-# How the bf16 kernel computes P (see ``_softmax_numerator``): fp32 exponentials rounded to bf16.
-# ``benchmarks/tune_int8.py`` times the other modes here too, to report what they would bring.
-_BF16_P_MODE = 0
 
 
 def _launch_config(block_d: int, q_block: int, kv_block: int, element_bytes: int, interpret: bool):
@@ -568,7 +524,6 @@ def triton_block_sparse_attention(
             USE_TMA=tma_views is not None,
             LAYOUT_BSHD=layout == "bshd",
             HAS_WINDOW=window is not None,
-            P_MODE=0 if interpret else _BF16_P_MODE,
             num_warps=num_warps, num_stages=num_stages,
         )
 

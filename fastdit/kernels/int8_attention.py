@@ -61,8 +61,7 @@ def _int8_block_sparse_attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
-    USE_TMA: tl.constexpr, LAYOUT_BSHD: tl.constexpr, P_MODE: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, MAGIC_CONVERT: tl.constexpr,
+    USE_TMA: tl.constexpr, LAYOUT_BSHD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -110,7 +109,7 @@ def _int8_block_sparse_attn_fwd(
         else:
             v_row, v_col = pid_bh * seq_kv, 0
         cols_all = tl.full([BLOCK_N], True, tl.int1)
-        for i in tl.range(0, num_unmasked, warp_specialize=WARP_SPECIALIZE):
+        for i in range(0, num_unmasked):
             kv_block = tl.load(index_ptr + i)
             kv_row_start = kv_block * KV_BLOCK
             qk_scale = q_scale * tl.load(k_scale_row + kv_block)
@@ -118,8 +117,8 @@ def _int8_block_sparse_attn_fwd(
                 k = k_desc.load([k_row + kv_row_start + sub, 0])
                 v = v_desc.load([v_row + kv_row_start + sub, v_col])
                 acc, l_i, m_i = _fold_scores(
-                    acc, l_i, m_i, _int8_scores(q, k, MAGIC_CONVERT), v, cols_all, qk_scale,
-                    False, DOT_PRECISION, UPCAST_OPERANDS, P_MODE,
+                    acc, l_i, m_i, _int8_scores(q, k), v, cols_all, qk_scale,
+                    False, DOT_PRECISION, UPCAST_OPERANDS,
                 )
     else:
         for i in range(0, num_unmasked):
@@ -129,8 +128,7 @@ def _int8_block_sparse_attn_fwd(
                 v_tile_offsets, kv_block * KV_BLOCK, kv_len, head_dim,
                 q_scale * tl.load(k_scale_row + kv_block),
                 0, 0, 0, k_base, 0, 0, 0, 1, 1, 1,
-                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, 2 if MAGIC_CONVERT else 1, False,
-                P_MODE,
+                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, True, False,
             )
     for i in range(num_unmasked, count):
         kv_block = tl.load(index_ptr + i)
@@ -139,8 +137,7 @@ def _int8_block_sparse_attn_fwd(
             v_tile_offsets, kv_block * KV_BLOCK, kv_len, head_dim,
             q_scale * tl.load(k_scale_row + kv_block),
             0, 0, 0, k_base, 0, 0, 0, 1, 1, 1,
-            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, 2 if MAGIC_CONVERT else 1, False,
-            P_MODE,
+            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, True, False,
         )
 
     out, lse = _normalized_output(acc, l_i, m_i)
@@ -156,24 +153,19 @@ def _int8_block_sparse_attn_fwd(
         tl.store(Lse + row_offsets, lse, mask=rows_ok)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed on (BLOCK_D, Q_BLOCK, KV_BLOCK). Not tuned on a
-# GPU yet: SageAttention's Triton INT8 defaults (128-row query tiles, 64-key tiles, 8 warps at
-# head_dim 128); a config that does not fit is shrunk at the first launch.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed on (BLOCK_D, Q_BLOCK, KV_BLOCK). Head_dim 128 with
+# 128-token blocks: from benchmarks/tune_int8.py on an H100 (the sweep of 24 configurations at the
+# Wan2.1-1.3B 480p shape, confirmed at 14B 720p; one warpgroup on 64-row query tiles is fastest).
+# The others are not tuned on a GPU: SageAttention's Triton INT8 defaults. A config that does not
+# fit is shrunk at the first launch.
 _INT8_CONFIGS = {
     (64, 128, 128): (128, 64, 4, 3),
-    (128, 128, 128): (128, 64, 8, 3),
+    (128, 128, 128): (64, 128, 4, 2),
     (256, 128, 128): (64, 32, 4, 1),
     (64, 64, 64): (64, 64, 4, 3),
     (128, 64, 64): (64, 64, 4, 3),
     (256, 64, 64): (64, 32, 4, 1),
 }
-
-
-# How P's exponentials are computed (``fastdit.kernels.attention._exp2``) and whether the main
-# loop is warp-specialized; set from benchmarks/tune_int8.py on an H100.
-_INT8_P_MODE = 0
-_INT8_WARP_SPECIALIZE = False
-_INT8_MAGIC_CONVERT = False
 
 
 def _int8_launch_config(block_d: int, q_block: int, kv_block: int, interpret: bool):
@@ -236,9 +228,6 @@ def triton_int8_block_sparse_attention(
             UPCAST_OPERANDS=interpret and v.dtype == torch.bfloat16,
             USE_TMA=use_tma,
             LAYOUT_BSHD=layout == "bshd",
-            P_MODE=0 if interpret else _INT8_P_MODE,
-            WARP_SPECIALIZE=_INT8_WARP_SPECIALIZE and not interpret,
-            MAGIC_CONVERT=_INT8_MAGIC_CONVERT,
             num_warps=num_warps, num_stages=num_stages,
         )
 
