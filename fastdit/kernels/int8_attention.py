@@ -154,7 +154,7 @@ def _int8_block_sparse_attn_fwd(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed on (BLOCK_D, Q_BLOCK, KV_BLOCK). Head_dim 128 with
-# 128-token blocks: from benchmarks/tune_int8.py on an H100 (the sweep of 24 configurations at the
+# 128-token blocks: from benchmarks/tune_int8.py on an H100 (the sweep of 18 configurations at the
 # Wan2.1-1.3B 480p shape, confirmed at 14B 720p; one warpgroup on 64-row query tiles is fastest).
 # The others are not tuned on a GPU: SageAttention's Triton INT8 defaults. A config that does not
 # fit is shrunk at the first launch.
