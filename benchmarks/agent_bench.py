@@ -58,7 +58,6 @@ layouts) and a tiny Wan on the CPU in fp32 (fastdit's PyTorch reference path).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import json
@@ -81,7 +80,9 @@ from e2e_bench import AttentionTimer, build_transformer, make_inputs, synchroniz
 from kernel_bench import REPO_ROOT, describe_error, git_commit, parse_list  # noqa: E402
 
 import fastdit  # noqa: E402
+from fastdit.bench import write_outputs  # noqa: E402
 from fastdit.kernels import explain_backends  # noqa: E402
+from fastdit.report import agg_pyplot  # noqa: E402
 
 NUM_STEPS = 50
 AGENT_STEP_FRACTION = 0.4  # published: agents in the first 40% of the steps
@@ -411,10 +412,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], metadata: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()
+    if plt is None:
+        print("matplotlib not installed: no plot")
+        return
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     colors = {"stock": "black", "dense": "tab:blue", "agent": "tab:orange", "agent-allres": "tab:red"}
@@ -447,18 +448,6 @@ def plot(rows: list[dict], metadata: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_outputs(rows: list[dict], metadata: dict, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "png"))
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path.write_text(json.dumps({"metadata": metadata, "results": rows}, indent=1, default=str))
-    plot(rows, metadata, png_path)
-    return [csv_path, json_path, png_path]
 
 
 def collect_metadata(args, device: torch.device) -> dict:
@@ -543,7 +532,7 @@ def main(argv=None) -> None:
             del model_run
         add_estimates(rows)
         metadata["elapsed_s"] = round(time.perf_counter() - start, 1)
-        paths = write_outputs(rows, metadata, args.out, output_stem(metadata))
+        paths = write_outputs(rows, metadata, args.out, output_stem(metadata), fields=CSV_FIELDS, plot=plot)
     print()
     print(format_table(rows))
     print(f"\npublished: {PUBLISHED}")

@@ -147,6 +147,7 @@ import fastdit  # noqa: E402
 from fastdit import GNA, AdaSpa, Dense, LatentGrid, Radial, Schedule, SequenceLayout, VMoBA  # noqa: E402
 from fastdit.kernels import BlockSparsity, explain_backends  # noqa: E402
 from fastdit.methods.adaspa import select_blocks  # noqa: E402
+from fastdit.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "stock-flash", "dense", "radial", "gna", "vmoba", "vmoba-mean", "adaspa")
 RUN_ORDER = ("stock-cudnn", "stock-flash", "radial", "gna", "vmoba", "vmoba-mean", "adaspa", "dense")
@@ -1324,10 +1325,10 @@ def report(rows: list[dict], estimates: list[dict], metadata: dict, verdicts: li
 def plot_results(rows: list[dict], estimates: list[dict], metadata: dict, path: Path) -> None:
     """Per model: ms per step (self-attention part hatched) and the 50-step estimate with its
     speedup over stock cuDNN."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()
+    if plt is None:
+        print("matplotlib not installed: no plot")
+        return
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(len(models), 2, figsize=(14, 4.5 * len(models)), squeeze=False)

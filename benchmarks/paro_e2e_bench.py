@@ -82,6 +82,7 @@ from kernel_bench import (  # noqa: E402
 import fastdit  # noqa: E402
 from fastdit.layout import AXIS_ORDERS, SequenceLayout  # noqa: E402
 from fastdit.methods.paro import ParoPlan, _layout_to_json  # noqa: E402
+from fastdit.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "dense", "paro-bf16", "paro-int8")
 MODEL = "wan13b-480p"
@@ -197,12 +198,8 @@ def run(args, device: torch.device, dtype: torch.dtype, work_dir: Path) -> list[
 
 
 def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = agg_pyplot()
+    if plt is None:
         print("matplotlib not installed: no plot")
         return
     done = [r for r in rows if r.get("ms_step")]

@@ -43,8 +43,9 @@ from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_i
 from fastdit.kernels import attention as attention_module  # noqa: E402
 from fastdit.kernels import int8_attention as int8_module  # noqa: E402
 from fastdit.kernels.quantized import key_mean  # noqa: E402
+from int8_bench import accuracy  # noqa: E402  (cosine and relative L1, fp64 in chunks)
+from kernel_bench import SHAPES  # noqa: E402  (the core kernel benchmark's shapes)
 
-SHAPES = {"wan13b-480p": (32760, 12), "wan14b-720p": (75600, 40)}
 BLOCK = 128
 HEAD_DIM = 128
 ALL_CONFIGS = [
@@ -52,11 +53,6 @@ ALL_CONFIGS = [
     for bm, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))
     if not (bm == 64 and w == 8)
 ]
-
-
-def accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    a, b = out.double().flatten(), ref.double().flatten()
-    return float((a @ b) / (a.norm() * b.norm())), float((a - b).abs().sum() / b.abs().sum())
 
 
 def bench(fn) -> float:
@@ -81,7 +77,7 @@ def main() -> None:
               flush=True)
 
     for shape in args.shapes.split(","):
-        seq, heads = SHAPES[shape]
+        seq, heads = SHAPES[shape].seq_len, SHAPES[shape].heads
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(1, seq, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
                    for _ in range(3))

@@ -675,11 +675,11 @@ def format_targets(verdicts: list[dict]) -> str:
 def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
     """Per shape: ms (top, log) and TFLOP/s (bottom) vs achieved density for each sparse
     backend and mask kind; dense baselines as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import LogFormatter
+
+    from .report import agg_pyplot
+
+    plt = agg_pyplot()
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(2, len(shapes), figsize=(6.5 * len(shapes), 9), squeeze=False)

@@ -153,7 +153,10 @@ class _MassCollector:
         self.transformer_layers: dict[int, int] = {}
         self.calls_per_bucket = [0] * num_buckets
         self.collected_steps: set[int] = set()
-        self.collect_seconds = 0.0  # wall time of the block-mass collection (GPU synchronised)
+        # Time of the block-mass collection: host seconds on the CPU, CUDA event pairs on a GPU
+        # (read once at the end, so timing adds no synchronisation inside attention).
+        self._collect_host_seconds = 0.0
+        self._collect_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.num_heads = self.head_dim = None
 
     def plan(self, layout: SequenceLayout, device=None) -> MethodPlan:
@@ -178,8 +181,10 @@ class _MassCollector:
         num_steps = call.num_steps or self.num_steps
         bucket = min(self.num_buckets - 1, step * self.num_buckets // num_steps)
         if query.is_cuda:
-            torch.cuda.synchronize(query.device)
-        start = time.perf_counter()
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        else:
+            start = time.perf_counter()
         accumulator = self._accumulator(call, query)
         for index, order in enumerate(AXIS_ORDERS):
             if order == "THW":  # diffusers' order already
@@ -192,9 +197,19 @@ class _MassCollector:
         self.calls_per_bucket[bucket] += 1
         self.collected_steps.add(step)
         if query.is_cuda:
-            torch.cuda.synchronize(query.device)
-        self.collect_seconds += time.perf_counter() - start
+            events[1].record()
+            self._collect_events.append(events)
+        else:
+            self._collect_host_seconds += time.perf_counter() - start
         return out, 1.0
+
+    @property
+    def collect_seconds(self) -> float:
+        """Seconds spent collecting block mass so far (waits for the GPU on the first read)."""
+        if self._collect_events:
+            self._collect_events[-1][1].synchronize()
+        gpu_ms = sum(start.elapsed_time(end) for start, end in self._collect_events)
+        return self._collect_host_seconds + gpu_ms / 1e3
 
     def _accumulator(self, call: AttentionCall, query: torch.Tensor) -> torch.Tensor:
         key = (call.transformer, call.layer)

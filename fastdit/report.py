@@ -145,7 +145,9 @@ def _markdown_table(columns, rows) -> str:
 
 
 # --------------------------------------------------------------------------- plots
-def _matplotlib():
+def agg_pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or ``None`` when matplotlib is not
+    installed (every fastdit plot, the report's and the benchmarks', goes through this)."""
     try:
         import matplotlib
     except ImportError:
@@ -289,7 +291,7 @@ def _plot_time_breakdown(plt, results: dict, path: Path) -> None:
 
 def make_plots(results: dict, plots_dir: Path) -> tuple[list[Path], list[str]]:
     """Write the report's PNG plots into ``plots_dir``; returns (paths, notices)."""
-    plt = _matplotlib()
+    plt = agg_pyplot()
     if plt is None:
         return [], ["plots skipped: matplotlib is not installed (pip install 'fastdit[report]')"]
     plots_dir.mkdir(parents=True, exist_ok=True)

@@ -447,7 +447,7 @@ def test_report_renders_inf_and_plots(tmp_path):
 
 
 def test_report_without_matplotlib(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "_matplotlib", lambda: None)
+    monkeypatch.setattr(report, "agg_pyplot", lambda: None)
     written = report.write_report(_synthetic_results(psnr_radial=20.0), tmp_path)
     assert written["plots"] == [] and "matplotlib is not installed" in written["notices"][0]
     assert not (tmp_path / "plots").exists()
