@@ -402,8 +402,11 @@ def test_analyze_reports_token_and_block_densities(rng):
     query, key = structured_qk(rng, grid, method.partition(grid, 2).box)
     stats = method.analyze(query, key, layout, 2)
     assert (stats.kind, stats.box, stats.num_partitions) == ("3d", (2, 4, 8), 8)
-    # Tiles are whole partitions here (64 tokens each): no rounding, the densities agree.
-    assert stats.token_density == pytest.approx(stats.tile_density) == pytest.approx(stats.computed_density)
+    # The union rule computes every pair a token selects, plus what the tile's other queries
+    # select: token <= tile (equal only when a tile's queries agree, which random queries need not).
+    # Tiles and key blocks are whole partitions here (64 tokens each): no rounding after that.
+    assert 0 < stats.token_density <= stats.tile_density
+    assert stats.tile_density == pytest.approx(stats.computed_density)
     assert stats.computed_density == pytest.approx(stats.block_density)
     ragged, ragged_sizes = RAGGED
     method = VMoBA(partition_sizes=ragged_sizes, tau=0.05, block_size=64, query_aggregation="union")
