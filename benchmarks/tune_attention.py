@@ -18,6 +18,7 @@ import triton
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention
 from fastdit.kernels import attention as kernel_module
+from fastdit.kernels import triton_common
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
             pairs = plan.computed_pairs(args.seq, args.seq) * (args.heads // plan.kv_counts.shape[1])
             for config in candidates:
                 kernel_module._CONFIGS[key] = config
-                kernel_module._working_configs.clear()
+                triton_common.working_launch_configs.clear()
                 try:
                     ms = triton.testing.do_bench(
                         lambda: block_sparse_attention(q, k, v, plan), warmup=10, rep=40,
@@ -79,7 +80,7 @@ def main() -> None:
                   f"{best['ms']:.2f} ms {best['tflops']:.0f} TFLOP/s (current {original})", flush=True)
         kernel_module._CONFIGS[key] = original
         kernel_module._tma_views = tma_views
-        kernel_module._working_configs.clear()
+        triton_common.working_launch_configs.clear()
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "tune_attention.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -40,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8  # noqa: E402
-from fastdit.kernels import attention as attention_module  # noqa: E402
+from fastdit.kernels import triton_common  # noqa: E402
 from fastdit.kernels import int8_attention as int8_module  # noqa: E402
 from fastdit.kernels.quantized import key_mean  # noqa: E402
 from int8_bench import accuracy  # noqa: E402  (cosine and relative L1, fp64 in chunks)
@@ -107,11 +107,11 @@ def main() -> None:
 
         def time_config(config):
             int8_module._INT8_CONFIGS[key] = config
-            attention_module._working_configs.clear()
+            triton_common.working_launch_configs.clear()
             labels = dict(config=list(config))
             try:
                 out = int8_call()
-                used = next(c for k, c in attention_module._working_configs.items() if k[0] == "int8")
+                used = next(c for k, c in triton_common.working_launch_configs.items() if k[0] == "int8")
                 if used != config:
                     record(**base, kind="int8-kernel", **labels, error=f"did not fit, shrunk to {used}")
                     return None

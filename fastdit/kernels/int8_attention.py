@@ -17,8 +17,9 @@ back from ``lse_shift``. The online softmax is the bf16 kernel's (``_fold_scores
 max ``m_i`` and sum ``l_i``); P is cast to V's dtype for ``P @ V`` with fp32 accumulation (an fp16
 accumulator there caused black frames in SageAttention users' bf16 models).
 
-Plans, bounds handling (the masked suffix of each row), 64-bit offsets and Hopper TMA loads are
-those of :mod:`fastdit.kernels.attention`, reused from it.
+Plans, bounds handling (the masked suffix of each row), 64-bit offsets, Hopper TMA loads and the
+key-block loops are the bf16 kernel's, shared through :mod:`fastdit.kernels.triton_common`
+(``INT8_QK=True`` switches the loops to int8 scores and per-key-block scales).
 """
 
 from __future__ import annotations
@@ -27,25 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (
-    _attend_kv_block,
-    _count_unmasked_blocks,
-    _fold_scores,
-    _int8_scores,
-    _launch_with_fallback,
-    _normalized_output,
-    _plan_row,
-    _plan_strides,
-    _strides,
-    _tma_view,
-)
 from .plan import BlockSparsity
 from .quantized import QuantizedQK
-
-try:  # host-side tensor descriptors (TMA), Triton >= 3.4
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
+from .triton_common import (
+    TensorDescriptor,
+    attend_kv_blocks,
+    attend_kv_blocks_tma,
+    count_unmasked_blocks,
+    launch_with_fallback,
+    normalized_output,
+    plan_row,
+    plan_strides,
+    strides,
+    tma_view,
+)
 
 
 @triton.jit
@@ -90,16 +86,17 @@ def _int8_block_sparse_attn_fwd(
     v_tile_offsets = offs_n[:, None] * stride_vs + offs_d[None, :]
     k_scale_row = KScale + pid_bh.to(tl.int64) * num_kv_blocks
 
-    count, index_ptr, kv_len = _plan_row(
+    count, index_ptr, kv_len = plan_row(
         kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS,
     )
-    num_unmasked = _count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
+    num_unmasked = count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # Each key block's scores are dequantized with the query block's scale times its own.
     if USE_TMA:
         # Hopper+: whole tiles of the 2-D views [B*H*S, D] (int8 K) and [B*S, H*D] or
         # [B*H*S, D] (V); coordinates are rows, not bytes.
@@ -108,39 +105,31 @@ def _int8_block_sparse_attn_fwd(
             v_row, v_col = batch * seq_kv, head * BLOCK_D
         else:
             v_row, v_col = pid_bh * seq_kv, 0
-        cols_all = tl.full([BLOCK_N], True, tl.int1)
-        for i in range(0, num_unmasked):
-            kv_block = tl.load(index_ptr + i)
-            kv_row_start = kv_block * KV_BLOCK
-            qk_scale = q_scale * tl.load(k_scale_row + kv_block)
-            for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
-                k = k_desc.load([k_row + kv_row_start + sub, 0])
-                v = v_desc.load([v_row + kv_row_start + sub, v_col])
-                acc, l_i, m_i = _fold_scores(
-                    acc, l_i, m_i, _int8_scores(q, k), v, cols_all, qk_scale,
-                    False, DOT_PRECISION, UPCAST_OPERANDS,
-                )
-    else:
-        for i in range(0, num_unmasked):
-            kv_block = tl.load(index_ptr + i)
-            acc, l_i, m_i = _attend_kv_block(
-                acc, l_i, m_i, q, k_base, head_dim, v_base, stride_vs, k_tile_offsets,
-                v_tile_offsets, kv_block * KV_BLOCK, kv_len, head_dim,
-                q_scale * tl.load(k_scale_row + kv_block),
-                0, 0, 0, k_base, 0, 0, 0, 1, 1, 1,
-                KV_BLOCK, BLOCK_N, BLOCK_D, False, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, True, False,
-            )
-    for i in range(num_unmasked, count):
-        kv_block = tl.load(index_ptr + i)
-        acc, l_i, m_i = _attend_kv_block(
-            acc, l_i, m_i, q, k_base, head_dim, v_base, stride_vs, k_tile_offsets,
-            v_tile_offsets, kv_block * KV_BLOCK, kv_len, head_dim,
-            q_scale * tl.load(k_scale_row + kv_block),
-            0, 0, 0, k_base, 0, 0, 0, 1, 1, 1,
-            KV_BLOCK, BLOCK_N, BLOCK_D, True, EVEN_D, DOT_PRECISION, UPCAST_OPERANDS, True, False,
+        acc, l_i, m_i = attend_kv_blocks_tma(
+            acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
+            k_desc, v_desc, k_row, 0, v_row, v_col, q_scale,
+            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=True, k_scale_row=k_scale_row,
         )
+    else:
+        acc, l_i, m_i = attend_kv_blocks(
+            acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
+            k_base, head_dim, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+            kv_len, head_dim, q_scale,
+            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=False, EVEN_D=EVEN_D,
+            DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=True,
+            k_scale_row=k_scale_row,
+        )
+    acc, l_i, m_i = attend_kv_blocks(
+        acc, l_i, m_i, q, index_ptr, num_unmasked, count,
+        k_base, head_dim, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+        kv_len, head_dim, q_scale,
+        KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=True, EVEN_D=EVEN_D,
+        DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=True,
+        k_scale_row=k_scale_row,
+    )
 
-    out, lse = _normalized_output(acc, l_i, m_i)
+    out, lse = normalized_output(acc, l_i, m_i)
     o_ptrs = (
         Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
         + q_row_start.to(tl.int64) * stride_os
@@ -201,8 +190,8 @@ def triton_int8_block_sparse_attention(
     )
     # int8 MMA needs a reduction dim of at least 32.
     block_d = max(32, triton.next_power_of_2(head_dim))
-    k_view = _tma_view(quantized.k, "bhsd", interpret, dtypes=(torch.int8,))
-    v_view = _tma_view(v, layout, interpret)
+    k_view = tma_view(quantized.k, "bhsd", interpret, dtypes=(torch.int8,))
+    v_view = tma_view(v, layout, interpret)
     use_tma = k_view is not None and v_view is not None and block_d == head_dim
 
     def launch(block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
@@ -216,7 +205,7 @@ def triton_int8_block_sparse_attention(
             quantized.q, quantized.k, v, out, lse, quantized.q_scale, quantized.k_scale,
             quantized.lse_shift if return_lse else out, k_desc, v_desc,
             plan.kv_counts, plan.kv_indices, key_lengths if key_lengths is not None else plan.kv_counts,
-            *_strides(v, layout), *_strides(out, layout), *_plan_strides(plan),
+            *strides(v, layout), *strides(out, layout), *plan_strides(plan),
             heads, seq_q, seq_kv, head_dim, quantized.q_scale.shape[2], quantized.k_scale.shape[2],
             Q_BLOCK=plan.q_block_size, KV_BLOCK=plan.kv_block_size,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -236,5 +225,5 @@ def triton_int8_block_sparse_attention(
         launch(*config)
         return out, (lse if return_lse else None)
     key = ("int8", block_d, plan.q_block_size, plan.kv_block_size, v.dtype, use_tma, v.device.index)
-    _launch_with_fallback(key, config, launch)
+    launch_with_fallback(key, config, launch)
     return out, (lse if return_lse else None)

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import LOG2E, _dot, _plan_row, _plan_strides, _strides
 from .plan import BlockSparsity
+from .triton_common import LOG2E, dot, plan_row, plan_strides, strides
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _block_mass_kernel(
 
     k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     k_tile_offsets = offs_n[:, None] * stride_ks + offs_d[None, :]
-    count, index_ptr, kv_len = _plan_row(
+    count, index_ptr, kv_len = plan_row(
         kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS,
     )
@@ -72,7 +72,7 @@ def _block_mass_kernel(
             cols_ok = kv_rows < kv_len
             k_ptrs = k_base + (kv_block * KV_BLOCK + sub).to(tl.int64) * stride_ks + k_tile_offsets
             k = tl.load(k_ptrs, mask=cols_ok[:, None] & d_ok[None, :], other=0.0)
-            qk = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+            qk = dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])
             total += tl.sum(tl.where(cols_ok[None, :], p, 0.0), 1)
         tl.store(mass_row + kv_block, tl.sum(total, 0))
@@ -107,7 +107,7 @@ def triton_block_mass(
     _block_mass_kernel[grid](
         q, k, lse, mass,
         counts, indices, key_lengths if key_lengths is not None else counts,
-        *_strides(q, layout), *_strides(k, layout), *_plan_strides(plan),
+        *strides(q, layout), *strides(k, layout), *plan_strides(plan),
         heads, seq_q, seq_kv, head_dim, plan.num_q_blocks, plan.num_kv_blocks, scale * LOG2E,
         Q_BLOCK=plan.q_block_size, KV_BLOCK=plan.kv_block_size, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_KEY_LENGTHS=key_lengths is not None,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _strides
+from .triton_common import strides
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def triton_block_mean_pool(x: torch.Tensor, block_size: int, *, layout: str) -> 
         (batch, heads, num_blocks, head_dim), dtype=torch.float32, device=x.device
     )
     _block_mean_pool_kernel[(num_blocks, batch * heads)](
-        x, pooled, pooled, *_strides(x, layout), heads, seq_len, head_dim, num_blocks, block_size,
+        x, pooled, pooled, *strides(x, layout), heads, seq_len, head_dim, num_blocks, block_size,
         CHUNK=min(64, triton.next_power_of_2(block_size)),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_OFFSETS=False, num_warps=4,
     )
@@ -87,7 +87,7 @@ def triton_segment_mean_pool(x: torch.Tensor, offsets: torch.Tensor, *, layout: 
     )
     # Segment lengths live on the device; a fixed chunk avoids reading them on the host.
     _block_mean_pool_kernel[(num_segments, batch * heads)](
-        x, pooled, offsets, *_strides(x, layout), heads, seq_len, head_dim, num_segments, 1,
+        x, pooled, offsets, *strides(x, layout), heads, seq_len, head_dim, num_segments, 1,
         CHUNK=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_OFFSETS=True,
         num_warps=4,
     )

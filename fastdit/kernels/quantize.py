@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import LOG2E, _strides
 from .quantized import QuantizedQK, key_mean
+from .triton_common import LOG2E, strides
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _quantize(
         x_q, scale,
         shift if shift is not None else placeholder,
         key_lengths if key_lengths is not None else placeholder,
-        *_strides(x, layout),
+        *strides(x, layout),
         heads, seq_len, head_dim, num_blocks, scale_multiplier, shift_multiplier,
         BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         SUBTRACT_MU=mu is not None, WRITE_SHIFT=dot_vector is not None,
