@@ -853,7 +853,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: Path = DEFAULT_O
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Resolve shapes, densities and the smoke timing; raises ``UsageError`` on bad values."""
-    from .cli import UsageError
+    from .clicommon import UsageError
 
     known = SMOKE_SHAPES if args.smoke else SHAPES
     try:
@@ -893,7 +893,7 @@ def report(rows: list[dict], metadata: dict, verdicts: list[dict]) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed arguments; returns the exit code. Raises ``UsageError``
     (exit 2) for bad arguments and for a run without CUDA that is not ``--smoke``."""
-    from .cli import UsageError
+    from .clicommon import UsageError
 
     if args.replot:
         if not args.replot.is_file():
@@ -960,7 +960,7 @@ def main(argv: list[str] | None = None, default_out: Path = DEFAULT_OUT) -> int:
     """Stand-alone entry point (``benchmarks/kernel_bench.py``); returns the exit code."""
     import sys
 
-    from .cli import UsageError
+    from .clicommon import UsageError
 
     parser = argparse.ArgumentParser(prog="kernel_bench", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

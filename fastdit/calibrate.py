@@ -42,9 +42,9 @@ import torch
 from .kernels import block_mass, block_sparse_attention
 from .kernels.plan import normalize_block_size
 from .layout import AXIS_ORDERS, AxisReordering, SequenceLayout
-from .methods.base import AttentionCall, MethodPlan
+from .methods.base import AttentionCall, Method, MethodPlan
 from .methods.dense import Dense
-from .methods.paro import ParoPlan, _layout_to_json
+from .methods.paro import ParoPlan, layout_to_json
 
 __all__ = ["DEFAULT_DENSITY", "calibrate", "choose_orders", "order_cost", "select_blocks", "spread_steps"]
 
@@ -138,7 +138,7 @@ def _forced_blocks(layout: SequenceLayout, block_size: int, device) -> torch.Ten
     return forced
 
 
-class _MassCollector:
+class _MassCollector(Method):
     """The method :func:`calibrate` installs: dense attention, plus block mass per axis order."""
 
     def __init__(self, block_size: int, num_buckets: int, num_steps: int, calibration_steps) -> None:
@@ -297,7 +297,7 @@ def calibrate(
         The plan (``plan.summary()`` describes it; ``plan.save(path)`` writes it).
     """
     from . import __version__
-    from .integration import _transformers, apply
+    from .integration import apply, denoising_models
 
     density, recall = _check_target(density, recall)
     block_size, _ = normalize_block_size(block_size)
@@ -308,7 +308,7 @@ def calibrate(
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise ValueError("calibrate needs at least one prompt")
-    models = _transformers(pipe)
+    models = denoising_models(pipe)
     classes = sorted({type(model).__name__ for model in models})
     if len(classes) != 1:
         raise ValueError(f"all transformers of the pipeline must be one class, got {classes}")
@@ -336,7 +336,7 @@ def calibrate(
         "transformer_layers": [collector.transformer_layers[t] for t in range(len(collector.transformer_layers))],
         "num_heads": collector.num_heads,
         "head_dim": collector.head_dim,
-        "layout": _layout_to_json(collector.layout),
+        "layout": layout_to_json(collector.layout),
         "num_steps": num_inference_steps,
         "num_buckets": num_buckets,
         "block_size": block_size,

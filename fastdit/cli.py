@@ -25,108 +25,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import os
 import sys
 import time
-from fractions import Fraction
-from typing import Any
 
-__all__ = [
-    "ATTENTION_METHODS",
-    "METHOD_CLASS_NAMES",
-    "RunSetup",
-    "UsageError",
-    "build_method",
-    "build_parser",
-    "build_schedule",
-    "check_supported_pipeline",
-    "load_for_run",
-    "main",
-    "method_options",
-    "parse_amount",
-    "parse_attention_opts",
-    "parse_value",
-    "resolve_run_setup",
-    "write_video",
-]
+from .clicommon import (
+    DEFAULT_FPS,
+    DEFAULT_PROMPT,
+    DEFAULT_SEED,
+    TINY_DESCRIPTION,
+    UsageError,
+    build_method,
+    build_schedule,
+    describe_method,
+    describe_schedule,
+    format_seconds,
+    load_for_run,
+    make_probe,
+    method_names,
+    parse_amount,
+    parse_attention_opts,
+    resolve_device_dtype,
+    resolve_run_setup,
+    validate_sizes,
+    write_video,
+)
+from .methods import available as available_methods
 
-# --attention name -> the method config class exported by ``fastdit``.
-METHOD_CLASS_NAMES = {
-    "dense": "Dense",
-    "radial": "Radial",
-    "gna": "GNA",
-    "agent": "Agent",
-    "vmoba": "VMoBA",
-    "adaspa": "AdaSpa",
-    "paro": "PARO",
-}
-ATTENTION_METHODS = tuple(METHOD_CLASS_NAMES)
+__all__ = ["build_parser", "main"]
+
 DTYPES = ("float32", "float16", "bfloat16")
-DEFAULT_PROMPT = "A red fox runs through a snowy forest at sunrise, cinematic camera pan."
 DEFAULT_OUTPUT = "out.mp4"
-DEFAULT_FPS = 16
-DEFAULT_SEED = 0
-TINY_DESCRIPTION = "tiny (embedded, random weights, offline)"
-
-
-class UsageError(ValueError):
-    """A bad command line detected after argparse (exit code 2)."""
-
-
-# --------------------------------------------------------------------------- value parsing
-def parse_value(text: str) -> Any:
-    """``"0.2"`` -> 0.2, ``"128"`` -> 128, ``"3,5,5"`` -> (3, 5, 5), ``"true"`` -> True,
-    ``"none"`` -> None; anything else stays a string."""
-    text = text.strip()
-    if "," in text:
-        return tuple(parse_value(item) for item in text.split(",") if item.strip())
-    lowered = text.lower()
-    if lowered in ("true", "yes", "on"):
-        return True
-    if lowered in ("false", "no", "off"):
-        return False
-    if lowered in ("none", "null"):
-        return None
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_attention_opts(items: list[str] | None) -> dict[str, Any]:
-    """``["decay=0.2", "window=3,5,5"]`` -> ``{"decay": 0.2, "window": (3, 5, 5)}``."""
-    options: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key or not value.strip():
-            raise UsageError(f"--attention-opt expects KEY=VALUE (e.g. decay=0.2), got {item!r}")
-        if key in options:
-            raise UsageError(f"--attention-opt {key} is given more than once")
-        options[key] = parse_value(value)
-    return options
-
-
-def parse_amount(text: str) -> int | float:
-    """A step/layer amount: ``"12"`` -> 12 (a count); ``"0.25"``/``"1/4"`` -> 0.25 (a fraction)."""
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(
-            f"expected an int count or a fraction in [0, 1] (0.25 or 1/4), got {text!r}"
-        ) from None
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a fraction must be in [0, 1], got {text!r}")
-    return value
 
 
 def _positive_int(text: str) -> int:
@@ -159,327 +89,6 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-# --------------------------------------------------------------------------- methods
-def _method_classes() -> dict[str, type]:
-    import fastdit
-
-    return {name: getattr(fastdit, class_name) for name, class_name in METHOD_CLASS_NAMES.items()}
-
-
-def method_options(cls: type) -> tuple[list[str], list[str]]:
-    """(all option names, required option names) of a method config class: its constructor's
-    parameters (dataclass fields and init-only variables such as PARO's ``plan``)."""
-    params = [
-        p
-        for p in inspect.signature(cls).parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and not p.name.startswith("_")
-    ]
-    return [p.name for p in params], [p.name for p in params if p.default is p.empty]
-
-
-def build_method(
-    attention: str,
-    options: dict[str, Any] | None = None,
-    preset: str | None = None,
-    *,
-    method_flag: str = "--attention",
-    option_flag: str = "--attention-opt",
-):
-    """The method config for ``--attention``/``--attention-opt``/``--preset``.
-
-    ``method_flag``/``option_flag`` name the flags in messages (``fastdit compare`` passes its
-    own). Raises :class:`UsageError` naming the bad method, option, preset or file and listing
-    valid ones; an option naming a file that does not exist (a plan file) is a usage error too.
-    """
-    options = dict(options or {})
-    if attention not in ATTENTION_METHODS:
-        raise UsageError(
-            f"unknown attention method {attention!r}; valid methods: {', '.join(ATTENTION_METHODS)}"
-        )
-    cls = _method_classes()[attention]
-    if preset is not None and not callable(getattr(cls, "presets", None)):
-        with_presets = [n for n, c in _method_classes().items() if callable(getattr(c, "presets", None))]
-        raise UsageError(
-            f"--preset {preset!r}: {method_flag} {attention} has no presets (methods with presets: "
-            f"{', '.join(with_presets) or 'none'})"
-        )
-    names, required = method_options(cls)
-    unknown = [key for key in options if key not in names]
-    if unknown:
-        raise UsageError(
-            f"unknown option {unknown[0]!r} for {method_flag} {attention}; valid options: "
-            f"{', '.join(names) if names else '(none)'}"
-        )
-    try:
-        if preset is not None:
-            valid = list(cls.presets())
-            if preset not in valid:
-                raise UsageError(
-                    f"unknown {attention} preset {preset!r}; valid presets: {', '.join(valid)}"
-                )
-            return cls.preset(preset, **options)
-        missing = [name for name in required if name not in options]
-        if missing:
-            raise UsageError(
-                f"{method_flag} {attention} requires {option_flag} "
-                + " ".join(f"{name}=..." for name in missing)
-                + (" (e.g. window=3,5,5)" if "window" in missing else "")
-            )
-        return cls(**options)
-    except UsageError:
-        raise
-    except (TypeError, ValueError) as exc:  # TypeError: a value of a kind the config did not check
-        raise UsageError(f"bad {option_flag} for {method_flag} {attention}: {exc}") from None
-    except OSError as exc:  # an option naming a file (a plan file) that cannot be read
-        raise UsageError(f"bad {option_flag} for {method_flag} {attention}: {exc}") from None
-
-
-def build_schedule(method, dense_steps=None, dense_last_steps=None, dense_layers=None):
-    """The dense schedule: command-line amounts override the ones the method carries (presets).
-
-    Returns ``None`` when nothing runs dense (the method's own schedule is then all-sparse).
-    """
-    import fastdit
-
-    amounts = {
-        "dense_steps": dense_steps,
-        "dense_last_steps": dense_last_steps,
-        "dense_layers": dense_layers,
-    }
-    for name, value in amounts.items():
-        if value is None:
-            amounts[name] = getattr(method, name, 0) if method is not None else 0
-    if not any(amounts.values()):
-        return None
-    try:
-        return fastdit.Schedule(**amounts)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _describe_method(method, attention: str, preset: str | None) -> str:
-    fields = []
-    if dataclasses.is_dataclass(method):
-        for f in dataclasses.fields(method):
-            if f.init and not f.name.startswith("_") and not f.name.startswith("dense_"):
-                fields.append(f"{f.name}={getattr(method, f.name)!r}")
-    text = f"{attention}({', '.join(fields)})"
-    return f"{text} [preset {preset}]" if preset else text
-
-
-def _describe_schedule(schedule) -> str:
-    if schedule is None:
-        return "none (every step and layer uses the method)"
-    parts = [
-        f"{name.replace('_', ' ')} {getattr(schedule, name)}"
-        for name in ("dense_steps", "dense_last_steps", "dense_layers")
-        if getattr(schedule, name, 0)
-    ]
-    return ", ".join(parts)
-
-
-# --------------------------------------------------------------------------- video
-def _write_imageio(frames, path: str, fps: float) -> None:
-    import imageio.v2 as imageio
-
-    writer = imageio.get_writer(
-        path,
-        format="FFMPEG",
-        mode="I",
-        fps=fps,
-        codec="libx264",
-        pixelformat="yuv420p",
-        macro_block_size=1,
-        quality=8,
-    )
-    try:
-        for frame in frames:
-            writer.append_data(frame)
-    finally:
-        writer.close()
-
-
-def _write_opencv(frames, path: str, fps: float) -> None:
-    import cv2
-
-    height, width = frames.shape[1:3]
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
-    if not writer.isOpened():
-        raise OSError(f"OpenCV could not open {path!r} for writing")
-    try:
-        for frame in frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
-
-
-def write_video(frames, path: str, fps: float = DEFAULT_FPS) -> str:
-    """Write ``frames`` (``(F, H, W, 3)`` float in [0, 1] or uint8) as an mp4; returns the backend.
-
-    imageio with the imageio-ffmpeg backend (libx264, yuv420p) first, OpenCV's ``mp4v`` writer
-    if that fails. Raises :class:`OSError` when neither can write ``path``.
-    """
-    from .runner import frames_to_uint8
-
-    frames = frames_to_uint8(frames)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    errors = []
-    backends = (("imageio-ffmpeg (libx264)", _write_imageio), ("opencv (mp4v)", _write_opencv))
-    for name, writer in backends:
-        try:
-            writer(frames, path, fps)
-        except Exception as exc:  # noqa: BLE001 - any backend failure means: try the next one
-            errors.append(f"{name}: {type(exc).__name__}: {exc}")
-            continue
-        if os.path.isfile(path) and os.path.getsize(path) > 0:
-            return name
-        errors.append(f"{name}: wrote no data")
-    raise OSError(f"could not write video {path!r}: " + "; ".join(errors))
-
-
-# --------------------------------------------------------------------------- running a pipeline
-# What generate and compare share: device/dtype and size checks, loading with the GPU-only
-# options, the pipeline settings, the timing probe.
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _resolve_device_dtype(device: str | None, dtype: str | None):
-    import torch
-
-    device = device or _default_device()
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"bad --device {device!r}: {exc}") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} was requested but CUDA is not available")
-    if dtype is None:
-        dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
-    return torch_device, dtype, getattr(torch, dtype)
-
-
-def _validate_sizes(height, width, num_frames) -> None:
-    bad = [
-        f"{name}={value}"
-        for name, value in (("height", height), ("width", width))
-        if value is not None and (value % 16 or value <= 0)
-    ]
-    if bad:
-        raise UsageError(
-            f"--height and --width must be positive multiples of 16, got {' and '.join(bad)}"
-        )
-    if num_frames is not None and num_frames % 4 != 1:
-        down, up = (num_frames - 1) // 4 * 4 + 1, ((num_frames - 1) // 4 + 1) * 4 + 1
-        near = f"{down} or {up}" if down >= 1 else f"{up}"
-        raise UsageError(
-            "--num-frames must be of the form 4k+1 (1, 5, 9, ..., 81), "
-            f"got num_frames={num_frames}; try {near}"
-        )
-
-
-def _check_gpu_only_options(args: argparse.Namespace, device) -> None:
-    """``--compile`` and ``--cpu-offload`` are GPU-only; ``--cpu-offload`` needs accelerate."""
-    import importlib.util
-
-    for flag, wanted, why in (
-        ("--compile", args.compile, "it compiles the transformer blocks for the GPU"),
-        ("--cpu-offload", args.cpu_offload, "it offloads models from a GPU to the CPU"),
-    ):
-        if wanted and device.type != "cuda":
-            raise UsageError(f"{flag} is GPU-only ({why}), got --device {device}")
-    if args.cpu_offload and importlib.util.find_spec("accelerate") is None:
-        raise UsageError("--cpu-offload needs the accelerate package: pip install accelerate")
-
-
-@dataclasses.dataclass
-class RunSetup:
-    """Resolved device, dtype and pipeline settings of a generate/compare command line."""
-
-    device: Any
-    dtype_name: str
-    dtype: Any
-    tiny: bool
-    settings: dict[str, Any]  # pipeline keyword -> value (None: the pipeline's default)
-
-
-def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
-    """Everything that can be checked without a model, checked before loading one."""
-    from .pipelines.tiny import TINY_DEFAULTS, is_tiny
-
-    _validate_sizes(args.height, args.width, args.num_frames)
-    device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
-    _check_gpu_only_options(args, device)
-    settings = {
-        "height": args.height,
-        "width": args.width,
-        "num_frames": args.num_frames,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-    }
-    tiny = is_tiny(args.model)
-    if tiny:
-        settings = {k: (TINY_DEFAULTS[k] if v is None else v) for k, v in settings.items()}
-    return RunSetup(device, dtype_name, dtype, tiny, settings)
-
-
-def check_supported_pipeline(pipe) -> None:
-    """A pipeline whose transformer fastdit cannot adapt is a usage error (exit 2)."""
-    from .integration import _adapter_for, _transformers
-
-    try:
-        for model in _transformers(pipe):
-            _adapter_for(model)
-    except ValueError as exc:
-        raise UsageError(f"unsupported model: {exc}") from None
-
-
-def compile_transformers(pipe) -> None:
-    """Regional ``torch.compile`` of each transformer's repeated blocks (diffusers'
-    ``compile_repeated_blocks``). The transformer's own forward stays eager, so fastdit's
-    transformer hook (grid, step) and the timing hooks run outside the compiled blocks; the
-    block-level token-permutation hooks of permuting methods (GNA) are traced with their block.
-    GPU only, and not exercised by the CPU test suite."""
-    from .runner import _transformer_models
-
-    for model in _transformer_models(pipe):
-        if not (getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks")):
-            raise UsageError(
-                f"--compile: {type(model).__name__} declares no repeated blocks to compile "
-                "(diffusers' _repeated_blocks)"
-            )
-        model.compile_repeated_blocks()
-
-
-def load_for_run(args: argparse.Namespace, setup: RunSetup):
-    """Load the pipeline of ``--model``, check fastdit supports it, apply ``--cpu-offload`` and
-    ``--compile``. Returns ``(pipe, load seconds)``."""
-    from .pipelines.tiny import load_pipeline
-
-    start = time.perf_counter()
-    pipe = load_pipeline(
-        args.model, dtype=setup.dtype, device="cpu" if args.cpu_offload else setup.device
-    )
-    check_supported_pipeline(pipe)
-    if args.cpu_offload:
-        pipe.enable_model_cpu_offload(device=setup.device)
-    if args.compile:
-        compile_transformers(pipe)
-    return pipe, time.perf_counter() - start
-
-
-def make_probe(pipe, setup: RunSetup, args: argparse.Namespace):
-    from .runner import SpeedProbe
-
-    return SpeedProbe(
-        pipe, setup.device, time_attention=not args.compile,
-        attention_note="not measured under --compile (hooks inside compiled blocks)",
-    )
-
-
 def _latent_description(pipe, height, width, num_frames) -> str | None:
     transformer = getattr(pipe, "transformer", None)
     patch = getattr(getattr(transformer, "config", None), "patch_size", None)
@@ -496,10 +105,6 @@ def _latent_description(pipe, height, width, num_frames) -> str | None:
     )
 
 
-def _seconds(value: float) -> str:
-    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
-
-
 # --------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
     from .runner import pipeline_call_kwargs, run_generation
@@ -508,9 +113,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = parse_attention_opts(args.attention_opt)
     method = build_method(attention, options, args.preset)
     schedule = None
-    if attention == "dense":
+    if not method.follows_schedule:
         if any(v is not None for v in (args.dense_steps, args.dense_last_steps, args.dense_layers)):
-            print("note: --dense-steps/--dense-layers have no effect with --attention dense")
+            print(f"note: --dense-steps/--dense-layers have no effect with --attention {attention}")
     else:
         schedule = build_schedule(
             method, args.dense_steps, args.dense_last_steps, args.dense_layers
@@ -541,29 +146,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lines.append(f"  video        {video}")
     if latent:
         lines.append(f"  grid         {latent}")
-    lines.append(f"  attention    {_describe_method(method, attention, args.preset)}")
-    if attention != "dense":
-        lines.append(f"  dense        {_describe_schedule(schedule)}")
+    lines.append(f"  attention    {describe_method(method, attention, args.preset)}")
+    if method.follows_schedule:
+        lines.append(f"  dense        {describe_schedule(schedule)}")
     run_time = speed.run_s
     if speed.step_s:
         denoise = speed.denoise_s
         lines.append(
-            f"  total time   {_seconds(load_time + run_time)} (load {_seconds(load_time)}, "
-            f"run {_seconds(run_time)}: denoise {_seconds(denoise)}, "
-            f"text+decode {_seconds(run_time - denoise)})"
+            f"  total time   {format_seconds(load_time + run_time)} (load {format_seconds(load_time)}, "
+            f"run {format_seconds(run_time)}: denoise {format_seconds(denoise)}, "
+            f"text+decode {format_seconds(run_time - denoise)})"
         )
-        lines.append(f"  per step     {_seconds(denoise / len(speed.step_s))} x "
+        lines.append(f"  per step     {format_seconds(denoise / len(speed.step_s))} x "
                      f"{len(speed.step_s)} steps")
     else:
         lines.append(
-            f"  total time   {_seconds(load_time + run_time)} (load {_seconds(load_time)}, "
-            f"run {_seconds(run_time)})"
+            f"  total time   {format_seconds(load_time + run_time)} (load {format_seconds(load_time)}, "
+            f"run {format_seconds(run_time)})"
         )
     if speed.transformer_calls:
         share = speed.self_attention_share
         attention_text = (f", self-attention {share:.0%} of it" if share is not None
                           else f" ({speed.attention_note})" if speed.attention_note else "")
-        lines.append(f"  transformer  {_seconds(speed.transformer_s)} in "
+        lines.append(f"  transformer  {format_seconds(speed.transformer_s)} in "
                      f"{speed.transformer_calls} forwards{attention_text}")
     if result.density_summary:
         density_lines = result.density_summary.rstrip().splitlines()
@@ -706,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     _add_run_arguments(gen, compare=False)
     add = gen.add_argument
-    add("--attention", choices=ATTENTION_METHODS, default=None,
+    add("--attention", choices=method_names(), default=None,
         help="attention method run by fastdit's kernels (default: dense, or radial with --preset)")
     add("--attention-opt", action="append", default=None, metavar="KEY=VALUE",
         help="method option, repeatable; ints, floats, bools and comma tuples are parsed, e.g. "
@@ -750,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = cmp.add_argument
     add("--methods", default=None, metavar="ENTRY[,ENTRY...]",
         help=f"methods compared with dense, comma list of NAME or LABEL=NAME with NAME one of "
-        f"{', '.join(ATTENTION_METHODS)} ('dense' is fastdit's own dense kernel) (default: "
+        f"{', '.join(method_names())} ('dense' is fastdit's own dense kernel) (default: "
         f"{DEFAULT_METHODS}, with {default_opts} unless --config is given)")
     add("--method-opt", action="append", default=None, metavar="[LABEL:]KEY=VALUE",
         help="option of one method entry, repeatable, e.g. gna:window=3,5,5 or "
@@ -803,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _option_defaults(cls: type) -> str:
-    """``decay=0.2, block_size=128, window (required)`` for a method config class."""
-    names, required = method_options(cls)
+    """``decay=0.2, block_size=128, window (required)`` for a method class."""
+    names, required = cls.options()
     defaults = {}
     if dataclasses.is_dataclass(cls):
         for f in dataclasses.fields(cls):
@@ -878,12 +483,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, reason in explain_backends(device, dtype, args.head_dim).items():
         print(f"  {name:<10} {'can run' if reason is None else 'cannot run: ' + reason}")
     print(f"\nsupported models: {', '.join(fastdit.supported_models())}")
-    print(f"attention methods: {', '.join(ATTENTION_METHODS)}")
-    for name, cls in _method_classes().items():
+    methods = available_methods()
+    print(f"attention methods: {', '.join(methods)}")
+    for name, cls in methods.items():
         print(f"  {name:<10} {cls.__name__}: {_option_defaults(cls)}")
-        presets = getattr(cls, "presets", None)
-        if callable(presets):
-            print(f"  {'':<10} presets: {', '.join(presets())}")
+        if cls.presets():
+            print(f"  {'':<10} presets: {', '.join(cls.presets())}")
     return 0
 
 
@@ -964,7 +569,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """``fastdit calibrate``: dense runs -> PARO plan file."""
     from .pipelines.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
 
-    _validate_sizes(args.height, args.width, args.num_frames)
+    validate_sizes(args.height, args.width, args.num_frames)
     tiny = is_tiny(args.model)
     steps = args.steps or (TINY_DEFAULTS["num_inference_steps"] if tiny else 50)
     if args.buckets > steps:
@@ -979,7 +584,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from .calibrate import spread_steps
 
         calibration_steps = spread_steps(steps, args.calibration_steps)
-    device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
+    device, dtype_name, dtype = resolve_device_dtype(args.device, args.dtype)
     settings = {
         "height": args.height, "width": args.width, "num_frames": args.num_frames,
         "guidance_scale": args.guidance_scale,
@@ -1006,10 +611,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "", "fastdit calibrate",
         f"  model        {model_name} [{type(pipe).__name__}, {device}, {dtype_name}]",
         f"  plan         {plan.summary()}",
-        f"  time         {_seconds(plan.metadata['calibration']['seconds'])} calibration, of which "
-        f"{_seconds(plan.metadata['calibration']['collect_seconds'])} collecting block mass on "
+        f"  time         {format_seconds(plan.metadata['calibration']['seconds'])} calibration, of which "
+        f"{format_seconds(plan.metadata['calibration']['collect_seconds'])} collecting block mass on "
         f"{len(plan.metadata['calibration']['collected_steps'])} of {steps} steps x "
-        f"{plan.metadata['calibration']['prompts']} prompt(s) (load {_seconds(load_time)})",
+        f"{plan.metadata['calibration']['prompts']} prompt(s) (load {format_seconds(load_time)})",
         f"  output       {args.output}: {_size(size)} ({_size(plan.packed_size())} of bit-packed "
         "masks before deflate)",
         f"  use          fastdit generate --attention paro --attention-opt plan={args.output}",

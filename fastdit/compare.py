@@ -3,7 +3,7 @@
 The reference run, labelled ``dense``, is the pipeline with diffusers' stock attention processors
 (nothing of fastdit installed). Every method entry (``--methods``, ``--config``) runs with
 :func:`fastdit.apply` on the same loaded pipeline, prompts, seeds and settings; any method named
-in ``fastdit.cli.METHOD_CLASS_NAMES`` works (``dense`` there is fastdit's own dense kernel,
+in the methods registry (:func:`fastdit.methods.available`) works (``dense`` there is fastdit's own dense kernel,
 labelled ``fastdit-dense`` unless given a label). Per method, ``--warmup`` untimed generations run
 first (default 1: Triton compilation, autotuning and lazy initialisation stay out of the timings).
 
@@ -40,7 +40,7 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
       "lpips": {"available": bool, "reason": str | null},
       "notices": [str],                             # LPIPS skipped, random weights, CPU timings
       "runs": [                                     # the dense reference first, then each method
-        {"label": str, "method": "stock" | a METHOD_CLASS_NAMES key,
+        {"label": str, "method": "stock" | a registered method name,
          "class": str | null, "config": {option: value} | null, "preset": str | null,
          "schedule": {"dense_steps", "dense_last_steps", "dense_layers"} | null,
          "description": str,
@@ -91,22 +91,24 @@ from typing import Any
 
 import numpy as np
 
-from . import cli
-from .cli import (
+from .clicommon import (
     DEFAULT_PROMPT,
     DEFAULT_SEED,
     TINY_DESCRIPTION,
     UsageError,
-    _method_classes,
-    _seconds,
     build_method,
     build_schedule,
+    describe_method,
+    describe_schedule,
+    format_seconds,
     load_for_run,
     make_probe,
+    method_names,
     parse_value,
     resolve_run_setup,
     write_video,
 )
+from .methods import get as get_method
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -142,7 +144,7 @@ class MethodEntry:
     """One compared method: its label (directory and legend name) and how to build it."""
 
     label: str
-    name: str  # a METHOD_CLASS_NAMES key
+    name: str  # a registered method name
     options: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
     dense: dict[str, Any] = field(default_factory=dict)  # dense_* amounts from a config file
@@ -165,10 +167,10 @@ def _check_label(label: str, where: str) -> None:
 
 
 def _check_method_name(name: str, where: str) -> None:
-    # Read from cli at call time: the method table is the one place methods are registered.
-    if name not in cli.ATTENTION_METHODS:
+    # Read at call time: the methods registry (fastdit.methods.available) names every method.
+    if name not in method_names():
         raise UsageError(
-            f"{where}: unknown method {name!r}; valid methods: {', '.join(cli.ATTENTION_METHODS)}"
+            f"{where}: unknown method {name!r}; valid methods: {', '.join(method_names())}"
         )
 
 
@@ -311,9 +313,7 @@ def parse_method_entries(args: argparse.Namespace) -> list[MethodEntry]:
         if colon:
             entry = _target(entries, prefix.strip(), "--preset", item)
         else:
-            classes = _method_classes()
-            with_presets = [e for e in entries
-                            if callable(getattr(classes[e.name], "presets", None))]
+            with_presets = [e for e in entries if get_method(e.name).presets()]
             if len(with_presets) != 1:
                 raise UsageError(
                     f"--preset {item!r}: say which method it is for as LABEL:NAME "
@@ -328,7 +328,7 @@ def parse_method_entries(args: argparse.Namespace) -> list[MethodEntry]:
                                         method_flag="method", option_flag="--method-opt")
         except UsageError as exc:
             raise UsageError(f"method {entry.label!r} ({entry.source}): {exc}") from None
-        if entry.name != "dense":
+        if entry.method.follows_schedule:
             amounts = {key: getattr(args, key) for key in _DENSE_KEYS}
             for key in _DENSE_KEYS:
                 if amounts[key] is None:
@@ -491,12 +491,7 @@ def json_safe(value):
 
 
 def _config_json(method) -> dict | None:
-    if method is None:
-        return None
-    if dataclasses.is_dataclass(method):
-        return json_safe({f.name: getattr(method, f.name) for f in dataclasses.fields(method)
-                          if f.init and not f.name.startswith("_")})
-    return {"repr": repr(method)}
+    return None if method is None else json_safe(method.config())
 
 
 def _schedule_json(schedule) -> dict | None:
@@ -508,11 +503,9 @@ def _schedule_json(schedule) -> dict | None:
 def _describe(entry: MethodEntry | None) -> str:
     if entry is None:
         return "dense attention through diffusers' stock processors (the reference)"
-    from .cli import _describe_method, _describe_schedule
-
-    text = _describe_method(entry.method, entry.name, entry.preset)
-    if entry.name != "dense":
-        text += f"; dense: {_describe_schedule(entry.schedule)}"
+    text = describe_method(entry.method, entry.name, entry.preset)
+    if entry.method.follows_schedule:
+        text += f"; dense: {describe_schedule(entry.schedule)}"
     return text
 
 
@@ -678,7 +671,7 @@ def run_compare(args: argparse.Namespace) -> int:
     model_name = TINY_DESCRIPTION if setup.tiny else args.model
     print(f"fastdit compare: {model_name} [{type(pipe).__name__}, {setup.device}, "
           f"{setup.dtype_name}], {len(prompts)} prompt(s) x {len(seeds)} seed(s), dense + "
-          f"{', '.join(e.label for e in entries)}; loaded in {_seconds(load_s)}", flush=True)
+          f"{', '.join(e.label for e in entries)}; loaded in {format_seconds(load_s)}", flush=True)
     for notice in notices:
         print(f"note: {notice}", flush=True)
 
@@ -821,15 +814,15 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"note: {notice}")
     print(f"\nwrote {out_dir}/: report.md, report.html, results.json, {len(grids)} grid "
           f"video(s), {sum(len(r.videos) for r in runs)} videos "
-          f"({_seconds(time.perf_counter() - compare_start)})", flush=True)
+          f"({format_seconds(time.perf_counter() - compare_start)})", flush=True)
     return 0
 
 
 def _print_progress(label: str, index: int, seed: int, result, quality) -> None:
     speed = result.speed
-    parts = [f"[{label}] prompt {index} seed {seed}: {_seconds(speed.run_s)}"]
+    parts = [f"[{label}] prompt {index} seed {seed}: {format_seconds(speed.run_s)}"]
     if speed.step_s:
-        parts.append(f"{_seconds(speed.denoise_s / len(speed.step_s))}/step")
+        parts.append(f"{format_seconds(speed.denoise_s / len(speed.step_s))}/step")
     if quality is not None:
         parts.append("identical to dense" if math.isinf(quality.psnr)
                      else f"PSNR {quality.psnr:.2f} dB, SSIM {quality.ssim:.4f}")

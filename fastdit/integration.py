@@ -14,13 +14,15 @@ Nothing is patched. fastdit installs
   pipelines fill with ``step_index`` and ``num_inference_steps``; without it, as in the Stable
   Diffusion pipelines, from the timestep value, one host read per forward, and the step count from
   the pipeline scheduler's ``num_inference_steps``);
-* for methods that reorder tokens (GNA), a pre-hook on the first transformer block and a hook on
-  the last one that permute the sequence and RoPE once per forward and restore the order;
-* for UNets, a pre-hook on each ``Transformer2DModel`` that records the ``H x W`` grid its
-  self-attention layers see (one per resolution).
+* the further ``ModelHook`` objects a model family's adapter asks for: for methods that reorder
+  tokens (GNA), Wan's hooks on its blocks that permute the sequence and RoPE once per forward and
+  restore the order; for UNets, a hook on each ``Transformer2DModel`` that records the ``H x W``
+  grid its self-attention layers see (one per resolution).
 
-All of it is recorded in a :class:`FastditHandle`; ``handle.remove()`` (or ``fastdit.remove``)
-restores the original processor objects and hooks exactly.
+The adapters are the :class:`~fastdit.pipelines.ModelAdapter` subclasses registered for the
+model's class (:func:`supported_models` lists them). All of it is recorded in a
+:class:`FastditHandle`; ``handle.remove()`` (or ``fastdit.remove``) restores the original
+processor objects and removes every hook (all diffusers ``ModelHook`` objects, one removal path).
 """
 
 from __future__ import annotations
@@ -31,13 +33,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .hooks import HookSet, has_hook
 from .layout import LatentGrid, SequenceLayout
-from .methods.base import MethodPlan
+from .methods.base import Method, MethodPlan, as_method
+from .pipelines.base import ModelAdapter, adapter_for, adapters
 from .schedule import Schedule
 
 logger = logging.getLogger("fastdit")
 
-__all__ = ["DenoisingState", "FastditHandle", "apply", "attach", "remove", "supported_models"]
+__all__ = [
+    "DenoisingState",
+    "FastditHandle",
+    "apply",
+    "attach",
+    "denoising_models",
+    "remove",
+    "supported_models",
+]
 
 HOOK_NAME = "fastdit"
 
@@ -51,8 +63,8 @@ class DenoisingState:
     pipeline loop the timestep goes up).
     """
 
-    method: object
-    schedule: Schedule
+    method: Method | None
+    schedule: Schedule | None
     grid: LatentGrid | None = None
     layout: SequenceLayout | None = None
     step: int | None = None
@@ -136,8 +148,7 @@ class DenoisingState:
         self._new_runtime()
 
     def _new_runtime(self) -> None:
-        new_runtime = getattr(self.method, "new_runtime", None)
-        self.runtime = new_runtime() if new_runtime is not None else None
+        self.runtime = self.method.new_runtime() if self.method is not None else None
 
     def record_density(self, layer: int, density: float | torch.Tensor) -> None:
         """The density ``layer`` ran at in the current step (a float or a 0-d tensor)."""
@@ -171,63 +182,43 @@ class DenoisingState:
         return "\n".join(lines)
 
 
-def _hook_classes():
-    from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+def _transformer_hook(state: DenoisingState, adapter: ModelAdapter):
+    """The stateful ``ModelHook`` that reads grid and step before each transformer forward (it
+    receives the pipeline's ``cache_context``)."""
+    from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
     class _NoState(BaseState):
         def reset(self, *args, **kwargs) -> None:
             pass
 
     class FastditTransformerHook(ModelHook):
-        """Reads grid and step before each transformer forward (stateful: it receives the
-        pipeline's ``cache_context``)."""
-
         _is_stateful = True
 
-        def __init__(self, state: DenoisingState, adapter) -> None:
+        def __init__(self) -> None:
             super().__init__()
-            self.state = state
-            self.adapter = adapter
             self.cache_context = StateManager(_NoState)
 
         def pre_forward(self, module, *args, **kwargs):
-            hidden_states, timestep = self.adapter.forward_inputs(args, kwargs)
-            layout = self.adapter.sequence_layout(module, args, kwargs)
-            self.state.begin_forward(layout, hidden_states.device, self.cache_context._context, timestep)
+            hidden_states, timestep = adapter.forward_inputs(args, kwargs)
+            layout = adapter.sequence_layout(module, args, kwargs)
+            state.begin_forward(layout, hidden_states.device, self.cache_context._context, timestep)
             return args, kwargs
 
         def reset_state(self, module):
-            self.state.reset()
+            state.reset()
             return module
 
-    return HookRegistry, FastditTransformerHook
-
-
-def _adapters():
-    from .pipelines import hunyuan_video, unet, wan
-
-    return {
-        "WanTransformer3DModel": wan,
-        "HunyuanVideoTransformer3DModel": hunyuan_video,
-        "UNet2DConditionModel": unet,
-    }
+    return FastditTransformerHook()
 
 
 def supported_models() -> list[str]:
-    return sorted(_adapters())
+    """The diffusers model classes a registered :class:`~fastdit.pipelines.ModelAdapter` takes."""
+    return sorted(adapters())
 
 
-def _adapter_for(model: torch.nn.Module):
-    adapters = _adapters()
-    name = type(model).__name__
-    if name not in adapters:
-        raise ValueError(
-            f"fastdit does not support {name} yet; supported transformer classes: {sorted(adapters)}"
-        )
-    return adapters[name]
-
-
-def _transformers(pipe_or_model) -> list[torch.nn.Module]:
+def denoising_models(pipe_or_model) -> list[torch.nn.Module]:
+    """The models fastdit installs on: the pipeline's ``transformer`` (and ``transformer_2``) or
+    ``unet``, or the model itself."""
     if isinstance(pipe_or_model, torch.nn.Module):
         return [pipe_or_model]
     found = [getattr(pipe_or_model, name, None) for name in ("transformer", "transformer_2", "unet")]
@@ -242,28 +233,29 @@ def _transformers(pipe_or_model) -> list[torch.nn.Module]:
 
 @dataclass
 class FastditHandle:
-    """What one ``apply``/``attach`` installed; ``remove()`` undoes it exactly."""
+    """What one ``apply``/``attach`` installed; ``remove()`` undoes it exactly (so does leaving a
+    ``with fastdit.apply(...):`` block)."""
 
     state: DenoisingState
     _processors: list[tuple[torch.nn.Module, dict]] = field(default_factory=list)
-    _registries: list[tuple[torch.nn.Module, bool]] = field(default_factory=list)
-    _torch_hooks: list = field(default_factory=list)
+    _hooks: HookSet = field(default_factory=HookSet)
+    _models: list[torch.nn.Module] = field(default_factory=list)
     _bound: list = field(default_factory=list)
     removed: bool = False
 
     def summary(self) -> str:
         return self.state.summary()
 
+    def __enter__(self) -> FastditHandle:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        remove(self)
+
     def remove(self) -> None:
         if self.removed:
             return
-        for handle in self._torch_hooks:
-            handle.remove()
-        for model, created_registry in self._registries:
-            registry = model._diffusers_hook
-            registry.remove_hook(HOOK_NAME, recurse=False)
-            if created_registry and not registry.hooks:
-                del model._diffusers_hook
+        self._hooks.remove()
         for model, saved in self._processors:
             model.set_attn_processor(saved)
         for processor in self._bound:
@@ -271,26 +263,24 @@ class FastditHandle:
         self.removed = True
 
 
-def _install_hooks(model: torch.nn.Module, adapter, state: DenoisingState, handle: FastditHandle) -> None:
-    HookRegistry, FastditTransformerHook = _hook_classes()
-    created = not hasattr(model, "_diffusers_hook")
-    registry = HookRegistry.check_if_exists_or_initialize(model)
-    if HOOK_NAME in registry.hooks:
+def _install_hooks(
+    model: torch.nn.Module, adapter: ModelAdapter, state: DenoisingState, handle: FastditHandle
+) -> None:
+    if has_hook(model, HOOK_NAME):
         raise RuntimeError(
             f"fastdit is already installed on this {type(model).__name__}; call remove() on its "
             "handle (or fastdit.remove(pipe)) before installing again"
         )
-    registry.register_hook(FastditTransformerHook(state, adapter), HOOK_NAME)
-    registry.invalidate_child_registries_cache()
-    handle._registries.append((model, created))
-    handle._torch_hooks.extend(adapter.install_permutation_hooks(model, state))
-    attentions = adapter.self_attention_modules(model)
-    if getattr(adapter, "CFG_BATCHED_WITHOUT_RESET", False):
+    handle._hooks.add(model, HOOK_NAME, _transformer_hook(state, adapter))
+    for module, name, hook in adapter.model_hooks(model, state):
+        handle._hooks.add(module, name, hook)
+    handle._hooks.refresh_caches()
+    transformer = len(handle._models)  # this model's position in the pipeline
+    handle._models.append(model)
+    if adapter.cfg_batched_without_reset:
         state.repeated_timestep_is_new_generation = True
-    transformer = len(handle._registries) - 1  # this model's position in the pipeline
-    # UNets attend at several resolutions; DiT adapters have no such function (all 1).
-    downsampling = getattr(adapter, "self_attention_downsampling", None)
-    factors = downsampling(model) if downsampling is not None else [1] * len(attentions)
+    attentions = adapter.self_attention_modules(model)
+    factors = adapter.self_attention_downsampling(model)  # UNets attend at several resolutions
     for layer, (attention, factor) in enumerate(zip(attentions, factors, strict=True)):
         state.layer_index[id(attention)] = layer
         state.transformer_index[id(attention)] = transformer
@@ -303,27 +293,32 @@ def _pipeline_reference(pipe_or_model) -> weakref.ref | None:
     return None if isinstance(pipe_or_model, torch.nn.Module) else weakref.ref(pipe_or_model)
 
 
-def _self_attention_processor_names(model: torch.nn.Module, adapter) -> set[str]:
+def _self_attention_processor_names(model: torch.nn.Module, adapter: ModelAdapter) -> set[str]:
     targets = {id(module) for module in adapter.self_attention_modules(model)}
     return {f"{name}.processor" for name, module in model.named_modules() if id(module) in targets}
 
 
-def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHandle:
+def apply(
+    pipe_or_model, method: Method | str, schedule: Schedule | None = None, **options
+) -> FastditHandle:
     """Install ``method`` on every transformer (or the UNet) of a pipeline, or on one model.
 
-    ``schedule`` defaults to the method's own (Radial presets carry one), else all steps sparse.
-    Returns a handle; ``handle.remove()`` or ``fastdit.remove(handle)`` restores the pipeline.
+    ``method`` is a :class:`~fastdit.methods.Method` or the name of a registered one, built with
+    ``options`` (``fastdit.apply(pipe, "gna", window=(3, 5, 5))``). ``schedule`` defaults to the
+    method's own (Radial presets carry one), else all steps sparse. Returns a handle;
+    ``handle.remove()`` or ``fastdit.remove(handle)`` restores the pipeline.
     """
-    models = _transformers(pipe_or_model)
-    adapters = [_adapter_for(model) for model in models]  # validate all before changing any
-    check_models = getattr(method, "check_models", None)
-    if check_models is not None:  # methods with calibrated data (PARO) refuse other models
-        check_models(models, [len(a.self_attention_modules(m)) for m, a in zip(models, adapters)])
+    method = as_method(method, **options)
+    models = denoising_models(pipe_or_model)
+    model_adapters = [adapter_for(model) for model in models]  # validate all before changing any
+    # Methods with calibrated data (PARO) refuse other models.
+    layers = [len(adapter.self_attention_modules(model)) for model, adapter in zip(models, model_adapters)]
+    method.check_models(models, layers)
     schedule = schedule if schedule is not None else Schedule.from_method(method)
     state = DenoisingState(method, schedule, pipeline=_pipeline_reference(pipe_or_model))
     handle = FastditHandle(state)
     try:
-        for model, adapter in zip(models, adapters):
+        for model, adapter in zip(models, model_adapters):
             saved = dict(model.attn_processors)
             processor = adapter.processor_class(method, schedule)
             processor.state = state
@@ -346,7 +341,7 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
 def attach(pipe_or_model) -> FastditHandle:
     """For processors installed the diffusers way (``set_attn_processor(WanSparseAttnProcessor(...))``):
     install the hooks that tell them the latent grid, layer and denoising step."""
-    models = _transformers(pipe_or_model)
+    models = denoising_models(pipe_or_model)
     handle = FastditHandle(DenoisingState(None, None, pipeline=_pipeline_reference(pipe_or_model)))
     try:
         _attach_models(models, handle)
@@ -359,7 +354,7 @@ def attach(pipe_or_model) -> FastditHandle:
 
 def _attach_models(models: list[torch.nn.Module], handle: FastditHandle) -> None:
     for model in models:
-        adapter = _adapter_for(model)
+        adapter = adapter_for(model)
         processors = {
             id(p): p for p in model.attn_processors.values() if isinstance(p, adapter.processor_class)
         }

@@ -40,13 +40,16 @@ __all__ = [
     "TextSegment",
     "SequenceLayout",
     "TilePermutation",
+    "as_int",
     "axis_order_permutation",
+    "device_key",
+    "positive_int",
 ]
 
 Device = torch.device | str | None
 
 
-def _as_int(name: str, value: object) -> int:
+def as_int(name: str, value: object) -> int:
     """Return ``value`` as a Python int, or raise ValueError naming ``name``."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int, got {name}={value!r} (bool)")
@@ -58,15 +61,15 @@ def _as_int(name: str, value: object) -> int:
         ) from None
 
 
-def _positive_int(name: str, value: object) -> int:
+def positive_int(name: str, value: object) -> int:
     """Return ``value`` as a Python int >= 1, or raise ValueError naming ``name``."""
-    v = _as_int(name, value)
+    v = as_int(name, value)
     if v < 1:
         raise ValueError(f"{name} must be a positive int (>= 1), got {name}={value!r}")
     return v
 
 
-def _device_key(device: Device) -> torch.device:
+def device_key(device: Device) -> torch.device:
     """Canonical device used as a cache key (``cuda`` -> ``cuda:<current>``)."""
     d = torch.device("cpu") if device is None else torch.device(device)
     if d.type == "cuda" and d.index is None:
@@ -99,7 +102,7 @@ class LatentGrid:
 
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width"):
-            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
+            object.__setattr__(self, name, positive_int(name, getattr(self, name)))
 
     @classmethod
     def from_video(
@@ -123,15 +126,15 @@ class LatentGrid:
         Examples (Wan 2.1): 81 x 480 x 832 -> 21 x 30 x 52 = 32,760 tokens;
         81 x 720 x 1280 -> 21 x 45 x 80 = 75,600 tokens.
         """
-        num_frames = _positive_int("num_frames", num_frames)
-        height_px = _positive_int("height_px", height_px)
-        width_px = _positive_int("width_px", width_px)
-        vae_temporal = _positive_int("vae_temporal", vae_temporal)
-        vae_spatial = _positive_int("vae_spatial", vae_spatial)
+        num_frames = positive_int("num_frames", num_frames)
+        height_px = positive_int("height_px", height_px)
+        width_px = positive_int("width_px", width_px)
+        vae_temporal = positive_int("vae_temporal", vae_temporal)
+        vae_spatial = positive_int("vae_spatial", vae_spatial)
         patch_t = tuple(patch)
         if len(patch_t) != 3:
             raise ValueError(f"patch must have 3 entries (pt, ph, pw), got patch={patch!r}")
-        pt, ph, pw = (_positive_int(f"patch[{i}]", p) for i, p in enumerate(patch_t))
+        pt, ph, pw = (positive_int(f"patch[{i}]", p) for i, p in enumerate(patch_t))
 
         frames = ((num_frames - 1) // vae_temporal + 1) // pt
         height = height_px // vae_spatial // ph
@@ -171,7 +174,7 @@ class LatentGrid:
         """
         if not any(isinstance(v, torch.Tensor) for v in (t, h, w)):
             for name, v, extent in (("t", t, self.frames), ("h", h, self.height), ("w", w, self.width)):
-                v = _as_int(name, v)
+                v = as_int(name, v)
                 if not 0 <= v < extent:
                     raise ValueError(f"{name} must be in [0, {extent}) for grid {self.shape}, got {name}={v}")
         return t * self.tokens_per_frame + h * self.width + w
@@ -209,11 +212,11 @@ class TextSegment:
     valid_length: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "length", _positive_int("length", self.length))
+        object.__setattr__(self, "length", positive_int("length", self.length))
         if self.position not in ("before", "after"):
             raise ValueError(f"position must be 'before' or 'after', got position={self.position!r}")
         if self.valid_length is not None:
-            v = _as_int("valid_length", self.valid_length)
+            v = as_int("valid_length", self.valid_length)
             if not 0 <= v <= self.length:
                 raise ValueError(
                     f"valid_length must be in [0, length={self.length}], got valid_length={self.valid_length!r}"
@@ -338,7 +341,7 @@ class TilePermutation:
             raise ValueError(f"tile must be a tuple (tT, tH, tW), got tile={self.tile!r}") from None
         if len(tile) != 3:
             raise ValueError(f"tile must have 3 entries (tT, tH, tW), got tile={self.tile!r}")
-        tile = tuple(_positive_int(f"tile[{i}]", v) for i, v in enumerate(tile))
+        tile = tuple(positive_int(f"tile[{i}]", v) for i, v in enumerate(tile))
         for i, (name, size, extent) in enumerate(zip(("tT", "tH", "tW"), tile, self.grid.shape)):
             if size > extent:
                 raise ValueError(
@@ -408,7 +411,7 @@ class TilePermutation:
         return cached
 
     def _indices(self, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = _device_key(device)
+        key = device_key(device)
         cached = self._cache.get(key)
         if cached is None:
             gather, scatter, _ = self._cpu_indices()
@@ -435,7 +438,7 @@ class TilePermutation:
 
         Cached per device; do not modify in place.
         """
-        key = _device_key(device)
+        key = device_key(device)
         mkey = ("valid", key)
         mask = self._cache.get(mkey)
         if mask is None:
@@ -602,7 +605,7 @@ class AxisReordering:
             raise ValueError(f"layout must be a SequenceLayout, got layout={self.layout!r}")
 
     def _tables(self, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = _device_key(device)
+        key = device_key(device)
         cached = self._cache.get(key)
         if cached is None:
             cpu = self._cache.get("cpu_tables")

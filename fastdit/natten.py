@@ -32,7 +32,7 @@ import torch
 from .kernels import block_sparse_attention
 from .kernels.dispatch import SUPPORTED_DTYPES
 from .layout import LatentGrid, SequenceLayout
-from .methods.gna import GNA, _int_tuple, check_dimension, choose_tile
+from .methods.gna import GNA, check_dimension, choose_tile, int_tuple
 
 __all__ = ["na1d", "na2d", "na3d"]
 
@@ -105,9 +105,9 @@ def _neighborhood_attention(ndim, query, key, value, kernel_size, stride, dilati
     _check_inputs(ndim, query, key, value)
     spatial = tuple(query.shape[1 : 1 + ndim])
     batch, heads, head_dim = query.shape[0], query.shape[-2], query.shape[-1]
-    kernel_size = _int_tuple("kernel_size", kernel_size, ndim)
-    stride = _int_tuple("stride", stride, ndim)
-    dilation = _int_tuple("dilation", dilation, ndim)
+    kernel_size = int_tuple("kernel_size", kernel_size, ndim)
+    stride = int_tuple("stride", stride, ndim)
+    dilation = int_tuple("dilation", dilation, ndim)
     for i, (extent, w, s, d) in enumerate(zip(spatial, kernel_size, stride, dilation)):
         check_dimension(extent, w, s, d, window_name="kernel_size", dim=str(i))
     if scale is None:

@@ -12,10 +12,11 @@ How each time is measured (``SpeedRecord``):
   device is synchronised there); the first step starts at the first transformer call.
   ``denoise_s`` is their sum.
 * ``transformer_s``: every transformer forward (CFG passes and both Wan2.2 experts included),
-  timed by a forward pre-hook and a forward hook on each transformer that synchronise the device
-  and read the wall clock: two host syncs per forward, at its boundaries only.
-* ``attention_s`` / ``self_attention_s``: time inside the attention modules, by a forward
-  pre-hook and a forward hook on every diffusers attention module (the modules whose forward is a
+  timed by a diffusers ``ModelHook`` on each transformer, outside every other hook (fastdit's
+  included, re-registered at each :meth:`SpeedProbe.begin`), that synchronises the device and
+  reads the wall clock before and after: two host syncs per forward, at its boundaries only.
+* ``attention_s`` / ``self_attention_s``: time inside the attention modules, by a ``ModelHook``
+  on every diffusers attention module (the modules whose forward is a
   thin call of their processor: QKV/out projections, norms and RoPE are included). On CUDA the
   hooks record CUDA events, read once after the run, so nothing synchronises inside the forward;
   on the CPU they read the wall clock. ``self_attention_s`` counts the modules fastdit replaces
@@ -37,6 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .hooks import HookSet, function_hook
+from .pipelines.base import adapter_for
+
 __all__ = [
     "GenerationResult",
     "SpeedProbe",
@@ -44,7 +48,10 @@ __all__ = [
     "frames_to_uint8",
     "pipeline_call_kwargs",
     "run_generation",
+    "transformer_models",
 ]
+
+PROBE_HOOK = "fastdit.probe"
 
 
 @dataclass
@@ -94,7 +101,8 @@ class SpeedRecord:
         }
 
 
-def _transformer_models(pipe) -> list[torch.nn.Module]:
+def transformer_models(pipe) -> list[torch.nn.Module]:
+    """The pipeline's ``transformer`` and ``transformer_2`` (or ``pipe`` itself, a model)."""
     if isinstance(pipe, torch.nn.Module):
         return [pipe]
     models = [getattr(pipe, name, None) for name in ("transformer", "transformer_2")]
@@ -110,10 +118,8 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _self_attention_ids(model: torch.nn.Module) -> set[int]:
-    from .integration import _adapter_for
-
     try:
-        adapter = _adapter_for(model)
+        adapter = adapter_for(model)
     except ValueError:  # a model fastdit does not adapt: no self-attention split
         return set()
     return {id(module) for module in adapter.self_attention_modules(model)}
@@ -136,16 +142,17 @@ class SpeedProbe:
         self.cuda = self.device.type == "cuda"
         self.time_attention = time_attention
         self.attention_note = attention_note
-        self._handles: list = []
+        self._models = transformer_models(pipe)
+        self._attention_hooks = HookSet()
+        self._transformer_hooks = HookSet()
         self._self_ids: set[int] = set()
-        for model in _transformer_models(pipe):
-            self._handles.append(model.register_forward_pre_hook(self._transformer_start))
-            self._handles.append(model.register_forward_hook(self._transformer_stop))
-            if time_attention:
+        if time_attention:
+            for model in self._models:
                 self._self_ids |= _self_attention_ids(model)
                 for module in _attention_modules(model):
-                    self._handles.append(module.register_forward_pre_hook(self._attention_start))
-                    self._handles.append(module.register_forward_hook(self._attention_stop))
+                    hook = function_hook(self._attention_start, self._attention_stop)
+                    self._attention_hooks.add(module, PROBE_HOOK, hook)
+            self._attention_hooks.refresh_caches()
         self.begin()
 
     # ---- hooks
@@ -153,17 +160,19 @@ class SpeedProbe:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def _transformer_start(self, module, args) -> None:
+    def _transformer_start(self, module, args, kwargs):
         self._synchronize()
         now = time.perf_counter()
         if self._first_call is None:
             self._first_call = now
         self._open_transformer.append(now)
+        return args, kwargs
 
-    def _transformer_stop(self, module, args, output) -> None:
+    def _transformer_stop(self, module, output):
         self._synchronize()
         elapsed = time.perf_counter() - self._open_transformer.pop()
         self._transformer.append((len(self._step_ends), elapsed))
+        return output
 
     def _mark(self):
         if self.cuda:
@@ -172,12 +181,14 @@ class SpeedProbe:
             return event
         return time.perf_counter()
 
-    def _attention_start(self, module, args) -> None:
+    def _attention_start(self, module, args, kwargs):
         self._open_attention.append(self._mark())
+        return args, kwargs
 
-    def _attention_stop(self, module, args, output) -> None:
+    def _attention_stop(self, module, output):
         start = self._open_attention.pop()
         self._attention.append((id(module) in self._self_ids, start, self._mark()))
+        return output
 
     def on_step_end(self, _pipe, _step, _timestep, callback_kwargs):
         """The pipeline's ``callback_on_step_end``."""
@@ -187,6 +198,13 @@ class SpeedProbe:
 
     # ---- runs
     def begin(self) -> None:
+        """Start a run: clear the records; the transformer hooks go (back) on the outside, so
+        they time whatever fastdit installed since (its per-forward hook included)."""
+        self._transformer_hooks.remove()
+        for model in self._models:
+            hook = function_hook(self._transformer_start, self._transformer_stop)
+            self._transformer_hooks.add(model, PROBE_HOOK, hook)
+        self._transformer_hooks.refresh_caches()
         self._first_call: float | None = None
         self._step_ends: list[float] = []
         self._transformer: list[tuple[int, float]] = []
@@ -227,9 +245,8 @@ class SpeedProbe:
         )
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._transformer_hooks.remove()
+        self._attention_hooks.remove()
 
 
 # --------------------------------------------------------------------------- one run

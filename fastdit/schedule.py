@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["Schedule"]
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+__all__ = ["Schedule", "resolve_amount"]
 
 
 def _check_amount(name: str, value) -> int | float:
@@ -25,7 +29,8 @@ def _check_amount(name: str, value) -> int | float:
     return float(value)
 
 
-def _resolve(name: str, amount: int | float, total: int | None) -> int:
+def resolve_amount(name: str, amount: int | float, total: int | None) -> int:
+    """``amount`` as a count: an int as it is, a fraction of ``total`` rounded up."""
     if isinstance(amount, int):
         return amount
     if total is None:
@@ -54,12 +59,13 @@ class Schedule:
             object.__setattr__(self, name, _check_amount(name, getattr(self, name)))
 
     @classmethod
-    def from_method(cls, method) -> Schedule:
-        """The schedule a method config carries (Radial presets do), else all-sparse."""
+    def from_method(cls, method: Method) -> Schedule:
+        """The schedule a method carries (Radial presets do; :class:`~fastdit.methods.Method`'s
+        default is all-sparse)."""
         return cls(
-            dense_steps=getattr(method, "dense_steps", 0),
-            dense_last_steps=getattr(method, "dense_last_steps", 0),
-            dense_layers=getattr(method, "dense_layers", 0),
+            dense_steps=method.dense_steps,
+            dense_last_steps=method.dense_last_steps,
+            dense_layers=method.dense_layers,
         )
 
     def is_dense(self, step: int | None, num_steps: int | None, layer: int, num_layers: int) -> bool:
@@ -67,11 +73,11 @@ class Schedule:
 
         ``step=None`` (a transformer called outside a denoising loop) counts as a sparse step.
         """
-        if layer < _resolve("dense_layers", self.dense_layers, num_layers):
+        if layer < resolve_amount("dense_layers", self.dense_layers, num_layers):
             return True
         if step is None:
             return False
-        if step < _resolve("dense_steps", self.dense_steps, num_steps):
+        if step < resolve_amount("dense_steps", self.dense_steps, num_steps):
             return True
         if self.dense_last_steps:
             if num_steps is None:
@@ -81,5 +87,5 @@ class Schedule:
                     "num_inference_steps): install on the pipeline and call it, or pass "
                     "schedule=fastdit.Schedule(...) without dense_last_steps for direct model calls"
                 )
-            return step >= num_steps - _resolve("dense_last_steps", self.dense_last_steps, num_steps)
+            return step >= num_steps - resolve_amount("dense_last_steps", self.dense_last_steps, num_steps)
         return False

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdit
-from fastdit import cli
+from fastdit import cli, clicommon
 from fastdit.methods import agent as agent_module
 from fastdit.methods.base import AttentionCall
 from fastdit.pipelines.unet import UNetSparseAttnProcessor
@@ -394,7 +394,7 @@ def test_tiny_sd_pipeline_end_to_end():
 
 
 def test_cli_generates_with_agent_on_wan(tmp_path):
-    method = cli.build_method("agent", {"video_cell": (2, 4, 4)})
+    method = clicommon.build_method("agent", {"video_cell": (2, 4, 4)})
     assert method == fastdit.Agent(video_cell=(2, 4, 4))
     output = tmp_path / "agent.mp4"
     code = cli.main(["generate", "--attention", "agent", "--attention-opt", "video_cell=2,4,4",

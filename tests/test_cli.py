@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastdit
-from fastdit import cli
+from fastdit import cli, clicommon
 from fastdit.pipelines.tiny import (
     TINY_DEFAULTS,
     TINY_TRANSFORMER_CONFIG,
@@ -121,44 +121,44 @@ def test_load_pipeline_tiny_and_missing_path(monkeypatch, tmp_path):
     ],
 )
 def test_parse_value(text, value):
-    assert cli.parse_value(text) == value
-    assert type(cli.parse_value(text)) is type(value)
+    assert clicommon.parse_value(text) == value
+    assert type(clicommon.parse_value(text)) is type(value)
 
 
 def test_parse_attention_opts_and_amounts():
-    assert cli.parse_attention_opts(["decay=0.2", "window=3,5,5", "block-size=64"]) == {
+    assert clicommon.parse_attention_opts(["decay=0.2", "window=3,5,5", "block-size=64"]) == {
         "decay": 0.2,
         "window": (3, 5, 5),
         "block_size": 64,
     }
     for bad in (["decay"], ["=1"], ["decay="], ["decay=1", "decay=2"]):
-        with pytest.raises(cli.UsageError):
-            cli.parse_attention_opts(bad)
-    assert cli.parse_amount("12") == 12 and isinstance(cli.parse_amount("12"), int)
-    assert cli.parse_amount("0.25") == cli.parse_amount("1/4") == 0.25
+        with pytest.raises(clicommon.UsageError):
+            clicommon.parse_attention_opts(bad)
+    assert clicommon.parse_amount("12") == 12 and isinstance(clicommon.parse_amount("12"), int)
+    assert clicommon.parse_amount("0.25") == clicommon.parse_amount("1/4") == 0.25
     for bad in ("1.5", "-1/4", "x", "1/0"):
         with pytest.raises(Exception, match="expected|fraction"):
-            cli.parse_amount(bad)
+            clicommon.parse_amount(bad)
 
 
 def test_build_method_configs():
-    radial = cli.build_method("radial", {"decay": 0.5, "block_size": 64})
+    radial = clicommon.build_method("radial", {"decay": 0.5, "block_size": 64})
     assert (radial.decay, radial.block_size) == (0.5, 64)
-    preset = cli.build_method("radial", {}, "wan2.1-14b")
+    preset = clicommon.build_method("radial", {}, "wan2.1-14b")
     assert preset.dense_steps > 0
-    schedule = cli.build_schedule(preset, dense_layers=0.5)
+    schedule = clicommon.build_schedule(preset, dense_layers=0.5)
     assert (schedule.dense_steps, schedule.dense_layers) == (preset.dense_steps, 0.5)
-    assert cli.build_schedule(radial) is None
-    gna = cli.build_method("gna", {"window": (3, 5, 5)})
+    assert clicommon.build_schedule(radial) is None
+    gna = clicommon.build_method("gna", {"window": (3, 5, 5)})
     assert gna.window == (3, 5, 5)
-    with pytest.raises(cli.UsageError, match="window"):
-        cli.build_method("gna", {})
-    with pytest.raises(cli.UsageError, match="'nope'.*valid options: decay"):
-        cli.build_method("radial", {"nope": 1})
-    with pytest.raises(cli.UsageError, match="'bogus'.*wan2.1-14b"):
-        cli.build_method("radial", {}, "bogus")
-    with pytest.raises(cli.UsageError, match="'sparse'.*dense, radial, gna"):
-        cli.build_method("sparse", {})
+    with pytest.raises(clicommon.UsageError, match="window"):
+        clicommon.build_method("gna", {})
+    with pytest.raises(clicommon.UsageError, match="'nope'.*valid options: decay"):
+        clicommon.build_method("radial", {"nope": 1})
+    with pytest.raises(clicommon.UsageError, match="'bogus'.*wan2.1-14b"):
+        clicommon.build_method("radial", {}, "bogus")
+    with pytest.raises(clicommon.UsageError, match="'sparse'.*dense, radial, gna"):
+        clicommon.build_method("sparse", {})
 
 
 # --------------------------------------------------------------------------- command line
@@ -278,10 +278,10 @@ def test_write_video_falls_back_to_opencv(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("no ffmpeg here")
 
-    monkeypatch.setattr(cli, "_write_imageio", broken)
+    monkeypatch.setattr(clicommon, "_write_imageio", broken)
     frames = np.random.default_rng(0).random((5, 32, 48, 3), dtype=np.float32)
     path = tmp_path / "cv.mp4"
-    assert cli.write_video(frames, str(path), fps=8) == "opencv (mp4v)"
+    assert clicommon.write_video(frames, str(path), fps=8) == "opencv (mp4v)"
     capture = cv2.VideoCapture(str(path))
     try:
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
@@ -291,9 +291,9 @@ def test_write_video_falls_back_to_opencv(tmp_path, monkeypatch):
         capture.release()
     assert (count, size) == (5, (32, 48))
 
-    monkeypatch.setattr(cli, "_write_opencv", broken)
+    monkeypatch.setattr(clicommon, "_write_opencv", broken)
     with pytest.raises(OSError, match="could not write video"):
-        cli.write_video(frames, str(tmp_path / "none.mp4"))
+        clicommon.write_video(frames, str(tmp_path / "none.mp4"))
 
 
 def test_info_reports_versions_backends_and_reasons(capsys, monkeypatch):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastdit
-from fastdit import cli, compare, report
+from fastdit import cli, clicommon, compare, report
 from fastdit.kernels import block_sparse_attention
 from fastdit.layout import LatentGrid, SequenceLayout
 
@@ -25,7 +25,7 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 @dataclass(frozen=True)
-class RecordingDense:
+class RecordingDense(fastdit.methods.Method):
     """A stand-in for a per-call method registered by another branch: dense plan, ``attend`` on
     fastdit's kernel, and a runtime whose ``records`` the report must carry as ``extra``."""
 
@@ -46,7 +46,7 @@ class RecordingDense:
 
 
 @dataclass(frozen=True)
-class PlanFileMethod:
+class PlanFileMethod(fastdit.methods.Method):
     """A method whose option names a plan file that must exist."""
 
     plan_file: str
@@ -56,10 +56,18 @@ class PlanFileMethod:
             raise FileNotFoundError(f"plan file {self.plan_file!r} does not exist")
 
 
-def _register(monkeypatch, name, cls):
-    monkeypatch.setitem(cli.METHOD_CLASS_NAMES, name, cls.__name__)
-    monkeypatch.setattr(cli, "ATTENTION_METHODS", tuple(cli.METHOD_CLASS_NAMES))
-    monkeypatch.setattr(fastdit, cls.__name__, cls, raising=False)
+@pytest.fixture
+def register_method():
+    """``register_method(name, cls)`` registers a test method for one test."""
+    names = []
+
+    def register(name, cls):
+        fastdit.methods.register(cls, name)
+        names.append(name)
+
+    yield register
+    for name in names:
+        fastdit.methods.unregister(name)
 
 
 def _args(*argv):
@@ -74,14 +82,14 @@ def _strict_json(path):
 
 
 # --------------------------------------------------------------------------- end to end
-def test_compare_end_to_end_writes_the_report(tmp_path, capsys, monkeypatch):
+def test_compare_end_to_end_writes_the_report(tmp_path, capsys, monkeypatch, register_method):
     """Dense + GNA + a registered per-call method, against a reference directory too."""
-    _register(monkeypatch, "recorder", RecordingDense)
+    register_method("recorder", RecordingDense)
     # CPU tensors take fastdit's PyTorch reference path (the kernels have their own tests).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     reference_dir = tmp_path / "reference"
     noise = np.random.default_rng(0).integers(0, 256, size=(9, 64, 128, 3), dtype=np.uint8)
-    cli.write_video(noise, str(reference_dir / "p0_s0.mp4"), fps=8)
+    clicommon.write_video(noise, str(reference_dir / "p0_s0.mp4"), fps=8)
     out = tmp_path / "report"
     argv = ["compare", *SMALL, "--warmup", "0", "--methods", "g=gna,rec=recorder",
             "--method-opt", "g:window=1,3,3", "--method-opt", "g:block_size=64",
@@ -234,7 +242,7 @@ def test_config_file_entries(tmp_path):
 def test_bad_config_files(tmp_path, content, needle):
     config = tmp_path / "bad.json"
     config.write_text(content)
-    with pytest.raises(cli.UsageError, match=None) as info:
+    with pytest.raises(clicommon.UsageError, match=None) as info:
         compare.parse_method_entries(_args("--config", str(config)))
     assert needle in str(info.value) and str(config) in str(info.value)
 
@@ -292,7 +300,7 @@ def test_bad_input_exits_2_before_loading(tmp_path, capsys, monkeypatch, argv, n
 
 def test_missing_reference_video_and_empty_prompts_file(tmp_path, capsys):
     (tmp_path / "ref").mkdir()
-    cli.write_video(np.zeros((5, 16, 16, 3), np.uint8), str(tmp_path / "ref" / "p0_s0.mp4"))
+    clicommon.write_video(np.zeros((5, 16, 16, 3), np.uint8), str(tmp_path / "ref" / "p0_s0.mp4"))
     assert cli.main(["compare", "--seed", "0,1", "--reference-dir", str(tmp_path / "ref"),
                      "-o", str(tmp_path / "out")]) == 2
     assert "missing p0_s1.mp4" in capsys.readouterr().err
@@ -309,12 +317,12 @@ def test_prompts_and_seeds(tmp_path):
                  "--seeds", "1", "--seed", "7")
     assert compare._prompts(args) == ["a bird flies", "a dog runs", "a cat sits"]
     assert compare._seeds(args) == [3, 1, 7]
-    assert compare._prompts(_args()) == [cli.DEFAULT_PROMPT]
-    assert compare._seeds(_args()) == [cli.DEFAULT_SEED]
+    assert compare._prompts(_args()) == [clicommon.DEFAULT_PROMPT]
+    assert compare._seeds(_args()) == [clicommon.DEFAULT_SEED]
 
 
-def test_missing_plan_file_of_a_registered_method(tmp_path, capsys, monkeypatch):
-    _register(monkeypatch, "planned", PlanFileMethod)
+def test_missing_plan_file_of_a_registered_method(tmp_path, capsys, register_method):
+    register_method("planned", PlanFileMethod)
     missing = str(tmp_path / "plans" / "wan.pt")
     for argv in (["compare", "--methods", "planned", "--method-opt", f"plan_file={missing}",
                   "-o", str(tmp_path / "out")],

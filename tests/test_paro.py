@@ -20,7 +20,7 @@ from fastdit.layout import (
     axis_order_permutation,
 )
 from fastdit.methods.base import AttentionCall
-from fastdit.methods.paro import PARO, ParoPlan, _layout_to_json
+from fastdit.methods.paro import PARO, ParoPlan, layout_to_json
 
 GRID = LatentGrid(3, 4, 5)
 
@@ -166,7 +166,7 @@ def make_plan(rng, layout, transformer_layers=(2,), heads=3, buckets=2, block=64
         "transformer_layers": list(transformer_layers),
         "num_heads": heads,
         "head_dim": 32,
-        "layout": _layout_to_json(layout),
+        "layout": layout_to_json(layout),
         "num_steps": 4,
         "num_buckets": buckets,
         "block_size": block,
@@ -315,7 +315,7 @@ def test_paro_on_hunyuan_video_keeps_text_in_place_and_dense(rng, tmp_path):
     assert masks[..., text_block, :].all() and masks[..., :, text_block].all()
     metadata = {
         "model_class": type(model).__name__, "transformer_layers": [2], "num_heads": 2,
-        "head_dim": 16, "layout": _layout_to_json(layout), "num_steps": 1, "num_buckets": 1,
+        "head_dim": 16, "layout": layout_to_json(layout), "num_steps": 1, "num_buckets": 1,
         "block_size": 64, "target": {"recall": 0.9}, "fastdit_version": fastdit.__version__,
     }
     mixed = torch.tensor([[2, 4], [5, 1]], dtype=torch.uint8)

@@ -444,7 +444,7 @@ def test_validation():
 # --------------------------------------------------------------------------- diffusers integration
 
 
-class MaskedVMoBA:
+class MaskedVMoBA(fastdit.methods.Method):
     """Test-only per-call method: VMoBA's selection, attention by float64 SDPA with the token mask
     the plan implies (original token order, key padding applied)."""
 
@@ -560,11 +560,11 @@ def test_tiny_wan_pipeline_honours_the_dense_quarter():
 
 
 def test_cli_knows_vmoba():
-    from fastdit import cli
+    from fastdit import clicommon
 
-    method = cli.build_method("vmoba", {"tau": 0.3, "topk": (1, 2, 3), "selection": "topk"})
+    method = clicommon.build_method("vmoba", {"tau": 0.3, "topk": (1, 2, 3), "selection": "topk"})
     assert (method.tau, method.topk, method.selection) == (0.3, (1, 2, 3), "topk")
-    assert cli.build_schedule(method) == fastdit.Schedule(dense_steps=0.25)
+    assert clicommon.build_schedule(method) == fastdit.Schedule(dense_steps=0.25)
 
 
 @pytest.mark.parametrize("aggregation", ["union", "mean"])

@@ -246,7 +246,7 @@ def test_attach_refuses_mixed_methods():
     assert not hasattr(model, "_diffusers_hook")
 
 
-class RecordingMethod:
+class RecordingMethod(fastdit.methods.Method):
     """A per-call method (the ``attend`` interface of VMoBA/AdaSpa/PARO/Agent): dense attention
     on the kernel, recording what each call is told."""
 

@@ -32,7 +32,7 @@ from .triton_common import (
     LOG2E,
     TensorDescriptor,
     attend_kv_blocks,
-    attend_kv_blocks_tma,
+    attend_plan_row,
     count_unmasked_blocks,
     launch_with_fallback,
     normalized_output,
@@ -100,33 +100,18 @@ def _block_sparse_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    if USE_TMA:
-        # Hopper+: the copy engine fetches whole K/V tiles of the 2-D views
-        # [B*S, H*D] (bshd) or [B*H*S, D] (bhsd); coordinates are rows, not bytes.
-        if LAYOUT_BSHD:
-            tma_row, tma_col = batch * seq_kv, head * BLOCK_D
-        else:
-            tma_row, tma_col = pid_bh * seq_kv, 0
-        acc, l_i, m_i = attend_kv_blocks_tma(
-            acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
-            k_desc, v_desc, tma_row, tma_col, tma_row, tma_col, qk_scale,
-            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-            UPCAST_OPERANDS=UPCAST_OPERANDS,
-        )
+    # Hopper+ (USE_TMA): the copy engine fetches whole K/V tiles of the 2-D views
+    # [B*S, H*D] (bshd) or [B*H*S, D] (bhsd); coordinates are rows, not bytes.
+    if LAYOUT_BSHD:
+        tma_row, tma_col = batch * seq_kv, head * BLOCK_D
     else:
-        acc, l_i, m_i = attend_kv_blocks(
-            acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
-            k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
-            kv_len, head_dim, qk_scale,
-            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=False, EVEN_D=EVEN_D,
-            DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS,
-        )
-    acc, l_i, m_i = attend_kv_blocks(
+        tma_row, tma_col = pid_bh * seq_kv, 0
+    acc, l_i, m_i = attend_plan_row(
         acc, l_i, m_i, q, index_ptr, num_unmasked, count,
         k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
-        kv_len, head_dim, qk_scale,
-        KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=True, EVEN_D=EVEN_D,
-        DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS,
+        kv_len, head_dim, qk_scale, k_desc, v_desc, tma_row, tma_col, tma_row, tma_col,
+        KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, EVEN_D=EVEN_D,
+        DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, USE_TMA=USE_TMA,
     )
     if HAS_WINDOW:
         # Partial blocks: the window rule decides per (query, key) pair.
@@ -144,7 +129,8 @@ def _block_sparse_attn_fwd(
             kv_len, head_dim, qk_scale,
             KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=True, EVEN_D=EVEN_D,
             DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, WINDOW=True,
-            q_start_t=q_start_t, q_start_h=q_start_h, q_start_w=q_start_w, k_coords_ptr=k_coords_ptr, span_t=span_t, span_h=span_h, span_w=span_w,
+            q_start_t=q_start_t, q_start_h=q_start_h, q_start_w=q_start_w,
+            k_coords_ptr=k_coords_ptr, span_t=span_t, span_h=span_h, span_w=span_w,
             dil_t=dil_t, dil_h=dil_h, dil_w=dil_w,
         )
 

@@ -32,8 +32,7 @@ from .plan import BlockSparsity
 from .quantized import QuantizedQK
 from .triton_common import (
     TensorDescriptor,
-    attend_kv_blocks,
-    attend_kv_blocks_tma,
+    attend_plan_row,
     count_unmasked_blocks,
     launch_with_fallback,
     normalized_output,
@@ -96,37 +95,21 @@ def _int8_block_sparse_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Each key block's scores are dequantized with the query block's scale times its own.
-    if USE_TMA:
-        # Hopper+: whole tiles of the 2-D views [B*H*S, D] (int8 K) and [B*S, H*D] or
-        # [B*H*S, D] (V); coordinates are rows, not bytes.
-        k_row = pid_bh * seq_kv
-        if LAYOUT_BSHD:
-            v_row, v_col = batch * seq_kv, head * BLOCK_D
-        else:
-            v_row, v_col = pid_bh * seq_kv, 0
-        acc, l_i, m_i = attend_kv_blocks_tma(
-            acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
-            k_desc, v_desc, k_row, 0, v_row, v_col, q_scale,
-            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-            UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=True, k_scale_row=k_scale_row,
-        )
+    # Hopper+ (USE_TMA): whole tiles of the 2-D views [B*H*S, D] (int8 K) and [B*S, H*D] or
+    # [B*H*S, D] (V); coordinates are rows, not bytes. Each key block's scores are dequantized
+    # with the query block's scale times the key block's own (INT8_QK).
+    k_row = pid_bh * seq_kv
+    if LAYOUT_BSHD:
+        v_row, v_col = batch * seq_kv, head * BLOCK_D
     else:
-        acc, l_i, m_i = attend_kv_blocks(
-            acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
-            k_base, head_dim, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
-            kv_len, head_dim, q_scale,
-            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=False, EVEN_D=EVEN_D,
-            DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=True,
-            k_scale_row=k_scale_row,
-        )
-    acc, l_i, m_i = attend_kv_blocks(
+        v_row, v_col = pid_bh * seq_kv, 0
+    acc, l_i, m_i = attend_plan_row(
         acc, l_i, m_i, q, index_ptr, num_unmasked, count,
         k_base, head_dim, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
-        kv_len, head_dim, q_scale,
-        KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=True, EVEN_D=EVEN_D,
-        DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=True,
-        k_scale_row=k_scale_row,
+        kv_len, head_dim, q_scale, k_desc, v_desc, k_row, 0, v_row, v_col,
+        KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, EVEN_D=EVEN_D,
+        DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, USE_TMA=USE_TMA,
+        INT8_QK=True, k_scale_row=k_scale_row,
     )
 
     out, lse = normalized_output(acc, l_i, m_i)

@@ -1,12 +1,14 @@
 """What fastdit's Triton kernels share: the online-softmax step, the key-block loops, plan rows,
 bounds handling, window masks, strides, TMA views and the launch fallback.
 
-Device functions (``@triton.jit``) are inlined into the kernels that call them. The two key-block
+Device functions (``@triton.jit``) are inlined into the kernels that call them. The key-block
 loops, :func:`attend_kv_blocks` (pointer loads, any bounds mask, the window rule) and
-:func:`attend_kv_blocks_tma` (Hopper tensor-descriptor loads of whole tiles), serve both the bf16
-kernel (:mod:`fastdit.kernels.attention`) and the INT8 one (:mod:`fastdit.kernels.int8_attention`):
-constexpr switches passed by keyword (``MASK_KV``, ``INT8_QK``, ``WINDOW``) select what each loop
-compiles, so a switched-off feature costs no instruction.
+:func:`attend_kv_blocks_tma` (Hopper tensor-descriptor loads of whole tiles), and
+:func:`attend_plan_row` (a plan row: its unmasked blocks, then its masked suffix) serve both the
+bf16 kernel (:mod:`fastdit.kernels.attention`) and the INT8 one
+(:mod:`fastdit.kernels.int8_attention`): constexpr switches passed by keyword (``USE_TMA``,
+``MASK_KV``, ``INT8_QK``, ``WINDOW``) select what each loop compiles, so a switched-off feature
+costs no instruction.
 
 Names follow the flash-attention papers: ``m_i`` running max in log2 units, ``l_i`` running sum,
 ``acc`` unnormalised output, ``qk_scale = scale * log2(e)`` (exponentials use ``exp2``).
@@ -31,6 +33,7 @@ __all__ = [
     "attend_kv_block",
     "attend_kv_blocks",
     "attend_kv_blocks_tma",
+    "attend_plan_row",
     "count_unmasked_blocks",
     "dot",
     "fold_scores",
@@ -39,6 +42,7 @@ __all__ = [
     "normalized_output",
     "plan_row",
     "plan_strides",
+    "scores",
     "strides",
     "tma_view",
     "window_visible",
@@ -69,6 +73,14 @@ def int8_scores(q, k):
     H100 it made the INT8 kernel 1-3% faster (``benchmarks/results/tune_int8_run2_*.json``)."""
     s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
     return (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def scores(q, k, INT8_QK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
+    """Raw scores ``q @ k^T`` of one tile: an int8 MMA (:func:`int8_scores`) with ``INT8_QK``."""
+    if INT8_QK:
+        return int8_scores(q, k)
+    return dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
 
 
 @triton.jit
@@ -159,10 +171,7 @@ def attend_kv_block(
             d_ok = offs_d[None, :] < head_dim
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        if INT8_QK:
-            qk = int8_scores(q, k)
-        else:
-            qk = dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+        qk = scores(q, k, INT8_QK, DOT_PRECISION, UPCAST_OPERANDS)
         if WINDOW:
             visible = window_visible(
                 q_start_t, q_start_h, q_start_w, k_coords_ptr, cols, cols_ok,
@@ -174,6 +183,18 @@ def attend_kv_block(
             acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
         )
     return acc, l_i, m_i
+
+
+@triton.jit
+def _kv_block_start(index_ptr, i, qk_scale, k_scale_row, KV_BLOCK: tl.constexpr, INT8_QK: tl.constexpr):
+    """First key row of the ``i``-th key block of a plan row, and the scale of its scores: with
+    ``INT8_QK`` the query block's ``qk_scale`` times the key block's own (from ``k_scale_row``)."""
+    kv_block = tl.load(index_ptr + i)
+    kv_row_start = kv_block * KV_BLOCK
+    block_scale = qk_scale
+    if INT8_QK:
+        block_scale = qk_scale * tl.load(k_scale_row + kv_block)
+    return kv_row_start, block_scale
 
 
 @triton.jit
@@ -199,11 +220,7 @@ def attend_kv_blocks(
     # orders loop-carried values by first definition, so this keeps the generated code.
     m_i, l_i, acc = m_in, l_in, acc_in
     for i in range(first, last):
-        kv_block = tl.load(index_ptr + i)
-        kv_row_start = kv_block * KV_BLOCK
-        block_scale = qk_scale
-        if INT8_QK:
-            block_scale = qk_scale * tl.load(k_scale_row + kv_block)
+        kv_row_start, block_scale = _kv_block_start(index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK)
         acc, l_i, m_i = attend_kv_block(
             acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
             kv_row_start, kv_len, head_dim, block_scale,
@@ -232,22 +249,55 @@ def attend_kv_blocks_tma(
     # orders loop-carried values by first definition, so this keeps the generated code.
     m_i, l_i, acc = m_in, l_in, acc_in
     for i in range(first, last):
-        kv_block = tl.load(index_ptr + i)
-        kv_row_start = kv_block * KV_BLOCK
-        block_scale = qk_scale
-        if INT8_QK:
-            block_scale = qk_scale * tl.load(k_scale_row + kv_block)
+        kv_row_start, block_scale = _kv_block_start(index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK)
         for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
             k = k_desc.load([k_row + kv_row_start + sub, k_col])
             v = v_desc.load([v_row + kv_row_start + sub, v_col])
-            if INT8_QK:
-                qk = int8_scores(q, k)
-            else:
-                qk = dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+            qk = scores(q, k, INT8_QK, DOT_PRECISION, UPCAST_OPERANDS)
             acc, l_i, m_i = fold_scores(
                 acc, l_i, m_i, qk, v, None, block_scale, False, DOT_PRECISION, UPCAST_OPERANDS
             )
     return acc, l_i, m_i
+
+
+@triton.jit
+def attend_plan_row(
+    acc, l_i, m_i, q, index_ptr, num_unmasked, count,
+    k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+    kv_len, head_dim, qk_scale, k_desc, v_desc, k_row, k_col, v_row, v_col,
+    *,
+    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr, USE_TMA: tl.constexpr,
+    INT8_QK: tl.constexpr = False, k_scale_row=None,
+):
+    """All ``count`` key blocks of a plan row: the first ``num_unmasked`` (entirely below the
+    valid key length, :func:`count_unmasked_blocks`) without a bounds mask, by tensor-descriptor
+    loads with ``USE_TMA`` (``k_desc``/``v_desc`` at ``k_row``/``k_col``, ``v_row``/``v_col``)
+    or pointer loads; the rest with the mask. Arguments as in :func:`attend_kv_blocks`."""
+    if USE_TMA:
+        acc, l_i, m_i = attend_kv_blocks_tma(
+            acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
+            k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
+            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK, k_scale_row=k_scale_row,
+        )
+    else:
+        acc, l_i, m_i = attend_kv_blocks(
+            acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
+            k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+            kv_len, head_dim, qk_scale,
+            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=False, EVEN_D=EVEN_D,
+            DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK,
+            k_scale_row=k_scale_row,
+        )
+    return attend_kv_blocks(
+        acc, l_i, m_i, q, index_ptr, num_unmasked, count,
+        k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+        kv_len, head_dim, qk_scale,
+        KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=True, EVEN_D=EVEN_D,
+        DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK,
+        k_scale_row=k_scale_row,
+    )
 
 
 @triton.jit

@@ -89,9 +89,9 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_mass, block_sparse_attention
-from ..layout import LatentGrid, SequenceLayout, _device_key
-from ..schedule import _resolve
-from .base import AttentionCall, MethodPlan
+from ..layout import LatentGrid, SequenceLayout, device_key
+from ..schedule import resolve_amount
+from .base import AttentionCall, Method, MethodPlan
 
 __all__ = ["AdaSpa", "AdaSpaRuntime", "BlockSelection", "select_blocks"]
 
@@ -105,7 +105,7 @@ _dense_plans: OrderedDict[tuple, BlockSparsity] = OrderedDict()
 
 
 def _dense_plan(seq_q: int, seq_kv: int, block_size: int, device: torch.device) -> BlockSparsity:
-    key = (seq_q, seq_kv, block_size, _device_key(device))
+    key = (seq_q, seq_kv, block_size, device_key(device))
     plan = _dense_plans.get(key)
     if plan is None:
         plan = BlockSparsity.dense(seq_q, seq_kv, block_size, device=device)
@@ -403,7 +403,7 @@ def _check_fraction(name: str, value, *, low: float, high: float, closed_high: b
 
 
 @dataclass(frozen=True)
-class AdaSpa:
+class AdaSpa(Method):
     """AdaSpa (Xia et al., 2025): online row-uniform top-k block selection with head-adaptive
     budgets and an LSE cache across denoising steps. See the module docstring for the exact rule.
 
@@ -419,6 +419,8 @@ class AdaSpa:
         reference_steps: the run length ``search_steps`` integers are given for (50); ``None``
             makes them absolute step indices.
     """
+
+    name = "adaspa"
 
     sparsity: float = 0.8
     block_size: int = 64
@@ -528,7 +530,7 @@ class AdaSpa:
         for step in self.search_steps:
             fraction = self._fraction(step)
             if fraction is not None:
-                step = _resolve("search_steps", fraction, num_steps)
+                step = resolve_amount("search_steps", fraction, num_steps)
             resolved.append(step)
         return tuple(sorted(set(resolved)))
 
@@ -541,7 +543,7 @@ class AdaSpa:
             raise ValueError(
                 f"layout must be a SequenceLayout or LatentGrid, got layout={layout!r}"
             )
-        device = _device_key(device)
+        device = device_key(device)
         seq = layout.num_tokens
         return MethodPlan(_dense_plan(seq, seq, self.block_size, device), layout)
 

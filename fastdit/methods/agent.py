@@ -74,9 +74,9 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_mean_pool, block_sparse_attention
-from ..layout import LatentGrid, SequenceLayout, TilePermutation, _device_key, _positive_int
+from ..layout import LatentGrid, SequenceLayout, TilePermutation, device_key, positive_int
 from ..schedule import Schedule
-from .base import AttentionCall, MethodPlan
+from .base import AttentionCall, Method, MethodPlan
 
 __all__ = ["Agent"]
 
@@ -93,7 +93,7 @@ def _cell(name: str, value, length: int) -> tuple[int, ...]:
         raise ValueError(f"{name} must be a tuple of {length} positive ints, got {name}={value!r}") from None
     if len(entries) != length:
         raise ValueError(f"{name} must have {length} entries, got {name}={value!r}")
-    return tuple(_positive_int(f"{name}[{i}]", v) for i, v in enumerate(entries))
+    return tuple(positive_int(f"{name}[{i}]", v) for i, v in enumerate(entries))
 
 
 def _finite(name: str, value, minimum: float | None = None) -> float:
@@ -105,7 +105,7 @@ def _finite(name: str, value, minimum: float | None = None) -> float:
 
 
 @dataclass(frozen=True)
-class Agent:
+class Agent(Method):
     """Agent attention (Han et al., 2024) with the training-free Stable Diffusion defaults.
 
     ``O = softmax(Q A^T * d**-query_scale_exponent) . softmax(A K^T / sqrt(d)) . V + shortcut * V``
@@ -128,6 +128,8 @@ class Agent:
             40%, as published for Stable Diffusion.
     """
 
+    name = "agent"
+
     cell: tuple[int, int] = (4, 4)
     video_cell: tuple[int, int, int] = (2, 8, 8)
     query_scale_exponent: float = 0.15
@@ -145,7 +147,7 @@ class Agent:
             self, "query_scale_exponent", _finite("query_scale_exponent", self.query_scale_exponent, 0.0)
         )
         object.__setattr__(self, "shortcut", _finite("shortcut", self.shortcut))
-        object.__setattr__(self, "max_downsample", _positive_int("max_downsample", self.max_downsample))
+        object.__setattr__(self, "max_downsample", positive_int("max_downsample", self.max_downsample))
         if isinstance(self.block_size, bool) or self.block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(
                 f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got block_size={self.block_size!r}"
@@ -192,13 +194,13 @@ class Agent:
 
     def _pooling(self, grid: LatentGrid, device) -> tuple[TilePermutation, torch.Tensor]:
         """The cell permutation and, per cell, ``cell volume / real tokens`` (fp32 ``[n, 1]``)."""
-        key = ("pool", grid, _device_key(device))
+        key = ("pool", grid, device_key(device))
         cache = self._caches()
         if key not in cache:
             permutation = TilePermutation(grid, self.cell_for(grid))
             real = permutation.valid_mask().view(permutation.num_tiles, permutation.tile_volume).sum(-1)
             rescale = (permutation.tile_volume / real.to(torch.float32))[:, None]
-            cache[key] = (permutation, rescale.to(_device_key(device)))
+            cache[key] = (permutation, rescale.to(device_key(device)))
         return cache[key]
 
     def agents(self, query: torch.Tensor, grid: LatentGrid) -> torch.Tensor:
@@ -211,10 +213,10 @@ class Agent:
 
     # ------------------------------------------------------------------ plans
     def _dense(self, seq_q: int, seq_kv: int, device) -> BlockSparsity:
-        key = ("dense", seq_q, seq_kv, _device_key(device))
+        key = ("dense", seq_q, seq_kv, device_key(device))
         cache = self._caches()
         if key not in cache:
-            cache[key] = BlockSparsity.dense(seq_q, seq_kv, self.block_size, device=_device_key(device))
+            cache[key] = BlockSparsity.dense(seq_q, seq_kv, self.block_size, device=device_key(device))
         return cache[key]
 
     def plan(self, layout: SequenceLayout | LatentGrid, device=None) -> MethodPlan:
@@ -226,7 +228,7 @@ class Agent:
             layout = SequenceLayout(layout)
         if not isinstance(layout, SequenceLayout):
             raise ValueError(f"layout must be a SequenceLayout or LatentGrid, got layout={layout!r}")
-        key = ("plan", layout, _device_key(device))
+        key = ("plan", layout, device_key(device))
         cache = self._caches()
         if key not in cache:
             cache[key] = MethodPlan(self._dense(layout.num_tokens, layout.num_tokens, device), layout)

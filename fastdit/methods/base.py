@@ -1,12 +1,24 @@
-"""What every method produces, and what a method that plans per call is told.
+"""The method interface: :class:`Method` (the base every method subclasses), what a method
+produces (:class:`MethodPlan`), what a method that plans per call is told (:class:`AttentionCall`),
+and the registry of methods by name.
 
-Static methods (Dense, Radial, GNA) implement ``plan(layout, device) -> MethodPlan``: one block
-sparsity per sequence layout, cached, executed by the kernel for every sparse layer and step.
+A method is one class, usually a frozen dataclass of its options with the paper's defaults::
+
+    @dataclass(frozen=True)
+    class Banded(fastdit.methods.Method):
+        name = "banded"            # registers it: fastdit.apply(pipe, "banded"), --attention banded
+        width: int = 2
+
+        def plan(self, layout, device=None) -> MethodPlan: ...
+
+Static methods (Dense, Radial, GNA) implement only ``plan(layout, device) -> MethodPlan``: one block
+sparsity per sequence layout, cached, executed by the kernel for every sparse layer and step (the
+default :meth:`Method.attend`).
 
 Methods that choose blocks from the data (VMoBA, AdaSpa), reorder per head (PARO) or compose
 several kernel calls (Agent) also implement ``plan`` (its ``permutation``, if any, still drives the
 once-per-forward token reordering, and its ``sparsity`` describes the static part, usually dense),
-and in addition::
+and override::
 
     new_runtime() -> object | None          # per-generation state (LSE cache, current plans)
     attend(query, key, value, call) -> (out, density)
@@ -17,21 +29,46 @@ order, plus the attention density it ran at (fraction of (query block, key block
 averaged over heads), as a float or a 0-d tensor (read on the host only when someone asks). It computes attention with :mod:`fastdit.kernels` only: a method plans
 block sparsities and composes kernel calls, it never carries an attention kernel of its own.
 
-Any method may also implement ``runs_on(layout, downsample) -> bool``, asked by the processor
+Any method may also override ``runs_on(layout, downsample) -> bool``, asked by the processor
 before a layer the schedule leaves sparse computes anything: ``False`` sends the call to the
 stock (exact) processor. ``downsample`` is the layer's spatial downsampling relative to the
 model's highest-resolution self-attention (UNets: 1, 2, 4, ...; 1 for DiTs). Agent uses it for
 its resolution restriction and its fallback guard.
+
+Registry: a subclass that sets ``name`` registers itself when its class is defined; a third-party
+package adds methods through the entry-point group ``fastdit.methods`` (``name = "module:Class"``
+in its ``[project.entry-points."fastdit.methods"]``), loaded the first time the registry is read.
+:func:`available` lists them, :func:`create` builds one from options, :func:`as_method` is what
+``fastdit.apply`` and the processors accept (a method or a registered name).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from ..kernels import BlockSparsity, WindowMask
+from ..kernels import BlockSparsity, WindowMask, block_sparse_attention
 from ..layout import SequenceLayout, TilePermutation
+from ..plugins import load_entry_points, same_class
+
+__all__ = [
+    "AttentionCall",
+    "Method",
+    "MethodOptionError",
+    "MethodPlan",
+    "ENTRY_POINT_GROUP",
+    "as_method",
+    "available",
+    "create",
+    "get",
+    "register",
+    "unregister",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,3 +143,227 @@ class AttentionCall:
     def cache_key(self) -> tuple:
         """Where per-layer state of this call lives: (CFG context, transformer, layer)."""
         return (self.context, self.transformer, self.layer)
+
+
+# --------------------------------------------------------------------------- the base
+class Method:
+    """Base of every attention method: plans which key blocks each query block visits.
+
+    Subclasses implement :meth:`plan`; every other hook has a default that a static method keeps.
+    Setting the class attribute ``name`` registers the subclass (see :func:`available`), which
+    makes it usable as ``fastdit.apply(pipe, name)``, ``fastdit generate --attention name``,
+    ``fastdit compare --methods name`` and listed by ``fastdit info`` with its options (the
+    constructor's parameters). A subclass without ``name`` (a test double, an intermediate
+    base) is not registered.
+
+    Class attributes:
+        name: the registry name (letters, digits, ``.``, ``_``, ``-``), or ``None``.
+        follows_schedule: whether the dense steps and layers of a :class:`~fastdit.Schedule` send
+            calls to the stock processor. ``Dense`` sets it ``False``: it is fastdit's own kernel
+            baseline and runs on every step and layer.
+        dense_steps, dense_last_steps, dense_layers: the dense schedule the method carries
+            (:meth:`fastdit.Schedule.from_method`); 0 unless a method's options or presets say.
+    """
+
+    name: ClassVar[str | None] = None
+    follows_schedule: ClassVar[bool] = True
+    dense_steps: int | float = 0
+    dense_last_steps: int | float = 0
+    dense_layers: int | float = 0
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name") is not None:
+            register(cls)
+
+    # ------------------------------------------------------------------ per-call hooks
+    def plan(self, layout: SequenceLayout, device: torch.device | str | None = None) -> MethodPlan:
+        """The block sparsity for ``layout`` on ``device`` (cached by the method: it is asked
+        before every transformer forward)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement plan(layout, device)")
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """Self-attention of one call (Q/K/V ``[B, S, H, D]`` in ``call.plan``'s token order):
+        ``(output, density)``. The default runs the static plan on the kernel."""
+        plan = call.plan
+        out = block_sparse_attention(
+            query, key, value, plan.sparsity, key_padding=call.key_padding, window_mask=plan.window_mask
+        )
+        return out, plan.density
+
+    def new_runtime(self) -> object | None:
+        """Fresh per-generation state, passed to :meth:`attend` as ``call.runtime`` (made at every
+        new generation and every change of the sequence layout); ``None`` by default."""
+        return None
+
+    def runs_on(self, layout: SequenceLayout, downsample: int = 1) -> bool:
+        """Whether a self-attention over ``layout`` at spatial ``downsample`` (UNets; 1 for DiTs)
+        runs this method; ``False`` sends it to the stock processor. ``True`` by default."""
+        return True
+
+    def check_models(self, models: list[torch.nn.Module], layers: list[int]) -> None:
+        """Called by ``fastdit.apply`` with the models it installs on and their self-attention
+        layer counts; raise ``ValueError`` for models the method cannot serve (PARO's calibrated
+        plans). Accepts any by default."""
+
+    # ------------------------------------------------------------------ options and presets
+    @classmethod
+    def options(cls) -> tuple[list[str], list[str]]:
+        """(option names, required option names): the constructor's keyword parameters (dataclass
+        fields and init-only variables such as PARO's ``plan``), private ones left out."""
+        params = [
+            p
+            for p in inspect.signature(cls).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and not p.name.startswith("_")
+        ]
+        return [p.name for p in params], [p.name for p in params if p.default is p.empty]
+
+    @classmethod
+    def presets(cls) -> tuple[str, ...]:
+        """Names of the published configurations :meth:`preset` builds; none by default."""
+        return ()
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> Method:
+        """The published configuration ``name`` with option overrides."""
+        raise ValueError(f"{cls.__name__} has no presets, got preset {name!r}")
+
+    def config(self) -> dict[str, Any]:
+        """The options this method holds, by name (a dataclass's init fields)."""
+        if dataclasses.is_dataclass(self):
+            return {
+                f.name: getattr(self, f.name)
+                for f in dataclasses.fields(self)
+                if f.init and not f.name.startswith("_")
+            }
+        names, _ = self.options()
+        return {name: vars(self)[name] for name in names if name in vars(self)}
+
+
+# --------------------------------------------------------------------------- the registry
+ENTRY_POINT_GROUP = "fastdit.methods"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_methods: dict[str, type[Method]] = {}
+
+
+class MethodOptionError(ValueError):
+    """An unknown method, option or preset, or a missing required option (see :func:`create`)."""
+
+
+def register(cls: type[Method], name: str | None = None) -> type[Method]:
+    """Register ``cls`` under ``name`` (default: ``cls.name``); subclassing :class:`Method` with a
+    ``name`` calls this. A name taken by another class is an error; the same class defined again
+    (a module reloaded) replaces its earlier definition."""
+    name = cls.name if name is None else name
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"a method must be a subclass of fastdit.methods.Method, got {cls!r}")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"a method name starts with a letter or digit and holds only letters, digits, '.', "
+            f"'_' and '-', got name={name!r} for {cls.__qualname__}"
+        )
+    taken = _methods.get(name)
+    if taken is not None and not same_class(taken, cls):
+        raise ValueError(
+            f"method name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; give "
+            f"{cls.__module__}.{cls.__qualname__} another name"
+        )
+    _methods[name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove ``name`` from the registry (tests, interactive redefinition)."""
+    if name not in _methods:
+        raise KeyError(f"no method is registered as {name!r}")
+    del _methods[name]
+
+
+def _register_plugin(loaded: object, name: str) -> None:
+    # An entry point names a Method subclass (registered here under the entry point's name unless
+    # its definition registered it) or a module whose subclasses registered themselves.
+    if isinstance(loaded, type) and loaded not in _methods.values():
+        register(loaded, name)
+
+
+def available() -> dict[str, type[Method]]:
+    """Registered methods, name -> class, in registration order (fastdit's own first)."""
+    load_entry_points(ENTRY_POINT_GROUP, _register_plugin, "method")
+    return dict(_methods)
+
+
+def get(name: str) -> type[Method]:
+    """The method class registered as ``name``."""
+    methods = available()
+    if name not in methods:
+        raise MethodOptionError(f"unknown method {name!r}; valid methods: {', '.join(methods)}")
+    return methods[name]
+
+
+def create(
+    name: str,
+    options: dict[str, Any] | None = None,
+    preset: str | None = None,
+    *,
+    method_flag: str = "method",
+    option_flag: str = "option",
+) -> Method:
+    """The method registered as ``name``, built from ``options`` (or ``preset`` with ``options``
+    overriding it).
+
+    Raises :class:`MethodOptionError` for an unknown method, option or preset or a missing
+    required option, naming the valid ones; ``method_flag``/``option_flag`` say how messages name
+    the method and its options (the command line passes its flags). What the method's own
+    constructor raises for a bad value (``ValueError``, ``TypeError``, ``OSError`` for a plan file)
+    passes through.
+    """
+    options = dict(options or {})
+    cls = get(name)
+    if preset is not None and not cls.presets():
+        with_presets = [n for n, c in available().items() if c.presets()]
+        raise MethodOptionError(
+            f"{method_flag} {name} has no presets, got preset {preset!r} (methods with presets: "
+            f"{', '.join(with_presets) or 'none'})"
+        )
+    names, required = cls.options()
+    unknown = [key for key in options if key not in names]
+    if unknown:
+        raise MethodOptionError(
+            f"unknown option {unknown[0]!r} for {method_flag} {name}; valid options: "
+            f"{', '.join(names) if names else '(none)'}"
+        )
+    if preset is not None:
+        if preset not in cls.presets():
+            raise MethodOptionError(
+                f"unknown {name} preset {preset!r}; valid presets: {', '.join(cls.presets())}"
+            )
+        return cls.preset(preset, **options)
+    missing = [option for option in required if option not in options]
+    if missing:
+        raise MethodOptionError(
+            f"{method_flag} {name} requires {option_flag} "
+            + " ".join(f"{option}=..." for option in missing)
+            + (" (e.g. window=3,5,5)" if "window" in missing else "")
+        )
+    return cls(**options)
+
+
+def as_method(method: Method | str, **options) -> Method:
+    """``method`` itself, or the registered method named ``method`` built with ``options``."""
+    if isinstance(method, str):
+        return create(method, options)
+    if options:
+        raise TypeError(
+            f"options {sorted(options)} are for a method given by name; {type(method).__name__} is "
+            "already built"
+        )
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, type) and issubclass(method, Method):
+        raise TypeError(f"pass a method instance, {method.__name__}(...), not the class")
+    raise TypeError(
+        "a method must be a fastdit.methods.Method (subclass it and implement plan(layout, device)) "
+        f"or a registered name ({', '.join(available())}), got {type(method).__name__}"
+    )

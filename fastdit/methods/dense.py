@@ -12,14 +12,18 @@ import torch
 
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity
 from ..layout import LatentGrid, SequenceLayout
-from .base import MethodPlan
+from .base import Method, MethodPlan
 
 __all__ = ["Dense"]
 
 
 @dataclass(frozen=True)
-class Dense:
+class Dense(Method):
     """Full attention through fastdit's block-sparse kernel with a dense plan."""
+
+    name = "dense"
+    # The kernel baseline: a schedule's dense steps would only hand it to the stock processor.
+    follows_schedule = False
 
     block_size: int = 128
 

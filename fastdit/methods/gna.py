@@ -46,10 +46,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, WindowMask
-from ..layout import LatentGrid, SequenceLayout, TilePermutation, _device_key, _positive_int
-from .base import MethodPlan
+from ..layout import LatentGrid, SequenceLayout, TilePermutation, device_key, positive_int
+from .base import Method, MethodPlan
 
-__all__ = ["GNA", "GNACheck", "allowed_1d", "check_dimension", "choose_tile", "neighborhood_1d"]
+__all__ = [
+    "GNA", "GNACheck", "allowed_1d", "check_dimension", "choose_tile", "int_tuple", "neighborhood_1d",
+]
 
 DIM_NAMES = ("T", "H", "W")
 # Above this many (tile x block) entries, choose_tile does not verify multi-tile blocks for
@@ -62,13 +64,13 @@ _MAX_VERIFY_ENTRIES = 1 << 23
 # --------------------------------------------------------------------------- #
 
 
-def _int_tuple(name: str, value: object, ndim: int) -> tuple[int, ...]:
+def int_tuple(name: str, value: object, ndim: int) -> tuple[int, ...]:
     """An int (repeated ``ndim`` times) or a length-``ndim`` sequence of positive ints."""
     if isinstance(value, (list, tuple)):
         if len(value) != ndim:
             raise ValueError(f"{name} must be an int or have {ndim} entries, got {name}={value!r}")
-        return tuple(_positive_int(f"{name}[{i}]", v) for i, v in enumerate(value))
-    v = _positive_int(name, value)
+        return tuple(positive_int(f"{name}[{i}]", v) for i, v in enumerate(value))
+    v = positive_int(name, value)
     return (v,) * ndim
 
 
@@ -248,7 +250,7 @@ class GNACheck:
 
 
 @dataclass(frozen=True)
-class GNA:
+class GNA(Method):
     """Generalized Neighborhood Attention (Hassani et al., 2025) over the video tokens.
 
     The exact per-dimension rule is in this module's docstring (NATTEN semantics).
@@ -264,6 +266,8 @@ class GNA:
         block_size: kernel block (64 or 128).
     """
 
+    name = "gna"
+
     window: tuple[int, int, int]
     stride: tuple[int, int, int] = (1, 1, 1)
     dilation: tuple[int, int, int] = (1, 1, 1)
@@ -272,15 +276,15 @@ class GNA:
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        window = _int_tuple("window", self.window, 3)
-        stride = _int_tuple("stride", self.stride, 3)
-        dilation = _int_tuple("dilation", self.dilation, 3)
+        window = int_tuple("window", self.window, 3)
+        stride = int_tuple("stride", self.stride, 3)
+        dilation = int_tuple("dilation", self.dilation, 3)
         for dim, w, s in zip(DIM_NAMES, window, stride):
             if not 1 <= s <= w:
                 raise ValueError(
                     f"stride must be in [1, window] in dimension {dim}, got {stride=} for {window=}"
                 )
-        block_size = _positive_int("block_size", self.block_size)
+        block_size = positive_int("block_size", self.block_size)
         if block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size=}")
         object.__setattr__(self, "window", window)
@@ -290,7 +294,7 @@ class GNA:
         if self.tile is not None:
             if not isinstance(self.tile, (list, tuple)):
                 raise ValueError(f"tile must be a tuple (tT, tH, tW) or None, got tile={self.tile!r}")
-            tile = _int_tuple("tile", self.tile, 3)
+            tile = int_tuple("tile", self.tile, 3)
             volume = tile[0] * tile[1] * tile[2]
             if block_size % volume:
                 raise ValueError(
@@ -368,7 +372,7 @@ class GNA:
     def plan(self, layout: SequenceLayout, device=None) -> MethodPlan:
         """The exact plan over ``permutation.permute_sequence`` order: full blocks unmasked, partial
         blocks under a window mask; cached per layout and device."""
-        key = (layout, _device_key(device))
+        key = (layout, device_key(device))
         cached = self._cache.get(key)
         if cached is None:
             cached = self._build_plan(layout, key[1])
@@ -469,9 +473,9 @@ def choose_tile(
     the grid allows), then the sparsest plan (product of per-dimension tile-level densities; exact
     for one tile per block). ``perfect_only`` returns ``None`` when no tile is perfect.
     """
-    window = _int_tuple("window", window, 3)
-    stride = _int_tuple("stride", stride, 3)
-    dilation = _int_tuple("dilation", dilation, 3)
+    window = int_tuple("window", window, 3)
+    stride = int_tuple("stride", stride, 3)
+    dilation = int_tuple("dilation", dilation, 3)
     for dim, extent, w, s, d in zip(DIM_NAMES, grid.shape, window, stride, dilation):
         check_dimension(extent, w, s, d, dim=dim)
     # Per dimension and tile size: (tile-level density, no partially allowed tile pair).

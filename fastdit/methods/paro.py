@@ -56,10 +56,10 @@ import torch
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_sparse_attention
 from ..kernels.dispatch import QUANTIZED_DTYPES
 from ..kernels.quantized import QUANTIZATIONS
-from ..layout import AXIS_ORDERS, AxisReordering, LatentGrid, SequenceLayout, TextSegment, _device_key
-from .base import AttentionCall, MethodPlan
+from ..layout import AXIS_ORDERS, AxisReordering, LatentGrid, SequenceLayout, TextSegment, device_key
+from .base import AttentionCall, Method, MethodPlan
 
-__all__ = ["PARO", "ParoPlan", "PLAN_FORMAT", "PLAN_FORMAT_VERSION"]
+__all__ = ["PARO", "ParoPlan", "PLAN_FORMAT", "PLAN_FORMAT_VERSION", "layout_to_json"]
 
 PLAN_FORMAT = "fastdit-paro-plan"
 PLAN_FORMAT_VERSION = 1
@@ -70,7 +70,7 @@ _CALIBRATE_HINT = (
 )
 
 
-def _layout_to_json(layout: SequenceLayout) -> dict:
+def layout_to_json(layout: SequenceLayout) -> dict:
     text = None if layout.text is None else {"length": layout.text.length, "position": layout.text.position}
     return {"grid": list(layout.grid.shape), "text": text}
 
@@ -272,7 +272,7 @@ class _DevicePlans:
 
 
 @dataclass(frozen=True)
-class PARO:
+class PARO(Method):
     """PARO (Zhao et al., 2025): per-head axis reordering, calibrated static block plans, INT8.
 
     The rule is in this module's docstring. Install with ``fastdit.apply(pipe, PARO(plan=path))``
@@ -287,6 +287,8 @@ class PARO:
             accepts the file's); a plan holds block maps for one target, so another target
             means calibrating again.
     """
+
+    name = "paro"
 
     plan: InitVar[str | os.PathLike | None] = None
     quantize: str | None = "int8"
@@ -327,7 +329,7 @@ class PARO:
         return None
 
     def _device_plans(self, device: torch.device) -> _DevicePlans:
-        key = ("device", _device_key(device))
+        key = ("device", device_key(device))
         plans = self._cache.get(key)
         if plans is None:
             orders = self.paro_plan.orders.long()
@@ -399,7 +401,7 @@ def _method_plan(self: PARO, layout: SequenceLayout, device=None) -> MethodPlan:
     """The static part PARO reports to the integration: a dense plan over the sequence order
     (the per-head reordering and the block plans happen in :meth:`PARO.attend`). Checks the
     layout against the plan file once per layout."""
-    key = ("method_plan", layout, _device_key(device))
+    key = ("method_plan", layout, device_key(device))
     cached = self._cache.get(key)
     if cached is None:
         self.paro_plan.check_layout(layout, source=repr(self.plan_file))

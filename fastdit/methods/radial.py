@@ -47,8 +47,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity
-from ..layout import LatentGrid, SequenceLayout, _as_int, _device_key
-from .base import MethodPlan
+from ..layout import LatentGrid, SequenceLayout, as_int, device_key
+from .base import Method, MethodPlan
 
 __all__ = ["Radial"]
 
@@ -69,7 +69,7 @@ _plan_cache: OrderedDict[tuple, MethodPlan] = OrderedDict()
 
 
 def _non_negative_int(name: str, value: object) -> int:
-    number = _as_int(name, value)
+    number = as_int(name, value)
     if number < 0:
         raise ValueError(f"{name} must be a non-negative int, got {name}={value!r}")
     return number
@@ -84,7 +84,7 @@ def _as_layout(layout: SequenceLayout | LatentGrid) -> SequenceLayout:
 
 
 @dataclass(frozen=True)
-class Radial:
+class Radial(Method):
     """Radial attention (Li et al., 2025): static band mask that narrows with frame distance.
 
     See the module docstring for the exact rule and the block reduction.
@@ -98,6 +98,8 @@ class Radial:
             with (first denoising steps, first transformer blocks, last steps run dense). They
             are carried for the pipeline integration and do not affect the plan.
     """
+
+    name = "radial"
 
     decay: float = 0.2
     block_size: int = 128
@@ -238,7 +240,7 @@ class Radial:
         shared, do not modify its tensors.
         """
         layout = _as_layout(layout)
-        device = _device_key(device)
+        device = device_key(device)
         key = (layout.grid, layout.text, self.block_size, self.decay, self.sink, device)
         cached = _plan_cache.get(key)
         if cached is not None:

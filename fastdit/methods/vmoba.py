@@ -108,9 +108,9 @@ from ..kernels import (
     block_sparse_attention,
     segment_mean_pool,
 )
-from ..layout import LatentGrid, SequenceLayout, _as_int, _device_key
+from ..layout import LatentGrid, SequenceLayout, as_int, device_key
 from ..schedule import Schedule
-from .base import AttentionCall, MethodPlan
+from .base import AttentionCall, Method, MethodPlan
 
 __all__ = [
     "PARTITION_KINDS",
@@ -537,7 +537,7 @@ def _check_sizes(partition_sizes) -> tuple[tuple[int, ...], ...] | None:
                 f"partition_sizes[{PARTITION_KINDS.index(kind)}] ({kind}) must have {expected} "
                 f"entries, got {entry!r} in partition_sizes={partition_sizes!r}"
             )
-        values = tuple(_as_int(f"partition_sizes ({kind})", v) for v in values)
+        values = tuple(as_int(f"partition_sizes ({kind})", v) for v in values)
         if min(values) < 1:
             raise ValueError(f"partition sizes must be >= 1, got {kind} {values}")
         out.append(values)
@@ -545,7 +545,7 @@ def _check_sizes(partition_sizes) -> tuple[tuple[int, ...], ...] | None:
 
 
 @dataclass(frozen=True)
-class VMoBA:
+class VMoBA(Method):
     """VMoBA (Wu et al., 2025): per-head mixture-of-block attention chosen from Q and K per call.
 
     The exact rule, the tile aggregation and the costs are in this module's docstring.
@@ -567,6 +567,8 @@ class VMoBA:
         dense_steps, dense_last_steps, dense_layers: the dense schedule (ints count, floats are
             fractions): the paper's training-free setting runs the first 25% of the steps dense.
     """
+
+    name = "vmoba"
 
     tau: float = 0.25
     partition_sizes: tuple | None = None
@@ -600,7 +602,7 @@ class VMoBA:
             topk = ()
         if len(topk) != 3:
             raise ValueError(f"topk must be (k_1D, k_2D, k_3D), got topk={self.topk!r}")
-        topk = tuple(_as_int("topk", k) for k in topk)
+        topk = tuple(as_int("topk", k) for k in topk)
         if min(topk) < 1:
             raise ValueError(f"topk entries must be >= 1, got topk={topk}")
         object.__setattr__(self, "topk", topk)
@@ -638,13 +640,13 @@ class VMoBA:
         return VideoPartition(grid, tuple(box))
 
     def _structure(self, layout: SequenceLayout, layer: int, device: torch.device) -> _Structure:
-        key = (layout, layer % 3, _device_key(device))
+        key = (layout, layer % 3, device_key(device))
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
         structure = _build_structure(
-            layout, self.partition(layout.grid, layer), self.block_size, _device_key(device)
+            layout, self.partition(layout.grid, layer), self.block_size, device_key(device)
         )
         self._cache[key] = structure
         if len(self._cache) > _CACHE_SIZE:
@@ -657,7 +659,7 @@ class VMoBA:
         chosen per call by :meth:`attend`."""
         if isinstance(layout, LatentGrid):
             layout = SequenceLayout(layout)
-        key = ("plan", layout, _device_key(device))
+        key = ("plan", layout, device_key(device))
         cached = self._cache.get(key)
         if cached is None:
             n = layout.num_tokens

@@ -1,5 +1,17 @@
 """Adapters from diffusers model families to fastdit's layout -> method -> kernel line.
 
-Each module here (one per model family) says where Q, K, V and RoPE are, where text sits in the
+Each module here (one per model family) holds the family's attention processor and its
+:class:`ModelAdapter` subclass, which says where Q, K, V and RoPE are, where text sits in the
 sequence, and how the latent grid and the denoising step are learned through diffusers hooks.
+Defining the subclass registers it (see :mod:`.base`); third-party packages add families through
+the entry-point group ``fastdit.pipelines``. ``tiny`` is not an adapter: it builds the embedded
+offline demo pipelines.
 """
+
+from . import base
+from .base import *  # noqa: F403 - the adapter interface, its registry, the processor base
+
+# fastdit's own model families: importing a module registers its adapter.
+from . import hunyuan_video, unet, wan  # noqa: E402, F401  (isort: skip)
+
+__all__ = base.__all__

@@ -41,9 +41,9 @@ import torch
 
 from ..layout import LatentGrid, SequenceLayout, TextSegment
 from ..schedule import Schedule
-from .base import FastditAttnProcessor
+from .base import FastditAttnProcessor, ModelAdapter
 
-__all__ = ["HunyuanVideoSparseAttnProcessor"]
+__all__ = ["HunyuanVideoAdapter", "HunyuanVideoSparseAttnProcessor"]
 
 
 def _rotate_video(x: torch.Tensor, num_text: int | None, rotary_emb) -> torch.Tensor:
@@ -202,10 +202,7 @@ class HunyuanVideoSparseAttnProcessor(FastditAttnProcessor):
         return hidden_states, encoder_hidden_states
 
 
-# ---------------------------------------------------------------------- the adapter interface
-processor_class = HunyuanVideoSparseAttnProcessor
-
-
+# ---------------------------------------------------------------------- the adapter
 def self_attention_modules(transformer) -> list[torch.nn.Module]:
     """The joint attention modules in layer order: dual-stream blocks, then single-stream blocks."""
     return [block.attn for block in transformer.transformer_blocks] + [
@@ -239,8 +236,14 @@ def sequence_layout(transformer, args: tuple, kwargs: dict) -> SequenceLayout:
     return SequenceLayout(grid, TextSegment(length=encoder_hidden_states.shape[1], position="after"))
 
 
-def install_permutation_hooks(transformer, state) -> list:
-    """None: for HunyuanVideo, tile-major reordering (GNA) is applied per attention call by the
-    processor (video part of Q/K/V permuted, text in place), which is exact; a once-per-forward
-    permutation of the block stack is future work (see the module docstring)."""
-    return []
+class HunyuanVideoAdapter(ModelAdapter):
+    """``HunyuanVideoTransformer3DModel`` (T2V and I2V). No block hooks: tile-major reordering (GNA)
+    is applied per attention call by the processor (video part of Q/K/V permuted, text in place),
+    which is exact; a once-per-forward permutation of the block stack is future work (see the
+    module docstring)."""
+
+    model_classes = ("HunyuanVideoTransformer3DModel",)
+    processor_class = HunyuanVideoSparseAttnProcessor
+    self_attention_modules = staticmethod(self_attention_modules)
+    forward_inputs = staticmethod(forward_inputs)
+    sequence_layout = staticmethod(sequence_layout)

@@ -18,8 +18,8 @@ Where things are in diffusers' UNet (checked against diffusers 0.42):
   (1024 px; 128 x 128 latent) are factor 1. Methods may restrict themselves to the layers of
   factor ``<= max_downsample`` (:meth:`fastdit.Agent.runs_on`);
 * the exact ``H x W`` of every layer is read, not computed: a forward pre-hook on each
-  ``Transformer2DModel`` records the grid of its input for the self-attention layers inside it
-  (a few dictionary writes per forward), so odd latent sizes and either downsampling padding work;
+  ``Transformer2DModel`` (a diffusers ``ModelHook``) records the grid of its input for the
+  self-attention layers inside it (a few dictionary writes per forward), so odd latent sizes and either downsampling padding work;
 * the UNet's forward takes ``sample`` ``[B, C, H, W]`` and ``timestep``; the Stable Diffusion
   pipelines set no ``cache_context``, so the step comes from the timestep value (one host read per
   UNet forward; the classifier-free-guidance batch is one forward) and the step count from the
@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import torch
 
+from ..hooks import function_hook
 from ..layout import LatentGrid, SequenceLayout
 from ..schedule import Schedule
-from .base import FastditAttnProcessor
+from .base import FastditAttnProcessor, ModelAdapter
 
-__all__ = ["UNetSparseAttnProcessor"]
+__all__ = ["UNetAdapter", "UNetSparseAttnProcessor"]
 
 
 class UNetSparseAttnProcessor(FastditAttnProcessor):
@@ -133,13 +134,7 @@ class UNetSparseAttnProcessor(FastditAttnProcessor):
         return out / attn.rescale_output_factor
 
 
-# ---------------------------------------------------------------------- the adapter interface
-processor_class = UNetSparseAttnProcessor
-# The Stable Diffusion pipelines run cond and uncond in one batched UNet forward and never reset
-# stateful hooks (UNet2DConditionModel has no CacheMixin): a repeated timestep is a new generation.
-CFG_BATCHED_WITHOUT_RESET = True
-
-
+# ---------------------------------------------------------------------- the adapter
 def _resolution_blocks(unet) -> list[tuple[int, torch.nn.Module]]:
     """(resolution level, block) in forward order: down blocks, mid block, up blocks.
 
@@ -189,18 +184,18 @@ def forward_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tenso
 
 def sequence_layout(unet, args: tuple, kwargs: dict) -> SequenceLayout:
     """The latent grid at the UNet's input (``LatentGrid(1, H, W)``); every self-attention layer
-    has its own, read by the hooks of :func:`install_permutation_hooks`."""
+    has its own, read by the hooks of :func:`grid_hooks`."""
     sample, _ = forward_inputs(args, kwargs)
     if sample.ndim != 4:
         raise ValueError(f"UNet2DConditionModel expects a [B, C, H, W] sample, got shape {tuple(sample.shape)}")
     return SequenceLayout(LatentGrid(1, sample.shape[2], sample.shape[3]))
 
 
-def install_permutation_hooks(unet, state) -> list:
+def grid_hooks(unet, state) -> list[tuple[torch.nn.Module, str, object]]:
     """No token permutation for UNets (a method's permutation is applied per call); instead one
-    forward pre-hook per ``Transformer2DModel`` records the grid of its input for the
-    self-attention layers inside it (``state.layer_layouts``)."""
-    handles = []
+    hook per ``Transformer2DModel`` records the grid of its input for the self-attention layers
+    inside it (``state.layer_layouts``)."""
+    hooks = []
     layouts: dict[tuple[int, int], SequenceLayout] = {}  # one object per resolution
 
     for _, transformer, attentions in _transformers_and_self_attention(unet):
@@ -219,6 +214,23 @@ def install_permutation_hooks(unet, state) -> list:
                 layout = layouts[size] = SequenceLayout(LatentGrid(1, *size))
             for key in keys:
                 state.layer_layouts[key] = layout
+            return args, kwargs
 
-        handles.append(transformer.register_forward_pre_hook(record_grid, with_kwargs=True))
-    return handles
+        hooks.append((transformer, "fastdit.grid", function_hook(record_grid)))
+    return hooks
+
+
+class UNetAdapter(ModelAdapter):
+    """``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x, SDXL)."""
+
+    model_classes = ("UNet2DConditionModel",)
+    processor_class = UNetSparseAttnProcessor
+    # The Stable Diffusion pipelines run cond and uncond in one batched UNet forward and never
+    # reset stateful hooks (UNet2DConditionModel has no CacheMixin): a repeated timestep is a new
+    # generation.
+    cfg_batched_without_reset = True
+    self_attention_modules = staticmethod(self_attention_modules)
+    self_attention_downsampling = staticmethod(self_attention_downsampling)
+    forward_inputs = staticmethod(forward_inputs)
+    sequence_layout = staticmethod(sequence_layout)
+    model_hooks = staticmethod(grid_hooks)

@@ -14,19 +14,20 @@ sparse steps and layers. Dense steps and layers of a sparse method's schedule ta
 (``dispatch_attention_fn``, diffusers' selected backend), which is the fastest dense attention
 available; the ``Dense`` method always runs fastdit's own kernel (it is the kernel baseline).
 Methods whose plan carries a token permutation (GNA) get Q/K/V in tile-major order: hooks on the
-first and last block permute the hidden states once per forward; each block gets the permuted
-RoPE and per-token modulation, computed once per forward.
+blocks permute the hidden states once per forward (before the first block, back after the last);
+each block gets the permuted RoPE and per-token modulation, computed once per forward.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..hooks import function_hook
 from ..layout import LatentGrid, SequenceLayout
 from ..schedule import Schedule
-from .base import FastditAttnProcessor
+from .base import FastditAttnProcessor, ModelAdapter
 
-__all__ = ["WanSparseAttnProcessor"]
+__all__ = ["WanAdapter", "WanSparseAttnProcessor"]
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -107,10 +108,7 @@ class WanSparseAttnProcessor(FastditAttnProcessor):
         return attn.to_out[1](out)
 
 
-# ---------------------------------------------------------------------- the adapter interface
-processor_class = WanSparseAttnProcessor
-
-
+# ---------------------------------------------------------------------- the adapter
 def self_attention_modules(transformer) -> list[torch.nn.Module]:
     return [block.attn1 for block in transformer.blocks]
 
@@ -129,13 +127,13 @@ def sequence_layout(transformer, args: tuple, kwargs: dict) -> SequenceLayout:
     return SequenceLayout(LatentGrid(frames // patch_t, height // patch_h, width // patch_w))
 
 
-def install_permutation_hooks(transformer, state) -> list:
+def permutation_hooks(transformer, state) -> list[tuple[torch.nn.Module, str, object]]:
     """Hooks that put the token sequence in the plan's order for the whole block stack.
 
     Every op of a Wan block except attention is per token, so permuting the hidden states before
     block 0 and unpermuting after the last block is exact, provided every block also gets RoPE and
     per-token timestep modulation (Wan2.2 TI2V) in the same order: the transformer passes its own
-    copies of those to each block, so each block's pre-hook swaps in the permuted ones, computed
+    copies of those to each block, so each block's hook swaps in the permuted ones, computed
     once per forward by block 0's hook.
     """
     names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
@@ -158,16 +156,29 @@ def install_permutation_hooks(transformer, state) -> list:
                 values["hidden_states"] = permutation.permute(values["hidden_states"], dim=1)
                 return (), values | permuted_inputs
         if not state.permuted:
-            return None
+            return args, kwargs
         return (), dict(zip(names, args)) | kwargs | permuted_inputs
 
-    def after_last_block(module, args, kwargs, output):
+    def after_last_block(module, output):
         if not state.permuted:
-            return None
+            return output
         state.permuted = False
         permuted_inputs.clear()
         return state.active_plan.permutation.unpermute(output, dim=1)
 
-    hooks = [block.register_forward_pre_hook(before_block, with_kwargs=True) for block in transformer.blocks]
-    hooks.append(transformer.blocks[-1].register_forward_hook(after_last_block, with_kwargs=True))
-    return hooks
+    last = transformer.blocks[-1]
+    return [
+        (block, "fastdit.permute", function_hook(before_block, after_last_block if block is last else None))
+        for block in transformer.blocks
+    ]
+
+
+class WanAdapter(ModelAdapter):
+    """``WanTransformer3DModel`` (Wan 2.1 / 2.2, T2V and I2V)."""
+
+    model_classes = ("WanTransformer3DModel",)
+    processor_class = WanSparseAttnProcessor
+    self_attention_modules = staticmethod(self_attention_modules)
+    forward_inputs = staticmethod(forward_inputs)
+    sequence_layout = staticmethod(sequence_layout)
+    model_hooks = staticmethod(permutation_hooks)
