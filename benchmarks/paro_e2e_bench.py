@@ -81,7 +81,7 @@ from kernel_bench import (  # noqa: E402
 
 import fastdit  # noqa: E402
 from fastdit.layout import AXIS_ORDERS, SequenceLayout  # noqa: E402
-from fastdit.methods.paro import ParoPlan, _layout_to_json  # noqa: E402
+from fastdit.methods.paro import ParoPlan, layout_to_json  # noqa: E402
 from fastdit.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "dense", "paro-bf16", "paro-int8")
@@ -110,7 +110,7 @@ def synthetic_plan(spec: ModelSpec, density: float, seed: int, path: Path) -> Pa
     orders = (torch.arange(layers * heads) % len(AXIS_ORDERS)).view(layers, heads).to(torch.uint8)
     metadata = {
         "model_class": "WanTransformer3DModel", "transformer_layers": [layers], "num_heads": heads,
-        "head_dim": config["attention_head_dim"], "layout": _layout_to_json(layout),
+        "head_dim": config["attention_head_dim"], "layout": layout_to_json(layout),
         "num_steps": NUM_STEPS, "num_buckets": 1, "block_size": BLOCK_SIZE,
         "target": {"density": density}, "fastdit_version": fastdit.__version__,
         "calibration": {"synthetic": "random blocks per row + diagonal, orders cycling over heads"},

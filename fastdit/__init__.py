@@ -6,9 +6,13 @@ The whole system is one line::
       -> methods/<name>.py (plans a block sparsity: which key blocks each query block visits)
       -> kernels/ (Triton kernels that execute any plan, plus a PyTorch reference)
     pipelines/<model>.py adapts one diffusers model family to that line.
+
+A new method is a :class:`fastdit.methods.Method` subclass with a ``name``; a new model family a
+:class:`fastdit.pipelines.ModelAdapter` subclass; both register themselves (and come from
+third-party packages through the entry-point groups ``fastdit.methods`` and ``fastdit.pipelines``).
 """
 
-from . import kernels, layout
+from . import kernels, layout, methods, pipelines
 from .calibrate import calibrate
 from .integration import apply, attach, remove, supported_models
 from .kernels import (
@@ -61,4 +65,6 @@ __all__ = [
     "segment_mean_pool",
     "kernels",
     "layout",
+    "methods",
+    "pipelines",
 ]
