@@ -79,8 +79,10 @@ def int8_scores(q, k):
 def scores(q, k, INT8_QK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
     """Raw scores ``q @ k^T`` of one tile: an int8 MMA (:func:`int8_scores`) with ``INT8_QK``."""
     if INT8_QK:
-        return int8_scores(q, k)
-    return dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+        qk = int8_scores(q, k)
+    else:
+        qk = dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+    return qk
 
 
 @triton.jit
@@ -220,7 +222,9 @@ def attend_kv_blocks(
     # orders loop-carried values by first definition, so this keeps the generated code.
     m_i, l_i, acc = m_in, l_in, acc_in
     for i in range(first, last):
-        kv_row_start, block_scale = _kv_block_start(index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK)
+        kv_row_start, block_scale = _kv_block_start(
+            index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK
+        )
         acc, l_i, m_i = attend_kv_block(
             acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
             kv_row_start, kv_len, head_dim, block_scale,
@@ -249,7 +253,9 @@ def attend_kv_blocks_tma(
     # orders loop-carried values by first definition, so this keeps the generated code.
     m_i, l_i, acc = m_in, l_in, acc_in
     for i in range(first, last):
-        kv_row_start, block_scale = _kv_block_start(index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK)
+        kv_row_start, block_scale = _kv_block_start(
+            index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK
+        )
         for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
             k = k_desc.load([k_row + kv_row_start + sub, k_col])
             v = v_desc.load([v_row + kv_row_start + sub, v_col])
