@@ -56,6 +56,8 @@ class BlockSparsity:
             row are the visited key blocks, ascending and unique; the rest is padding (0).
         q_block_size, kv_block_size: tokens per query block and per key block (64 or 128).
         num_kv_blocks: ``nK``, the number of key blocks of the key sequence.
+        is_dense: set by :meth:`dense`: every query block visits every key block, so a backend
+            may run dense attention without reading the lists.
     """
 
     kv_counts: torch.Tensor
@@ -63,6 +65,7 @@ class BlockSparsity:
     q_block_size: int
     kv_block_size: int
     num_kv_blocks: int
+    is_dense: bool = False
 
     def __post_init__(self) -> None:
         counts, indices = self.kv_counts, self.kv_indices
@@ -206,7 +209,7 @@ class BlockSparsity:
         indices = torch.arange(num_kv, dtype=torch.int32, device=device)
         indices = indices.expand(1, 1, num_q, num_kv).contiguous()
         counts = torch.full((1, 1, num_q), num_kv, dtype=torch.int32, device=device)
-        return cls(counts, indices, q_block, kv_block, num_kv)
+        return cls(counts, indices, q_block, kv_block, num_kv, is_dense=True)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -233,6 +236,7 @@ class BlockSparsity:
             self.q_block_size,
             self.kv_block_size,
             self.num_kv_blocks,
+            self.is_dense,
         )
 
     def to_block_map(self) -> torch.Tensor:

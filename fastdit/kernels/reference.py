@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .backend import Backend, register_backend
 from .plan import BlockSparsity
 from .window import WindowMask
 from .quantized import QuantizedQK
@@ -223,3 +224,44 @@ def int8_attention_reference(
     if not return_lse:
         return out, None
     return out, lse + quantized.lse_shift
+
+
+class ReferenceBackend(Backend):
+    """The ``reference`` backend: the functions above, on any device and dtype."""
+
+    name = "reference"
+    priority = 90
+    operations = ("attention", "block_mass", "block_mean_pool", "segment_mean_pool", "quantize_qk")
+
+    def attention(self, q, k, v, plan, *, scale, layout, return_lse, key_lengths, window, quantize, dense):
+        if quantize is not None:
+            quantized = self.quantize_qk(
+                q, k, q_block_size=plan.q_block_size, kv_block_size=plan.kv_block_size,
+                scale=scale, layout=layout, key_lengths=key_lengths, lse_shift=return_lse,
+                smooth_k=True,
+            )
+            return int8_attention_reference(
+                quantized, v, plan, layout=layout, return_lse=return_lse, key_lengths=key_lengths
+            )
+        return attention_reference(
+            q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse,
+            key_lengths=key_lengths, window=window,
+        )
+
+    def block_mass(self, q, k, lse, plan, *, scale, layout, key_lengths):
+        return block_mass_reference(q, k, lse, plan, scale=scale, layout=layout, key_lengths=key_lengths)
+
+    def block_mean_pool(self, x, block_size, *, layout):
+        return block_mean_pool_reference(x, block_size, layout=layout)
+
+    def segment_mean_pool(self, x, offsets, *, layout):
+        return segment_mean_pool_reference(x, offsets, layout=layout)
+
+    def quantize_qk(self, q, k, *, q_block_size, kv_block_size, scale, layout, key_lengths, lse_shift, smooth_k):
+        return quantize_qk_reference(
+            q, k, q_block_size=q_block_size, kv_block_size=kv_block_size, scale=scale,
+            layout=layout, key_lengths=key_lengths, lse_shift=lse_shift, smooth_k=smooth_k,
+        )
+
+
+register_backend(ReferenceBackend())
