@@ -11,7 +11,9 @@ from .dispatch import (
     block_mean_pool,
     block_sparse_attention,
     choose_backend,
+    dense_attention,
     explain_backends,
+    fastest_dense_backend,
     quantize_qk_int8,
     segment_mean_pool,
 )
@@ -32,7 +34,9 @@ __all__ = [
     "block_mean_pool",
     "block_sparse_attention",
     "choose_backend",
+    "dense_attention",
     "explain_backends",
+    "fastest_dense_backend",
     "quantize_qk_int8",
     "segment_mean_pool",
 ]

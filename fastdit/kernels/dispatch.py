@@ -10,6 +10,7 @@ backend.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -363,3 +364,35 @@ def segment_mean_pool(
     offsets = offsets.to(torch.int32).contiguous()
     _check_backend_name(backend)
     return ops.segment_mean_pool(x, offsets, layout, backend)
+
+
+@functools.lru_cache(maxsize=32)
+def _dense_plan(seq_q: int, seq_kv: int, device: torch.device) -> BlockSparsity:
+    return BlockSparsity.dense(seq_q, seq_kv, 128, device=device)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
+    key_padding: torch.Tensor | None = None,
+    backend: str | None = None,
+):
+    """Dense attention on the fastest backend that runs it (FA4's dense kernel where it can):
+    :func:`block_sparse_attention` with a cached dense plan."""
+    _check_qk(q, k, layout)
+    seq_dim = 1 if layout == "bshd" else 2
+    plan = _dense_plan(q.shape[seq_dim], k.shape[seq_dim], q.device)
+    return block_sparse_attention(
+        q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse,
+        key_padding=key_padding, backend=backend,
+    )
+
+
+def fastest_dense_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The backend :func:`dense_attention` runs such a call on."""
+    return choose_backend(device, dtype, head_dim, dense=True)

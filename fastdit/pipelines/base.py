@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import block_sparse_attention
+from ..kernels import block_sparse_attention, dense_attention, fastest_dense_backend
 from ..layout import SequenceLayout
 from ..methods.base import AttentionCall, MethodPlan
 from ..methods.dense import Dense
@@ -42,6 +42,26 @@ class FastditAttnProcessor:
         stock._attention_backend = self._attention_backend
         stock._parallel_config = self._parallel_config
         return stock(*args)
+
+    def _dense_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Dense self-attention of a dense step or layer, ``[B, S, H, D]``.
+
+        FA4's dense kernel when fastdit can run it and diffusers has no backend or context
+        parallelism selected for this processor (it beats SDPA's cuDNN and FA2 kernels on
+        Hopper); otherwise diffusers' own dispatch, as the stock processor would do.
+        """
+        if (
+            self._attention_backend is None
+            and self._parallel_config is None
+            and fastest_dense_backend(query.device, query.dtype, query.shape[-1]) == "flash4"
+        ):
+            return dense_attention(query, key, value)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
 
     def _layer_runs_sparse(self, attn, layout: SequenceLayout | None = None) -> tuple[int, bool]:
         """(layer index, whether this layer runs the method's plan at the current step).

@@ -10,9 +10,9 @@ Where things are in diffusers' Wan:
   frame-major; the step comes from the pipeline's ``cache_context`` (see ``fastdit.integration``).
 
 Self-attention runs on :func:`fastdit.kernels.block_sparse_attention` with the method's plan on
-sparse steps and layers. Dense steps and layers of a sparse method's schedule take the stock path
-(``dispatch_attention_fn``, diffusers' selected backend), which is the fastest dense attention
-available; the ``Dense`` method always runs fastdit's own kernel (it is the kernel baseline).
+sparse steps and layers. Dense steps and layers of a sparse method's schedule run FA4's dense
+kernel where fastdit can run it, else the stock path (``dispatch_attention_fn``, diffusers'
+selected backend); the ``Dense`` method always runs fastdit's dense plan on the fastest backend.
 Methods whose plan carries a token permutation (GNA) get Q/K/V in tile-major order: hooks on the
 first and last block permute the hidden states once per forward; each block gets the permuted
 RoPE and per-token modulation, computed once per forward.
@@ -96,12 +96,7 @@ class WanSparseAttnProcessor(FastditAttnProcessor):
             if permute_here:
                 out = plan.permutation.unpermute(out, dim=1)
         else:
-            from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-            out = dispatch_attention_fn(
-                query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
+            out = self._dense_attention(query, key, value)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
