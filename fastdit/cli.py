@@ -829,7 +829,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import fastdit
-    from fastdit.kernels import explain_backends
+    from fastdit.kernels.backend import explain_calls
 
     def version(package: str) -> str:
         try:
@@ -874,9 +874,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  FlexAttention   {flex} (baseline of fastdit bench)")
 
     dtype = getattr(torch, args.dtype)
-    print(f"\nkernel backends for {device.type}, {args.dtype}, head_dim {args.head_dim} (tried in order):")
-    for name, reason in explain_backends(device, dtype, args.head_dim).items():
-        print(f"  {name:<10} {'can run' if reason is None else 'cannot run: ' + reason}")
+    print(f"\nkernel backends for {device.type}, {args.dtype}, head_dim {args.head_dim} "
+          "(tried in order; the first that can run a call runs it):")
+    for call, reasons in explain_calls(device, dtype, args.head_dim).items():
+        runs = next((name for name, reason in reasons.items() if reason is None), "none")
+        print(f"  {call:<38} -> {runs}")
+        for name, reason in reasons.items():
+            if reason is not None and name != runs:
+                print(f"  {'':<38}    {name} skipped: {reason}")
+                continue
+            if name == runs:
+                break
     print(f"\nsupported models: {', '.join(fastdit.supported_models())}")
     print(f"attention methods: {', '.join(ATTENTION_METHODS)}")
     for name, cls in _method_classes().items():
