@@ -184,3 +184,36 @@ def test_inductor_keeps_the_attention_op_opaque(rng):
     compiled = torch.compile(attend, fullgraph=True)
     for got, want in zip(compiled(q, k, v), attend(q, k, v)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# AdaSpa exercises the most ops per step (dense attention with LSE, block mass, selection, sparse
+# attention, a runtime cache); the other methods run under --compile on the GPU (gpu_session).
+@pytest.mark.parametrize("method", ["adaspa"])
+def test_compiled_transformer_with_fastdit_matches_eager(rng, method):
+    """``transformer.compile()`` over fastdit's processors and hooks (AOT, no C++ code generation
+    on the CPU): the same output as eager, on the kernel path (TRITON_INTERPRET=1)."""
+    import fastdit
+    from test_wan_integration import inputs, tiny_transformer
+
+    methods = {
+        "radial": fastdit.Radial(block_size=64),
+        "vmoba": fastdit.VMoBA(block_size=64),
+        "adaspa": fastdit.AdaSpa(search_steps=(0,)),
+    }
+    model = tiny_transformer()
+    kwargs = inputs(rng)
+    handle = fastdit.apply(model, methods[method], schedule=fastdit.Schedule())  # all sparse
+
+    def step(index):
+        with torch.no_grad(), model.cache_context("cond", step_index=index, num_inference_steps=4):
+            return model(**kwargs)[0]
+
+    try:
+        eager = [step(i) for i in range(2)]
+        torch._dynamo.reset()
+        model.compile(backend="aot_eager")
+        compiled = [step(i) for i in range(2)]
+    finally:
+        handle.remove()
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
