@@ -56,7 +56,8 @@ class NaNFromCall:
 
 
 # --------------------------------------------------------------------------- non-finite values
-def test_non_finite_latents_fail_naming_the_step_and_layer(tiny_pipe):
+def test_non_finite_latents_fail_naming_the_step_and_layer(tiny_pipe, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # fastdit's reference path: faster here
     # Two steps with CFG: calls 0, 1 are step 0 (cond, uncond), call 2 is step 1's first.
     handle = tiny_pipe.transformer.blocks[1].attn1.register_forward_hook(NaNFromCall(2))
     probe = SpeedProbe(tiny_pipe, torch.device("cpu"))
@@ -93,6 +94,7 @@ def test_nan_generation_exits_1_and_keeps_the_previous_video(tmp_path, capsys, m
         return pipe
 
     monkeypatch.setattr(tiny, "load_pipeline", nan_pipeline)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = tmp_path / "video.mp4"
     out.write_bytes(b"the previous good video")
     assert cli.main(["generate", *SMALL, "-o", str(out)]) == 1
@@ -366,12 +368,19 @@ def test_method_that_does_not_fit_the_model_exits_2(tmp_path, capsys, rng):
     assert not out.exists()
 
 
-def test_dense_schedule_covering_every_step_is_noted(tmp_path, capsys):
-    out = tmp_path / "x.mp4"
-    assert cli.main(["generate", *SMALL, "--attention", "radial", "--attention-opt", "block_size=64",
-                     "--dense-steps", "9", "-o", str(out)]) == 0
-    stdout = capsys.readouterr().out
-    assert "note: the dense schedule (dense_steps=9, dense_last_steps=0) covers all 2 steps" in stdout
+def test_dense_schedule_covering_every_step_or_layer_is_noted(tiny_pipe):
+    call = dict(SMALL_CALL)
+    notes = cli.schedule_notes(fastdit.Schedule(dense_steps=9), tiny_pipe, call, "--attention radial")
+    assert notes == ["the dense schedule (dense_steps=9, dense_last_steps=0) covers all 2 steps: "
+                     "--attention radial never runs, the whole generation is dense"]
+    notes = cli.schedule_notes(fastdit.Schedule(dense_steps=1, dense_last_steps=0.5), tiny_pipe, call, "x")
+    assert len(notes) == 1 and "covers all 2 steps" in notes[0]
+    notes = cli.schedule_notes(fastdit.Schedule(dense_layers=1.0), tiny_pipe, call, "x")
+    assert notes == ["dense_layers=1.0 covers all 2 self-attention layers: x never runs, the whole "
+                     "generation is dense"]
+    assert cli.schedule_notes(fastdit.Schedule(dense_steps=1, dense_layers=1), tiny_pipe, call, "x") == []
+    del call["num_inference_steps"]  # the pipeline's default (50) applies
+    assert cli.schedule_notes(fastdit.Schedule(dense_steps=9), tiny_pipe, call, "x") == []
 
 
 def test_debug_shows_the_traceback_and_unexpected_errors_are_one_line(tmp_path, capsys, monkeypatch):
