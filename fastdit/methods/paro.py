@@ -307,7 +307,7 @@ class ParoPlan:
                 f"{path!r} has plan format version {version}, this fastdit reads version "
                 f"{PLAN_FORMAT_VERSION}; {_CALIBRATE_HINT}"
             )
-        _check_metadata(metadata, f"PARO plan file {path!r}")
+        _check_metadata(metadata, f"{path!r} (damaged PARO plan)")
         try:
             layout = _layout_from_json(metadata["layout"])
             nq = math.ceil(layout.num_tokens / metadata["block_size"])
