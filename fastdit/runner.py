@@ -246,8 +246,9 @@ class FiniteWatch:
     Checked once per step, in the pipeline's ``callback_on_step_end`` (one host read of a flag,
     where :class:`SpeedProbe` synchronises anyway). With ``layers``, a forward hook on every
     attention module records, on the device, whether its output was finite (a reduction per call,
-    no synchronisation); the flags of a step are read only when its latents are not finite. Leave
-    ``layers`` off under ``torch.compile`` (hooks inside compiled blocks would be traced).
+    no synchronisation; one extra read of the output, a small fraction of the attention's own
+    time); the flags of a step are read only when its latents are not finite. Leave ``layers`` off
+    under ``torch.compile`` (hooks inside compiled blocks would be traced).
     """
 
     def __init__(self, pipe, layers: bool = True) -> None:
