@@ -315,16 +315,16 @@ def _check_method(method) -> None:
 
     examples = "fastdit.Radial(), fastdit.GNA(window=(3, 5, 5)), fastdit.Dense()"
     if isinstance(method, str):
-        classes = {name.lower(): name for name in ("Dense", "Radial", "GNA", "Agent", "VMoBA",
-                                                   "AdaSpa", "PARO")}
-        hint = f"fastdit.{classes[method.lower()]}(...)" if method.lower() in classes else examples
+        named = [name for name in fastdit.__all__
+                 if name.lower() == method.lower() and isinstance(getattr(fastdit, name), type)]
+        hint = f"fastdit.{named[0]}(...)" if named else examples
         raise TypeError(f"method must be a method config instance, e.g. {hint}; got the string {method!r}")
     if isinstance(method, type):
+        exported = getattr(fastdit, method.__name__, None) is method
+        call = f"fastdit.{method.__name__}(...)" if exported else f"{method.__qualname__}(...)"
         raise TypeError(
-            f"method must be a method config instance, got the class {method.__name__}: call it, "
-            f"e.g. fastdit.{method.__name__}(...) with its options"
-            if getattr(fastdit, method.__name__, None) is method
-            else f"method must be a method config instance, got the class {method.__qualname__}"
+            f"method must be a method config instance, got the class {method.__qualname__}: call "
+            f"it, e.g. {call} with its options"
         )
     if not callable(getattr(method, "plan", None)):
         raise TypeError(
