@@ -15,10 +15,15 @@ Subcommands are argparse subparsers, each with a ``func`` default. Loading, size
 ``--compile``/``--cpu-offload`` and timing (:mod:`fastdit.runner`) are shared by generate and
 compare.
 
-Exit codes: 0 success, 1 runtime error (model could not be loaded, video could not be written),
-2 bad command line (argparse errors, unknown method/option/preset, bad option values, sizes the
-model cannot take, an unsupported model class, a missing file given on the command line, a
-GPU-only option without a GPU), 130 interrupted.
+Exit codes: 0 success, 1 runtime error (model could not be loaded, video could not be written,
+the generation produced NaN/inf, any other failure), 2 bad command line (argparse errors, unknown
+method/option/preset, bad option values, sizes the model cannot take, a method configuration the
+model's latent grid cannot take, a plan file calibrated for another model, an unsupported model
+class, a missing file or model path given on the command line, an output path that cannot be
+written, a device fastdit cannot run on, a GPU-only option without a GPU), 130 interrupted.
+Errors are one line (``fastdit COMMAND: error: ...`` for bad input, ``error: ...`` otherwise);
+``--debug`` (before or after the command) prints the traceback too. Bad input is found before
+any model loads wherever it can be known then.
 """
 
 from __future__ import annotations
@@ -126,6 +131,20 @@ def parse_amount(text: str) -> int | float:
         ) from None
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"a fraction must be in [0, 1], got {text!r}")
+    return value
+
+
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int seed, got {text!r}") from None
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"a seed must be an int in [0, 2**64 - 1], got {text}")
     return value
 
 
@@ -313,29 +332,50 @@ def _write_opencv(frames, path: str, fps: float) -> None:
         writer.release()
 
 
+VIDEO_EXTENSIONS = (".mp4",)
+
+
+def check_video_path(path: str, flag: str = "--output") -> None:
+    """Before any work: ``path`` must name an ``.mp4`` file that can be written (:class:`UsageError`
+    naming the path otherwise). Creates its folder."""
+    from .files import check_writable_file
+
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in VIDEO_EXTENSIONS:
+        raise UsageError(
+            f"{flag} must name an .mp4 file (fastdit writes H.264/MPEG-4 mp4 videos), got {path!r}"
+        )
+    reason = check_writable_file(path, flag)
+    if reason is not None:
+        raise UsageError(reason)
+
+
 def write_video(frames, path: str, fps: float = DEFAULT_FPS) -> str:
     """Write ``frames`` (``(F, H, W, 3)`` float in [0, 1] or uint8) as an mp4; returns the backend.
 
     imageio with the imageio-ffmpeg backend (libx264, yuv420p) first, OpenCV's ``mp4v`` writer
-    if that fails. Raises :class:`OSError` when neither can write ``path``.
+    if that fails. The video is written under a temporary name next to ``path`` and renamed over
+    it when complete: an interrupt or a failure leaves a previous ``path`` untouched and no
+    partial file. Raises :class:`OSError` when neither backend can write it, ``ValueError`` for
+    frames that are not finite (NaN/inf: a failed generation, never written as a black video).
     """
+    from .files import atomic_path
     from .runner import frames_to_uint8
 
     frames = frames_to_uint8(frames)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
     errors = []
     backends = (("imageio-ffmpeg (libx264)", _write_imageio), ("opencv (mp4v)", _write_opencv))
-    for name, writer in backends:
-        try:
-            writer(frames, path, fps)
-        except Exception as exc:  # noqa: BLE001 - any backend failure means: try the next one
-            errors.append(f"{name}: {type(exc).__name__}: {exc}")
-            continue
-        if os.path.isfile(path) and os.path.getsize(path) > 0:
-            return name
-        errors.append(f"{name}: wrote no data")
-    raise OSError(f"could not write video {path!r}: " + "; ".join(errors))
+    with atomic_path(path) as partial:
+        for name, writer in backends:
+            try:
+                writer(frames, partial, fps)
+            except Exception as exc:  # noqa: BLE001 - any backend failure means: try the next one
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                continue
+            if os.path.isfile(partial) and os.path.getsize(partial) > 0:
+                return name
+            errors.append(f"{name}: wrote no data")
+        raise OSError(f"could not write video {path!r}: " + "; ".join(errors))
 
 
 # --------------------------------------------------------------------------- running a pipeline
@@ -347,16 +387,36 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _resolve_device_dtype(device: str | None, dtype: str | None):
+def resolve_device(device: str | None):
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` that exists here (default: cuda if available,
+    else cpu); :class:`UsageError` otherwise."""
     import torch
 
     device = device or _default_device()
     try:
         torch_device = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"bad --device {device!r}: {exc}") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} was requested but CUDA is not available")
+    except RuntimeError:
+        torch_device = None
+    if torch_device is None or torch_device.type not in ("cpu", "cuda"):
+        raise UsageError(
+            "--device must be cpu, cuda or cuda:N (fastdit runs on the CPU and on NVIDIA GPUs), "
+            f"got {device!r}"
+        )
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} was requested but CUDA is not available")
+        if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"so N must be in [0, {torch.cuda.device_count() - 1}]"
+            )
+    return torch_device
+
+
+def _resolve_device_dtype(device: str | None, dtype: str | None):
+    import torch
+
+    torch_device = resolve_device(device)
     if dtype is None:
         dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
     return torch_device, dtype, getattr(torch, dtype)
@@ -406,11 +466,35 @@ class RunSetup:
     settings: dict[str, Any]  # pipeline keyword -> value (None: the pipeline's default)
 
 
+def check_model_path(model: str | None) -> None:
+    """A ``--model`` that names a local path must be a pipeline folder: a usage error before
+    anything loads (a hub id is looked up when loading)."""
+    from .pipelines.tiny import _looks_like_path, is_tiny
+
+    if is_tiny(model) or not isinstance(model, str):
+        return
+    expanded = os.path.expanduser(model)
+    if not os.path.exists(expanded):
+        if _looks_like_path(model):
+            raise UsageError(f"--model path {model!r} does not exist")
+        return
+    if not os.path.isdir(expanded):
+        raise UsageError(
+            f"--model {model!r} is a file; expected a diffusers pipeline folder (with "
+            "model_index.json) or a hub id"
+        )
+    if not os.path.isfile(os.path.join(expanded, "model_index.json")):
+        raise UsageError(
+            f"--model folder {model!r} has no model_index.json; expected a diffusers pipeline folder"
+        )
+
+
 def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
     """Everything that can be checked without a model, checked before loading one."""
     from .pipelines.tiny import TINY_DEFAULTS, is_tiny
 
     _validate_sizes(args.height, args.width, args.num_frames)
+    check_model_path(args.model)
     device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
     _check_gpu_only_options(args, device)
     settings = {
@@ -435,6 +519,98 @@ def check_supported_pipeline(pipe) -> None:
             _adapter_for(model)
     except ValueError as exc:
         raise UsageError(f"unsupported model: {exc}") from None
+
+
+def _call_default(pipe, name: str):
+    """The default of ``pipe.__call__``'s parameter ``name`` (``None`` if it has none)."""
+    try:
+        parameter = inspect.signature(pipe.__call__).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default
+
+
+def latent_grid(pipe, call_kwargs: dict):
+    """The latent token grid ``(T, H, W)`` the transformer of a video pipeline sees for these
+    call arguments (the pipeline's defaults for the ones left out), or ``None`` when it cannot
+    be told (an image UNet, a pipeline without these attributes)."""
+    from .layout import LatentGrid
+
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    patch = getattr(config, "patch_size", None)
+    if isinstance(patch, int):  # HunyuanVideo: patch_size and patch_size_t
+        patch = (getattr(config, "patch_size_t", 1) or 1, patch, patch)
+    t_scale = getattr(pipe, "vae_scale_factor_temporal", None)
+    s_scale = getattr(pipe, "vae_scale_factor_spatial", None)
+    sizes = [call_kwargs.get(name, _call_default(pipe, name)) for name in ("num_frames", "height", "width")]
+    if patch is None or len(patch) != 3 or None in (t_scale, s_scale, *sizes):
+        return None
+    num_frames, height, width = sizes
+    latent = ((num_frames - 1) // t_scale + 1, height // s_scale, width // s_scale)
+    try:
+        return LatentGrid(*(extent // p for extent, p in zip(latent, patch)))
+    except ValueError:
+        return None
+
+
+def check_method_fits(pipe, method, call_kwargs: dict, label: str) -> None:
+    """What a loaded pipeline tells about a method before it runs, as usage errors: a method with
+    calibrated data (PARO) must match the pipeline's models (``check_models``), and a method
+    with a ``check_grid(grid)`` (GNA's window, PARO's calibrated size) must accept the latent
+    grid of these call arguments. ``label`` names the method in messages (``--attention gna``)."""
+    from .integration import _adapter_for, _transformers
+
+    check_models = getattr(method, "check_models", None)
+    if check_models is not None:
+        models = _transformers(pipe)
+        layers = [len(_adapter_for(model).self_attention_modules(model)) for model in models]
+        try:
+            check_models(models, layers)
+        except ValueError as exc:
+            raise UsageError(f"{label}: {exc}") from None
+    check_grid = getattr(method, "check_grid", None)
+    grid = latent_grid(pipe, call_kwargs)
+    if check_grid is not None and grid is not None:
+        try:
+            check_grid(grid)
+        except ValueError as exc:
+            raise UsageError(
+                f"{label} cannot run on this video's latent grid {grid.shape} (T, H, W): {exc}"
+            ) from None
+
+
+def schedule_notes(schedule, pipe, call_kwargs: dict, label: str) -> list[str]:
+    """Notes for a dense schedule that leaves the method nothing to run: every step dense
+    (``--dense-steps 9 --steps 2``) or every layer dense."""
+    from .integration import _adapter_for, _transformers
+
+    if schedule is None:
+        return []
+    notes = []
+    num_steps = call_kwargs.get("num_inference_steps", _call_default(pipe, "num_inference_steps"))
+    steps_only = dataclasses.replace(schedule, dense_layers=0)
+    if isinstance(num_steps, int) and num_steps > 0 and all(
+        steps_only.is_dense(step, num_steps, 0, 1) for step in range(num_steps)
+    ):
+        notes.append(
+            f"the dense schedule (dense_steps={schedule.dense_steps}, dense_last_steps="
+            f"{schedule.dense_last_steps}) covers all {num_steps} steps: {label} never runs, the "
+            "whole generation is dense"
+        )
+    try:
+        model = _transformers(pipe)[0]
+        num_layers = len(_adapter_for(model).self_attention_modules(model))
+    except ValueError:
+        return notes
+    layers_only = dataclasses.replace(schedule, dense_steps=0, dense_last_steps=0)
+    if num_layers and all(layers_only.is_dense(None, None, layer, num_layers) for layer in range(num_layers)):
+        notes.append(
+            f"dense_layers={schedule.dense_layers} covers all {num_layers} self-attention layers: "
+            f"{label} never runs, the whole generation is dense"
+        )
+    return notes
 
 
 def compile_transformers(pipe) -> None:
@@ -516,12 +692,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             method, args.dense_steps, args.dense_last_steps, args.dense_layers
         )
     setup = resolve_run_setup(args)
+    check_video_path(args.output)
     pipe, load_time = load_for_run(args, setup)
     call_kwargs, dropped = pipeline_call_kwargs(
         pipe, args.prompt, setup.settings, args.negative_prompt
     )
     for name in dropped:
         print(f"note: {type(pipe).__name__} takes no {name}; ignored")
+    check_method_fits(pipe, method, call_kwargs, f"--attention {attention}")
+    for note in schedule_notes(schedule, pipe, call_kwargs, f"--attention {attention}"):
+        print(f"note: {note}")
     probe = make_probe(pipe, setup, args)
     try:
         result = run_generation(pipe, call_kwargs, probe, args.seed, method, schedule)
@@ -598,10 +778,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _seed_list(text: str) -> list[int]:
     try:
-        seeds = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
+        seeds = [_seed(item.strip()) for item in text.split(",") if item.strip()]
+    except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(
-            f"expected an int or a comma list of ints (0,1,2), got {text!r}"
+            f"expected an int or a comma list of ints (0,1,2) in [0, 2**64 - 1], got {text!r} ({exc})"
         ) from None
     if not seeds:
         raise argparse.ArgumentTypeError(f"expected at least one seed, got {text!r}")
@@ -652,8 +832,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> Non
             help=f"seeds of the initial noise, repeatable or a comma list: every prompt runs "
             f"with every seed (default: {DEFAULT_SEED})")
     else:
-        add("--seed", type=int, default=DEFAULT_SEED,
-            help=f"random seed of the initial noise (default: {DEFAULT_SEED})")
+        add("--seed", type=_seed, default=DEFAULT_SEED,
+            help=f"random seed of the initial noise, in [0, 2**64 - 1] (default: {DEFAULT_SEED})")
     add("--fps", type=_positive_float, default=DEFAULT_FPS,
         help=f"frame rate of the written video (default: {DEFAULT_FPS})")
     add("--dtype", choices=DTYPES, default=None,
@@ -688,6 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - a partially installed package
         __version__ = "unknown"
     parser.add_argument("--version", action="version", version=f"fastdit {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error, not only its one-line message "
+                        "(default: off)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = commands.add_parser(
@@ -799,6 +982,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="head dim to check the backends for (default: 128)")
     info.set_defaults(func=cmd_info)
     _add_calibrate_parser(commands)
+    for subparser in commands.choices.values():  # --debug after the command works too
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="print the traceback of an error (default: off)")
     return parser
 
 
@@ -837,9 +1023,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} requested but CUDA is not available here")
+    device = resolve_device(args.device)
     rows = [("fastdit", fastdit.__version__), ("python", sys.version.split()[0])]
     rows += [(package, version(package)) for package in ("torch", "triton", "diffusers", "transformers")]
     if torch.cuda.is_available():
@@ -956,7 +1140,8 @@ def _add_calibrate_parser(commands) -> None:
         help="collect attention mass on this many steps, spread evenly over the schedule; the others "
         "run dense without collection (default: every step)")
     add("--block-size", type=int, choices=(64, 128), default=128, help="kernel block (default: 128)")
-    add("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default: {DEFAULT_SEED})")
+    add("--seed", type=_seed, default=DEFAULT_SEED,
+        help=f"random seed, in [0, 2**64 - 1] (default: {DEFAULT_SEED})")
     add("--dtype", choices=DTYPES, default=None,
         help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     add("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -988,6 +1173,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         calibration_steps = spread_steps(steps, args.calibration_steps)
     device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
+    check_model_path(args.model)
+    from .files import check_writable_file
+
+    reason = check_writable_file(args.output, "--output")  # before the calibration, not after
+    if reason is not None:
+        raise UsageError(reason)
     settings = {
         "height": args.height, "width": args.width, "num_frames": args.num_frames,
         "guidance_scale": args.guidance_scale,
@@ -1026,30 +1217,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastdit`` and ``python -m fastdit``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+
+    def fail(message: str, code: int) -> int:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(message, file=sys.stderr)
+        return code
+
     try:
         return args.func(args)
     except UsageError as exc:
-        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:  # FileNotFoundError is an OSError
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"{parser.prog} {args.command}: error: {exc}", 2)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
+        return fail("error: interrupted", 130)
+    except (ValueError, OSError) as exc:  # FileNotFoundError is an OSError
+        return fail(f"error: {_one_line(exc)}", 1)
+    except Exception as exc:  # noqa: BLE001 - one line, the traceback with --debug
         import torch
 
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "CUDA out of memory"
-            print(f"error: out of GPU memory ({first}); try fewer frames, a smaller size, "
-                  "--dtype bfloat16 or a sparser --attention", file=sys.stderr)
-            return 1
-        raise
+            return fail(f"error: out of GPU memory ({first}); try fewer frames, a smaller size, "
+                        "--dtype bfloat16 or a sparser --attention", 1)
+        hint = "" if debug else " (run with --debug for the traceback)"
+        return fail(f"error: {type(exc).__name__}: {_one_line(exc)}{hint}", 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -101,12 +101,15 @@ from .cli import (
     _seconds,
     build_method,
     build_schedule,
+    check_method_fits,
     load_for_run,
     make_probe,
     parse_value,
     resolve_run_setup,
+    schedule_notes,
     write_video,
 )
+from .files import atomic_write_text, check_writable_file
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -646,7 +649,9 @@ def run_compare(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output-dir {out_dir} exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    reason = check_writable_file(out_dir / "results.json", "--output-dir")
+    if reason is not None:
+        raise UsageError(reason)
 
     notices: list[str] = []
     pipe, load_s = load_for_run(args, setup)
@@ -656,6 +661,11 @@ def run_compare(args: argparse.Namespace) -> int:
         call_kwargs.append(kwargs)
     # The same settings for every prompt: the same names are dropped for each.
     notices += [f"{type(pipe).__name__} takes no {name}; ignored" for name in dropped]
+    for entry in entries:  # what the loaded pipeline tells about each method, before any run
+        label = f"method {entry.label!r} ({entry.name}, from {entry.source})"
+        check_method_fits(pipe, entry.method, call_kwargs[0], label)
+        notices += [f"{entry.label}: {note}"
+                    for note in schedule_notes(entry.schedule, pipe, call_kwargs[0], entry.label)]
     if args.no_lpips:
         lpips_scorer, lpips_reason = None, "disabled with --no-lpips"
     else:
@@ -814,7 +824,7 @@ def run_compare(args: argparse.Namespace) -> int:
                                  for p in written["plots"]]
     for notice in written["notices"]:
         results["notices"].append(notice)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, allow_nan=False))
     print()
     print(report.format_summary_table(results))
     for notice in written["notices"]:

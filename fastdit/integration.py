@@ -308,12 +308,40 @@ def _self_attention_processor_names(model: torch.nn.Module, adapter) -> set[str]
     return {f"{name}.processor" for name, module in model.named_modules() if id(module) in targets}
 
 
+def _check_method(method) -> None:
+    """A method is a configured instance with ``plan(layout, device)``: not a name, a class or
+    ``None`` (which would install and then fail at the first generation)."""
+    import fastdit
+
+    examples = "fastdit.Radial(), fastdit.GNA(window=(3, 5, 5)), fastdit.Dense()"
+    if isinstance(method, str):
+        named = [name for name in fastdit.__all__
+                 if name.lower() == method.lower() and isinstance(getattr(fastdit, name), type)]
+        hint = f"fastdit.{named[0]}(...)" if named else examples
+        raise TypeError(f"method must be a method config instance, e.g. {hint}; got the string {method!r}")
+    if isinstance(method, type):
+        exported = getattr(fastdit, method.__name__, None) is method
+        call = f"fastdit.{method.__name__}(...)" if exported else f"{method.__qualname__}(...)"
+        raise TypeError(
+            f"method must be a method config instance, got the class {method.__qualname__}: call "
+            f"it, e.g. {call} with its options"
+        )
+    if not callable(getattr(method, "plan", None)):
+        raise TypeError(
+            f"method must be a fastdit method config with plan(layout, device), e.g. {examples}; "
+            f"got {type(method).__name__} {method!r}"
+        )
+
+
 def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHandle:
     """Install ``method`` on every transformer (or the UNet) of a pipeline, or on one model.
 
     ``schedule`` defaults to the method's own (Radial presets carry one), else all steps sparse.
     Returns a handle; ``handle.remove()`` or ``fastdit.remove(handle)`` restores the pipeline.
     """
+    _check_method(method)
+    if schedule is not None and not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a fastdit.Schedule or None, got {type(schedule).__name__} {schedule!r}")
     models = _transformers(pipe_or_model)
     adapters = [_adapter_for(model) for model in models]  # validate all before changing any
     check_models = getattr(method, "check_models", None)

@@ -25,6 +25,8 @@ import html
 import math
 from pathlib import Path
 
+from .files import atomic_path, atomic_write_text
+
 __all__ = ["format_summary_table", "make_plots", "render_html", "render_markdown", "write_report"]
 
 PLOT_NAMES = ("speedup_vs_psnr", "psnr_per_frame", "density", "time_breakdown")
@@ -158,6 +160,12 @@ def agg_pyplot():
     return plt
 
 
+def _save(fig, path: Path, **kwargs) -> None:
+    """``fig.savefig`` under a temporary name, renamed when complete (no partial PNG)."""
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=110, **kwargs)
+
+
 def _finish(plt, fig, axis, path: Path, xlabel: str, ylabel: str, title: str,
             legend: bool) -> None:
     axis.set_xlabel(xlabel)
@@ -167,7 +175,7 @@ def _finish(plt, fig, axis, path: Path, xlabel: str, ylabel: str, title: str,
     if legend:
         axis.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -256,7 +264,7 @@ def _plot_density(plt, results: dict, path: Path) -> bool:
         axis.set_title(f"{run['label']} (mean {_fmt(run['summary']['mean_density'], '.3f')})",
                        fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), label="attention density")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _save(fig, path, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -285,7 +293,7 @@ def _plot_time_breakdown(plt, results: dict, path: Path) -> None:
     axis.set_title("where the time goes")
     axis.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -426,7 +434,7 @@ def write_report(results: dict, out_dir: Path) -> dict:
     plot_paths, notices = make_plots(results, out_dir / "plots")
     shown = dict(results, notices=list(results["notices"]) + notices)
     relative = [str(p.relative_to(out_dir)).replace("\\", "/") for p in plot_paths]
-    (out_dir / "report.md").write_text(render_markdown(shown, relative), encoding="utf-8")
+    atomic_write_text(out_dir / "report.md", render_markdown(shown, relative))
     plots = {p.stem: p.read_bytes() for p in plot_paths}
-    (out_dir / "report.html").write_text(render_html(shown, plots), encoding="utf-8")
+    atomic_write_text(out_dir / "report.html", render_html(shown, plots))
     return {"plots": plot_paths, "notices": notices}

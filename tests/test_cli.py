@@ -267,9 +267,11 @@ def test_bad_input_exits_with_message(tmp_path, capsys, argv, code, needle):
 def test_missing_model_path_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = str(tmp_path / "models" / "wan-does-not-exist")
-    assert cli.main(["generate", "--model", missing, "-o", str(tmp_path / "x.mp4")]) == 1
+    # A path given on the command line that does not exist is bad input (exit 2), found before
+    # anything loads.
+    assert cli.main(["generate", "--model", missing, "-o", str(tmp_path / "x.mp4")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and missing in err and "Traceback" not in err
+    assert err.startswith("fastdit generate: error:") and missing in err and "Traceback" not in err
 
 
 def test_write_video_falls_back_to_opencv(tmp_path, monkeypatch):

@@ -139,6 +139,8 @@ def _check_qk(q, k, layout):
         raise ValueError(
             f"q and k must agree on batch, heads and head_dim ({layout=}), got q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim} (q shape {tuple(q.shape)}, {layout=})")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {head_dim}")
     return batch, seq_q, seq_kv, heads, head_dim

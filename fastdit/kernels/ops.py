@@ -28,8 +28,10 @@ def _split(x: Tensor, layout: str) -> tuple[int, int, int, int]:
     return x.shape[0], x.shape[2], x.shape[1], x.shape[3]
 
 
-def _plan(counts: Tensor, indices: Tensor, sizes: list[int]) -> BlockSparsity:
-    return BlockSparsity(counts, indices, sizes[0], sizes[1], sizes[2])
+def _plan(counts: Tensor, indices: Tensor, sizes: list[int], dense: bool = False) -> BlockSparsity:
+    # Validated where the caller built it (or built valid by construction): no host sync here.
+    return BlockSparsity(counts, indices, sizes[0], sizes[1], sizes[2], is_dense=dense,
+                         validate=False)
 
 
 def _empty_f32(x: Tensor) -> Tensor:
@@ -68,7 +70,7 @@ def attention(
 ) -> tuple[Tensor, Tensor]:
     """Block-sparse attention; ``plan_sizes`` = (q block, kv block, nK); ``window_rule`` = window
     (3) + dilation (3) when the window tensors are given. Returns (out, lse or an empty tensor)."""
-    plan = _plan(kv_counts, kv_indices, plan_sizes)
+    plan = _plan(kv_counts, kv_indices, plan_sizes, dense)
     window = None
     if window_counts is not None:
         window = WindowMask(

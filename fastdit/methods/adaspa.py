@@ -83,7 +83,6 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +90,7 @@ import torch
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_mass, block_sparse_attention
 from ..layout import LatentGrid, SequenceLayout, _device_key
 from ..schedule import _resolve
-from .base import AttentionCall, MethodPlan
+from .base import AttentionCall, MethodPlan, PlanCache
 
 __all__ = ["AdaSpa", "AdaSpaRuntime", "BlockSelection", "select_blocks"]
 
@@ -100,21 +99,15 @@ logger = logging.getLogger("fastdit")
 # Block size of the dense pass that produces the LSE at a first search step.
 _LSE_PASS_BLOCK = 128
 # Dense plans are a few MB at most; keep the most recent shapes only.
-_PLAN_CACHE_SIZE = 32
-_dense_plans: OrderedDict[tuple, BlockSparsity] = OrderedDict()
+_dense_plans = PlanCache()
 
 
 def _dense_plan(seq_q: int, seq_kv: int, block_size: int, device: torch.device) -> BlockSparsity:
-    key = (seq_q, seq_kv, block_size, _device_key(device))
-    plan = _dense_plans.get(key)
-    if plan is None:
-        plan = BlockSparsity.dense(seq_q, seq_kv, block_size, device=device)
-        _dense_plans[key] = plan
-        if len(_dense_plans) > _PLAN_CACHE_SIZE:
-            _dense_plans.popitem(last=False)
-    else:
-        _dense_plans.move_to_end(key)
-    return plan
+    device = _device_key(device)
+    return _dense_plans.get_or_build(
+        (seq_q, seq_kv, block_size, device),
+        lambda: BlockSparsity.dense(seq_q, seq_kv, block_size, device=device),
+    )
 
 
 def _budget(sparsity: float, free_blocks: int) -> int:
@@ -300,9 +293,10 @@ class _LayerPlan:
         return self.kv_counts.shape[0]
 
     def sparsity(self) -> BlockSparsity:
+        # Built from a selection (ascending, unique, in range): no validation, no host sync.
         return BlockSparsity(
             self.kv_counts, self.kv_indices.to(torch.int32), self.block_size, self.block_size,
-            self.num_kv_blocks,
+            self.num_kv_blocks, validate=False,
         )
 
     @property

@@ -76,7 +76,7 @@ import torch
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_mean_pool, block_sparse_attention
 from ..layout import LatentGrid, SequenceLayout, TilePermutation, _device_key, _positive_int
 from ..schedule import Schedule
-from .base import AttentionCall, MethodPlan
+from .base import AttentionCall, MethodPlan, PlanCache
 
 __all__ = ["Agent"]
 
@@ -186,20 +186,24 @@ class Agent:
             return False
         return True
 
-    def _caches(self) -> dict:
-        # Frozen dataclass: caches live in the instance dict, outside the fields (eq, repr).
-        return self.__dict__.setdefault("_caches_by_key", {})
+    def _caches(self) -> PlanCache:
+        # Frozen dataclass: the cache lives in the instance dict, outside the fields (eq, repr).
+        cache = self.__dict__.get("_caches_by_key")
+        if cache is None:
+            cache = self.__dict__.setdefault("_caches_by_key", PlanCache())
+        return cache
 
     def _pooling(self, grid: LatentGrid, device) -> tuple[TilePermutation, torch.Tensor]:
         """The cell permutation and, per cell, ``cell volume / real tokens`` (fp32 ``[n, 1]``)."""
-        key = ("pool", grid, _device_key(device))
-        cache = self._caches()
-        if key not in cache:
+        device = _device_key(device)
+
+        def build() -> tuple[TilePermutation, torch.Tensor]:
             permutation = TilePermutation(grid, self.cell_for(grid))
             real = permutation.valid_mask().view(permutation.num_tiles, permutation.tile_volume).sum(-1)
             rescale = (permutation.tile_volume / real.to(torch.float32))[:, None]
-            cache[key] = (permutation, rescale.to(_device_key(device)))
-        return cache[key]
+            return permutation, rescale.to(device)
+
+        return self._caches().get_or_build(("pool", grid, device), build)
 
     def agents(self, query: torch.Tensor, grid: LatentGrid) -> torch.Tensor:
         """Cell means of the video queries ``[B, N, H, D]`` (frame-major): ``[B, n, H, D]``,
@@ -211,11 +215,11 @@ class Agent:
 
     # ------------------------------------------------------------------ plans
     def _dense(self, seq_q: int, seq_kv: int, device) -> BlockSparsity:
-        key = ("dense", seq_q, seq_kv, _device_key(device))
-        cache = self._caches()
-        if key not in cache:
-            cache[key] = BlockSparsity.dense(seq_q, seq_kv, self.block_size, device=_device_key(device))
-        return cache[key]
+        device = _device_key(device)
+        return self._caches().get_or_build(
+            ("dense", seq_q, seq_kv, device),
+            lambda: BlockSparsity.dense(seq_q, seq_kv, self.block_size, device=device),
+        )
 
     def plan(self, layout: SequenceLayout | LatentGrid, device=None) -> MethodPlan:
         """The static part: a dense plan over ``layout`` in diffusers' order (no permutation).
@@ -226,11 +230,10 @@ class Agent:
             layout = SequenceLayout(layout)
         if not isinstance(layout, SequenceLayout):
             raise ValueError(f"layout must be a SequenceLayout or LatentGrid, got layout={layout!r}")
-        key = ("plan", layout, _device_key(device))
-        cache = self._caches()
-        if key not in cache:
-            cache[key] = MethodPlan(self._dense(layout.num_tokens, layout.num_tokens, device), layout)
-        return cache[key]
+        return self._caches().get_or_build(
+            ("plan", layout, _device_key(device)),
+            lambda: MethodPlan(self._dense(layout.num_tokens, layout.num_tokens, device), layout),
+        )
 
     def density(self, layout: SequenceLayout) -> float:
         """Score pairs computed relative to exact attention over ``layout`` (see module docstring)."""

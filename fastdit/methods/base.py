@@ -26,12 +26,16 @@ its resolution restriction and its fallback guard.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..kernels import BlockSparsity, WindowMask
-from ..layout import SequenceLayout, TilePermutation
+from ..layout import SequenceLayout, TilePermutation, _device_key
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,3 +110,98 @@ class AttentionCall:
     def cache_key(self) -> tuple:
         """Where per-layer state of this call lives: (CFG context, transformer, layer)."""
         return (self.context, self.transformer, self.layer)
+
+
+# --------------------------------------------------------------------------- plan cache
+class PlanCache:
+    """A bounded least-recently-used cache of plans and what they are built from.
+
+    Every method's plan cache and ``fastdit.natten``'s per-shape methods use one of these, so a
+    long-running process that sees changing shapes keeps at most :attr:`max_size` entries per
+    cache (default :data:`PLAN_CACHE_SIZE`): the least recently used entry goes first; a plan
+    that is evicted is simply rebuilt when its shape comes back.
+
+    Keys are canonical: every ``torch.device`` inside a key tuple (at any depth) is replaced by
+    its canonical form (``cuda`` -> ``cuda:<current>``, as the kernels see it), so one plan is
+    never built twice under two spellings of its device. Pass devices as ``torch.device`` (or
+    through :func:`PlanCache.device`); ``None`` means the CPU.
+
+    Thread-safe for look-ups and inserts; two threads that miss the same key at once may both
+    build (plans are deterministic, the second insert wins). A copy or a pickle of a cache is an
+    empty cache of the same size (a method config that is copied rebuilds its plans).
+    """
+
+    def __init__(self, max_size: int | None = None) -> None:
+        max_size = PLAN_CACHE_SIZE if max_size is None else max_size
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_size must be an int >= 1, got max_size={max_size!r}")
+        self.max_size = max_size
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def device(device) -> torch.device:
+        """The canonical device of a key: ``None`` -> cpu, ``"cuda"`` -> ``cuda:<current>``."""
+        return _device_key(device)
+
+    @classmethod
+    def canonical(cls, key: Hashable) -> Hashable:
+        if isinstance(key, torch.device):
+            return _device_key(key)
+        if type(key) is tuple:
+            return tuple(cls.canonical(part) for part in key)
+        return key
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        key = self.canonical(key)
+        with self._lock:
+            if key not in self._entries:
+                return default
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
+    def put(self, key: Hashable, value: Any) -> Any:
+        key = self.canonical(key)
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_size:
+                self._entries.popitem(last=False)
+        return value
+
+    def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The entry of ``key``, built by ``build()`` and stored on a miss."""
+        sentinel = _MISSING
+        value = self.get(key, sentinel)
+        if value is sentinel:
+            value = self.put(key, build())
+        return value
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return self.canonical(key) in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list:
+        """The keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __reduce__(self):
+        return (type(self), (self.max_size,))
+
+    def __repr__(self) -> str:
+        return f"PlanCache({len(self)}/{self.max_size} entries)"
+
+
+# Entries per cache. A plan is at most a few MB (GNA at Wan2.1 480p: about 1.3 MB with its window
+# mask and permutation; a dense plan of Wan2.1-14B 720p: 1.4 MB); 32 shapes x devices per method
+# instance bound the memory a long-running service spends on plans.
+PLAN_CACHE_SIZE = 32
+_MISSING = object()
