@@ -204,12 +204,13 @@ def _hook_classes():
 
 
 def _adapters():
-    from .pipelines import hunyuan_video, unet, wan
+    from .pipelines import hunyuan_video, hunyuan_video15, unet, wan
 
     return {
         "WanTransformer3DModel": wan,
         "HunyuanVideoTransformer3DModel": hunyuan_video,
         "UNet2DConditionModel": unet,
+        "HunyuanVideo15Transformer3DModel": hunyuan_video15,
     }
 
 
