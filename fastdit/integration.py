@@ -204,13 +204,15 @@ def _hook_classes():
 
 
 def _adapters():
-    from .pipelines import hunyuan_video, hunyuan_video15, unet, wan
+    from .pipelines import hunyuan_video, hunyuan_video15, skyreels_v2, unet, wan, wan_vace
 
     return {
         "WanTransformer3DModel": wan,
         "HunyuanVideoTransformer3DModel": hunyuan_video,
         "UNet2DConditionModel": unet,
         "HunyuanVideo15Transformer3DModel": hunyuan_video15,
+        "WanVACETransformer3DModel": wan_vace,
+        "SkyReelsV2Transformer3DModel": skyreels_v2,
     }
 
 

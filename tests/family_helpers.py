@@ -159,12 +159,12 @@ class PromptEmbeddingsPipe:
         self.transformer, self.scheduler = pipe.transformer, pipe.scheduler
 
     def __call__(self, prompt=None, **kwargs):
-        return self.pipe(**self.embeddings, **kwargs)
+        return self.pipe(prompt=None, **self.embeddings, **kwargs)
 
 
 def paro_method(pipe, embeddings: dict, call_kwargs: dict, tmp_path, density: float = 0.5):
     """A PARO method calibrated on ``pipe`` (2 buckets) with ``call_kwargs`` minus the embeddings."""
-    settings = {k: v for k, v in call_kwargs.items() if k not in embeddings and k not in ("output_type",)}
+    settings = {k: v for k, v in call_kwargs.items() if k not in embeddings and k not in ("output_type", "prompt")}
     steps = settings.pop("num_inference_steps")
     plan = fastdit.calibrate(
         PromptEmbeddingsPipe(pipe, embeddings), ["p"], steps, density=density, num_buckets=min(2, steps),
