@@ -204,7 +204,7 @@ def _hook_classes():
 
 
 def _adapters():
-    from .pipelines import hunyuan_video, hunyuan_video15, skyreels_v2, unet, wan, wan_vace
+    from .pipelines import hunyuan_video, hunyuan_video15, ltx_video, skyreels_v2, unet, wan, wan_vace
 
     return {
         "WanTransformer3DModel": wan,
@@ -213,6 +213,7 @@ def _adapters():
         "HunyuanVideo15Transformer3DModel": hunyuan_video15,
         "WanVACETransformer3DModel": wan_vace,
         "SkyReelsV2Transformer3DModel": skyreels_v2,
+        "LTXVideoTransformer3DModel": ltx_video,
     }
 
 
