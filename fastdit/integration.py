@@ -204,7 +204,7 @@ def _hook_classes():
 
 
 def _adapters():
-    from .pipelines import hunyuan_video, hunyuan_video15, ltx_video, skyreels_v2, unet, wan, wan_vace
+    from .pipelines import cogvideox, hunyuan_video, hunyuan_video15, ltx_video, skyreels_v2, unet, wan, wan_vace
 
     return {
         "WanTransformer3DModel": wan,
@@ -214,6 +214,7 @@ def _adapters():
         "WanVACETransformer3DModel": wan_vace,
         "SkyReelsV2Transformer3DModel": skyreels_v2,
         "LTXVideoTransformer3DModel": ltx_video,
+        "CogVideoXTransformer3DModel": cogvideox,
     }
 
 
