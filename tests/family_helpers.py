@@ -111,7 +111,9 @@ def check_pipeline_dense_and_remove(pipe, kwargs: dict, block_size: int = 64) ->
     """Dense equals the stock processors within 1e-4 over a whole CFG pipeline run, and
     ``remove`` restores the stock output and processor objects bit for bit. Returns the layout."""
     models = [m for m in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if m is not None]
-    stock_processors = [dict(model.attn_processors) for model in models]
+    from fastdit.integration import _processors
+
+    stock_processors = [_processors(model) for model in models]
     stock = generate(pipe, kwargs)
     # The stock run may create a hook registry (guiders, cache contexts): remove must leave it so.
     registries = [getattr(model, "_diffusers_hook", None) for model in models]
@@ -124,7 +126,7 @@ def check_pipeline_dense_and_remove(pipe, kwargs: dict, block_size: int = 64) ->
     assert (out - stock).abs().max() <= 1e-4
     assert torch.equal(generate(pipe, kwargs), stock)
     for model, saved, registry in zip(models, stock_processors, registries):
-        assert all(model.attn_processors[name] is p for name, p in saved.items())
+        assert all(_processors(model)[name] is p for name, p in saved.items())
         assert getattr(model, "_diffusers_hook", None) is registry
         assert registry is None or "fastdit" not in registry.hooks
     return layout
