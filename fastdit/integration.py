@@ -204,7 +204,9 @@ def _hook_classes():
 
 
 def _adapters():
-    from .pipelines import cogvideox, hunyuan_video, hunyuan_video15, ltx_video, mochi, skyreels_v2, unet, wan, wan_vace
+    from .pipelines import (
+        cogvideox, flux, hunyuan_video, hunyuan_video15, ltx_video, mochi, qwenimage, skyreels_v2, unet, wan, wan_vace,
+    )
 
     return {
         "WanTransformer3DModel": wan,
@@ -216,6 +218,8 @@ def _adapters():
         "LTXVideoTransformer3DModel": ltx_video,
         "CogVideoXTransformer3DModel": cogvideox,
         "MochiTransformer3DModel": mochi,
+        "FluxTransformer2DModel": flux,
+        "QwenImageTransformer2DModel": qwenimage,
     }
 
 
