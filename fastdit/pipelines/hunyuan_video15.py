@@ -40,7 +40,6 @@ from .joint import (
     check_video_sizes,
     gather_tokens,
     scatter_tokens,
-    valid_first_order,
     zero_padded_rows,
 )
 
@@ -73,16 +72,7 @@ class HunyuanVideo15SparseAttnProcessor(JointAttnProcessor):
         super().__init__(method, schedule)
         self._stock = HunyuanVideo15AttnProcessor2_0()
         self._stock_default = AttnProcessor2_0()  # the token refiner's
-        self._text_order: tuple | None = None  # (mask, order, lengths) of the current forward
 
-    def _order(self, mask: torch.Tensor):
-        """Valid-first order of the other tokens, once per forward (every block gets one mask)."""
-        cached = self._text_order
-        if cached is not None and cached[0] is mask:
-            return cached[1], cached[2]
-        order, lengths = valid_first_order(mask)
-        self._text_order = (mask, order, lengths)
-        return order, lengths
 
     def __call__(
         self,
@@ -126,7 +116,7 @@ class HunyuanVideo15SparseAttnProcessor(JointAttnProcessor):
         if attn.norm_added_k is not None:
             other_key = attn.norm_added_k(other_key)
 
-        order, lengths = self._order(attention_mask)
+        order, lengths = self._valid_first(attention_mask)
         other_query, other_key, other_value = (
             gather_tokens(x, order) for x in (other_query, other_key, other_value)
         )

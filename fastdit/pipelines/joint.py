@@ -86,6 +86,16 @@ class JointAttnProcessor(FastditAttnProcessor):
     """
 
     MODEL = "this model"
+    _text_order: tuple | None = None  # (mask, order, lengths) of the current forward
+
+    def _valid_first(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`valid_first_order` of ``mask``, once per forward: the transformer hands every
+        block the same mask tensor, so later layers reuse the first one's order (no host sync)."""
+        cached = self._text_order
+        if cached is None or cached[0] is not mask:
+            cached = (mask, *valid_first_order(mask))
+            self._text_order = cached
+        return cached[1], cached[2]
 
     def _is_bound(self, attn) -> bool:
         """Whether ``attn`` is a layer fastdit registered; raises when the hooks are missing."""

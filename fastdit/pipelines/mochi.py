@@ -33,7 +33,6 @@ from .joint import (
     argument,
     check_video_sizes,
     gather_tokens,
-    valid_first_order,
     zero_padded_rows,
 )
 
@@ -65,15 +64,7 @@ class MochiSparseAttnProcessor(JointAttnProcessor):
 
         super().__init__(method, schedule)
         self._stock = MochiAttnProcessor2_0()
-        self._text_order: tuple | None = None  # (mask, order, lengths) of the current forward
 
-    def _order(self, mask: torch.Tensor):
-        cached = self._text_order
-        if cached is not None and cached[0] is mask:
-            return cached[1], cached[2]
-        order, lengths = valid_first_order(mask)
-        self._text_order = (mask, order, lengths)
-        return order, lengths
 
     def __call__(
         self,
@@ -114,7 +105,7 @@ class MochiSparseAttnProcessor(JointAttnProcessor):
             query = _apply_rotary_emb(query, *image_rotary_emb)
             key = _apply_rotary_emb(key, *image_rotary_emb)
 
-        order, lengths = self._order(attention_mask)
+        order, lengths = self._valid_first(attention_mask)
         query = torch.cat([query, gather_tokens(text_query, order)], dim=1)
         key = torch.cat([key, gather_tokens(text_key, order)], dim=1)
         value = torch.cat([value, gather_tokens(text_value, order)], dim=1)

@@ -37,7 +37,6 @@ from .joint import (
     gather_tokens,
     refuse_frame_rules,
     scatter_tokens,
-    valid_first_order,
 )
 
 __all__ = ["QwenImageSparseAttnProcessor"]
@@ -64,15 +63,7 @@ class QwenImageSparseAttnProcessor(JointAttnProcessor):
 
         super().__init__(method, schedule)
         self._stock = QwenDoubleStreamAttnProcessor2_0()
-        self._text_order: tuple | None = None  # (mask, order, lengths) of the current forward
 
-    def _order(self, mask: torch.Tensor):
-        cached = self._text_order
-        if cached is not None and cached[0] is mask:
-            return cached[1], cached[2]
-        order, lengths = valid_first_order(mask)
-        self._text_order = (mask, order, lengths)
-        return order, lengths
 
     def __call__(
         self,
@@ -112,7 +103,7 @@ class QwenImageSparseAttnProcessor(JointAttnProcessor):
         num_image = hidden_states.shape[1]
         key_lengths = order = None
         if encoder_hidden_states_mask is not None:
-            order, lengths = self._order(encoder_hidden_states_mask)
+            order, lengths = self._valid_first(encoder_hidden_states_mask)
             text = [gather_tokens(x, order) for x in text]
             key_lengths = lengths + num_image
         query, key, value = (torch.cat([i, t], dim=1) for i, t in zip(image, text))

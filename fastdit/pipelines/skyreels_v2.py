@@ -41,7 +41,6 @@ import weakref
 import torch
 
 from ..kernels import BlockSparsity, WindowMask
-from ..layout import SequenceLayout
 from ..methods.base import MethodPlan
 from ..schedule import Schedule
 from .joint import check_video_sizes
