@@ -183,14 +183,19 @@ def test_qwenimage_gna_equals_masked_reference(rng, references):
 
 
 def test_qwenimage_dense_with_middle_padding_matches_stock(rng):
+    # The whole output and the text stream (padded rows included: they attend to the valid keys).
     model = qwen_transformer()
     kwargs = qwen_inputs(rng, references=1)
+    text_streams = []
+    hook = model.transformer_blocks[0].register_forward_hook(lambda m, a, o: text_streams.append(o[0]))
     stock = run(model, kwargs)
     handle = fastdit.apply(model, fastdit.Dense(block_size=64))
     out = run(model, kwargs)
     assert handle.state.layout.text == fastdit.TextSegment(160 + TEXT, "after")
     handle.remove()
+    hook.remove()
     assert (out - stock).abs().max() <= 1e-4
+    assert (text_streams[1] - text_streams[0]).abs().max() <= 1e-4
 
 
 def test_qwenimage_dynamic_methods_and_paro_repeat(tmp_path):
