@@ -130,6 +130,13 @@ def test_flux_refusals(rng):
     with pytest.raises(ValueError, match="Radial does not apply to FluxTransformer2DModel"):
         fastdit.apply(model, fastdit.Radial())
     assert not hasattr(model, "_diffusers_hook")  # refused before anything was installed
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    saved = model.transformer_blocks[0].attn.processor
+    model.transformer_blocks[0].attn.set_processor(FluxIPAdapterAttnProcessor(32, 8))
+    with pytest.raises(ValueError, match="IP-Adapter"):
+        fastdit.apply(model, fastdit.Dense())
+    model.transformer_blocks[0].attn.set_processor(saved)
     ids = flux_inputs(rng)["img_ids"]
     kontext = torch.cat([ids, ids + torch.tensor([1.0, 0.0, 0.0])])  # a reference image's tokens
     with pytest.raises(ValueError, match="Kontext"):

@@ -115,10 +115,20 @@ processor_class = FluxSparseAttnProcessor
 
 
 def self_attention_modules(transformer) -> list[torch.nn.Module]:
-    """Dual-stream blocks' ``attn``, then single-stream blocks' ``attn``."""
-    return [block.attn for block in transformer.transformer_blocks] + [
+    """Dual-stream blocks' ``attn``, then single-stream blocks' ``attn``.
+
+    Raises ValueError when an IP-Adapter processor is installed there: fastdit's processor would
+    replace it and the image prompt would be dropped without a word."""
+    modules = [block.attn for block in transformer.transformer_blocks] + [
         block.attn for block in transformer.single_transformer_blocks
     ]
+    adapters = {type(m.processor).__name__ for m in modules if "IPAdapter" in type(m.processor).__name__}
+    if adapters:
+        raise ValueError(
+            f"{MODEL} has IP-Adapter processors ({', '.join(sorted(adapters))}) on its joint attention; "
+            "fastdit's processor would replace them: unload the IP-Adapter before fastdit.apply"
+        )
+    return modules
 
 
 def forward_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
