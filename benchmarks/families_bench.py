@@ -54,9 +54,15 @@ dense steps), ``10 x stock + search + 19 x sparse + cached search + 19 x sparse`
 
 How to run
 ----------
-    python benchmarks/families_bench.py                       # every family, ~5 min on one H200
+    python benchmarks/families_bench.py                       # every family, ~5 min on one H200 (not yet run)
     python benchmarks/families_bench.py --families flux-1mp,flux-4mp --layers 4
     python benchmarks/families_bench.py --smoke --out /tmp/fam  # tiny configs, CPU fp32, ~1 min
+
+Runtime (an estimate, not yet measured): with ``--layers 2`` a 14B-class family at 50-75k tokens
+runs ~1 s per forward and ~40 forwards (stock, Dense, Radial, VMoBA: a warm-up and two timed steps
+each; AdaSpa three such phases), the smaller ones less, plus Triton's first compilations. If a run
+would pass a 10-minute call, split it: ``--families hunyuanvideo15-480p,wan-vace-720p,skyreels-df-540p,
+skyreels-540p`` and then the rest.
 
 Writes ``families_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
 ``benchmarks/results``) and prints a table per family. ``--smoke`` builds 2-layer, 2-head versions of
