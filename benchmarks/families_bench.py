@@ -56,7 +56,7 @@ How to run
 ----------
     python benchmarks/families_bench.py                       # every family, ~5 min on one H200 (not yet run)
     python benchmarks/families_bench.py --families flux-1mp,flux-4mp --layers 4
-    python benchmarks/families_bench.py --smoke --out /tmp/fam  # tiny configs, CPU fp32, ~1 min
+    python benchmarks/families_bench.py --smoke --out smoke-results  # tiny configs, CPU fp32, ~1 min
 
 Runtime (an estimate, not yet measured): with ``--layers 2`` a 14B-class family at 50-75k tokens
 runs ~1 s per forward and ~40 forwards (stock, Dense, Radial, VMoBA: a warm-up and two timed steps
