@@ -493,7 +493,10 @@ def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
     """Everything that can be checked without a model, checked before loading one."""
     from .pipelines.tiny import TINY_DEFAULTS, is_tiny
 
-    _validate_sizes(args.height, args.width, args.num_frames)
+    tiny = is_tiny(args.model)
+    # Frame rules differ by family (Wan 4k+1, LTX 8k+1, Mochi 6k+1): checked here for the embedded
+    # Wan model, after loading (check_pipeline_sizes) for any other.
+    _validate_sizes(args.height, args.width, args.num_frames if tiny else None)
     check_model_path(args.model)
     device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
     _check_gpu_only_options(args, device)
@@ -504,7 +507,6 @@ def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance_scale,
     }
-    tiny = is_tiny(args.model)
     if tiny:
         settings = {k: (TINY_DEFAULTS[k] if v is None else v) for k, v in settings.items()}
     return RunSetup(device, dtype_name, dtype, tiny, settings)
@@ -630,6 +632,22 @@ def compile_transformers(pipe) -> None:
         model.compile_repeated_blocks()
 
 
+def check_pipeline_sizes(pipe, height, width, num_frames) -> None:
+    """The sizes the loaded pipeline's family takes (its adapter's ``check_sizes``; Wan's rule for
+    adapters without one), a usage error otherwise."""
+    from .integration import _adapter_for, _transformers
+
+    for model in _transformers(pipe):
+        check = getattr(_adapter_for(model), "check_sizes", None)
+        if check is None:
+            _validate_sizes(height, width, num_frames)
+            continue
+        try:
+            check(pipe, height, width, num_frames)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+
 def load_for_run(args: argparse.Namespace, setup: RunSetup):
     """Load the pipeline of ``--model``, check fastdit supports it, apply ``--cpu-offload`` and
     ``--compile``. Returns ``(pipe, load seconds)``."""
@@ -640,6 +658,7 @@ def load_for_run(args: argparse.Namespace, setup: RunSetup):
         args.model, dtype=setup.dtype, device="cpu" if args.cpu_offload else setup.device
     )
     check_supported_pipeline(pipe)
+    check_pipeline_sizes(pipe, setup.settings["height"], setup.settings["width"], setup.settings["num_frames"])
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=setup.device)
     if args.compile:
@@ -818,9 +837,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> Non
         ("--guidance-scale", "guidance_scale", _non_negative_float),
     ):
         text = {
-            "height": "video height in px, a multiple of 16",
-            "width": "video width in px, a multiple of 16",
-            "num_frames": "number of frames, 4k+1",
+            "height": "video height in px, a multiple of 16 (LTX-Video: 32)",
+            "width": "video width in px, a multiple of 16 (LTX-Video: 32)",
+            "num_frames": "number of frames, 4k+1 (LTX-Video 8k+1, Mochi 6k+1; images: none)",
             "num_inference_steps": "number of denoising steps",
             "guidance_scale": "classifier-free guidance scale (<= 1 disables it)",
         }[key]
@@ -1069,7 +1088,11 @@ def cmd_info(args: argparse.Namespace) -> int:
                 continue
             if name == runs:
                 break
-    print(f"\nsupported models: {', '.join(fastdit.supported_models())}")
+    from .integration import _adapters
+
+    print("\nsupported model families (transformer class; fastdit generate --model picks by it):")
+    for class_name, adapter in sorted(_adapters().items(), key=lambda item: getattr(item[1], "FAMILY", item[0])):
+        print(f"  {getattr(adapter, 'FAMILY', class_name):<32} {class_name}")
     print(f"attention methods: {', '.join(ATTENTION_METHODS)}")
     for name, cls in _method_classes().items():
         print(f"  {name:<10} {cls.__name__}: {_option_defaults(cls)}")
@@ -1157,8 +1180,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """``fastdit calibrate``: dense runs -> PARO plan file."""
     from .pipelines.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
 
-    _validate_sizes(args.height, args.width, args.num_frames)
     tiny = is_tiny(args.model)
+    _validate_sizes(args.height, args.width, args.num_frames if tiny else None)
     steps = args.steps or (TINY_DEFAULTS["num_inference_steps"] if tiny else 50)
     if args.buckets > steps:
         raise UsageError(f"--buckets must be <= --steps, got buckets={args.buckets} for steps={steps}")
@@ -1192,6 +1215,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    check_supported_pipeline(pipe)
+    check_pipeline_sizes(pipe, args.height, args.width, args.num_frames)
     load_time = time.perf_counter() - start
     plan = fastdit.calibrate(
         pipe, args.prompt or [DEFAULT_PROMPT], steps, density=args.density, recall=args.recall,

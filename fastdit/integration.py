@@ -204,12 +204,22 @@ def _hook_classes():
 
 
 def _adapters():
-    from .pipelines import hunyuan_video, unet, wan
+    from .pipelines import (
+        cogvideox, flux, hunyuan_video, hunyuan_video15, ltx_video, mochi, qwenimage, skyreels_v2, unet, wan, wan_vace,
+    )
 
     return {
         "WanTransformer3DModel": wan,
         "HunyuanVideoTransformer3DModel": hunyuan_video,
         "UNet2DConditionModel": unet,
+        "HunyuanVideo15Transformer3DModel": hunyuan_video15,
+        "WanVACETransformer3DModel": wan_vace,
+        "SkyReelsV2Transformer3DModel": skyreels_v2,
+        "LTXVideoTransformer3DModel": ltx_video,
+        "CogVideoXTransformer3DModel": cogvideox,
+        "MochiTransformer3DModel": mochi,
+        "FluxTransformer2DModel": flux,
+        "QwenImageTransformer2DModel": qwenimage,
     }
 
 
@@ -225,6 +235,21 @@ def _adapter_for(model: torch.nn.Module):
             f"fastdit does not support {name} yet; supported transformer classes: {sorted(adapters)}"
         )
     return adapters[name]
+
+
+def _processors(model: torch.nn.Module, adapter=None) -> dict:
+    """``{name: processor}`` of every attention module: diffusers' ``attn_processors``, or the
+    adapter's own for models without diffusers' ``AttentionMixin`` (Mochi)."""
+    getter = getattr(adapter or _adapter_for(model), "attn_processors", None)
+    return dict(getter(model) if getter is not None else model.attn_processors)
+
+
+def _set_processors(model: torch.nn.Module, processors: dict, adapter=None) -> None:
+    setter = getattr(adapter or _adapter_for(model), "set_attn_processor", None)
+    if setter is not None:
+        setter(model, processors)
+    else:
+        model.set_attn_processor(processors)
 
 
 def _transformers(pipe_or_model) -> list[torch.nn.Module]:
@@ -265,7 +290,7 @@ class FastditHandle:
             if created_registry and not registry.hooks:
                 del model._diffusers_hook
         for model, saved in self._processors:
-            model.set_attn_processor(saved)
+            _set_processors(model, saved)
         for processor in self._bound:
             processor.state = None
         self.removed = True
@@ -344,6 +369,10 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
         raise TypeError(f"schedule must be a fastdit.Schedule or None, got {type(schedule).__name__} {schedule!r}")
     models = _transformers(pipe_or_model)
     adapters = [_adapter_for(model) for model in models]  # validate all before changing any
+    for adapter in adapters:  # a method that does not apply to a family says why
+        check_method = getattr(adapter, "check_method", None)
+        if check_method is not None:
+            check_method(method)
     check_models = getattr(method, "check_models", None)
     if check_models is not None:  # methods with calibrated data (PARO) refuse other models
         check_models(models, [len(a.self_attention_modules(m)) for m, a in zip(models, adapters)])
@@ -352,15 +381,15 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
     handle = FastditHandle(state)
     try:
         for model, adapter in zip(models, adapters):
-            saved = dict(model.attn_processors)
+            saved = _processors(model, adapter)
             processor = adapter.processor_class(method, schedule)
             processor.state = state
             handle._bound.append(processor)
             # Only self-attention changes hands; every other processor (cross-attention, or a
             # custom one the user installed there) stays the object it was.
             targets = _self_attention_processor_names(model, adapter)
-            model.set_attn_processor(
-                {name: processor if name in targets else saved[name] for name in saved}
+            _set_processors(
+                model, {name: processor if name in targets else saved[name] for name in saved}, adapter
             )
             handle._processors.append((model, saved))
             _install_hooks(model, adapter, state, handle)
@@ -389,7 +418,7 @@ def _attach_models(models: list[torch.nn.Module], handle: FastditHandle) -> None
     for model in models:
         adapter = _adapter_for(model)
         processors = {
-            id(p): p for p in model.attn_processors.values() if isinstance(p, adapter.processor_class)
+            id(p): p for p in _processors(model, adapter).values() if isinstance(p, adapter.processor_class)
         }
         if not processors:
             raise ValueError(

@@ -203,6 +203,7 @@ class HunyuanVideoSparseAttnProcessor(FastditAttnProcessor):
 
 
 # ---------------------------------------------------------------------- the adapter interface
+FAMILY = "HunyuanVideo"
 processor_class = HunyuanVideoSparseAttnProcessor
 
 

@@ -134,6 +134,7 @@ class UNetSparseAttnProcessor(FastditAttnProcessor):
 
 
 # ---------------------------------------------------------------------- the adapter interface
+FAMILY = "Stable Diffusion / SDXL (UNet)"
 processor_class = UNetSparseAttnProcessor
 # The Stable Diffusion pipelines run cond and uncond in one batched UNet forward and never reset
 # stateful hooks (UNet2DConditionModel has no CacheMixin): a repeated timestep is a new generation.

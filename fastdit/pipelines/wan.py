@@ -103,6 +103,7 @@ class WanSparseAttnProcessor(FastditAttnProcessor):
 
 
 # ---------------------------------------------------------------------- the adapter interface
+FAMILY = "Wan 2.1 / 2.2 (incl. TI2V-5B)"
 processor_class = WanSparseAttnProcessor
 
 
