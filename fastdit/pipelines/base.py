@@ -89,7 +89,8 @@ class FastditAttnProcessor:
         attend = getattr(self.method, "attend", None)
         if attend is None:
             out = block_sparse_attention(
-                query, key, value, plan.sparsity, key_padding=key_padding, window_mask=plan.window_mask
+                query, key, value, plan.sparsity, key_padding=key_padding,
+                window_mask=plan.window_mask, quantize=state.quantize,
             )
             self._record(layer, plan)
             return out
@@ -104,6 +105,7 @@ class FastditAttnProcessor:
             generation=state.generation,
             runtime=state.runtime,
             key_padding=key_padding,
+            quantize=state.quantize,
         )
         out, density = attend(query, key, value, call)
         state.record_density(layer, density)  # a device tensor stays one: no sync here
