@@ -176,7 +176,12 @@ def _convert(cache: str, key: str, annotation, value):
             return None
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:
-            return _convert(cache, key, options[0], value)
+            try:
+                return _convert(cache, key, options[0], value)
+            except ValueError as exc:
+                if type(None) not in args:
+                    raise
+                raise ValueError(str(exc).replace(", got ", " or none, got ", 1)) from None
         for option in options:
             try:
                 return _convert(cache, key, option, value)

@@ -289,17 +289,23 @@ class GenerationResult:
 
 
 def run_generation(pipe, call_kwargs: dict[str, Any], probe: SpeedProbe, seed: int,
-                   method=None, schedule=None) -> GenerationResult:
+                   method=None, schedule=None, *, cache=None, quantize=None) -> GenerationResult:
     """Run ``pipe(**call_kwargs)`` once with a fresh CPU generator seeded ``seed``; with
-    ``method``, installed by :func:`fastdit.apply` for this call only."""
+    ``method`` (and ``cache``, ``quantize``), installed by :func:`fastdit.apply` for this call
+    only; a ``cache`` without a method runs the stock pipeline with that cache."""
     import fastdit
+    from .compose import enable_cache
 
     kwargs = dict(call_kwargs)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     accepted = _call_parameters(pipe)
     if not accepted or "callback_on_step_end" in accepted:
         kwargs["callback_on_step_end"] = probe.on_step_end
-    handle = fastdit.apply(pipe, method, schedule=schedule) if method is not None else None
+    handle = stock_cache = None
+    if method is not None:
+        handle = fastdit.apply(pipe, method, schedule=schedule, cache=cache, quantize=quantize)
+    elif cache is not None:
+        stock_cache = enable_cache(pipe, cache)
     densities: dict = {}
     summary = records = None
     try:
@@ -316,6 +322,8 @@ def run_generation(pipe, call_kwargs: dict[str, Any], probe: SpeedProbe, seed: i
     finally:
         if handle is not None:
             handle.remove()
+        if stock_cache is not None:
+            stock_cache.remove()
     speed = probe.end(run_s)
     frames = getattr(output, "frames", None)
     if frames is None:

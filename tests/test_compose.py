@@ -308,3 +308,109 @@ def test_quantize_reaches_the_kernel_for_static_and_per_call_methods(rng, monkey
     finally:
         handle.remove()
     assert seen == [(None, True)] * layers + [("int8", False)] * layers
+
+
+# --------------------------------------------------------------------------- command line
+def _compare_setup(*argv):
+    from fastdit import cli
+
+    args = cli.build_parser().parse_args(["compare", *argv])
+    return args, cli.resolve_run_setup(args)
+
+
+def test_compare_lists_every_combination_as_a_run():
+    from fastdit import cli, compare
+
+    args, setup = _compare_setup(
+        "--methods", "radial,agent", "--cache", "none", "--cache", "f05=fbc:threshold=0.05",
+        "--cache", "taylorseer:cache_interval=2", "--quantize", "none,int8", "--dtype", "bfloat16")
+    entries = compare.parse_method_entries(args)
+    caches = compare.parse_caches(args, setup)
+    assert [c if c is None else c[0] for c in caches] == [None, "f05", "taylorseer"]
+    assert caches[1][1] == diffusers_hooks.FirstBlockCacheConfig(threshold=0.05)
+    quantizations = compare.parse_quantizations(args, setup)
+    notices = []
+    runs = compare.build_runs(entries, caches, quantizations, [False, True], notices)
+    labels = [run.label for run in runs]
+    eager = ["dense", "dense+f05", "dense+taylorseer",
+             "radial", "radial+int8", "radial+f05", "radial+f05+int8", "radial+taylorseer",
+             "radial+taylorseer+int8", "agent", "agent+f05", "agent+taylorseer"]
+    assert labels == eager + [label + "+compiled" if label != "dense" else "dense+compiled"
+                              for label in eager if "int8" not in label or "agent" not in label]
+    assert len(notices) == 6 and all("agent" in n and "skipped" in n for n in notices)
+    run = runs[labels.index("radial+f05+int8+compiled")]
+    assert (run.entry.label, run.cache[0], run.quantize, run.compiled) == ("radial", "f05", "int8", True)
+
+    for argv, message in (
+        (["--cache", "fbc", "--cache", "fbc:threshold=0.2"], "label 'fbc' is used twice"),
+        (["--cache", "bad label=fbc"], "label 'bad label' must start with a letter"),
+        (["--cache", "fbc:threshold=x"], "--cache 'fbc:threshold=x': cache fbc: option threshold"),
+        (["--quantize", "int4"], "--quantize: unknown mode 'int4'"),
+        (["--quantize", "int8"], "--quantize int8 needs --dtype bfloat16 or float16"),
+    ):
+        args, setup = _compare_setup(*argv)
+        with pytest.raises(cli.UsageError, match=message):
+            compare.parse_caches(args, setup)
+            compare.parse_quantizations(args, setup)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["compare", "--also-compiled"], "--also-compiled is GPU-only"),
+    (["compare", "--cache", "teacache"], "unknown cache 'teacache'"),
+    (["generate", "--cache", "pab:spatial_attention_block_skip_range=two"],
+     "option spatial_attention_block_skip_range must be an int or none"),
+    (["generate", "--cache", "magcache:calibrate=true"], None),  # valid: the tiny model's steps
+    (["generate", "--attention", "agent", "--quantize", "int8", "--dtype", "bfloat16"],
+     "--quantize int8: Agent composes its own kernel calls"),
+    (["generate", "--quantize", "int8"], "--quantize int8 needs --dtype bfloat16 or float16"),
+])
+def test_bad_cache_and_quantize_options_exit_2_before_loading(argv, needle, tmp_path, capsys,
+                                                              monkeypatch):
+    from fastdit import cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the command line must be checked before loading a model")
+
+    monkeypatch.setattr(cli, "load_for_run", no_loading)
+    if needle is None:  # valid options reach the loading step
+        with pytest.raises(AssertionError, match="before loading"):
+            cli.main([*argv, "-o", str(tmp_path / "x.mp4")])
+        return
+    output = ["-o", str(tmp_path / ("x.mp4" if argv[0] == "generate" else "report"))]
+    assert cli.main([*argv, *output]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_stock_pipeline_with_a_cache_is_removed_after_the_run(pipe, monkeypatch):
+    from fastdit import runner
+
+    probe = runner.SpeedProbe(pipe, torch.device("cpu"))
+    cache = diffusers_hooks.TaylorSeerCacheConfig(**TAYLORSEER_SKIPS_2_AND_4)
+    blocks_run = []
+    hook = pipe.transformer.blocks[0].attn1.register_forward_pre_hook(
+        lambda module, args: blocks_run.append(pipe._current_timestep))
+    try:
+        runner.run_generation(pipe, dict(SETTINGS, output_type="np"), probe, 0, cache=cache)
+    finally:
+        hook.remove()
+        probe.remove()
+    assert len(blocks_run) == 4 * 2  # computed steps 0, 1, 3, 5; cond and uncond
+    assert not pipe.transformer.is_cache_enabled
+
+
+def test_report_plots_combinations_and_compares_stock_runs_with_a_cache():
+    from fastdit import report
+
+    def run(label, method, base, cache, psnr):
+        summary = dict(run_s=1.0, speedup_e2e=2.0, step_s=0.5, transformer_s=0.8,
+                       speedup_transformer=2.5, self_attention_share=None, mean_density=None,
+                       peak_memory_bytes=None, psnr=psnr, ssim=0.9, lpips=None)
+        return dict(label=label, method=method, base=base, summary=summary,
+                    cache=None if cache is None else {"label": cache, "config": f"{cache}()"})
+
+    results = {"reference": "dense", "runs": [
+        run("dense", "stock", "dense", None, None), run("dense+fbc", "stock", "dense", "fbc", 31.0),
+        run("radial+fbc", "radial", "radial", "fbc", 29.0)]}
+    assert [r["label"] for r in report._method_runs(results)] == ["dense+fbc", "radial+fbc"]
+    rows = report.summary_rows(results)
+    assert rows[0][10] == "ref" and rows[1][10] == "31.00" and rows[1][8] == "1 (dense)"
