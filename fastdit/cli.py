@@ -441,7 +441,8 @@ def compile_transformers(pipe) -> None:
     """Regional ``torch.compile`` of each transformer's repeated blocks (diffusers'
     ``compile_repeated_blocks``). The transformer's own forward stays eager, so fastdit's
     transformer hook (grid, step) and the timing hooks run outside the compiled blocks; the
-    block-level token-permutation hooks of permuting methods (GNA) are traced with their block.
+    block-level token-permutation hooks of permuting methods (GNA) are traced with their block,
+    and fastdit's attention processors run eagerly between the compiled graphs.
     GPU only, and not exercised by the CPU test suite."""
     from .runner import _transformer_models
 
