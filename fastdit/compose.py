@@ -340,12 +340,26 @@ def enable_cache(pipe_or_model, config, models: list | None = None) -> CacheHand
     handle = CacheHandle(config)
     try:
         for model in models:
+            before = _hook_count(model)
             model.enable_cache(config)
             handle.models.append(model)
+            if _hook_count(model) == before:
+                # e.g. TaylorSeerCacheConfig()'s default patterns (``^blocks.*attn``, matched
+                # against whole module names) match no module of a Wan transformer.
+                raise ValueError(
+                    f"{type(config).__name__} hooked no module of {type(model).__name__}: the cache "
+                    "would do nothing; name the modules to cache (TaylorSeer: use_lite_mode=true or "
+                    "cache_identifiers=...)"
+                )
     except Exception:
         handle.remove()
         raise
     return handle
+
+
+def _hook_count(model) -> int:
+    return sum(len(module._diffusers_hook.hooks) for module in model.modules()
+               if hasattr(module, "_diffusers_hook"))
 
 
 # --------------------------------------------------------------------------- quantization

@@ -141,6 +141,10 @@ def test_cache_errors_roll_back_everything(pipe):
     assert not transformer.is_cache_enabled and "fastdit" not in transformer._diffusers_hook.hooks
     with pytest.raises(ValueError, match="cache must be one of diffusers'"):
         fastdit.apply(pipe, fastdit.Radial(), cache={"threshold": 0.1})
+    # diffusers' default TaylorSeer patterns match no Wan module: an error, not a silent no-op.
+    with pytest.raises(ValueError, match="TaylorSeerCacheConfig hooked no module"):
+        fastdit.apply(pipe, fastdit.Radial(), cache=diffusers_hooks.TaylorSeerCacheConfig())
+    assert not transformer.is_cache_enabled and "fastdit" not in transformer._diffusers_hook.hooks
     sd = tiny.build_tiny_sd_pipeline(seed=0)
     with pytest.raises(ValueError, match="UNet2DConditionModel has no enable_cache"):
         fastdit.apply(sd, fastdit.Dense(), cache=diffusers_hooks.FirstBlockCacheConfig())
