@@ -619,7 +619,8 @@ def compile_transformers(pipe) -> None:
     """Regional ``torch.compile`` of each transformer's repeated blocks (diffusers'
     ``compile_repeated_blocks``). The transformer's own forward stays eager, so fastdit's
     transformer hook (grid, step) and the timing hooks run outside the compiled blocks; the
-    block-level token-permutation hooks of permuting methods (GNA) are traced with their block.
+    block-level token-permutation hooks of permuting methods (GNA) are traced with their block,
+    and fastdit's attention processors run eagerly between the compiled graphs.
     GPU only, and not exercised by the CPU test suite."""
     from .runner import _transformer_models
 
@@ -712,6 +713,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     setup = resolve_run_setup(args)
     check_video_path(args.output)
+    cache = build_cache(args.cache, setup)
+    check_quantize_option(method, args.quantize, setup)
     pipe, load_time = load_for_run(args, setup)
     call_kwargs, dropped = pipeline_call_kwargs(
         pipe, args.prompt, setup.settings, args.negative_prompt
@@ -723,7 +726,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     probe = make_probe(pipe, setup, args)
     try:
-        result = run_generation(pipe, call_kwargs, probe, args.seed, method, schedule)
+        result = run_generation(pipe, call_kwargs, probe, args.seed, method, schedule,
+                                cache=cache, quantize=args.quantize)
     finally:
         probe.remove()
     backend = write_video(result.frames, args.output, args.fps)
@@ -743,6 +747,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lines.append(f"  attention    {_describe_method(method, attention, args.preset)}")
     if attention != "dense":
         lines.append(f"  dense        {_describe_schedule(schedule)}")
+    if cache is not None or args.quantize:
+        from .compose import describe_cache
+
+        lines.append(f"  cache        {describe_cache(cache)}; quantize {args.quantize or 'none'}")
     run_time = speed.run_s
     if speed.step_s:
         denoise = speed.denoise_s
@@ -872,6 +880,72 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> Non
     add("--cpu-offload", action="store_true",
         help="keep models on the CPU and move each to the GPU while it runs "
         "(diffusers' enable_model_cpu_offload, needs accelerate); GPU only (default: off)")
+    _add_composition_arguments(parser, compare=compare)
+
+
+# --------------------------------------------------------------------------- caches, quantization
+# --cache and --quantize (fastdit.compose): a diffusers step cache and the INT8 kernel on top of
+# the attention method.
+def _add_composition_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> None:
+    from .compose import CACHES
+
+    names = ", ".join(f"{short} ({cls})" for short, cls in CACHES.items())
+    add = parser.add_argument
+    if compare:
+        add("--cache", action="append", default=None, metavar="[LABEL=]NAME[:KEY=VALUE,...]",
+            help=f"a diffusers step cache every compared run also runs with, repeatable; 'none' is "
+            f"the run without one. NAME: {names}; options are the config's fields, e.g. "
+            "fbc:threshold=0.05 or taylorseer:cache_interval=2,disable_cache_before_step=10,"
+            "use_lite_mode=true (default: none)")
+        add("--quantize", default=None, metavar="MODE[,MODE]",
+            help="kernel quantizations every fastdit method runs with, comma list of none and "
+            "int8 (bf16/fp16 only; not Agent, not PARO, which has its own option) (default: none)")
+        add("--also-compiled", action="store_true",
+            help="run every combination a second time with the transformer blocks compiled "
+            "(regional torch.compile), after all eager runs; GPU only (default: off)")
+    else:
+        add("--cache", default=None, metavar="NAME[:KEY=VALUE,...]",
+            help=f"a diffusers step cache on top of the method: {names}; options are the "
+            "config's fields, e.g. fbc:threshold=0.05 (default: none)")
+        add("--quantize", choices=("int8",), default=None,
+            help="run the sparse attention on the INT8 kernel (bf16/fp16 only; Dense, Radial, GNA, "
+            "VMoBA, AdaSpa) (default: none)")
+
+
+def build_cache(spec: str | None, setup: RunSetup | None = None, flag: str = "--cache"):
+    """The diffusers cache config of a ``--cache`` value (``None`` for none); MagCache's step
+    count defaults to the run's ``--steps``."""
+    from .compose import build_cache_config, parse_cache_spec
+
+    if spec is None or spec.strip().lower() == "none":
+        return None
+    steps = setup.settings.get("num_inference_steps") if setup is not None else None
+    try:
+        name, options = parse_cache_spec(spec)
+        if name == "magcache" and "num_inference_steps" not in options and steps is None:
+            raise ValueError("cache magcache needs the run's step count: give --steps (or "
+                             "magcache:num_inference_steps=N)")
+        return build_cache_config(name, options, num_inference_steps=steps)
+    except ValueError as exc:
+        message = str(exc)
+        raise UsageError(message if message.startswith("--cache") else f"{flag} {spec!r}: {message}") from None
+
+
+def check_quantize_option(method, quantize: str | None, setup: RunSetup, where: str = "--quantize") -> None:
+    """``--quantize`` against the method and the run's dtype, before loading a model."""
+    from .compose import check_quantize_method
+
+    if quantize is None:
+        return
+    try:
+        check_quantize_method(method, quantize)
+    except ValueError as exc:
+        raise UsageError(f"{where} {quantize}: {exc}") from None
+    if setup.dtype_name not in ("bfloat16", "float16"):
+        raise UsageError(
+            f"{where} {quantize} needs --dtype bfloat16 or float16 (P.V runs in 16 bits), got "
+            f"{setup.dtype_name}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

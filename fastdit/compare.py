@@ -15,6 +15,16 @@ Report directory (``--output-dir``)::
     report.md, report.html                 tables and plots (report.html embeds them: one file)
     results.json                           everything below, machine readable
 
+Combinations (:mod:`fastdit.compose`): ``--cache`` (repeatable, ``none`` included), ``--quantize``
+(``none,int8``) and ``--also-compiled`` multiply the runs: every method entry, and the stock
+pipeline, runs with every cache; every fastdit method with every quantization; and, with
+``--also-compiled``, all of it once more with the transformer blocks compiled (after every eager
+run: compilation is not undone). A run's label is its parts joined by ``+``
+(``radial+fbc+int8+compiled``; ``dense+fbc`` is the stock pipeline with the cache). The reference
+stays the eager stock pipeline without a cache, so every speedup is over it and every PSNR
+against it. A combination a method cannot run (``int8`` for Agent, or PARO, which carries its
+own ``quantize``) is skipped with a notice.
+
 Quality is measured on the pipeline's uint8 frames before video encoding (methods vs dense), and
 against ``--reference-dir`` videos after decoding them (those are lossy mp4s). Grid videos are
 composed from the decoded mp4s. Speed is measured as :mod:`fastdit.runner` describes (end to end,
@@ -41,6 +51,9 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
       "notices": [str],                             # LPIPS skipped, random weights, CPU timings
       "runs": [                                     # the dense reference first, then each method
         {"label": str, "method": "stock" | a METHOD_CLASS_NAMES key,
+         "base": label of the method entry ("dense" for the stock pipeline),
+         "cache": {"label": str, "config": str (fastdit.compose.describe_cache)} | null,
+         "quantize": "int8" | null, "compiled": bool,
          "class": str | null, "config": {option: value} | null, "preset": str | null,
          "schedule": {"dense_steps", "dense_last_steps", "dense_layers"} | null,
          "description": str,
@@ -519,6 +532,22 @@ def _describe(entry: MethodEntry | None) -> str:
     return text
 
 
+def _describe_run(run) -> str:
+    text = _describe(run.entry)
+    if run is not None and run.entry is None and run.label != REFERENCE_LABEL:
+        text = "diffusers' stock attention processors"
+    extras = []
+    if run.cache is not None:
+        from .compose import describe_cache
+
+        extras.append(f"cache {describe_cache(run.cache[1])}")
+    if run.quantize:
+        extras.append(f"quantize {run.quantize}")
+    if run.compiled:
+        extras.append("transformer blocks compiled")
+    return text + ("; " + ", ".join(extras) if extras else "")
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -530,11 +559,92 @@ def _ratio(numerator, denominator):
     return numerator / denominator
 
 
+# --------------------------------------------------------------------------- combinations
+def parse_caches(args: argparse.Namespace, setup) -> list[tuple[str, Any] | None]:
+    """``--cache`` values -> ``[None | (label, config)]`` (``None``: no cache); default ``[None]``."""
+    caches: list[tuple[str, Any] | None] = []
+    labels: set[str] = set()
+    for item in args.cache or ["none"]:
+        head, sep, rest = item.partition("=")
+        label = None
+        if sep and ":" not in head:  # LABEL=NAME[:...]
+            label, item = head.strip(), rest
+            _check_label(label, "--cache")
+        config = cli.build_cache(item, setup)
+        if config is None:
+            entry = None
+            label = "none"
+        else:
+            from .compose import cache_name
+
+            label = label or cache_name(config)
+            entry = (label, config)
+        if label in labels:
+            raise UsageError(f"--cache {item!r}: label {label!r} is used twice; name caches "
+                             "LABEL=NAME:... (e.g. --cache f05=fbc:threshold=0.05)")
+        labels.add(label)
+        caches.append(entry)
+    return caches
+
+
+def parse_quantizations(args: argparse.Namespace, setup) -> list[str | None]:
+    """``--quantize none,int8`` -> ``[None, "int8"]``; default ``[None]``."""
+    from .kernels.quantized import QUANTIZATIONS
+
+    if args.quantize is None:
+        return [None]
+    modes = []
+    for item in (part.strip().lower() for part in args.quantize.split(",")):
+        if not item:
+            continue
+        if item not in ("none", *QUANTIZATIONS):
+            raise UsageError(f"--quantize: unknown mode {item!r}; valid: none, {', '.join(QUANTIZATIONS)}")
+        mode = None if item == "none" else item
+        if mode not in modes:
+            modes.append(mode)
+    if not modes:
+        raise UsageError(f"--quantize expects MODE[,MODE] (none, int8), got {args.quantize!r}")
+    if any(modes) and setup.dtype_name not in ("bfloat16", "float16"):
+        raise UsageError(f"--quantize int8 needs --dtype bfloat16 or float16 (P.V runs in 16 bits), "
+                         f"got {setup.dtype_name}")
+    return modes
+
+
+def build_runs(entries: list[MethodEntry], caches: list, quantizations: list,
+               compiled_passes: list[bool], notices: list[str]) -> list[_Run]:
+    """The reference (eager stock, no cache) first, then every combination, eager ones first."""
+    from .compose import check_quantize_method
+
+    runs = [_Run(REFERENCE_LABEL, None)]
+    for compiled in compiled_passes:
+        for entry in [None, *entries]:
+            for cache in caches:
+                for quantize in ([None] if entry is None else quantizations):
+                    if entry is None and cache is None and not compiled:
+                        continue  # the reference
+                    parts = [REFERENCE_LABEL if entry is None else entry.label]
+                    parts += [cache[0]] if cache is not None else []
+                    parts += [quantize] if quantize else []
+                    parts += ["compiled"] if compiled else []
+                    label = "+".join(parts)
+                    if quantize is not None:
+                        try:
+                            check_quantize_method(entry.method, quantize)
+                        except ValueError as exc:
+                            notices.append(f"{label} skipped: {exc}")
+                            continue
+                    runs.append(_Run(label, entry, cache, quantize, compiled))
+    return runs
+
+
 # --------------------------------------------------------------------------- run
 @dataclass
 class _Run:
     label: str
     entry: MethodEntry | None
+    cache: tuple[str, Any] | None = None  # (label, diffusers cache config)
+    quantize: str | None = None
+    compiled: bool = False
     videos: list[dict] = field(default_factory=list)
     speeds: list = field(default_factory=list)
     qualities: list = field(default_factory=list)
@@ -635,6 +745,7 @@ def _records(result) -> tuple[Any, str | None]:
 def run_compare(args: argparse.Namespace) -> int:
     """``fastdit compare``: runs everything, writes the report directory; returns 0."""
     from . import report
+    from .compose import describe_cache
     from .metrics import compare_videos, load_lpips
     from .runner import pipeline_call_kwargs, run_generation
 
@@ -643,6 +754,14 @@ def run_compare(args: argparse.Namespace) -> int:
     prompts, seeds = _prompts(args), _seeds(args)
     reference_files = _reference_files(args.reference_dir, prompts, seeds)
     setup = resolve_run_setup(args)
+    caches = parse_caches(args, setup)
+    quantizations = parse_quantizations(args, setup)
+    if args.also_compiled and args.compile:
+        raise UsageError("--also-compiled runs everything eager and compiled; --compile compiles "
+                         "every run: give one of them")
+    if args.also_compiled and setup.device.type != "cuda":
+        raise UsageError(f"--also-compiled is GPU-only (it compiles the transformer blocks for the "
+                         f"GPU), got --device {setup.device}")
     if args.warmup is not None and args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
@@ -692,25 +811,37 @@ def run_compare(args: argparse.Namespace) -> int:
     for notice in notices:
         print(f"note: {notice}", flush=True)
 
-    runs = [_Run(REFERENCE_LABEL, None)] + [_Run(entry.label, entry) for entry in entries]
+    runs = build_runs(entries, caches, quantizations,
+                      [False, True] if args.also_compiled else [bool(args.compile)], notices)
     reference_frames: dict[tuple[int, int], np.ndarray] = {}
     reference_dir_frames: dict[tuple[int, int], np.ndarray] = {}
     probe = make_probe(pipe, setup, args)
     compare_start = time.perf_counter()
+    compiled = bool(args.compile)
     try:
         for run in runs:
+            if run.compiled and not compiled:
+                # The compiled pass of --also-compiled: compile once, after every eager run; the
+                # attention modules are no longer timed (hooks inside compiled blocks).
+                cli.compile_transformers(pipe)
+                compiled = True
+                probe.remove()
+                probe = cli.make_probe(pipe, setup, argparse.Namespace(compile=True))
             method = run.entry.method if run.entry else None
             schedule = run.entry.schedule if run.entry else None
+            extra_options = dict(cache=run.cache[1] if run.cache else None, quantize=run.quantize)
             for _ in range(warmup):
-                run_generation(pipe, call_kwargs[0], probe, seeds[0], method, schedule)
+                run_generation(pipe, call_kwargs[0], probe, seeds[0], method, schedule,
+                               **extra_options)
             for index in range(len(prompts)):
                 for seed in seeds:
                     key = (index, seed)
-                    result = run_generation(pipe, call_kwargs[index], probe, seed, method, schedule)
+                    result = run_generation(pipe, call_kwargs[index], probe, seed, method, schedule,
+                                            **extra_options)
                     relative = os.path.join("videos", run.label, _video_name(index, seed))
                     write_video(result.frames, str(out_dir / relative), args.fps)
                     quality = reference_quality = None
-                    if run.entry is None:
+                    if run is runs[0]:
                         reference_frames[key] = result.frames
                     else:
                         quality = compare_videos(reference_frames[key], result.frames,
@@ -804,13 +935,18 @@ def run_compare(args: argparse.Namespace) -> int:
             {
                 "label": run.label,
                 "method": run.entry.name if run.entry else "stock",
+                "base": run.entry.label if run.entry else REFERENCE_LABEL,
+                "cache": ({"label": run.cache[0], "config": describe_cache(run.cache[1])}
+                          if run.cache else None),
+                "quantize": run.quantize,
+                "compiled": run.compiled,
                 "class": type(run.entry.method).__name__ if run.entry else None,
                 "config": _config_json(run.entry.method) if run.entry else None,
                 "preset": run.entry.preset if run.entry else None,
                 "schedule": _schedule_json(run.entry.schedule) if run.entry else None,
-                "description": _describe(run.entry),
+                "description": _describe_run(run),
                 "videos": run.videos,
-                "summary": _summary(run, None if run.entry is None else runs[0]),
+                "summary": _summary(run, None if run is runs[0] else runs[0]),
             }
             for run in runs
         ],

@@ -20,7 +20,9 @@ Nothing is patched. fastdit installs
   self-attention layers see (one per resolution).
 
 All of it is recorded in a :class:`FastditHandle`; ``handle.remove()`` (or ``fastdit.remove``)
-restores the original processor objects and hooks exactly.
+restores the original processor objects and hooks exactly. ``apply(..., cache=config)`` also
+enables a diffusers step cache after fastdit's hooks and disables it first on removal
+(:mod:`fastdit.compose` documents the order and what a skipped step means for each method).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class DenoisingState:
     runtime: object | None = None  # the method's per-generation state (methods that plan per call)
     pipeline: weakref.ref | None = None  # the pipeline installed on, for its scheduler's step count
     repeated_timestep_is_new_generation: bool = False  # set by adapters whose CFG is batched
+    quantize: str | None = None  # kernel quantization of the sparse attention (apply's quantize=)
     _last_timestep: float | None = None
     _contexts_at_step: set = field(default_factory=set)
 
@@ -274,6 +277,7 @@ class FastditHandle:
     _registries: list[tuple[torch.nn.Module, bool]] = field(default_factory=list)
     _torch_hooks: list = field(default_factory=list)
     _bound: list = field(default_factory=list)
+    _cache: object | None = None  # a fastdit.compose.CacheHandle (apply's cache=)
     removed: bool = False
 
     def summary(self) -> str:
@@ -282,6 +286,8 @@ class FastditHandle:
     def remove(self) -> None:
         if self.removed:
             return
+        if self._cache is not None:  # installed last, removed first
+            self._cache.remove()
         for handle in self._torch_hooks:
             handle.remove()
         for model, created_registry in self._registries:
@@ -358,12 +364,22 @@ def _check_method(method) -> None:
         )
 
 
-def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHandle:
+def apply(
+    pipe_or_model, method, schedule: Schedule | None = None, *, cache=None,
+    quantize: str | None = None,
+) -> FastditHandle:
     """Install ``method`` on every transformer (or the UNet) of a pipeline, or on one model.
 
     ``schedule`` defaults to the method's own (Radial presets carry one), else all steps sparse.
-    Returns a handle; ``handle.remove()`` or ``fastdit.remove(handle)`` restores the pipeline.
+    ``cache``: a diffusers step-cache config (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``,
+    ``MagCacheConfig``, ``FasterCacheConfig``, ``PyramidAttentionBroadcastConfig``), enabled on
+    every transformer after fastdit's hooks (:mod:`fastdit.compose`). ``quantize="int8"`` runs
+    the sparse attention on the INT8 kernel (bf16/fp16 pipelines; Dense, Radial, GNA, VMoBA,
+    AdaSpa). Returns a handle; ``handle.remove()`` or ``fastdit.remove(handle)`` restores the
+    pipeline, the cache included.
     """
+    from . import compose
+
     _check_method(method)
     if schedule is not None and not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastdit.Schedule or None, got {type(schedule).__name__} {schedule!r}")
@@ -373,11 +389,13 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
         check_method = getattr(adapter, "check_method", None)
         if check_method is not None:
             check_method(method)
+    compose.check_quantize(method, quantize, models, adapters)
     check_models = getattr(method, "check_models", None)
     if check_models is not None:  # methods with calibrated data (PARO) refuse other models
         check_models(models, [len(a.self_attention_modules(m)) for m, a in zip(models, adapters)])
     schedule = schedule if schedule is not None else Schedule.from_method(method)
     state = DenoisingState(method, schedule, pipeline=_pipeline_reference(pipe_or_model))
+    state.quantize = quantize
     handle = FastditHandle(state)
     try:
         for model, adapter in zip(models, adapters):
@@ -393,6 +411,8 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
             )
             handle._processors.append((model, saved))
             _install_hooks(model, adapter, state, handle)
+        if cache is not None:
+            handle._cache = compose.enable_cache(pipe_or_model, cache, models)
     except Exception:
         handle.remove()
         raise

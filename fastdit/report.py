@@ -77,10 +77,15 @@ SUMMARY_COLUMNS = (
 )
 
 
+def _is_reference(results: dict, run: dict) -> bool:
+    return run["label"] == results.get("reference", "dense")
+
+
 def summary_rows(results: dict) -> list[list[str]]:
     rows = []
     for run in results["runs"]:
         s = run["summary"]
+        reference = _is_reference(results, run)
         rows.append([
             run["label"],
             run["method"],
@@ -92,9 +97,9 @@ def summary_rows(results: dict) -> list[list[str]]:
             _fmt_share(s["self_attention_share"]),
             "1 (dense)" if run["method"] == "stock" else _fmt(s["mean_density"], ".3f"),
             _fmt_memory(s["peak_memory_bytes"]),
-            "ref" if run["method"] == "stock" else _fmt(s["psnr"], ".2f"),
-            "ref" if run["method"] == "stock" else _fmt(s["ssim"], ".4f"),
-            "ref" if run["method"] == "stock" else _fmt(s["lpips"], ".4f"),
+            "ref" if reference else _fmt(s["psnr"], ".2f"),
+            "ref" if reference else _fmt(s["ssim"], ".4f"),
+            "ref" if reference else _fmt(s["lpips"], ".4f"),
         ])
     return rows
 
@@ -180,7 +185,12 @@ def _finish(plt, fig, axis, path: Path, xlabel: str, ylabel: str, title: str,
 
 
 def _method_runs(results: dict) -> list[dict]:
-    return [run for run in results["runs"] if run["method"] != "stock"]
+    """Every run but the reference (stock runs with a cache or compiled included)."""
+    return [run for run in results["runs"] if not _is_reference(results, run)]
+
+
+# Marker per cache of a combination run (compare --cache): the method keeps its colour.
+_CACHE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _plot_speedup_vs_psnr(plt, results: dict, path: Path) -> None:
@@ -190,12 +200,18 @@ def _plot_speedup_vs_psnr(plt, results: dict, path: Path) -> None:
     finite = [p for p in psnrs if p is not None and math.isfinite(p)]
     right = (max(finite) + 5.0) if finite else 60.0
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (run, psnr) in enumerate(zip(runs, psnrs)):
+    # Combinations (method x cache x quantize x compile): colour by method entry, marker by cache;
+    # runs without those keys (older reports) get one colour each.
+    bases = list(dict.fromkeys(run.get("base", run["label"]) for run in runs))
+    caches = [None] + [c for c in dict.fromkeys((run.get("cache") or {}).get("label") for run in runs)
+                       if c is not None]
+    for run, psnr in zip(runs, psnrs):
         if psnr is None:
             continue
-        color = colors[i % len(colors)]
+        color = colors[bases.index(run.get("base", run["label"])) % len(colors)]
         x = right if math.isinf(psnr) else psnr
-        marker = ">" if math.isinf(psnr) else "o"
+        cache = (run.get("cache") or {}).get("label")
+        marker = ">" if math.isinf(psnr) else _CACHE_MARKERS[caches.index(cache) % len(_CACHE_MARKERS)]
         e2e = _number(run["summary"]["speedup_e2e"])
         transformer = _number(run["summary"]["speedup_transformer"])
         if e2e is not None:
@@ -206,9 +222,12 @@ def _plot_speedup_vs_psnr(plt, results: dict, path: Path) -> None:
             axis.scatter([x], [transformer], facecolors="none", edgecolors=color, marker=marker,
                          s=60)
     axis.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    title = "speed vs quality (filled: end to end, hollow: transformer)"
+    if len(caches) > 1:
+        title += "\ncolour: method, marker: cache (" + ", ".join(
+            f"{_CACHE_MARKERS[i % len(_CACHE_MARKERS)]} {c or 'none'}" for i, c in enumerate(caches)) + ")"
     _finish(plt, fig, axis, path, "PSNR vs dense (dB; arrow at the edge: identical)",
-            "speedup over dense", "speed vs quality (filled: end to end, hollow: transformer)",
-            legend=bool(runs))
+            "speedup over dense", title, legend=bool(runs))
 
 
 def _plot_psnr_per_frame(plt, results: dict, path: Path) -> None:

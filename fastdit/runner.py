@@ -365,10 +365,12 @@ class GenerationResult:
 
 
 def run_generation(pipe, call_kwargs: dict[str, Any], probe: SpeedProbe, seed: int,
-                   method=None, schedule=None) -> GenerationResult:
+                   method=None, schedule=None, *, cache=None, quantize=None) -> GenerationResult:
     """Run ``pipe(**call_kwargs)`` once with a fresh CPU generator seeded ``seed``; with
-    ``method``, installed by :func:`fastdit.apply` for this call only."""
+    ``method`` (and ``cache``, ``quantize``), installed by :func:`fastdit.apply` for this call
+    only; a ``cache`` without a method runs the stock pipeline with that cache."""
     import fastdit
+    from .compose import enable_cache
 
     kwargs = dict(call_kwargs)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
@@ -382,8 +384,12 @@ def run_generation(pipe, call_kwargs: dict[str, Any], probe: SpeedProbe, seed: i
 
     if not accepted or "callback_on_step_end" in accepted:
         kwargs["callback_on_step_end"] = on_step_end
+    handle = stock_cache = None
     try:
-        handle = fastdit.apply(pipe, method, schedule=schedule) if method is not None else None
+        if method is not None:
+            handle = fastdit.apply(pipe, method, schedule=schedule, cache=cache, quantize=quantize)
+        elif cache is not None:
+            stock_cache = enable_cache(pipe, cache)
     except BaseException:
         watch.remove()
         raise
@@ -404,6 +410,8 @@ def run_generation(pipe, call_kwargs: dict[str, Any], probe: SpeedProbe, seed: i
         watch.remove()
         if handle is not None:
             handle.remove()
+        if stock_cache is not None:
+            stock_cache.remove()
     speed = probe.end(run_s)
     frames = getattr(output, "frames", None)
     if frames is None:

@@ -89,6 +89,9 @@ class AttentionCall:
         runtime: the method's per-generation state (``method.new_runtime()``); a fresh one is made
             on every new generation and on every change of the sequence layout.
         key_padding: ``[B]`` int32 valid key counts (joint attention with padded text), or ``None``.
+        quantize: the kernel quantization ``fastdit.apply(..., quantize=...)`` asked for
+            (``"int8"``) or ``None``; a method that accepts it (``accepts_quantize = True``)
+            passes it to the kernel calls of its sparse attention.
     """
 
     plan: MethodPlan
@@ -101,6 +104,7 @@ class AttentionCall:
     generation: int
     runtime: object | None = None
     key_padding: torch.Tensor | None = None
+    quantize: str | None = None
 
     @property
     def layout(self) -> SequenceLayout:

@@ -577,6 +577,9 @@ class VMoBA:
     dense_layers: int | float = 0
     _cache: PlanCache = field(default_factory=PlanCache, init=False, repr=False, compare=False)
 
+    # fastdit.apply(..., quantize="int8") runs the selected blocks on the INT8 kernel.
+    accepts_quantize = True
+
     def __post_init__(self) -> None:
         tau = self.tau
         if (
@@ -750,7 +753,7 @@ class VMoBA:
         selected = self.select(query, key, call.layout, call.layer)
         out = block_sparse_attention(
             selected.permute(query), selected.permute(key), selected.permute(value),
-            selected.sparsity, key_padding=call.key_padding,
+            selected.sparsity, key_padding=call.key_padding, quantize=call.quantize,
         )
         counts = selected.sparsity.kv_counts
         total = counts.numel() * selected.sparsity.num_kv_blocks

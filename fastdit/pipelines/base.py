@@ -24,6 +24,16 @@ class FastditAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # Under torch.compile (regional: ``compile_repeated_blocks``, ``fastdit generate
+        # --compile``) a processor call runs eagerly between the block's compiled graphs: its
+        # bookkeeping (step, layer, schedule, density records, per-call plans) would otherwise be
+        # guarded per step and per layer and recompile until dynamo's recompile limit, after
+        # which the frame runs eagerly anyway, with every timing before it paying compilations.
+        if "__call__" in cls.__dict__:
+            cls.__call__ = torch.compiler.disable(cls.__call__)
+
     def __init__(self, method, schedule: Schedule | None = None) -> None:
         self.method = method
         self.schedule = schedule if schedule is not None else Schedule.from_method(method)
@@ -109,7 +119,8 @@ class FastditAttnProcessor:
         attend = getattr(self.method, "attend", None)
         if attend is None:
             out = block_sparse_attention(
-                query, key, value, plan.sparsity, key_padding=key_padding, window_mask=plan.window_mask
+                query, key, value, plan.sparsity, key_padding=key_padding,
+                window_mask=plan.window_mask, quantize=state.quantize,
             )
             self._record(layer, plan)
             return out
@@ -124,6 +135,7 @@ class FastditAttnProcessor:
             generation=state.generation,
             runtime=state.runtime,
             key_padding=key_padding,
+            quantize=state.quantize,
         )
         out, density = attend(query, key, value, call)
         state.record_density(layer, density)  # a device tensor stays one: no sync here
