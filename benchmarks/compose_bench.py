@@ -18,10 +18,9 @@ except for Radial's preset, whose first layer runs dense on the stock path:
 ``B / depth`` at the same compile setting. One step is classifier-free guidance: two forwards
 (cond, uncond) inside the Wan pipeline's ``cache_context``, as in ``e2e_bench.py``.
 
-Attention: ``stock-cudnn`` (diffusers' processors, SDPA forced to cuDNN); ``best-dense`` (the
-fastest dense attention e2e_bench provides, FlashAttention-4: used when ``e2e_bench`` defines
-``best_dense_context(device) -> (context factory, description)``, skipped with the reason
-otherwise); ``radial`` (``Radial.preset("wan2.1-14b")``: 12 of 50 steps and layer 0 dense);
+Attention: ``stock-cudnn`` (diffusers' processors, SDPA forced to cuDNN); ``best-dense`` (dense
+attention on FlashAttention-4's dense kernel through fastdit's ``Dense`` processor, as in
+``e2e_bench.py``); ``radial`` (``Radial.preset("wan2.1-14b")``: 12 of 50 steps and layer 0 dense);
 ``adaspa`` (``AdaSpa()``: steps 0-9 dense, searches at 10 and 30, sparsity 0.8). The dense steps
 of Radial and AdaSpa are one row, Radial's ``dense-step`` (the stock computation through
 fastdit's processor, which runs eagerly under compile, so it is timed, not taken from the stock
@@ -294,19 +293,6 @@ def dynamo_counts() -> tuple[int, int]:
     return sum(counters["graph_break"].values()), counters["stats"].get("unique_graphs", 0)
 
 
-def best_dense_context(device: torch.device):
-    """``(context factory, description)`` of e2e_bench's best dense attention (FlashAttention-4),
-    or ``(None, reason)``: the row is skipped with the reason when e2e_bench has none."""
-    provider = getattr(e2e_bench, "best_dense_context", None)
-    if provider is None:
-        return None, ("e2e_bench.py defines no best_dense_context(device) (the FlashAttention-4 "
-                      "best-dense baseline); row skipped")
-    try:
-        return provider(device)
-    except Exception as exc:  # an unavailable backend is a skipped row, not a failed run
-        return None, f"best dense attention unavailable: {describe_error(exc)}"
-
-
 # --------------------------------------------------------------------------- one model
 class ComposeRun:
     """One reduced-depth model: every (attention, compile, quantize) row, then freed."""
@@ -390,13 +376,9 @@ class ComposeRun:
         if "stock-cudnn" in methods:
             self.measure(self.new_row("stock-cudnn", "step", STOCK_STEP), STOCK_STEP)
         if "best-dense" in methods:
-            row = self.new_row("best-dense", "step", STOCK_STEP)
-            factory, description = best_dense_context(self.device)
-            if factory is None:
-                self.skip(row, description)
-            else:
-                row["source"] = description
-                self.measure(row, STOCK_STEP, sdpa=factory)
+            # Dense attention on the fastest backend fastdit has (FA4's dense kernel on Hopper),
+            # through fastdit's Dense processor: e2e_bench's best-dense baseline.
+            self.run_fastdit("best-dense", fastdit.Dense(), [("step", STOCK_STEP)], None)
         for quantize in (None, QUANTIZE):
             if "radial" in methods or "adaspa" in methods:
                 # Radial's dense step (every layer through fastdit's processor to the stock path)
