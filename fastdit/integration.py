@@ -19,6 +19,11 @@ Nothing is patched. fastdit installs
 * for UNets, a pre-hook on each ``Transformer2DModel`` that records the ``H x W`` grid its
   self-attention layers see (one per resolution).
 
+Under diffusers' context parallelism (``enable_parallelism``, before or after ``apply``) the hook
+also reads the transformer's parallel config before each forward (``state.parallel``), so the
+processors all-to-all into Ulysses head shards (:mod:`fastdit.parallel`); configurations fastdit
+cannot run exactly raise at ``apply`` or, when parallelism comes later, at the first forward.
+
 All of it is recorded in a :class:`FastditHandle`; ``handle.remove()`` (or ``fastdit.remove``)
 restores the original processor objects and hooks exactly.
 """
@@ -33,6 +38,7 @@ import torch
 
 from .layout import LatentGrid, SequenceLayout
 from .methods.base import MethodPlan
+from .parallel import check_model as check_parallel, context_parallel_config, ulysses_for
 from .schedule import Schedule
 
 logger = logging.getLogger("fastdit")
@@ -74,6 +80,8 @@ class DenoisingState:
     runtime: object | None = None  # the method's per-generation state (methods that plan per call)
     pipeline: weakref.ref | None = None  # the pipeline installed on, for its scheduler's step count
     repeated_timestep_is_new_generation: bool = False  # set by adapters whose CFG is batched
+    # The transformer's Ulysses group (fastdit.parallel.Ulysses) for this forward; None in one process.
+    parallel: object | None = None
     _last_timestep: float | None = None
     _contexts_at_step: set = field(default_factory=set)
 
@@ -191,6 +199,8 @@ def _hook_classes():
             self.cache_context = StateManager(_NoState)
 
         def pre_forward(self, module, *args, **kwargs):
+            # Read every forward: enable_parallelism may come after fastdit was installed.
+            self.state.parallel = ulysses_for(module, self.adapter, self.state.method, self.state.parallel)
             hidden_states, timestep = self.adapter.forward_inputs(args, kwargs)
             layout = self.adapter.sequence_layout(module, args, kwargs)
             self.state.begin_forward(layout, hidden_states.device, self.cache_context._context, timestep)
@@ -266,9 +276,20 @@ class FastditHandle:
                 del model._diffusers_hook
         for model, saved in self._processors:
             model.set_attn_processor(saved)
+            _restore_parallel_config(model, saved)
         for processor in self._bound:
             processor.state = None
         self.removed = True
+
+
+def _restore_parallel_config(model: torch.nn.Module, saved: dict) -> None:
+    """Give restored processors the model's context-parallel config, as ``enable_parallelism``
+    would have if they had been installed when it ran (otherwise they attend within a shard)."""
+    if context_parallel_config(model) is None:
+        return
+    for processor in saved.values():
+        if hasattr(processor, "_parallel_config") and processor._parallel_config is None:
+            processor._parallel_config = model._parallel_config
 
 
 def _install_hooks(model: torch.nn.Module, adapter, state: DenoisingState, handle: FastditHandle) -> None:
@@ -316,6 +337,8 @@ def apply(pipe_or_model, method, schedule: Schedule | None = None) -> FastditHan
     """
     models = _transformers(pipe_or_model)
     adapters = [_adapter_for(model) for model in models]  # validate all before changing any
+    for model, adapter in zip(models, adapters):
+        check_parallel(model, adapter, method)
     check_models = getattr(method, "check_models", None)
     if check_models is not None:  # methods with calibrated data (PARO) refuse other models
         check_models(models, [len(a.self_attention_modules(m)) for m, a in zip(models, adapters)])
@@ -380,6 +403,7 @@ def _attach_models(models: list[torch.nn.Module], handle: FastditHandle) -> None
             )
         if handle.state.method is None:
             handle.state.method, handle.state.schedule = first.method, first.schedule
+        check_parallel(model, adapter, handle.state.method)
         for processor in processors.values():
             processor.state = handle.state
             handle._bound.append(processor)

@@ -579,6 +579,9 @@ class VMoBA:
     dense_layers: int | float = 0
     _cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
 
+    # Selections are per (batch, head): runs on Ulysses head shards (fastdit.parallel).
+    head_parallel = True
+
     def __post_init__(self) -> None:
         tau = self.tau
         if (

@@ -1,0 +1,226 @@
+"""fastdit under diffusers' Ulysses context parallelism: 2 and 4 CPU processes over gloo.
+
+Every child process runs the same tiny Wan pipeline (4 heads, 5x4x8 = 160 tokens) twice per
+method: once in one process (no parallelism) and once under
+``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``, with fastdit
+installed before or after ``enable_parallelism``; the latents must agree to 1e-5 (fp32).
+
+The children are forked from the test process (torch and diffusers already imported: no start-up
+cost) and run fastdit's kernels on the PyTorch reference backend (``TRITON_INTERPRET=0``), one
+thread each. diffusers 0.42.1's ``enable_parallelism`` places rank ``r`` on device
+``r % torch.accelerator.device_count()``, which divides by zero on a CPU-only torch; the children
+report one device so that diffusers' own code runs unchanged on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import multiprocessing
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+
+import fastdit
+
+diffusers = pytest.importorskip("diffusers")
+
+TIMEOUT_S = 300
+SIZE = dict(height=64, width=128, num_frames=17)  # latent 5x8x16 -> tokens 5x4x8 = 160
+PROMPT = "a red fox runs through a snowy forest"
+
+
+# --------------------------------------------------------------------------- process harness
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _child(rank: int, world: int, port: int, queue, target, args) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), TRITON_INTERPRET="0",
+    )
+    torch.set_num_threads(1)
+    if torch.accelerator.device_count() == 0:  # see the module docstring
+        torch.accelerator.device_count = lambda: 1
+    stdout = io.StringIO()
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        with contextlib.redirect_stdout(stdout):
+            result = target(rank, world, *args)
+        queue.put((rank, "ok", result, stdout.getvalue()))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        queue.put((rank, "error", traceback.format_exc(), stdout.getvalue()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(world: int, target, *args) -> list:
+    """Run ``target(rank, world, *args)`` in ``world`` forked processes; their results by rank
+    (each a ``(result, stdout)`` pair). Any failure fails the test with every rank's traceback."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    port = _free_port()
+    processes = [
+        context.Process(target=_child, args=(rank, world, port, queue, target, args), daemon=True)
+        for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    reports = {}
+    try:
+        for _ in range(world):
+            rank, status, value, stdout = queue.get(timeout=TIMEOUT_S)
+            reports[rank] = (status, value, stdout)
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    errors = [f"rank {rank}:\n{value}" for rank, (status, value, _) in sorted(reports.items()) if status != "ok"]
+    assert not errors, "\n".join(errors)
+    assert len(reports) == world, f"only ranks {sorted(reports)} reported"
+    return [(reports[rank][1], reports[rank][2]) for rank in range(world)]
+
+
+# --------------------------------------------------------------------------- what the ranks run
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    """The embedded tiny Wan pipeline, built once in the test process (its imports included) and
+    inherited by the forked ranks, which swap in their own transformers."""
+    from fastdit.pipelines.tiny import build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_transformer(seed: int, heads: int = 4):
+    from diffusers import WanTransformer3DModel
+
+    from fastdit.pipelines.tiny import TINY_TRANSFORMER_CONFIG
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        config = dict(TINY_TRANSFORMER_CONFIG, num_attention_heads=heads, attention_head_dim=16)
+        return WanTransformer3DModel(**config).eval()
+
+
+def methods(paro_path: str | None = None) -> dict:
+    """Every method, with schedules that run dense and sparse steps in a 3-step generation."""
+    entries = {
+        "dense": fastdit.Dense(block_size=64),
+        "radial": fastdit.Radial(decay=0.3, block_size=64, dense_steps=1),
+        "gna": fastdit.GNA(window=(3, 3, 5), block_size=64),  # permuted, with a window mask
+        "vmoba": fastdit.VMoBA(block_size=64, dense_steps=1, partition_sizes=((1,), (2, 4), (1, 2, 4))),
+        "adaspa": fastdit.AdaSpa(sparsity=0.5, search_steps=(1, 2), reference_steps=None),
+        "agent": fastdit.Agent(video_cell=(1, 2, 2), dense_last_steps=0, block_size=64),
+    }
+    if paro_path is not None:
+        entries["paro"] = fastdit.PARO(plan=paro_path, quantize=None)
+    return entries
+
+
+def generate(pipe, seed: int, steps: int = 3) -> torch.Tensor:
+    with torch.inference_mode():
+        return pipe(
+            PROMPT, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+            generator=torch.Generator().manual_seed(seed), **SIZE,
+        ).frames.float()
+
+
+def enable_ulysses(model, degree: int, **options) -> None:
+    from diffusers import ContextParallelConfig
+
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, **options))
+
+
+def compare_methods(rank: int, world: int, pipe, seed: int, orders: dict[str, list[str]], paro_path):
+    """Per method (``orders``: name -> install orders): the one-process latents, then under Ulysses
+    with fastdit installed before (``apply-first``) or after (``parallelism-first``)
+    ``enable_parallelism``; max abs differences, densities and what the plan exercised."""
+    table = methods(paro_path)
+    results = {}
+    for name, install_orders in orders.items():
+        method = table[name]
+        pipe.transformer = tiny_transformer(seed)
+        handle = fastdit.apply(pipe, method)
+        reference = generate(pipe, seed)
+        reference_densities = dict(handle.state.densities)
+        plan = handle.state.active_plan
+        handle.remove()
+        for order in install_orders:
+            pipe.transformer = tiny_transformer(seed)
+            if order == "apply-first":
+                handle = fastdit.apply(pipe, method)
+                enable_ulysses(pipe.transformer, world)
+            else:
+                enable_ulysses(pipe.transformer, world)
+                handle = fastdit.apply(pipe, method)
+            out = generate(pipe, seed)
+            ulysses = handle.state.parallel
+            densities = ulysses.mean_over_ranks(handle.state.densities, ulysses.head_share)
+            handle.remove()
+            results[(name, order)] = dict(
+                diff=float((out - reference).abs().max()),
+                densities=densities, reference_densities=reference_densities,
+                sparse=plan.density < 1, permuted=plan.permutation is not None,
+                window=plan.window_mask is not None,
+            )
+    return results
+
+
+# --------------------------------------------------------------------------- tests
+def _paro_plan_file(rng, directory) -> str:
+    """A random PARO plan for the 4-head tiny transformer: mixed axis orders and block masks per
+    head, so slicing the plan to a rank's heads matters."""
+    from fastdit.layout import AXIS_ORDERS, LatentGrid, SequenceLayout
+    from fastdit.methods.paro import ParoPlan, _layout_to_json
+
+    layout = SequenceLayout(LatentGrid(5, 4, 8))
+    nb = math.ceil(layout.num_tokens / 64)
+    metadata = {
+        "model_class": "WanTransformer3DModel", "transformer_layers": [2], "num_heads": 4,
+        "head_dim": 16, "layout": _layout_to_json(layout), "num_steps": 3, "num_buckets": 2,
+        "block_size": 64, "target": {"density": 0.5}, "fastdit_version": fastdit.__version__,
+    }
+    masks = torch.rand(2, 2, 4, nb, nb, generator=rng) < 0.6
+    masks |= torch.eye(nb, dtype=torch.bool)  # every query block sees its own keys
+    orders = torch.randperm(len(AXIS_ORDERS), generator=rng)[:4].repeat(2, 1).to(torch.uint8)
+    path = os.path.join(directory, "paro.safetensors")
+    ParoPlan(orders, masks, metadata).save(path)
+    return path
+
+
+def _check(results: dict, names) -> None:
+    for (name, order), entry in results.items():
+        assert entry["diff"] <= 1e-5, (name, order, entry["diff"])
+        assert entry["densities"] == pytest.approx(entry["reference_densities"], rel=1e-6), (name, order)
+    for name in names:
+        assert any(name == key[0] for key in results), name
+    assert results[next(k for k in results if k[0] == "gna")]["permuted"]
+    assert results[next(k for k in results if k[0] == "gna")]["window"]
+    assert results[next(k for k in results if k[0] == "radial")]["sparse"]
+
+
+BOTH_ORDERS = ["apply-first", "parallelism-first"]
+
+
+def test_every_method_equals_one_process_on_2_ranks(rng, tmp_path, tiny_pipe):
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    names = [*methods(), "paro"]
+    orders = {name: BOTH_ORDERS for name in names}
+    ranks = run_ranks(2, compare_methods, tiny_pipe, seed, orders, _paro_plan_file(rng, tmp_path))
+    results = ranks[0][0]
+    assert len(results) == 2 * len(names)
+    _check(results, names)
+    assert ranks[1][0] == results  # every rank computed the same thing
