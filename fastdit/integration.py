@@ -275,19 +275,19 @@ class FastditHandle:
             if created_registry and not registry.hooks:
                 del model._diffusers_hook
         for model, saved in self._processors:
-            model.set_attn_processor(saved)
-            _restore_parallel_config(model, saved)
+            model.set_attn_processor(dict(saved))  # diffusers pops the entries of the dict it gets
+            _restore_parallel_config(model, saved.values())
         for processor in self._bound:
             processor.state = None
         self.removed = True
 
 
-def _restore_parallel_config(model: torch.nn.Module, saved: dict) -> None:
+def _restore_parallel_config(model: torch.nn.Module, processors) -> None:
     """Give restored processors the model's context-parallel config, as ``enable_parallelism``
     would have if they had been installed when it ran (otherwise they attend within a shard)."""
     if context_parallel_config(model) is None:
         return
-    for processor in saved.values():
+    for processor in processors:
         if hasattr(processor, "_parallel_config") and processor._parallel_config is None:
             processor._parallel_config = model._parallel_config
 

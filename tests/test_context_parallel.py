@@ -28,6 +28,8 @@ import torch
 import fastdit
 
 diffusers = pytest.importorskip("diffusers")
+# Imported here, in the test process: the forked ranks inherit them instead of importing each.
+from diffusers import ContextParallelConfig, WanTransformer3DModel  # noqa: E402
 
 TIMEOUT_S = 300
 SIZE = dict(height=64, width=128, num_frames=17)  # latent 5x8x16 -> tokens 5x4x8 = 160
@@ -105,8 +107,6 @@ def tiny_pipe():
 
 
 def tiny_transformer(seed: int, heads: int = 4):
-    from diffusers import WanTransformer3DModel
-
     from fastdit.pipelines.tiny import TINY_TRANSFORMER_CONFIG
 
     with torch.random.fork_rng(devices=[]):
@@ -139,8 +139,6 @@ def generate(pipe, seed: int, steps: int = 3) -> torch.Tensor:
 
 
 def enable_ulysses(model, degree: int, **options) -> None:
-    from diffusers import ContextParallelConfig
-
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, **options))
 
 
@@ -224,3 +222,128 @@ def test_every_method_equals_one_process_on_2_ranks(rng, tmp_path, tiny_pipe):
     assert len(results) == 2 * len(names)
     _check(results, names)
     assert ranks[1][0] == results  # every rank computed the same thing
+
+
+def uneven_shards(rank: int, world: int, pipe, seed: int, names: list[str]):
+    """``ulysses_anything``: 7 heads over 4 ranks (2, 2, 2, 1), against one process; and the
+    all-to-alls alone on 75 tokens (19, 19, 19, 18; diffusers' own gather of uneven shards
+    needs NCCL, gloo's all_gather takes equal sizes only)."""
+    from fastdit.parallel import split_sizes
+
+    table = methods()
+    results = {}
+    for name in names:
+        pipe.transformer = tiny_transformer(seed, heads=7)
+        handle = fastdit.apply(pipe, table[name])
+        reference = generate(pipe, seed)
+        handle.remove()
+        enable_ulysses(pipe.transformer, world, ulysses_anything=True)
+        handle = fastdit.apply(pipe, table[name])
+        out = generate(pipe, seed)
+        ulysses = handle.state.parallel
+        handle.remove()
+        results[name] = float((out - reference).abs().max())
+    generator = torch.Generator().manual_seed(seed)
+    full = [torch.randn(2, 75, 6, 8, generator=generator) for _ in range(3)]
+    seq = split_sizes(75, world)
+    mine = [x.narrow(1, sum(seq[:rank]), seq[rank]) for x in full]
+    shard = ulysses.heads(6)
+    gathered = ulysses.to_heads(mine, 75)
+    results["to_heads"] = all(torch.equal(g, shard.local(x, 2)) for g, x in zip(gathered, full))
+    results["to_sequence"] = torch.equal(ulysses.to_sequence(gathered[0], 6), mine[0])
+    results["gather"] = torch.equal(shard.gather(shard.local(full[0], 2), 2), full[0])
+    return results
+
+
+def test_methods_equal_one_process_on_4_ranks(rng, tmp_path, tiny_pipe):
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    names = [*methods(), "paro"]
+    # One install order per method here (both are covered on 2 ranks), alternating.
+    orders = {name: [BOTH_ORDERS[index % 2]] for index, name in enumerate(names)}
+    ranks = run_ranks(4, compare_methods, tiny_pipe, seed, orders, _paro_plan_file(rng, tmp_path))
+    _check(ranks[0][0], names)
+    assert all(result == ranks[0][0] for result, _ in ranks)
+    for result, _ in run_ranks(4, uneven_shards, tiny_pipe, seed, ["gna", "adaspa"]):
+        assert result.pop("to_heads") and result.pop("to_sequence") and result.pop("gather")
+        for name, diff in result.items():
+            assert diff <= 1e-5, (name, diff)
+
+
+class PerCallWithoutHeadParallel:
+    """A per-call method that does not declare ``head_parallel``: refused under Ulysses."""
+
+    def plan(self, layout, device=None):
+        return fastdit.Dense(block_size=64).plan(layout, device)
+
+    def attend(self, query, key, value, call):  # pragma: no cover - never reached
+        raise AssertionError("ran on a head shard")
+
+
+def transformer_inputs(seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(1, 16, 5, 8, 16, generator=generator),  # tokens 5x4x8 = 160
+        timestep=torch.tensor([700.0]), encoder_hidden_states=torch.randn(1, 7, 32, generator=generator),
+        return_dict=False,
+    )
+
+
+def refusals_and_remove(rank: int, world: int, seed: int):
+    """What fastdit refuses (at apply, or at the first forward when parallelism comes later), and
+    ``remove`` after ``enable_parallelism`` (the restored stock processors get the parallel config)."""
+    inputs = transformer_inputs(seed)
+    messages = {}
+
+    def attempt(key, action):
+        try:
+            action()
+            messages[key] = None
+        except ValueError as exc:
+            messages[key] = str(exc)
+
+    radial = fastdit.Radial(decay=0.3, block_size=64)
+    model = tiny_transformer(seed)
+    model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
+    attempt("ring, then apply", lambda: fastdit.apply(model, radial))
+    messages["ring, then apply: untouched"] = not hasattr(model, "_diffusers_hook") or "fastdit" not in model._diffusers_hook.hooks
+
+    model = tiny_transformer(seed)
+    handle = fastdit.apply(model, radial)
+    model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
+    with torch.inference_mode():
+        attempt("apply, then ring: first forward", lambda: model(**inputs))
+    handle.remove()
+
+    model = tiny_transformer(seed)
+    enable_ulysses(model, world)
+    attempt("per-call method without head_parallel", lambda: fastdit.apply(model, PerCallWithoutHeadParallel()))
+
+    model = tiny_transformer(seed, heads=3)
+    enable_ulysses(model, world)
+    attempt("3 heads on 2 ranks", lambda: fastdit.apply(model, radial))
+
+    # remove(): apply -> enable_parallelism -> remove gives stock Ulysses, equal to one process.
+    model = tiny_transformer(seed)
+    with torch.inference_mode():
+        stock = model(**inputs)[0]
+        handle = fastdit.apply(model, radial)
+        enable_ulysses(model, world)
+        sparse = model(**inputs)[0]
+        handle.remove()
+        restored = model(**inputs)[0]
+    messages["remove: stock again"] = float((restored - stock).abs().max())
+    messages["sparse differs from stock"] = float((sparse - stock).abs().max())
+    return messages
+
+
+def test_refusals_and_remove_on_2_ranks(rng):
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    messages = run_ranks(2, refusals_and_remove, seed)[0][0]
+    assert "ring attention (ring_degree=2) is not supported" in messages["ring, then apply"]
+    assert "ContextParallelConfig(ulysses_degree=2)" in messages["ring, then apply"]
+    assert messages["ring, then apply: untouched"]
+    assert "ring attention (ring_degree=2)" in messages["apply, then ring: first forward"]
+    assert "does not declare head_parallel=True" in messages["per-call method without head_parallel"]
+    assert "got 3 heads for ulysses_degree=2" in messages["3 heads on 2 ranks"]
+    assert messages["remove: stock again"] <= 1e-5
+    assert messages["sparse differs from stock"] > 1e-3
