@@ -35,7 +35,8 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
                    "guidance_scale": float | null (null: the pipeline's default),
                    "fps": float, "negative_prompt": str | null, "warmup": int,
                    "compile": bool, "cpu_offload": bool, "load_s": float,
-                   "prompts": [str], "seeds": [int], "reference_dir": str | null},
+                   "prompts": [str], "seeds": [int], "reference_dir": str | null,
+                   "ulysses": int (context-parallel ranks, 1 in one process)},
       "reference": "dense",                         # label of the run quality is measured against
       "lpips": {"available": bool, "reason": str | null},
       "notices": [str],                             # LPIPS skipped, random weights, CPU timings
@@ -55,6 +56,8 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
                        "psnr_per_frame": [..], "ssim_per_frame": [..], "lpips_per_frame"},
             "quality_vs_reference_dir": same form | null,
             "densities": [[layer, step, density], ...],   # fastdit's record; [] for dense
+            "ranks": null | [{"rank", "device", "run_s", "denoise_s", "transformer_s",
+                              "peak_memory_bytes"}],  # every rank's, under --ulysses N
             "extra": JSON | null}                 # the method runtime's ``records``, if any
          ],
          "summary": {"run_s", "denoise_s", "step_s", "transformer_s": means over videos,
@@ -101,6 +104,7 @@ from .cli import (
     _seconds,
     build_method,
     build_schedule,
+    gather_rank_speeds,
     load_for_run,
     make_probe,
     parse_value,
@@ -646,7 +650,8 @@ def run_compare(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output-dir {out_dir} exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if setup.is_main:  # under --ulysses, rank 0 writes the report
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     notices: list[str] = []
     pipe, load_s = load_for_run(args, setup)
@@ -676,11 +681,16 @@ def run_compare(args: argparse.Namespace) -> int:
                        "GPU, lazy initialisation) are timed, the dense reference's included")
 
     model_name = TINY_DESCRIPTION if setup.tiny else args.model
-    print(f"fastdit compare: {model_name} [{type(pipe).__name__}, {setup.device}, "
+    if setup.parallel is not None:
+        notices.append(f"--ulysses {setup.parallel.degree}: every run on {setup.parallel.degree} "
+                       "ranks (diffusers' Ulysses context parallelism); times and memory per rank "
+                       "in each video's \"ranks\"")
+    if setup.is_main:
+        print(f"fastdit compare: {model_name} [{type(pipe).__name__}, {setup.device}, "
           f"{setup.dtype_name}], {len(prompts)} prompt(s) x {len(seeds)} seed(s), dense + "
           f"{', '.join(e.label for e in entries)}; loaded in {_seconds(load_s)}", flush=True)
-    for notice in notices:
-        print(f"note: {notice}", flush=True)
+        for notice in notices:
+            print(f"note: {notice}", flush=True)
 
     runs = [_Run(REFERENCE_LABEL, None)] + [_Run(entry.label, entry) for entry in entries]
     reference_frames: dict[tuple[int, int], np.ndarray] = {}
@@ -697,6 +707,9 @@ def run_compare(args: argparse.Namespace) -> int:
                 for seed in seeds:
                     key = (index, seed)
                     result = run_generation(pipe, call_kwargs[index], probe, seed, method, schedule)
+                    ranks = gather_rank_speeds(setup, result.speed)
+                    if not setup.is_main:
+                        continue
                     relative = os.path.join("videos", run.label, _video_name(index, seed))
                     write_video(result.frames, str(out_dir / relative), args.fps)
                     quality = reference_quality = None
@@ -740,11 +753,15 @@ def run_compare(args: argparse.Namespace) -> int:
                         "densities": [[layer, step, density] for (layer, step), density
                                       in sorted(result.densities.items(),
                                                 key=lambda kv: (kv[0][0], kv[0][1] or 0))],
+                        "ranks": ranks,
                         "extra": extra,
                     })
-                    _print_progress(run.label, index, seed, result, quality)
+                    _print_progress(run.label, index, seed, result, quality, ranks)
     finally:
         probe.remove()
+    if not setup.is_main:
+        setup.parallel.close()
+        return 0
 
     # ---- grid videos, from the written mp4s
     grids = []
@@ -786,6 +803,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "prompts": prompts,
             "seeds": seeds,
             "reference_dir": args.reference_dir,
+            "ulysses": setup.parallel.degree if setup.parallel is not None else 1,
         },
         "reference": REFERENCE_LABEL,
         "lpips": {"available": lpips_scorer is not None, "reason": lpips_reason},
@@ -822,10 +840,12 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"\nwrote {out_dir}/: report.md, report.html, results.json, {len(grids)} grid "
           f"video(s), {sum(len(r.videos) for r in runs)} videos "
           f"({_seconds(time.perf_counter() - compare_start)})", flush=True)
+    if setup.parallel is not None:
+        setup.parallel.close()
     return 0
 
 
-def _print_progress(label: str, index: int, seed: int, result, quality) -> None:
+def _print_progress(label: str, index: int, seed: int, result, quality, ranks=None) -> None:
     speed = result.speed
     parts = [f"[{label}] prompt {index} seed {seed}: {_seconds(speed.run_s)}"]
     if speed.step_s:
@@ -836,4 +856,8 @@ def _print_progress(label: str, index: int, seed: int, result, quality) -> None:
     if result.densities:
         values = list(result.densities.values())
         parts.append(f"density {sum(values) / len(values):.3f}")
+    for entry in ranks or ():
+        memory = entry["peak_memory_bytes"]
+        parts.append(f"rank {entry['rank']} {_seconds(entry['run_s'])}"
+                     + (f" {memory / 2**30:.2f} GiB" if memory is not None else ""))
     print(", ".join(parts), flush=True)

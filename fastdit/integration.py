@@ -162,9 +162,10 @@ class DenoisingState:
         self.step, self._last_timestep = None, None
         self._contexts_at_step.clear()
 
-    def summary(self) -> str:
-        """Per-layer attention density of the latest generation ('dense' for dense steps)."""
-        densities = self.densities
+    def summary(self, densities: dict | None = None) -> str:
+        """Per-layer attention density of the latest generation ('dense' for dense steps);
+        ``densities`` overrides this state's (e.g. averaged over Ulysses ranks)."""
+        densities = self.densities if densities is None else densities
         if not densities:
             return "fastdit: no attention call recorded yet"
         lines = [f"fastdit {type(self.method).__name__}: grid {self.grid.shape if self.grid else '?'}"]

@@ -47,7 +47,10 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["HeadShard", "Ulysses", "check_model", "context_parallel_config", "split_sizes", "ulysses_for"]
+__all__ = [
+    "HeadShard", "ProcessGroupRun", "Ulysses", "check_model", "context_parallel_config", "enable", "launch",
+    "split_sizes", "ulysses_for",
+]
 
 
 def context_parallel_config(model):
@@ -336,3 +339,106 @@ class HeadShard:
     def slice_plan(self, sparsity):
         """A per-head plan of all heads -> its local heads (a broadcast plan stays as it is)."""
         return self.ulysses.slice_plan(sparsity, self)
+
+
+# --------------------------------------------------------------------------- torchrun launches
+@dataclass
+class ProcessGroupRun:
+    """This process's place in a ``torchrun --nproc-per-node N`` launch with Ulysses degree ``N``."""
+
+    degree: int
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    owned: bool = True  # whether launch() initialised the process group (close() destroys it then)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that prints and writes files."""
+        return self.rank == 0
+
+    def gather(self, value) -> list:
+        """``value`` of every rank, in rank order, on every rank (a collective)."""
+        import torch.distributed as dist
+
+        values: list = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def close(self) -> None:
+        """Destroy the process group if :func:`launch` created it (not one the caller set up)."""
+        import torch.distributed as dist
+
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(degree: int, device: str | torch.device | None = None) -> ProcessGroupRun:
+    """Join the process group of a ``torchrun --nproc-per-node degree`` launch.
+
+    Checks that the launch has ``degree`` processes and an accelerator per process (diffusers'
+    ``enable_parallelism`` builds its device mesh on ``torch.accelerator``), selects
+    ``cuda:LOCAL_RANK`` and initialises NCCL (gloo off CUDA). Raises ``ValueError`` naming what
+    is missing.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    world = os.environ.get("WORLD_SIZE")
+    if "RANK" not in os.environ or world is None or int(world) != degree:
+        raise ValueError(
+            f"--ulysses {degree} runs as {degree} processes started by torchrun: torchrun "
+            f"--nproc-per-node {degree} -m fastdit ... --ulysses {degree} (this process has "
+            f"WORLD_SIZE={world or 'unset'})"
+        )
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    accelerator = torch.accelerator.current_accelerator()
+    device_type = accelerator.type if accelerator is not None else "cpu"
+    if device is not None and torch.device(device).type != device_type:
+        raise ValueError(
+            f"--ulysses runs on this machine's {device_type} devices (diffusers builds its device "
+            f"mesh there), got --device {device}"
+        )
+    count = torch.accelerator.device_count()
+    if count == 0:
+        raise ValueError(
+            "--ulysses needs an accelerator: diffusers' enable_parallelism places rank r on device "
+            "r % torch.accelerator.device_count(), which is 0 on this CPU-only torch"
+        )
+    if device_type == "cuda":
+        if local_rank >= count:
+            raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {count} CUDA device(s)")
+        torch.cuda.set_device(local_rank)
+        run_device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        run_device, backend = torch.device(device_type), "gloo"
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group(backend)
+    return ProcessGroupRun(degree, rank, int(world), local_rank, run_device, dist.get_backend(), owned)
+
+
+def enable(pipe_or_model, degree: int) -> None:
+    """``enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))`` on every
+    transformer of a pipeline (or on one model), with the adapter's ``_cp_plan`` where diffusers
+    has none. Refuses models fastdit cannot run under context parallelism, before any changes."""
+    from diffusers import ContextParallelConfig
+
+    from .integration import _adapter_for, _transformers
+
+    models = _transformers(pipe_or_model)
+    plans = []
+    for model in models:
+        adapter = _adapter_for(model)
+        if not getattr(adapter, "SUPPORTS_CONTEXT_PARALLEL", False):
+            raise ValueError(f"fastdit has no context-parallel support for {type(model).__name__}")
+        make_plan = getattr(adapter, "context_parallel_plan", None)
+        plan = make_plan(model) if make_plan is not None else None
+        if plan is None and getattr(model, "_cp_plan", None) is None:
+            raise ValueError(f"{type(model).__name__} has no context-parallel plan (_cp_plan) in this diffusers")
+        plans.append(plan)
+    for model, plan in zip(models, plans):
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree), cp_plan=plan)

@@ -347,3 +347,59 @@ def test_refusals_and_remove_on_2_ranks(rng):
     assert "got 3 heads for ulysses_degree=2" in messages["3 heads on 2 ranks"]
     assert messages["remove: stock again"] <= 1e-5
     assert messages["sparse differs from stock"] > 1e-3
+
+
+def cli_runs(rank: int, world: int, directory: str):
+    """``fastdit generate`` and ``fastdit compare`` with ``--ulysses`` as torchrun would start them
+    (RANK, WORLD_SIZE, LOCAL_RANK set); which files each rank wrote."""
+    from fastdit import cli, compare, report
+
+    written = []
+
+    def recording(function):
+        def wrapper(*args, **kwargs):
+            written.append(function.__name__)
+            return function(*args, **kwargs)
+        return wrapper
+
+    cli.write_video = compare.write_video = recording(cli.write_video)
+    report.write_report = recording(report.write_report)
+    small = ["--height", "64", "--width", "64", "--num-frames", "9", "--steps", "2"]  # 48 tokens
+    video = os.path.join(directory, "out.mp4")
+    codes = [
+        cli.main(["generate", *small, "--attention", "radial", "--attention-opt", "block_size=64",
+                  "--ulysses", str(world), "-o", video]),
+        cli.main(["compare", *small, "--methods", "radial", "--method-opt", "block_size=64",
+                  "--warmup", "0", "--no-lpips", "--ulysses", str(world),
+                  "-o", os.path.join(directory, "report")]),
+    ]
+    return codes, written
+
+
+def test_cli_generate_and_compare_under_torchrun_on_2_ranks(tmp_path, tiny_pipe, capsys):
+    import json
+
+    ranks = run_ranks(2, cli_runs, str(tmp_path))
+    (codes, written), stdout = ranks[0]
+    assert codes == [0, 0]
+    assert written == ["write_video", "write_video", "write_video", "write_video", "write_report"]
+    assert ranks[1][0] == ([0, 0], []) and ranks[1][1] == ""  # rank 1 neither writes nor prints
+    assert (tmp_path / "out.mp4").stat().st_size > 0
+    assert "parallel     Ulysses context parallelism over 2 ranks (gloo)" in stdout
+    for rank in (0, 1):
+        assert f"  rank {rank}       run " in stdout, stdout
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert results["settings"]["ulysses"] == 2
+    for run in results["runs"]:
+        assert [entry["rank"] for entry in run["videos"][0]["ranks"]] == [0, 1]
+    # One process without --ulysses under a torchrun launch of 2: refused, nothing runs.
+    from fastdit import cli
+
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        assert cli.main(["generate", "-o", str(tmp_path / "never.mp4")]) == 2
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert "pass --ulysses 2" in capsys.readouterr().err
+    assert cli.main(["generate", "--ulysses", "2", "-o", str(tmp_path / "never.mp4")]) == 2
+    assert "torchrun --nproc-per-node 2 -m fastdit ... --ulysses 2" in capsys.readouterr().err
