@@ -655,6 +655,16 @@ def run_compare(args: argparse.Namespace) -> int:
 
     notices: list[str] = []
     pipe, load_s = load_for_run(args, setup)
+    if setup.parallel is not None:
+        from .integration import _adapter_for, _transformers
+
+        for model in _transformers(pipe):
+            if getattr(_adapter_for(model), "context_parallel_plan", None) is not None:
+                raise UsageError(
+                    f"--ulysses: the dense reference (diffusers' stock attention) cannot run "
+                    f"{type(model).__name__} under fastdit's context-parallel plan (the text is "
+                    "whole on every rank); compare in one process, or use fastdit generate --ulysses"
+                )
     call_kwargs = []
     for prompt in prompts:
         kwargs, dropped = pipeline_call_kwargs(pipe, prompt, setup.settings, args.negative_prompt)

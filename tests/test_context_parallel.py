@@ -29,7 +29,7 @@ import fastdit
 
 diffusers = pytest.importorskip("diffusers")
 # Imported here, in the test process: the forked ranks inherit them instead of importing each.
-from diffusers import ContextParallelConfig, WanTransformer3DModel  # noqa: E402
+from diffusers import ContextParallelConfig, HunyuanVideoTransformer3DModel, WanTransformer3DModel  # noqa: E402
 
 TIMEOUT_S = 300
 SIZE = dict(height=64, width=128, num_frames=17)  # latent 5x8x16 -> tokens 5x4x8 = 160
@@ -403,3 +403,93 @@ def test_cli_generate_and_compare_under_torchrun_on_2_ranks(tmp_path, tiny_pipe,
     assert "pass --ulysses 2" in capsys.readouterr().err
     assert cli.main(["generate", "--ulysses", "2", "-o", str(tmp_path / "never.mp4")]) == 2
     assert "torchrun --nproc-per-node 2 -m fastdit ... --ulysses 2" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- HunyuanVideo
+def tiny_hunyuan(seed: int, image_condition_type=None):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16,
+            num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2,
+            patch_size_t=1, text_embed_dim=12, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),
+            guidance_embeds=True, image_condition_type=image_condition_type,
+        ).eval()
+
+
+def hunyuan_inputs(seed: int) -> dict:
+    """Latent 5x8x16 -> 5x4x8 = 160 video tokens, 9 text tokens padded to valid lengths 9 and 4."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(9)[None, :] < torch.tensor([9, 4])[:, None]).long()
+    return dict(
+        hidden_states=torch.randn(2, 4, 5, 8, 16, generator=generator),
+        encoder_hidden_states=torch.randn(2, 9, 12, generator=generator), encoder_attention_mask=mask,
+        pooled_projections=torch.randn(2, 8, generator=generator), guidance=torch.tensor([6000.0] * 2),
+        return_dict=False,
+    )
+
+
+def hunyuan_steps(model, inputs: dict, steps: int = 3) -> torch.Tensor:
+    """``steps`` denoising steps as the pipeline's loop marks them (one pass each)."""
+    outputs = []
+    with torch.inference_mode():
+        for step in range(steps):
+            timestep = torch.tensor([900.0 - 300 * step] * 2)
+            with model.cache_context("cond", step_index=step, num_inference_steps=steps):
+                outputs.append(model(timestep=timestep, **inputs)[0])
+    return torch.stack(outputs)
+
+
+def hunyuan_compare(rank: int, world: int, seed: int, orders: dict[str, list[str]]):
+    from fastdit.pipelines.hunyuan_video import context_parallel_plan
+
+    inputs = hunyuan_inputs(seed)
+    table = methods()
+    results = {}
+
+    def enable(model):
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world),
+                                 cp_plan=context_parallel_plan(model))
+
+    for name, install_orders in orders.items():
+        model = tiny_hunyuan(seed)
+        handle = fastdit.apply(model, table[name])
+        reference = hunyuan_steps(model, inputs)
+        handle.remove()
+        for order in install_orders:
+            model = tiny_hunyuan(seed)
+            if order == "apply-first":
+                handle = fastdit.apply(model, table[name])
+                enable(model)
+            else:
+                enable(model)
+                handle = fastdit.apply(model, table[name])
+            results[(name, order)] = float((hunyuan_steps(model, inputs) - reference).abs().max())
+    # After remove, the stock processors cannot run fastdit's plan: an error, not another result.
+    handle.remove()
+    try:
+        hunyuan_steps(model, inputs, steps=1)
+        results["stock after remove"] = "ran"
+    except RuntimeError as exc:
+        results["stock after remove"] = str(exc)
+    model = tiny_hunyuan(seed, image_condition_type="token_replace")
+    enable(model)
+    try:
+        fastdit.apply(model, table["radial"])
+        results["token_replace"] = None
+    except ValueError as exc:
+        results["token_replace"] = str(exc)
+    return results
+
+
+def test_hunyuan_video_equals_one_process_on_2_ranks(rng):
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    names = list(methods())
+    orders = {name: [BOTH_ORDERS[index % 2]] for index, name in enumerate(names)}
+    orders["radial"] = BOTH_ORDERS
+    results = run_ranks(2, hunyuan_compare, seed, orders)[0][0]
+    assert "token_replace" in results.pop("token_replace")
+    assert results.pop("stock after remove") != "ran"
+    assert len(results) == len(names) + 1
+    for key, diff in results.items():
+        assert diff <= 1e-5, (key, diff)
