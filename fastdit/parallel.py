@@ -196,12 +196,13 @@ class Ulysses:
         seq_sizes = self._check_local("tokens", local, seq_len)
         head_sizes = split_sizes(heads, self.degree)
         count = len(tensors)
-        # Destination-major send buffer: for rank j, every tensor's slice of j's heads.
-        send = torch.cat(
-            [x[:, :, start : start + size].reshape(-1)
-             for start, size in zip(_offsets(head_sizes), head_sizes) for x in tensors]
-        )
+        # Destination-major send buffer: for rank j, every tensor's slice of j's heads (one copy).
         send_sizes = [count * batch * local * size * head_dim for size in head_sizes]
+        send = first.new_empty(sum(send_sizes))
+        for part, start, size in zip(send.split(send_sizes), _offsets(head_sizes), head_sizes):
+            slots = part.view(count, batch, local, size, head_dim)
+            for slot, x in zip(slots, tensors):
+                slot.copy_(x[:, :, start : start + size])
         local_heads = head_sizes[self.rank]
         recv_sizes = [count * batch * size * local_heads * head_dim for size in seq_sizes]
         recv = send.new_empty(sum(recv_sizes))
@@ -222,8 +223,10 @@ class Ulysses:
         if local_heads != head_sizes[self.rank]:
             raise ValueError(f"rank {self.rank} holds {local_heads} heads, expected {head_sizes[self.rank]} of {heads}")
         seq_sizes = split_sizes(seq_len, self.degree)
-        send = torch.cat([part.reshape(-1) for part in x.split(seq_sizes, dim=1)])
         send_sizes = [batch * size * local_heads * head_dim for size in seq_sizes]
+        send = x.new_empty(sum(send_sizes))
+        for part, piece, size in zip(send.split(send_sizes), x.split(seq_sizes, dim=1), seq_sizes):
+            part.view(batch, size, local_heads, head_dim).copy_(piece)
         local = seq_sizes[self.rank]
         recv_sizes = [batch * local * size * head_dim for size in head_sizes]
         recv = send.new_empty(sum(recv_sizes))

@@ -115,6 +115,26 @@ def tiny_transformer(seed: int, heads: int = 4):
         return WanTransformer3DModel(**config).eval()
 
 
+class PerHeadStatic:
+    """A static method whose plan differs per head (random block maps, fixed per layout): the
+    processor slices it to each rank's heads."""
+
+    def __init__(self, heads: int = 4, seed: int = 0) -> None:
+        self.heads, self.seed, self._plans = heads, seed, {}
+
+    def plan(self, layout, device=None):
+        from fastdit.kernels import BlockSparsity
+        from fastdit.methods.base import MethodPlan
+
+        if layout not in self._plans:
+            blocks = math.ceil(layout.num_tokens / 64)
+            generator = torch.Generator().manual_seed(self.seed)
+            block_map = torch.rand(1, self.heads, blocks, blocks, generator=generator) < 0.5
+            block_map |= torch.eye(blocks, dtype=torch.bool)
+            self._plans[layout] = MethodPlan(BlockSparsity.from_block_map(block_map.to(device), 64), layout)
+        return self._plans[layout]
+
+
 def methods(paro_path: str | None = None) -> dict:
     """Every method, with schedules that run dense and sparse steps in a 3-step generation."""
     entries = {
@@ -124,6 +144,7 @@ def methods(paro_path: str | None = None) -> dict:
         "vmoba": fastdit.VMoBA(block_size=64, dense_steps=1, partition_sizes=((1,), (2, 4), (1, 2, 4))),
         "adaspa": fastdit.AdaSpa(sparsity=0.5, search_steps=(1, 2), reference_steps=None),
         "agent": fastdit.Agent(video_cell=(1, 2, 2), dense_last_steps=0, block_size=64),
+        "per-head": PerHeadStatic(),
     }
     if paro_path is not None:
         entries["paro"] = fastdit.PARO(plan=paro_path, quantize=None)
