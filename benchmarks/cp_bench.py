@@ -33,8 +33,10 @@ encoder and scheduler excluded), its speedup over stock-cudnn at the same GPU co
 
 Correctness: the output of a ``--check-layers``-layer model (default 2, the same width and
 tokens) under Ulysses against the same model without parallelism (built and run on each rank's
-GPU), per method at its sparse step (AdaSpa: after its four phases): max abs difference, relative to the reference's max abs value (bf16: small but not
-zero where cuBLAS picks other kernels for other row counts; fp32 on the CPU: ~1e-7).
+GPU), per method at its sparse step (AdaSpa: after its four phases): max abs difference, and
+relative to the reference's max abs value (bf16: small but not zero where cuBLAS picks other
+kernels for other row counts; fp32 on the CPU: 0 or ~1e-7). On one GPU there is nothing to
+compare (0 by definition).
 
 How to run
 ----------
@@ -50,8 +52,9 @@ How to run
     # CPU smoke test over gloo: a tiny Wan, fp32, the PyTorch reference kernels (< 1 min)
     torchrun --nproc-per-node 2 benchmarks/cp_bench.py --smoke --out /tmp/cp_smoke
 
-Writes ``cp_bench_<gpu-slug>_<YYYY-MM-DD>[_<size>]_u<N>.{json,csv}`` into ``--out`` (default
-``benchmarks/results``; rank 0 only), and with ``--combine`` ``..._combined.{json,csv,png}``.
+Writes ``cp_bench_<gpu-slug>_<YYYY-MM-DD>_<config>_u<N>.{json,csv}`` into ``--out`` (default
+``benchmarks/results``; rank 0 only; ``<config>`` e.g. ``wan14b-720p``, ``wan14b-720p-4layers``),
+and with ``--combine`` ``..._<config>_combined.{json,csv,png}`` per configuration.
 NVLink multicast stays off: the script sets ``NCCL_NVLS_ENABLE=0`` (and PyTorch's and
 NVSHMEM's switches) before anything initialises NCCL.
 
@@ -190,7 +193,10 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         text_len = 512
     if args.layers is not None:
         config["num_layers"] = args.layers
-    name = "smoke" if args.smoke else f"wan{args.model}-{args.size if args.latent is None else 'x'.join(map(str, latent))}"
+    size = args.size if args.latent is None else "x".join(map(str, latent))
+    name = "smoke" if args.smoke else f"wan{args.model}-{size}"
+    if args.layers is not None:
+        name += f"-{args.layers}layers"  # a quick run never mixes with the full one
     return ModelSpec(name, name, config, latent=(1, 16, *latent), text_len=text_len, warmup=args.warmup,
                      repeat=args.repeat)
 

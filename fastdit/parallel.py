@@ -70,7 +70,8 @@ def split_sizes(total: int, parts: int) -> list[int]:
 
 
 def _refuse(model, reason: str) -> ValueError:
-    return ValueError(f"fastdit cannot run this {type(model).__name__} under diffusers' parallelism: {reason}")
+    name = type(model).__name__
+    return ValueError(f"fastdit cannot run this {name} under diffusers' parallelism: {reason}")
 
 
 def check_model(model, adapter, method) -> None:
@@ -98,7 +99,8 @@ def check_model(model, adapter, method) -> None:
             f"ContextParallelConfig(ulysses_degree={cp.ring_degree * cp.ulysses_degree})",
         )
     if not getattr(adapter, "SUPPORTS_CONTEXT_PARALLEL", False):
-        raise _refuse(model, f"fastdit's {adapter.__name__.rsplit('.', 1)[-1]} adapter has no context-parallel support")
+        family = adapter.__name__.rsplit(".", 1)[-1]
+        raise _refuse(model, f"fastdit's {family} adapter has no context-parallel support")
     if method is not None and hasattr(method, "attend") and not getattr(method, "head_parallel", False):
         raise _refuse(
             model,
@@ -192,7 +194,8 @@ class Ulysses:
         batch, local, heads, head_dim = first.shape
         for x in tensors[1:]:
             if x.shape != first.shape or x.dtype != first.dtype:
-                raise ValueError(f"to_heads needs equal shapes and dtypes, got {[tuple(t.shape) for t in tensors]}")
+                shapes = [(tuple(t.shape), t.dtype) for t in tensors]
+                raise ValueError(f"to_heads needs equal shapes and dtypes, got {shapes}")
         seq_sizes = self._check_local("tokens", local, seq_len)
         head_sizes = split_sizes(heads, self.degree)
         count = len(tensors)
@@ -221,7 +224,9 @@ class Ulysses:
         batch, seq_len, local_heads, head_dim = x.shape
         head_sizes = split_sizes(heads, self.degree)
         if local_heads != head_sizes[self.rank]:
-            raise ValueError(f"rank {self.rank} holds {local_heads} heads, expected {head_sizes[self.rank]} of {heads}")
+            raise ValueError(
+                f"rank {self.rank} holds {local_heads} heads, expected {head_sizes[self.rank]} of {heads}"
+            )
         seq_sizes = split_sizes(seq_len, self.degree)
         send_sizes = [batch * size * local_heads * head_dim for size in seq_sizes]
         send = x.new_empty(sum(send_sizes))
@@ -231,7 +236,10 @@ class Ulysses:
         recv_sizes = [batch * local * size * head_dim for size in head_sizes]
         recv = send.new_empty(sum(recv_sizes))
         dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
-        pieces = [part.view(batch, local, size, head_dim) for part, size in zip(recv.split(recv_sizes), head_sizes)]
+        pieces = [
+            part.view(batch, local, size, head_dim)
+            for part, size in zip(recv.split(recv_sizes), head_sizes)
+        ]
         return torch.cat(pieces, dim=2)
 
     def gather_heads(self, x: torch.Tensor, dim: int, total: int) -> torch.Tensor:
@@ -241,7 +249,10 @@ class Ulysses:
         dim = dim % x.dim()
         sizes = split_sizes(total, self.degree)
         if x.shape[dim] != sizes[self.rank]:
-            raise ValueError(f"rank {self.rank} holds {x.shape[dim]} heads on dim {dim}, expected {sizes[self.rank]} of {total}")
+            raise ValueError(
+                f"rank {self.rank} holds {x.shape[dim]} heads on dim {dim}, expected "
+                f"{sizes[self.rank]} of {total}"
+            )
         widest = max(sizes)
         padded = x
         if x.shape[dim] < widest:
@@ -441,7 +452,9 @@ def enable(pipe_or_model, degree: int) -> None:
         make_plan = getattr(adapter, "context_parallel_plan", None)
         plan = make_plan(model) if make_plan is not None else None
         if plan is None and getattr(model, "_cp_plan", None) is None:
-            raise ValueError(f"{type(model).__name__} has no context-parallel plan (_cp_plan) in this diffusers")
+            raise ValueError(
+                f"{type(model).__name__} has no context-parallel plan (_cp_plan) in this diffusers"
+            )
         plans.append(plan)
     for model, plan in zip(models, plans):
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree), cp_plan=plan)
