@@ -58,6 +58,8 @@ def _child(rank: int, world: int, port: int, queue, target, args) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         with contextlib.redirect_stdout(stdout):
             result = target(rank, world, *args)
+        # No rank leaves (and tears its connections down) while another still sets up a group.
+        dist.barrier()
         queue.put((rank, "ok", result, stdout.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
         queue.put((rank, "error", traceback.format_exc(), stdout.getvalue()))
@@ -397,7 +399,7 @@ def cli_runs(rank: int, world: int, directory: str):
     return codes, written
 
 
-def test_cli_generate_and_compare_under_torchrun_on_2_ranks(tmp_path, tiny_pipe, capsys):
+def test_cli_generate_and_compare_under_torchrun_on_2_ranks(tmp_path, tiny_pipe, capsys, monkeypatch):
     import json
 
     ranks = run_ranks(2, cli_runs, str(tmp_path))
@@ -416,11 +418,9 @@ def test_cli_generate_and_compare_under_torchrun_on_2_ranks(tmp_path, tiny_pipe,
     # One process without --ulysses under a torchrun launch of 2: refused, nothing runs.
     from fastdit import cli
 
-    os.environ["WORLD_SIZE"] = "2"
-    try:
+    with monkeypatch.context() as patch:
+        patch.setenv("WORLD_SIZE", "2")
         assert cli.main(["generate", "-o", str(tmp_path / "never.mp4")]) == 2
-    finally:
-        del os.environ["WORLD_SIZE"]
     assert "pass --ulysses 2" in capsys.readouterr().err
     assert cli.main(["generate", "--ulysses", "2", "-o", str(tmp_path / "never.mp4")]) == 2
     assert "torchrun --nproc-per-node 2 -m fastdit ... --ulysses 2" in capsys.readouterr().err
