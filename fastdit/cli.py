@@ -15,6 +15,11 @@ Subcommands are argparse subparsers, each with a ``func`` default. Loading, size
 ``--compile``/``--cpu-offload`` and timing (:mod:`fastdit.runner`) are shared by generate and
 compare.
 
+Several GPUs: ``torchrun --nproc-per-node N -m fastdit generate|compare ... --ulysses N`` runs the
+transformer under diffusers' Ulysses context parallelism (:mod:`fastdit.parallel`); every rank
+runs the pipeline, rank 0 alone prints and writes files, and the summary lists each rank's time
+and peak memory.
+
 Exit codes: 0 success, 1 runtime error (model could not be loaded, video could not be written,
 the generation produced NaN/inf, any other failure), 2 bad command line (argparse errors, unknown
 method/option/preset, bad option values, sizes the model cannot take, a method configuration the
@@ -464,6 +469,12 @@ class RunSetup:
     dtype: Any
     tiny: bool
     settings: dict[str, Any]  # pipeline keyword -> value (None: the pipeline's default)
+    parallel: Any = None  # fastdit.parallel.ProcessGroupRun under --ulysses N > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process prints and writes files (rank 0, or the only process)."""
+        return self.parallel is None or self.parallel.is_main
 
 
 def check_model_path(model: str | None) -> None:
@@ -500,6 +511,9 @@ def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
     check_model_path(args.model)
     device, dtype_name, dtype = _resolve_device_dtype(args.device, args.dtype)
     _check_gpu_only_options(args, device)
+    parallel = _launch_parallel(args)
+    if parallel is not None:
+        device = parallel.device
     settings = {
         "height": args.height,
         "width": args.width,
@@ -509,7 +523,29 @@ def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
     }
     if tiny:
         settings = {k: (TINY_DEFAULTS[k] if v is None else v) for k, v in settings.items()}
-    return RunSetup(device, dtype_name, dtype, tiny, settings)
+    return RunSetup(device, dtype_name, dtype, tiny, settings, parallel)
+
+
+def _launch_parallel(args: argparse.Namespace):
+    """The process group of ``--ulysses N`` (N > 1), or ``None`` for one process."""
+    degree = getattr(args, "ulysses", 1)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if degree == 1:
+        if world > 1:
+            raise UsageError(
+                f"this process is one of WORLD_SIZE={world} started by torchrun: pass --ulysses "
+                f"{world} to run one generation on {world} GPUs (without it every process would "
+                "run and write the same thing)"
+            )
+        return None
+    if args.cpu_offload:
+        raise UsageError("--cpu-offload cannot be combined with --ulysses (each rank holds the whole model)")
+    from .parallel import launch
+
+    try:
+        return launch(degree, args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_supported_pipeline(pipe) -> None:
@@ -660,6 +696,15 @@ def load_for_run(args: argparse.Namespace, setup: RunSetup):
     )
     check_supported_pipeline(pipe)
     check_pipeline_sizes(pipe, setup.settings["height"], setup.settings["width"], setup.settings["num_frames"])
+    if setup.parallel is not None:
+        from .parallel import enable
+
+        try:
+            enable(pipe, setup.parallel.degree)
+        except ValueError as exc:
+            raise UsageError(f"--ulysses {setup.parallel.degree}: {exc}") from None
+        if not setup.is_main:
+            pipe.set_progress_bar_config(disable=True)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=setup.device)
     if args.compile:
@@ -730,6 +775,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 cache=cache, quantize=args.quantize)
     finally:
         probe.remove()
+    ranks = gather_rank_speeds(setup, result.speed, load_time)
+    if not setup.is_main:  # rank 0 writes and prints
+        setup.parallel.close()
+        return 0
     backend = write_video(result.frames, args.output, args.fps)
 
     # ---- one-screen summary
@@ -781,9 +830,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         gpu = torch.cuda.get_device_name(setup.device)
         lines.append(f"  peak memory  {speed.peak_memory_bytes / 2**30:.2f} GiB ({gpu})")
+    lines.extend(format_rank_speeds(setup, ranks))
     lines.append(f"  output       {args.output} ({backend})")
     print("\n".join(lines), flush=True)
+    if setup.parallel is not None:
+        setup.parallel.close()
     return 0
+
+
+def gather_rank_speeds(setup: RunSetup, speed, load_s: float | None = None) -> list[dict] | None:
+    """Every rank's time and peak memory of one run, on every rank (``None`` in one process)."""
+    if setup.parallel is None:
+        return None
+    mine = {
+        "rank": setup.parallel.rank, "device": str(setup.device), "load_s": load_s,
+        "run_s": speed.run_s, "denoise_s": speed.denoise_s, "transformer_s": speed.transformer_s,
+        "peak_memory_bytes": speed.peak_memory_bytes,
+    }
+    return setup.parallel.gather(mine)
+
+
+def format_rank_speeds(setup: RunSetup, ranks: list[dict] | None) -> list[str]:
+    """Summary lines: the Ulysses degree, then one line per rank."""
+    if not ranks:
+        return []
+    run = setup.parallel
+    lines = [f"  parallel     Ulysses context parallelism over {run.degree} ranks ({run.backend})"]
+    for entry in ranks:
+        parts = [f"run {_seconds(entry['run_s'])}"]
+        if entry["denoise_s"] is not None:
+            parts.append(f"denoise {_seconds(entry['denoise_s'])}")
+        parts.append(f"transformer {_seconds(entry['transformer_s'])}")
+        if entry["peak_memory_bytes"] is not None:
+            parts.append(f"peak memory {entry['peak_memory_bytes'] / 2**30:.2f} GiB")
+        lines.append(f"  rank {entry['rank']:<7} {', '.join(parts)} ({entry['device']})")
+    return lines
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -880,6 +961,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> Non
     add("--cpu-offload", action="store_true",
         help="keep models on the CPU and move each to the GPU while it runs "
         "(diffusers' enable_model_cpu_offload, needs accelerate); GPU only (default: off)")
+    add("--ulysses", type=_positive_int, default=1, metavar="N",
+        help="run the transformer on N GPUs with diffusers' Ulysses context parallelism; start "
+        "N processes with torchrun --nproc-per-node N; rank 0 writes the files (default: 1)")
     _add_composition_arguments(parser, compare=compare)
 
 

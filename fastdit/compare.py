@@ -45,7 +45,8 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
                    "guidance_scale": float | null (null: the pipeline's default),
                    "fps": float, "negative_prompt": str | null, "warmup": int,
                    "compile": bool, "cpu_offload": bool, "load_s": float,
-                   "prompts": [str], "seeds": [int], "reference_dir": str | null},
+                   "prompts": [str], "seeds": [int], "reference_dir": str | null,
+                   "ulysses": int (context-parallel ranks, 1 in one process)},
       "reference": "dense",                         # label of the run quality is measured against
       "lpips": {"available": bool, "reason": str | null},
       "notices": [str],                             # LPIPS skipped, random weights, CPU timings
@@ -68,6 +69,8 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
                        "psnr_per_frame": [..], "ssim_per_frame": [..], "lpips_per_frame"},
             "quality_vs_reference_dir": same form | null,
             "densities": [[layer, step, density], ...],   # fastdit's record; [] for dense
+            "ranks": null | [{"rank", "device", "run_s", "denoise_s", "transformer_s",
+                              "peak_memory_bytes"}],  # every rank's, under --ulysses N
             "extra": JSON | null}                 # the method runtime's ``records``, if any
          ],
          "summary": {"run_s", "denoise_s", "step_s", "transformer_s": means over videos,
@@ -115,6 +118,7 @@ from .cli import (
     build_method,
     build_schedule,
     check_method_fits,
+    gather_rank_speeds,
     load_for_run,
     make_probe,
     parse_value,
@@ -768,12 +772,24 @@ def run_compare(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output-dir {out_dir} exists and is not a directory")
-    reason = check_writable_file(out_dir / "results.json", "--output-dir")
-    if reason is not None:
-        raise UsageError(reason)
+    if setup.is_main:  # under --ulysses, rank 0 writes the report
+        reason = check_writable_file(out_dir / "results.json", "--output-dir")
+        if reason is not None:
+            raise UsageError(reason)
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     notices: list[str] = []
     pipe, load_s = load_for_run(args, setup)
+    if setup.parallel is not None:
+        from .integration import _adapter_for, _transformers
+
+        for model in _transformers(pipe):
+            if getattr(_adapter_for(model), "context_parallel_plan", None) is not None:
+                raise UsageError(
+                    f"--ulysses: the dense reference (diffusers' stock attention) cannot run "
+                    f"{type(model).__name__} under fastdit's context-parallel plan (the text is "
+                    "whole on every rank); compare in one process, or use fastdit generate --ulysses"
+                )
     call_kwargs = []
     for prompt in prompts:
         kwargs, dropped = pipeline_call_kwargs(pipe, prompt, setup.settings, args.negative_prompt)
@@ -805,11 +821,16 @@ def run_compare(args: argparse.Namespace) -> int:
                        "GPU, lazy initialisation) are timed, the dense reference's included")
 
     model_name = TINY_DESCRIPTION if setup.tiny else args.model
-    print(f"fastdit compare: {model_name} [{type(pipe).__name__}, {setup.device}, "
+    if setup.parallel is not None:
+        notices.append(f"--ulysses {setup.parallel.degree}: every run on {setup.parallel.degree} "
+                       "ranks (diffusers' Ulysses context parallelism); times and memory per rank "
+                       "in each video's \"ranks\"")
+    if setup.is_main:
+        print(f"fastdit compare: {model_name} [{type(pipe).__name__}, {setup.device}, "
           f"{setup.dtype_name}], {len(prompts)} prompt(s) x {len(seeds)} seed(s), dense + "
           f"{', '.join(e.label for e in entries)}; loaded in {_seconds(load_s)}", flush=True)
-    for notice in notices:
-        print(f"note: {notice}", flush=True)
+        for notice in notices:
+            print(f"note: {notice}", flush=True)
 
     runs = build_runs(entries, caches, quantizations,
                       [False, True] if args.also_compiled else [bool(args.compile)], notices)
@@ -838,6 +859,9 @@ def run_compare(args: argparse.Namespace) -> int:
                     key = (index, seed)
                     result = run_generation(pipe, call_kwargs[index], probe, seed, method, schedule,
                                             **extra_options)
+                    ranks = gather_rank_speeds(setup, result.speed)
+                    if not setup.is_main:
+                        continue
                     relative = os.path.join("videos", run.label, _video_name(index, seed))
                     write_video(result.frames, str(out_dir / relative), args.fps)
                     quality = reference_quality = None
@@ -881,11 +905,15 @@ def run_compare(args: argparse.Namespace) -> int:
                         "densities": [[layer, step, density] for (layer, step), density
                                       in sorted(result.densities.items(),
                                                 key=lambda kv: (kv[0][0], kv[0][1] or 0))],
+                        "ranks": ranks,
                         "extra": extra,
                     })
-                    _print_progress(run.label, index, seed, result, quality)
+                    _print_progress(run.label, index, seed, result, quality, ranks)
     finally:
         probe.remove()
+    if not setup.is_main:
+        setup.parallel.close()
+        return 0
 
     # ---- grid videos, from the written mp4s
     grids = []
@@ -927,6 +955,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "prompts": prompts,
             "seeds": seeds,
             "reference_dir": args.reference_dir,
+            "ulysses": setup.parallel.degree if setup.parallel is not None else 1,
         },
         "reference": REFERENCE_LABEL,
         "lpips": {"available": lpips_scorer is not None, "reason": lpips_reason},
@@ -968,10 +997,12 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"\nwrote {out_dir}/: report.md, report.html, results.json, {len(grids)} grid "
           f"video(s), {sum(len(r.videos) for r in runs)} videos "
           f"({_seconds(time.perf_counter() - compare_start)})", flush=True)
+    if setup.parallel is not None:
+        setup.parallel.close()
     return 0
 
 
-def _print_progress(label: str, index: int, seed: int, result, quality) -> None:
+def _print_progress(label: str, index: int, seed: int, result, quality, ranks=None) -> None:
     speed = result.speed
     parts = [f"[{label}] prompt {index} seed {seed}: {_seconds(speed.run_s)}"]
     if speed.step_s:
@@ -982,4 +1013,8 @@ def _print_progress(label: str, index: int, seed: int, result, quality) -> None:
     if result.densities:
         values = list(result.densities.values())
         parts.append(f"density {sum(values) / len(values):.3f}")
+    for entry in ranks or ():
+        memory = entry["peak_memory_bytes"]
+        parts.append(f"rank {entry['rank']} {_seconds(entry['run_s'])}"
+                     + (f" {memory / 2**30:.2f} GiB" if memory is not None else ""))
     print(", ".join(parts), flush=True)

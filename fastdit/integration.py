@@ -19,6 +19,11 @@ Nothing is patched. fastdit installs
 * for UNets, a pre-hook on each ``Transformer2DModel`` that records the ``H x W`` grid its
   self-attention layers see (one per resolution).
 
+Under diffusers' context parallelism (``enable_parallelism``, before or after ``apply``) the hook
+also reads the transformer's parallel config before each forward (``state.parallel``), so the
+processors all-to-all into Ulysses head shards (:mod:`fastdit.parallel`); configurations fastdit
+cannot run exactly raise at ``apply`` or, when parallelism comes later, at the first forward.
+
 All of it is recorded in a :class:`FastditHandle`; ``handle.remove()`` (or ``fastdit.remove``)
 restores the original processor objects and hooks exactly. ``apply(..., cache=config)`` also
 enables a diffusers step cache after fastdit's hooks and disables it first on removal
@@ -35,6 +40,7 @@ import torch
 
 from .layout import LatentGrid, SequenceLayout
 from .methods.base import MethodPlan
+from .parallel import check_model as check_parallel, context_parallel_config, ulysses_for
 from .schedule import Schedule
 
 logger = logging.getLogger("fastdit")
@@ -77,6 +83,8 @@ class DenoisingState:
     pipeline: weakref.ref | None = None  # the pipeline installed on, for its scheduler's step count
     repeated_timestep_is_new_generation: bool = False  # set by adapters whose CFG is batched
     quantize: str | None = None  # kernel quantization of the sparse attention (apply's quantize=)
+    # The transformer's Ulysses group (fastdit.parallel.Ulysses) for this forward; None in one process.
+    parallel: object | None = None
     _last_timestep: float | None = None
     _contexts_at_step: set = field(default_factory=set)
 
@@ -157,9 +165,10 @@ class DenoisingState:
         self.step, self._last_timestep = None, None
         self._contexts_at_step.clear()
 
-    def summary(self) -> str:
-        """Per-layer attention density of the latest generation ('dense' for dense steps)."""
-        densities = self.densities
+    def summary(self, densities: dict | None = None) -> str:
+        """Per-layer attention density of the latest generation ('dense' for dense steps);
+        ``densities`` overrides this state's (e.g. averaged over Ulysses ranks)."""
+        densities = self.densities if densities is None else densities
         if not densities:
             return "fastdit: no attention call recorded yet"
         lines = [f"fastdit {type(self.method).__name__}: grid {self.grid.shape if self.grid else '?'}"]
@@ -194,6 +203,8 @@ def _hook_classes():
             self.cache_context = StateManager(_NoState)
 
         def pre_forward(self, module, *args, **kwargs):
+            # Read every forward: enable_parallelism may come after fastdit was installed.
+            self.state.parallel = ulysses_for(module, self.adapter, self.state.method, self.state.parallel)
             hidden_states, timestep = self.adapter.forward_inputs(args, kwargs)
             layout = self.adapter.sequence_layout(module, args, kwargs)
             self.state.begin_forward(layout, hidden_states.device, self.cache_context._context, timestep)
@@ -296,10 +307,21 @@ class FastditHandle:
             if created_registry and not registry.hooks:
                 del model._diffusers_hook
         for model, saved in self._processors:
-            _set_processors(model, saved)
+            _set_processors(model, dict(saved))  # diffusers pops the entries of the dict it gets
+            _restore_parallel_config(model, saved.values())
         for processor in self._bound:
             processor.state = None
         self.removed = True
+
+
+def _restore_parallel_config(model: torch.nn.Module, processors) -> None:
+    """Give restored processors the model's context-parallel config, as ``enable_parallelism``
+    would have if they had been installed when it ran (otherwise they attend within a shard)."""
+    if context_parallel_config(model) is None:
+        return
+    for processor in processors:
+        if hasattr(processor, "_parallel_config") and processor._parallel_config is None:
+            processor._parallel_config = model._parallel_config
 
 
 def _install_hooks(model: torch.nn.Module, adapter, state: DenoisingState, handle: FastditHandle) -> None:
@@ -390,6 +412,8 @@ def apply(
         if check_method is not None:
             check_method(method)
     compose.check_quantize(method, quantize, models, adapters)
+    for model, adapter in zip(models, adapters):
+        check_parallel(model, adapter, method)
     check_models = getattr(method, "check_models", None)
     if check_models is not None:  # methods with calibrated data (PARO) refuse other models
         check_models(models, [len(a.self_attention_modules(m)) for m, a in zip(models, adapters)])
@@ -457,6 +481,7 @@ def _attach_models(models: list[torch.nn.Module], handle: FastditHandle) -> None
             )
         if handle.state.method is None:
             handle.state.method, handle.state.schedule = first.method, first.schedule
+        check_parallel(model, adapter, handle.state.method)
         for processor in processors.values():
             processor.state = handle.state
             handle._bound.append(processor)

@@ -404,7 +404,10 @@ def run_generation(pipe, call_kwargs: dict[str, Any], probe: SpeedProbe, seed: i
         run_s = time.perf_counter() - start
         if handle is not None:
             densities = dict(handle.state.densities)
-            summary = handle.summary()
+            ulysses = handle.state.parallel
+            if ulysses is not None:  # each rank recorded its heads: the mean over all heads
+                densities = ulysses.mean_over_ranks(densities)
+            summary = handle.state.summary(densities)
             records = getattr(handle.state.runtime, "records", None)
     finally:
         watch.remove()

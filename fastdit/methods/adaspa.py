@@ -176,11 +176,14 @@ def select_blocks(
     head_adaptive: bool = True,
     recall_threshold: float = 0.8,
     text: tuple[int, int] = (0, 0),
+    shard=None,
 ) -> BlockSelection:
     """AdaSpa's selection (module docstring) from a block mass ``[B, H, nb, nb]``.
 
     ``text`` is the ``[start, stop)`` range of text blocks (kept in every row; their rows dense).
-    Batched torch ops only; no host synchronisation.
+    ``shard``: under Ulysses context parallelism the :class:`~fastdit.parallel.HeadShard` the
+    mass covers; the budget tiers rank the recalls of all heads of the layer (gathered from every
+    rank), as in one process. Batched torch ops only; no host synchronisation.
     """
     if mass.dim() != 4 or mass.shape[-1] != mass.shape[-2]:
         raise ValueError(f"mass must be [B, H, nb, nb], got {tuple(mass.shape)}")
@@ -225,13 +228,18 @@ def select_blocks(
 
     k_all = torch.full((batch, heads), k_uniform, dtype=torch.long, device=device)
     recall_at_sparsity = recall_with(k_all)
-    num_high = (recall_at_sparsity > recall_threshold).sum(-1)  # [B]
-    if head_adaptive and heads >= 2:
-        per_tier = num_high.clamp(max=heads // 2)[:, None]
-        order = torch.sort(recall_at_sparsity, dim=-1, descending=True, stable=True).indices
-        positions = torch.arange(heads, device=device).expand(batch, heads)
+    # The tiers rank every head of the layer: under Ulysses, gather the other ranks' recalls.
+    all_recalls = recall_at_sparsity if shard is None else shard.gather(recall_at_sparsity, dim=1)
+    all_heads = all_recalls.shape[1]
+    num_high = (all_recalls > recall_threshold).sum(-1)  # [B]
+    if head_adaptive and all_heads >= 2:
+        per_tier = num_high.clamp(max=all_heads // 2)[:, None]
+        order = torch.sort(all_recalls, dim=-1, descending=True, stable=True).indices
+        positions = torch.arange(all_heads, device=device).expand(batch, all_heads)
         rank = torch.empty_like(order).scatter_(-1, order, positions)
-        tier = torch.where(rank < per_tier, 1, torch.where(rank >= heads - per_tier, -1, 0))
+        tier = torch.where(rank < per_tier, 1, torch.where(rank >= all_heads - per_tier, -1, 0))
+        if shard is not None:
+            tier = shard.local(tier, dim=1)
         k_head = torch.where(tier == 1, k_high, torch.where(tier == -1, k_low, k_uniform))
         head_sparsity = torch.where(
             tier == 1, high_sparsity, torch.where(tier == -1, low_sparsity, sparsity)
@@ -440,6 +448,8 @@ class AdaSpa:
     # fastdit.apply(..., quantize="int8") runs the sparse attention on the INT8 kernel; the dense
     # pass that produces the LSE at a first search stays 16-bit (the LSE drives the selection).
     accepts_quantize = True
+    # Runs on Ulysses head shards (fastdit.parallel): the budget tiers gather every head's recall.
+    head_parallel = True
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__
@@ -679,7 +689,7 @@ class AdaSpa:
         text = text_blocks(call.layout, self.block_size)
         selection = select_blocks(
             mass, self.sparsity, head_adaptive=self.head_adaptive,
-            recall_threshold=self.recall_threshold, text=text,
+            recall_threshold=self.recall_threshold, text=text, shard=call.heads,
         )
         plan = _LayerPlan.from_selection(selection, self.block_size, call.step)
         runtime: AdaSpaRuntime = call.runtime

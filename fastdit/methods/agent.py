@@ -138,6 +138,9 @@ class Agent:
     dense_last_steps: int | float = 0.6
     dense_layers: int | float = 0
 
+    # Heads are independent: runs on Ulysses head shards (fastdit.parallel).
+    head_parallel = True
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "cell", _cell("cell", self.cell, 2))
         object.__setattr__(self, "video_cell", _cell("video_cell", self.video_cell, 3))

@@ -17,6 +17,14 @@ order, plus the attention density it ran at (fraction of (query block, key block
 averaged over heads), as a float or a 0-d tensor (read on the host only when someone asks). It computes attention with :mod:`fastdit.kernels` only: a method plans
 block sparsities and composes kernel calls, it never carries an attention kernel of its own.
 
+Under Ulysses context parallelism (:mod:`fastdit.parallel`) each rank attends over the full
+sequence for a contiguous range of the heads. A static plan with per-head entries is sliced to
+them by the processor. A method with ``attend`` runs there only if it declares
+``head_parallel = True``: its ``attend`` then gets the rank's heads, ``call.heads`` (a
+:class:`fastdit.parallel.HeadShard`: ``start``, ``count``, ``total``, ``gather``, ``local``; ``None``
+in one process) says which, and any rule that spans heads (AdaSpa's budget tiers, PARO's per-head
+plans) must use it so the result equals one process's.
+
 Any method may also implement ``runs_on(layout, downsample) -> bool``, asked by the processor
 before a layer the schedule leaves sparse computes anything: ``False`` sends the call to the
 stock (exact) processor. ``downsample`` is the layer's spatial downsampling relative to the
@@ -92,6 +100,8 @@ class AttentionCall:
         quantize: the kernel quantization ``fastdit.apply(..., quantize=...)`` asked for
             (``"int8"``) or ``None``; a method that accepts it (``accepts_quantize = True``)
             passes it to the kernel calls of its sparse attention.
+        heads: under Ulysses context parallelism, the heads Q/K/V hold (a
+            :class:`fastdit.parallel.HeadShard`); ``None`` in one process (all heads).
     """
 
     plan: MethodPlan
@@ -105,6 +115,7 @@ class AttentionCall:
     runtime: object | None = None
     key_padding: torch.Tensor | None = None
     quantize: str | None = None
+    heads: object | None = None
 
     @property
     def layout(self) -> SequenceLayout:

@@ -363,6 +363,9 @@ class PARO:
     _loaded: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _cache: PlanCache = field(default_factory=PlanCache, init=False, repr=False, compare=False)
 
+    # Per-head orders and plans are sliced to a Ulysses rank's heads (call.heads, fastdit.parallel).
+    head_parallel = True
+
     def __post_init__(self, plan) -> None:
         if plan is None:
             raise ValueError(f"PARO needs a calibrated plan file: PARO(plan=path); {_CALIBRATE_HINT}")
@@ -426,7 +429,8 @@ class PARO:
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall):
         paro_plan = self.paro_plan
         slot = paro_plan.slot(call.transformer, call.layer)
-        heads = query.shape[2]
+        shard = call.heads  # Ulysses: this rank's heads of the layer
+        heads = query.shape[2] if shard is None else shard.total
         if heads != paro_plan.metadata["num_heads"]:
             raise ValueError(
                 f"{self.plan_file!r} has {paro_plan.metadata['num_heads']} heads per layer, the model "
@@ -442,13 +446,15 @@ class PARO:
         plans = self._device_plans(query.device)
         sparsity = self._sparsity(plans, bucket, slot, query.device)
         density = self._density(bucket, slot)
+        order_ids = plans.order_ids[slot]
+        if shard is not None:
+            sparsity, order_ids = shard.slice_plan(sparsity), shard.local(order_ids, dim=0)
         if plans.frame_major[slot]:  # nothing to reorder in this layer
             out = block_sparse_attention(
                 query, key, value, sparsity, key_padding=call.key_padding, quantize=self.quantize
             )
             return out, density
         reordering = self._reordering(call.layout)
-        order_ids = plans.order_ids[slot]
         index = reordering.gather_index(order_ids)  # [H, S], shared by Q, K, V and the output
         q, k, v = (reordering.reorder(x, order_ids, index) for x in (query, key, value))
         out = block_sparse_attention(

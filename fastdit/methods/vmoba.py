@@ -580,6 +580,9 @@ class VMoBA:
     # fastdit.apply(..., quantize="int8") runs the selected blocks on the INT8 kernel.
     accepts_quantize = True
 
+    # Selections are per (batch, head): runs on Ulysses head shards (fastdit.parallel).
+    head_parallel = True
+
     def __post_init__(self) -> None:
         tau = self.tau
         if (

@@ -5,6 +5,12 @@ A processor holds a method (which plans the block sparsity), its dense schedule,
 forward (latent grid, denoising step, layer indices, the active plan). It declares
 ``_attention_backend`` and ``_parallel_config`` like diffusers' own processors and passes them on
 to the stock processors it delegates to.
+
+Under diffusers' Ulysses context parallelism the parallel config that counts is the
+transformer's (``transformer._parallel_config``, read by fastdit's hook before every forward into
+``state.parallel``), not the processor's attribute: ``enable_parallelism`` sets the attribute only
+on the processors installed at that time, so a processor installed later would otherwise attend
+within its shard. See :mod:`fastdit.parallel`.
 """
 
 from __future__ import annotations
@@ -47,10 +53,21 @@ class FastditAttnProcessor:
             "fastdit.attach(pipe) once, or install with fastdit.apply(pipe, method)"
         )
 
+    @property
+    def _ulysses(self):
+        """The transformer's :class:`~fastdit.parallel.Ulysses` group for this forward, or ``None``."""
+        return self.state.parallel if self.state is not None else None
+
+    def _current_parallel_config(self):
+        """The transformer's diffusers ``ParallelConfig`` (context parallel), else ``None``."""
+        ulysses = self._ulysses
+        return ulysses.config if ulysses is not None else None
+
     def _call_stock(self, stock, *args):
-        """Run a stock diffusers processor with this processor's backend and parallel config."""
+        """Run a stock diffusers processor with this processor's backend and the transformer's
+        parallel config."""
         stock._attention_backend = self._attention_backend
-        stock._parallel_config = self._parallel_config
+        stock._parallel_config = self._current_parallel_config()
         return stock(*args)
 
     def _dense_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -62,7 +79,7 @@ class FastditAttnProcessor:
         """
         if (
             self._attention_backend is None
-            and self._parallel_config is None
+            and self._current_parallel_config() is None
             and fastest_dense_backend(query.device, query.dtype, query.shape[-1]) == "flash4"
         ):
             return dense_attention(query, key, value)
@@ -107,20 +124,26 @@ class FastditAttnProcessor:
         value: torch.Tensor,
         key_padding: torch.Tensor | None = None,
         plan: MethodPlan | None = None,
+        heads=None,
     ) -> torch.Tensor:
         """Sparse self-attention of one layer, Q/K/V ``[B, S, H, D]`` in the plan's token order.
 
         Static methods run their plan on the kernel; methods with ``attend`` plan per call (from
         Q and K, the step and their runtime state) and compose kernel calls themselves. ``plan``
         is the forward's active plan unless the layer has its own sequence (UNet resolutions).
+        ``heads``: under Ulysses, the :class:`~fastdit.parallel.HeadShard` Q/K/V hold (per-head
+        plans are sliced to it; per-call methods get it as ``call.heads``).
         """
         state = self.state
         plan = plan if plan is not None else state.active_plan
         attend = getattr(self.method, "attend", None)
         if attend is None:
+            sparsity, window_mask = plan.sparsity, plan.window_mask
+            if heads is not None:
+                sparsity, window_mask = heads.slice_plan(sparsity), heads.ulysses.slice_window(window_mask, heads)
             out = block_sparse_attention(
-                query, key, value, plan.sparsity, key_padding=key_padding,
-                window_mask=plan.window_mask, quantize=state.quantize,
+                query, key, value, sparsity, key_padding=key_padding, window_mask=window_mask,
+                quantize=state.quantize,
             )
             self._record(layer, plan)
             return out
@@ -136,6 +159,7 @@ class FastditAttnProcessor:
             runtime=state.runtime,
             key_padding=key_padding,
             quantize=state.quantize,
+            heads=heads,
         )
         out, density = attend(query, key, value, call)
         state.record_density(layer, density)  # a device tensor stays one: no sync here

@@ -16,6 +16,12 @@ selected backend); the ``Dense`` method always runs fastdit's dense plan on the 
 Methods whose plan carries a token permutation (GNA) get Q/K/V in tile-major order: hooks on the
 first and last block permute the hidden states once per forward; each block gets the permuted
 RoPE and per-token modulation, computed once per forward.
+
+Several GPUs (diffusers' Ulysses context parallelism, Wan's own ``_cp_plan``): the blocks see a
+shard of the sequence and the rank's slice of RoPE. On sparse layers the processor all-to-alls
+Q/K/V to the full sequence of the rank's heads, applies the plan (GNA's permutation per call, the
+block hooks stay off), and all-to-alls back; dense layers go to diffusers' Ulysses attention
+with the transformer's parallel config. See :mod:`fastdit.parallel`.
 """
 
 from __future__ import annotations
@@ -89,12 +95,20 @@ class WanSparseAttnProcessor(FastditAttnProcessor):
         layer, sparse = self._layer_runs_sparse(attn)
         if sparse:
             plan = state.active_plan
+            ulysses, heads = self._ulysses, None
+            if ulysses is not None:  # sequence shards -> the full sequence of this rank's heads
+                heads = ulysses.heads(attn.heads)
+                query, key, value = ulysses.to_heads((query, key, value), plan.layout.num_tokens)
+            # Without the block hooks (a processor installed by hand, or context parallelism,
+            # where the blocks hold a shard of the sequence) the permutation happens per call.
             permute_here = plan.permutation is not None and not state.permuted
-            if permute_here:  # processor used without the block hooks: permute per call
+            if permute_here:
                 query, key, value = (plan.permutation.permute(x, dim=1) for x in (query, key, value))
-            out = self._attend(attn, layer, query, key, value)
+            out = self._attend(attn, layer, query, key, value, heads=heads)
             if permute_here:
                 out = plan.permutation.unpermute(out, dim=1)
+            if ulysses is not None:
+                out = ulysses.to_sequence(out, attn.heads)
         else:
             out = self._dense_attention(query, key, value)
         out = out.flatten(2, 3).type_as(query)
@@ -105,6 +119,9 @@ class WanSparseAttnProcessor(FastditAttnProcessor):
 # ---------------------------------------------------------------------- the adapter interface
 FAMILY = "Wan 2.1 / 2.2 (incl. TI2V-5B)"
 processor_class = WanSparseAttnProcessor
+
+# diffusers' Wan ``_cp_plan`` shards the blocks' tokens and RoPE; the processor does the rest.
+SUPPORTS_CONTEXT_PARALLEL = True
 
 
 def self_attention_modules(transformer) -> list[torch.nn.Module]:
@@ -140,7 +157,8 @@ def install_permutation_hooks(transformer, state) -> list:
     def before_block(module, args, kwargs):
         if module is transformer.blocks[0]:
             plan = state.active_plan
-            state.permuted = plan is not None and plan.permutation is not None
+            # Under context parallelism the blocks hold a shard: the processor permutes per call.
+            state.permuted = plan is not None and plan.permutation is not None and state.parallel is None
             permuted_inputs.clear()
             if state.permuted:
                 permutation = plan.permutation
