@@ -9,18 +9,39 @@ Denoising-step times of full-size models built from their published configs with
   written out below), 512 x 512 px: latent ``[2, 4, 64, 64]`` (the pipeline's classifier-free
   guidance batch), text ``[2, 77, 768]``; its highest-resolution self-attention sees 4,096 tokens;
 * ``sd15-1024``: the same UNet at 1024 x 1024 px: latent ``[2, 4, 128, 128]``, 16,384 tokens;
+* ``sd15-2048``: the same UNet at 2048 x 2048 px: latent ``[2, 4, 256, 256]``, 65,536 tokens;
 * ``sdxl-1024``: SDXL base's UNet (``stabilityai/stable-diffusion-xl-base-1.0``), 1024 x 1024 px:
   latent ``[2, 4, 128, 128]``, text ``[2, 77, 2048]`` plus the ``text_time`` conditioning; its
   highest-resolution self-attention (``down_blocks.1``/``up_blocks.1``, the first block has none)
   sees 4,096 tokens;
+* ``sdxl-2048``: the same UNet at 2048 x 2048 px: latent ``[2, 4, 256, 256]``, 16,384 tokens at
+  its highest-resolution self-attention (4,096 in the ten-layer ``down_blocks.2`` stage);
 * ``wan13b-480p``: Wan2.1-1.3B's transformer (the config of ``benchmarks/e2e_bench.py``), 480p x 81
   frames: 21 x 30 x 52 = 32,760 tokens, one step = cond + uncond forwards.
 
-One UNet step is one forward of the CFG batch of 2 (as the Stable Diffusion pipelines call it),
-with the timestep a 0-d tensor on the GPU (also as the pipelines pass it: fastdit reads it once
-per forward, a host synchronisation the stock path does not have; it is inside the timing). One
-Wan step is two forwards inside ``cache_context`` (the Wan pipeline's loop), as in
-``e2e_bench.py``. Methods:
+One UNet step is one forward of the CFG batch (2 latents per image, as the Stable Diffusion
+pipelines call it), with the timestep a 0-d tensor on the GPU (also as the pipelines pass it:
+fastdit reads it once per forward, a host synchronisation the stock path does not have; it is
+inside the timing). One Wan step is two forwards inside ``cache_context`` (the Wan pipeline's
+loop), as in ``e2e_bench.py``.
+
+The GPU bounds the UNet step (batch search)
+-------------------------------------------
+A UNet forward is about a thousand kernel launches from Python; at batch 2 and moderate sizes
+launching takes longer than the GPU work, and the step time measures the CPU (the first version
+of this benchmark: stock SD 1.5 took 47 ms per step at 512 and 42.5 ms at 1024). CUDA graphs
+would remove the launches, but fastdit's UNet path reads the timestep on the host once per
+forward (the Stable Diffusion pipelines set no ``cache_context``), which a graph cannot capture.
+So every UNet row searches the batch instead: 1, 2, 4, ... CFG pairs (up to ``--max-pairs``),
+timing the step without any hook, until one more doubling lowers the time per image by less
+than ``BOUND_GAIN`` (5%): the launches are then hidden behind GPU work and the step is
+GPU-bound. The row reports the time per image (step time / pairs) at that batch, the curve it
+searched, and (one more timed pass at that batch, with CUDA-event hooks on the self-attention
+modules) the attention share. Inputs are drawn once at the largest batch and sliced, so the
+first image is the same at every batch (``rel_diff_vs_stock`` compares it). A batch that runs out
+of memory ends the search at the previous one. Wan rows are GPU-bound at batch 1.
+
+Methods:
 
 * ``stock``: diffusers' stock processors on torch SDPA (default backend choice);
 * ``dense``: ``fastdit.Dense()``, every self-attention on fastdit's kernel with a full plan (the
@@ -45,7 +66,8 @@ which fastdit does not do.
 
 How to run
 ----------
-    python benchmarks/agent_bench.py                         # all models (~4-6 min on an H100)
+    python benchmarks/agent_bench.py --models sd15-1024,sd15-2048,sdxl-2048   # ~2-3 min, H200
+    python benchmarks/agent_bench.py                         # all models (~6-8 min)
     python benchmarks/agent_bench.py --models sd15-512,sdxl-1024
     python benchmarks/agent_bench.py --smoke --out /tmp/agent  # tiny models, CPU fp32, < 1 min
     python benchmarks/agent_bench.py --replot benchmarks/results/agent_bench_<gpu>_<date>.json
@@ -130,7 +152,11 @@ CSV_FIELDS = (
     "model", "kind", "tokens_top", "method", "agents_top", "status", "ms_step", "ms_step_min",
     "repeats", "attn_ms_step", "attn_share", "agent_attn_ms_step", "step_density", "peak_mem_gib",
     "out_finite", "rel_diff_vs_stock", "e2e_s", "speedup_step", "speedup_e2e", "wall_s", "error",
+    # UNets: CFG pairs per forward at which the step is GPU-bound, and the searched curve
+    # ("pairs:ms per image; ..."); ms_step and the attention columns are per image.
+    "pairs", "gpu_bound", "batch_curve",
 )
+BOUND_GAIN = 0.05  # a doubling that saves less per image than this: the GPU bounds the step
 
 
 @dataclass(frozen=True)
@@ -152,9 +178,13 @@ SPECS = {
     for s in (
         Spec("sd15-512", "SD 1.5 UNet 512x512 (CFG batch 2)", "unet", SD15_UNET, (2, 4, 64, 64)),
         Spec("sd15-1024", "SD 1.5 UNet 1024x1024 (CFG batch 2)", "unet", SD15_UNET, (2, 4, 128, 128),
-             warmup=2, repeat=6),
+             warmup=2, repeat=4),
+        Spec("sd15-2048", "SD 1.5 UNet 2048x2048 (CFG batch 2)", "unet", SD15_UNET, (2, 4, 256, 256),
+             warmup=1, repeat=3),
         Spec("sdxl-1024", "SDXL UNet 1024x1024 (CFG batch 2)", "unet", SDXL_UNET, (2, 4, 128, 128),
-             text=(77, 2048), warmup=2, repeat=6),
+             text=(77, 2048), warmup=2, repeat=4),
+        Spec("sdxl-2048", "SDXL UNet 2048x2048 (CFG batch 2)", "unet", SDXL_UNET, (2, 4, 256, 256),
+             text=(77, 2048), warmup=1, repeat=3),
         Spec("wan13b-480p", "Wan2.1-1.3B 480p x 81 (cond + uncond)", "wan", {}, (), warmup=2,
              repeat=3, wan=WAN_MODELS["wan13b-480p"], methods=("stock", "dense", "agent")),
     )
@@ -200,14 +230,16 @@ def build_unet(config: dict, device: torch.device, dtype: torch.dtype, seed: int
     return unet.eval()
 
 
-def unet_inputs(spec: Spec, unet, device, dtype, seed: int) -> dict:
+def unet_inputs(spec: Spec, unet, device, dtype, seed: int, pairs: int = 1) -> dict:
+    """UNet inputs for ``pairs`` CFG pairs (``2 * pairs`` latents); :func:`slice_pairs` takes
+    the first ones, so every batch starts with the same image."""
     generator = torch.Generator(device=device).manual_seed(seed + 1)
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
-    batch = spec.latent[0]
-    kwargs = dict(sample=randn(*spec.latent), timestep=torch.tensor(TIMESTEP, device=device),
+    batch = spec.latent[0] * pairs
+    kwargs = dict(sample=randn(batch, *spec.latent[1:]), timestep=torch.tensor(TIMESTEP, device=device),
                   encoder_hidden_states=randn(batch, *spec.text), return_dict=False)
     if unet.config.addition_embed_type == "text_time":
         text_embeds = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
@@ -215,6 +247,16 @@ def unet_inputs(spec: Spec, unet, device, dtype, seed: int) -> dict:
                                            time_ids=torch.tensor([[1024.0, 1024.0, 0, 0, 1024.0, 1024.0]] * batch,
                                                                  device=device, dtype=dtype))
     return kwargs
+
+
+def slice_pairs(inputs: dict, pairs: int, per_pair: int = 2) -> dict:
+    """The first ``pairs`` CFG pairs of :func:`unet_inputs`'s batch."""
+    count = pairs * per_pair
+    sliced = dict(inputs, sample=inputs["sample"][:count],
+                  encoder_hidden_states=inputs["encoder_hidden_states"][:count])
+    if "added_cond_kwargs" in inputs:
+        sliced["added_cond_kwargs"] = {k: v[:count] for k, v in inputs["added_cond_kwargs"].items()}
+    return sliced
 
 
 # --------------------------------------------------------------------------- one model
@@ -229,7 +271,9 @@ class ModelRun:
             from fastdit.pipelines import unet as adapter
 
             self.model = build_unet(spec.config, device, dtype, args.seed)
-            self.inputs = unet_inputs(spec, self.model, device, dtype, args.seed)
+            self.max_pairs = args.max_pairs
+            self.all_inputs = unet_inputs(spec, self.model, device, dtype, args.seed, args.max_pairs)
+            self.inputs = slice_pairs(self.all_inputs, 1)
             modules = adapter.self_attention_modules(self.model)
             factors = adapter.self_attention_downsampling(self.model)
             self.attn_modules = modules
@@ -292,11 +336,54 @@ class ModelRun:
             height, width = (height + 1) // 2, (width + 1) // 2
         return height, width
 
+    def time_steps(self, repeat: int, timers=()) -> tuple[list[float], torch.Tensor]:
+        """``self.warmup`` untimed steps, then ``repeat`` timed ones (ms, synchronised)."""
+        steps, output = [], None
+        with torch.inference_mode():
+            for _ in range(self.warmup):
+                self.forward_step()
+            synchronize(self.device)
+            for timer in timers:
+                timer.collect_ms()
+            for _ in range(repeat):
+                synchronize(self.device)
+                start = time.perf_counter()
+                output = self.forward_step()
+                synchronize(self.device)
+                steps.append((time.perf_counter() - start) * 1e3)
+        return steps, output
+
+    def search_batch(self, row: dict) -> int:
+        """UNets: the CFG pairs per forward at which the step is GPU-bound (module docstring),
+        timed without hooks; fills ``pairs``, ``gpu_bound``, ``batch_curve``."""
+        curve, pairs, bound = [], 1, False
+        while True:
+            self.inputs = slice_pairs(self.all_inputs, pairs)
+            try:
+                steps, _ = self.time_steps(self.repeat)
+            except torch.cuda.OutOfMemoryError:
+                if not curve:
+                    raise
+                torch.cuda.empty_cache()
+                curve.append((pairs, None))
+                pairs //= 2
+                break
+            curve.append((pairs, statistics.median(steps) / pairs))
+            done = [c for c in curve if c[1] is not None]
+            if len(done) > 1 and done[-1][1] > done[-2][1] * (1 - BOUND_GAIN):
+                bound = True
+                break
+            if pairs * 2 > self.max_pairs:
+                break
+            pairs *= 2
+        self.inputs = slice_pairs(self.all_inputs, pairs)
+        row.update(pairs=pairs, gpu_bound=bound, batch_curve="; ".join(
+            f"{p}:{'oom' if ms is None else format(ms, '.2f')}" for p, ms in curve))
+        return pairs
+
     def measure(self, row: dict) -> None:
         name, wall = row["method"], time.perf_counter()
-        handle = None
-        timer = AttentionTimer(self.attn_modules, self.device)
-        top_timer = AttentionTimer(self.top_modules, self.device)
+        handle = timer = top_timer = None  # the timers hook in for the attention pass only
         try:
             if name != "stock":
                 reason = explain_backends(self.device, self.dtype, 128)["triton"]
@@ -307,27 +394,31 @@ class ModelRun:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(self.device)
-            steps, attn, top, output = [], [], [], None
+            pairs = self.search_batch(row) if self.spec.kind == "unet" else 1
+            # The step at the chosen batch, timed without hooks (the reported time).
+            steps, output = self.time_steps(self.repeat)
+            # The attention pass: CUDA-event hooks on the self-attention modules.
+            timer = AttentionTimer(self.attn_modules, self.device)
+            top_timer = AttentionTimer(self.top_modules, self.device)
+            attn_steps, attn, top = [], [], []
             with torch.inference_mode():
-                for _ in range(self.warmup):
-                    self.forward_step()
-                synchronize(self.device)
-                timer.collect_ms(), top_timer.collect_ms()
-                for _ in range(self.repeat):
+                for _ in range(max(1, self.repeat // 2)):
                     synchronize(self.device)
                     start = time.perf_counter()
-                    output = self.forward_step()
+                    self.forward_step()
                     synchronize(self.device)
-                    steps.append((time.perf_counter() - start) * 1e3)
+                    attn_steps.append((time.perf_counter() - start) * 1e3)
                     attn.append(timer.collect_ms())
                     top.append(top_timer.collect_ms())
-            out = output.float()
-            ms = statistics.median(steps)
+            out = output.float()[:2]  # the first image (its CFG pair): the same at every batch
+            ms = statistics.median(steps) / pairs
+            attn_ms = statistics.median(attn) / pairs
             row.update(
-                status="ok", ms_step=ms, ms_step_min=min(steps), repeats=len(steps),
-                attn_ms_step=statistics.median(attn), attn_share=statistics.median(attn) / ms,
-                agent_attn_ms_step=statistics.median(top) if name.startswith("agent") else None,
-                out_finite=bool(torch.isfinite(out).all()),
+                status="ok", ms_step=ms, ms_step_min=min(steps) / pairs, repeats=len(steps),
+                attn_ms_step=attn_ms,
+                attn_share=statistics.median(attn) / statistics.median(attn_steps),
+                agent_attn_ms_step=statistics.median(top) / pairs if name.startswith("agent") else None,
+                out_finite=bool(torch.isfinite(output).all()),
                 peak_mem_gib=(torch.cuda.max_memory_allocated(self.device) / 2**30
                               if self.device.type == "cuda" else None),
             )
@@ -337,15 +428,16 @@ class ModelRun:
             else:
                 row["step_density"] = 1.0
             if name == "stock":
-                self.reference = output.detach().float().clone()
+                self.reference = out.detach().clone()
             if self.reference is not None:
                 row["rel_diff_vs_stock"] = ((out - self.reference).abs().max()
                                             / self.reference.abs().max()).item()
         except Exception as exc:  # one failing method must not end the run
             row.update(status="error", error=describe_error(exc))
         finally:
-            timer.remove()
-            top_timer.remove()
+            for hooks in (timer, top_timer):
+                if hooks is not None:
+                    hooks.remove()
             if handle is not None:
                 handle.remove()
         row["wall_s"] = round(time.perf_counter() - wall, 1)
@@ -365,9 +457,13 @@ def log(row: dict) -> None:
         return
     agent = f"  agent-layers {row['agent_attn_ms_step']:.1f} ms" if row["agent_attn_ms_step"] is not None else ""
     diff = f"  diff {row['rel_diff_vs_stock']:.1e}" if row["rel_diff_vs_stock"] is not None else ""
+    batch = ""
+    if row["pairs"] is not None:
+        batch = (f"  [{row['pairs']} CFG pair(s)/forward, "
+                 f"{'GPU-bound' if row['gpu_bound'] else 'not shown GPU-bound'}: {row['batch_curve']}]")
     print(f"{head}{row['ms_step']:10.2f} ms/step  attn1 {row['attn_ms_step']:.1f} ms "
           f"({row['attn_share'] * 100:.0f}%){agent}  density {row['step_density']:.3f}{diff}"
-          f"  ({row['wall_s']} s)", flush=True)
+          f"  ({row['wall_s']} s){batch}", flush=True)
 
 
 # --------------------------------------------------------------------------- estimates, output
@@ -393,8 +489,11 @@ def add_estimates(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<13}{'method':<14}{'ms/step':>10}{'attn1 ms':>10}{'agent ms':>10}"
-             f"{'density':>9}{'x step':>8}{'50-step s':>11}{'x 50-step':>10}{'diff':>9}"]
+    lines = ["(UNets: ms per image at the batch where the GPU bounds the step, 'pairs' CFG pairs "
+             "per forward; * = the search reached --max-pairs or memory before one more doubling "
+             f"gained < {BOUND_GAIN:.0%} per image)",
+             f"{'model':<13}{'method':<14}{'ms/step':>10}{'attn1 ms':>10}{'agent ms':>10}"
+             f"{'density':>9}{'x step':>8}{'50-step s':>11}{'x 50-step':>10}{'diff':>9}{'pairs':>7}"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"{r['model']:<13}{r['method']:<14}{r['status']}: {(r['error'] or '')[:80]}")
@@ -407,7 +506,8 @@ def format_table(rows: list[dict]) -> str:
             f"{r['model']:<13}{r['method']:<14}{r['ms_step']:>10.2f}{r['attn_ms_step']:>10.2f}"
             f"{fmt(r['agent_attn_ms_step'], '.2f'):>10}{fmt(r['step_density'], '.3f'):>9}"
             f"{fmt(r['speedup_step'], '.2f'):>8}{fmt(r['e2e_s'], '.2f'):>11}"
-            f"{fmt(r['speedup_e2e'], '.2f'):>10}{fmt(r['rel_diff_vs_stock'], '.1e'):>9}")
+            f"{fmt(r['speedup_e2e'], '.2f'):>10}{fmt(r['rel_diff_vs_stock'], '.1e'):>9}"
+            f"{fmt(r['pairs'], 'd'):>7}{'' if r['gpu_bound'] in (None, True) else '*':<1}")
     return "\n".join(lines)
 
 
@@ -438,8 +538,9 @@ def plot(rows: list[dict], metadata: dict, path: Path) -> None:
         if ok:
             ax.set_ylim(0, max(r["ms_step"] for r in ok) * 1.3)
         first = ok[0] if ok else {}
-        ax.set_title(f"{model}\n{first.get('tokens_top')} tokens at the highest resolution", fontsize=9)
-        ax.set_ylabel("ms per denoising step (median)")
+        pairs = f", {first['pairs']} CFG pairs/forward" if first.get("pairs") else ""
+        ax.set_title(f"{model}\n{first.get('tokens_top')} tokens at the highest resolution{pairs}", fontsize=9)
+        ax.set_ylabel("ms per denoising step per image (median; UNets at a GPU-bound batch)")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"fastdit agent_bench: {metadata['device_name']}, torch {metadata['torch']}, "
@@ -488,6 +589,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=None, help="timed steps per row (default per model)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default per model)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--max-pairs", type=int, default=None,
+                        help="UNets: largest batch the GPU-bound search tries, in CFG pairs "
+                        "(default: 8; --smoke: 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (fp32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", type=Path, metavar="JSON", help="redraw an earlier run's plot and exit")
@@ -501,6 +605,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.methods = ["stock", *args.methods]  # every speedup is relative to it
     if (args.repeat is not None and args.repeat < 1) or (args.warmup is not None and args.warmup < 0):
         parser.error("--repeat must be >= 1 and --warmup >= 0")
+    if args.max_pairs is None:
+        args.max_pairs = 2 if args.smoke else 8
+    if args.max_pairs < 1:
+        parser.error("--max-pairs must be >= 1")
     return args
 
 

@@ -145,7 +145,8 @@ from kernel_bench import (  # noqa: E402  (also puts the repository root on sys.
 
 import fastdit  # noqa: E402
 from fastdit import GNA, AdaSpa, Dense, LatentGrid, Radial, Schedule, SequenceLayout, VMoBA  # noqa: E402
-from fastdit.kernels import BlockSparsity, explain_backends  # noqa: E402
+from fastdit.kernels import BlockSparsity, choose_backend, explain_backends  # noqa: E402
+from fastdit.kernels.backend import explain_calls  # noqa: E402
 from fastdit.methods.adaspa import select_blocks  # noqa: E402
 from fastdit.report import agg_pyplot  # noqa: E402
 
@@ -156,8 +157,11 @@ RADIAL_PRESET = "wan2.1-14b"
 NUM_STEPS = 50
 # Targets of the issue, at Wan2.1-14B 720p with the Radial preset.
 TARGET_MODEL = "wan14b-720p"
-VS_CUDNN_TARGET = 1.45
+# The backends issue (H200): Radial >= 1.6x stock cuDNN and >= 1.35x the best dense baseline
+# (the fastest of stock cuDNN, stock FA2 and dense attention on FA4); FA2 kept from issue 3.
+VS_CUDNN_TARGET = 1.6
 VS_FLASH_TARGET = 1.8
+VS_BEST_DENSE_TARGET = 1.35
 IDEAL_VS_CUDNN = 1.52
 TIMESTEP = 500.0
 # GNA candidates within this block density of Radial's are "similar"; among them the one with the
@@ -169,7 +173,8 @@ CSV_FIELDS = (
     "step_index", "sdpa_backend", "config", "status", "source", "plan_density", "step_density",
     "ms_step", "ms_step_min", "ms_forward", "repeats", "attn_ms_step", "attn_share",
     "peak_mem_gib", "out_finite", "out_std", "rel_diff_vs_stock", "dense_steps", "sparse_steps",
-    "e2e_s", "speedup_vs_cudnn", "speedup_vs_flash", "wall_s", "error",
+    "e2e_s", "speedup_vs_cudnn", "speedup_vs_flash", "speedup_vs_best_dense", "best_dense",
+    "wall_s", "error",
     # AdaSpa estimate rows: search steps in the 50 and their cost over the steps they replace.
     "search_steps", "search_overhead_s", "search_overhead_share",
 )
@@ -649,7 +654,9 @@ class ModelRun:
             if method in STOCK_BACKENDS:
                 self.run_stock(method)
             elif method == "dense":
-                self.run_fastdit("dense", Dense(), None, [("step", 20)], "Dense(block 128)")
+                executor = choose_backend(self.device, self.dtype, 128, dense=True)
+                self.run_fastdit("dense", Dense(), None, [("step", 20)],
+                                 f"Dense(block 128) on {executor}")
             elif method == "radial":
                 r = self.radial
                 self.run_fastdit(
@@ -836,14 +843,22 @@ def estimate_rows(rows: list[dict], num_steps: int, dense_steps: int) -> list[di
                     row["step_density"] = dense["step_density"]
             per_model.append(row)
         baselines = {m: next((r for r in per_model if r["method"] == m and r["status"] == "ok"),
-                             None) for m in STOCK_BACKENDS}
+                             None) for m in (*STOCK_BACKENDS, "dense")}
+        # Best dense: the fastest of stock cuDNN, stock FA2 and fastdit's Dense processor, whose
+        # dense plan runs FA4's dense kernel where it can (what diffusers' flash_4_hub backend
+        # calls; that backend needs a hub download, unavailable offline).
+        best = min((b for b in baselines.values() if b is not None), key=lambda b: b["e2e_s"],
+                   default=None)
         for row in per_model:
             if row["status"] != "ok":
                 continue
             for key, base in (("speedup_vs_cudnn", baselines["stock-cudnn"]),
-                              ("speedup_vs_flash", baselines["stock-flash"])):
+                              ("speedup_vs_flash", baselines["stock-flash"]),
+                              ("speedup_vs_best_dense", best)):
                 if base is not None:
                     row[key] = base["e2e_s"] / row["e2e_s"]
+            if best is not None:
+                row["best_dense"] = best["method"]
         estimates += per_model
     return estimates
 
@@ -866,11 +881,15 @@ def evaluate_targets(estimates: list[dict], metadata: dict) -> list[dict]:
     checks = (
         ("speedup_vs_cudnn", "stock-cudnn", VS_CUDNN_TARGET, "stock cuDNN"),
         ("speedup_vs_flash", "stock-flash", VS_FLASH_TARGET, "stock FA2"),
+        ("speedup_vs_best_dense", radial and radial.get("best_dense"), VS_BEST_DENSE_TARGET,
+         "best dense"),
     )
     for key, base_method, threshold, base_name in checks:
         target = f"Radial 50-step >= {threshold:.2f}x faster than {base_name}"
         base = next((r for r in estimates if r["model"] == TARGET_MODEL
                      and r["method"] == base_method), None)
+        if base_name == "best dense" and base is not None:
+            base_name = f"best dense ({base_method})"
         why = reason
         if why is None and (radial is None or radial["status"] != "ok"):
             why = "radial " + ("not run" if radial is None else f"n/a: {radial['error']}")
@@ -925,7 +944,7 @@ def evaluate_targets(estimates: list[dict], metadata: dict) -> list[dict]:
 # (cached-search-step - late-sparse-step); reported in seconds, as a share of the 50-step total
 # (target <= 5%) and per search step as a share of a dense step.
 ADASPA = AdaSpa()
-ADASPA_VS_CUDNN_TARGET = 1.6
+ADASPA_VS_CUDNN_TARGET = 1.7
 ADASPA_VS_FLASH_TARGET = 2.0
 ADASPA_OVERHEAD_TARGET = 0.05
 # The issue's ideal: self-attention is 66% of a 12.04 s cuDNN forward at Wan2.1-14B 720p; 10
@@ -1269,7 +1288,7 @@ def format_tables(rows: list[dict], estimates: list[dict], metadata: dict) -> st
         if model_estimates:
             lines.append(f"-- {metadata['num_steps']}-step estimate (transformer only) --")
             lines.append(f"{'method':<12}{'dense x step + sparse x step':<32}{'total s':>9}"
-                         f"{'x cuDNN':>9}{'x FA2':>8}{'density':>9}")
+                         f"{'x cuDNN':>9}{'x FA2':>8}{'x best':>8}{'density':>9}")
             for e in model_estimates:
                 if e["status"] != "ok":
                     lines.append(f"{e['method']:<12}N/A: {e['error']}")
@@ -1286,6 +1305,7 @@ def format_tables(rows: list[dict], estimates: list[dict], metadata: dict) -> st
                     f"{e['method']:<12}{recipe:<32}{e['e2e_s']:>9.1f}"
                     f"{format_number(e['speedup_vs_cudnn'], '.3f'):>9}"
                     f"{format_number(e['speedup_vs_flash'], '.3f'):>8}"
+                    f"{format_number(e['speedup_vs_best_dense'], '.3f'):>8}"
                     f"{format_number(e['step_density'], '.3f'):>9}"
                 )
         for method, stats in metadata.get("vmoba", {}).get(model, {}).items():
@@ -1434,7 +1454,7 @@ def collect_metadata(args: argparse.Namespace, device: torch.device, dtype: torc
         python=platform.python_version(),
         dtype=str(dtype).removeprefix("torch."),
         diffusers_attention_backend=attention_backend,
-        fastdit_backends=explain_backends(device, dtype),
+        fastdit_backends=explain_calls(device, dtype),
         triton_interpret=os.environ.get("TRITON_INTERPRET"),
         git_commit=git_commit(),
         smoke=args.smoke,

@@ -43,40 +43,83 @@ def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SECTIONS = ("offsets", "cudnn", "helpers", "reference", "window", "vmoba", "int8")
+SECTIONS = ("flash4", "compile", "offsets", "cudnn", "helpers", "reference", "window", "vmoba", "int8")
 
 
-def check_against_reference(generator: torch.Generator, dtypes, head_dims) -> None:
+def check_against_reference(generator: torch.Generator, dtypes, head_dims, backend="triton",
+                            block_sizes=(128, 64)) -> None:
+    from fastdit.kernels import explain_backends
+
     device = "cuda"
     for dtype in dtypes:
         for head_dim in head_dims:
             for layout in ("bshd", "bhsd"):
-                for block_size in (128, 64):
+                for block_size in block_sizes:
+                    q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else block_size
+                    reason = explain_backends(device, dtype, head_dim, q_block_size=q_block,
+                                              kv_block_size=kv_block)[backend]
+                    if reason is not None:
+                        print(f"skip {backend} {str(dtype)[6:]} D={head_dim} block={block_size}: {reason}")
+                        continue
                     seq_q, seq_kv, heads, batch = 1000, 1337, 3, 2
                     shape = lambda s: (batch, s, heads, head_dim) if layout == "bshd" else (batch, heads, s, head_dim)
                     q = torch.randn(shape(seq_q), device=device, generator=generator).to(dtype)
                     k = torch.randn(shape(seq_kv), device=device, generator=generator).to(dtype)
                     v = torch.randn(shape(seq_kv), device=device, generator=generator).to(dtype)
-                    num_q, num_kv = math.ceil(seq_q / block_size), math.ceil(seq_kv / block_size)
+                    num_q, num_kv = math.ceil(seq_q / q_block), math.ceil(seq_kv / kv_block)
                     block_map = torch.rand(batch, heads, num_q, num_kv, device=device, generator=generator) < 0.4
                     block_map[0, 0, 2] = False  # an empty row
-                    plan = BlockSparsity.from_block_map(block_map, block_size)
+                    block_map[1, 1, 3] = True  # a full row, ragged last key block included
+                    if backend == "flash4":
+                        block_map[:, 2] = block_map[:1, 2]  # batch-shared rows too
+                    plan = BlockSparsity.from_block_map(block_map, (q_block, kv_block))
+                    plans = [("sparse", plan)]
+                    if backend == "flash4" and q_block == kv_block:
+                        plans.append(("dense", BlockSparsity.dense(seq_q, seq_kv, block_size, device=device)))
+                        plans.append(("broadcast", BlockSparsity.from_block_map(block_map[:1, :1], block_size)))
                     key_padding = torch.tensor([seq_kv, 555], device=device)
-                    for padding in (None, key_padding):
+                    for (kind, plan), padding in [(p, pad) for p in plans for pad in (None, key_padding)]:
                         out, lse = block_sparse_attention(
-                            q, k, v, plan, layout=layout, return_lse=True, key_padding=padding
+                            q, k, v, plan, layout=layout, return_lse=True, key_padding=padding,
+                            backend=backend,
                         )
                         ref, ref_lse = attention_reference(
                             q, k, v, plan, scale=head_dim**-0.5, layout=layout, return_lse=True,
                             key_lengths=padding,
                         )
-                        name = f"attention {str(dtype)[6:]} D={head_dim} {layout} block={block_size} padding={padding is not None}"
+                        name = f"{backend} {kind} {str(dtype)[6:]} D={head_dim} {layout} block={block_size} padding={padding is not None}"
                         error = relative_error(out, ref) if dtype == torch.float32 else max_abs_error(out, ref)
                         finite = torch.isfinite(ref_lse)
                         same_empty = torch.equal(torch.isneginf(lse), ~finite)
                         lse_error = (lse[finite] - ref_lse[finite]).abs().max().item()
                         record(name, error if same_empty else float("nan"), TOLERANCE[dtype])
                         record(name + " lse", lse_error, 1e-3)
+
+
+def check_compile(generator: torch.Generator) -> None:
+    """torch.compile(fullgraph=True) with Inductor around every entry point, against eager."""
+    from fastdit.kernels import quantize_qk_int8, segment_mean_pool
+
+    seq, heads, head_dim = 5000, 4, 128
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device="cuda", generator=generator,
+                           dtype=torch.bfloat16) for _ in range(3))
+    num = math.ceil(seq / 128)
+    plan = BlockSparsity.from_block_map(
+        torch.rand(1, heads, num, num, device="cuda", generator=generator) < 0.3, 128
+    )
+    offsets = torch.tensor([0, 1000, 3000, seq], device="cuda")
+
+    def step(q, k, v):
+        out, lse = block_sparse_attention(q, k, v, plan, return_lse=True)
+        mass = block_mass(q, k, lse, plan)
+        pooled = block_mean_pool(out, 128).sum() + segment_mean_pool(q, offsets).sum()
+        int8 = block_sparse_attention(q, k, v, plan, quantize="int8")
+        quantized = quantize_qk_int8(q, k)
+        return out, lse, mass, pooled, int8, quantized.q_scale
+
+    compiled = torch.compile(step, fullgraph=True)
+    for index, (got, want) in enumerate(zip(compiled(q, k, v), step(q, k, v))):
+        record(f"torch.compile fullgraph vs eager, output {index}", max_abs_error(got, want), 1e-2)
 
 
 def check_helpers(generator: torch.Generator) -> None:
@@ -114,6 +157,17 @@ def check_window_masks(generator: torch.Generator) -> None:
             )
             name = f"window mask {str(dtype)[6:]} grid={grid.shape} text={text is not None} w={window} s={stride} d={dilation}"
             record(name, max_abs_error(out, ref), TOLERANCE[dtype], partial_density=plan.window_mask.density)
+            # NaN values reach only the rows whose window holds their key (as in the reference).
+            poisoned = v.clone()
+            poisoned[:, torch.randint(0, shape[1], (5,), device="cuda", generator=generator), :, :8] = float("nan")
+            out = block_sparse_attention(q, k, poisoned, plan.sparsity, key_padding=padding, window_mask=plan.window_mask)
+            ref, _ = attention_reference(
+                q, k, poisoned, plan.sparsity, scale=128**-0.5, key_lengths=padding.int() if text else None,
+                window=plan.window_mask,
+            )
+            same_nan = bool(torch.equal(out.isnan(), ref.isnan()))
+            error = max_abs_error(out.nan_to_num(), ref.nan_to_num()) if same_nan else float("inf")
+            record(f"{name} NaN values", error, TOLERANCE[dtype], nan_rows=int(ref.isnan().any(-1).sum()))
 
 
 def check_dense_vs_cudnn(generator: torch.Generator) -> None:
@@ -273,6 +327,14 @@ def main() -> int:
     sections = args.sections.split(",")
     generator = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if "flash4" in sections:
+        from fastdit.kernels import explain_backends
+
+        print("flash4:", explain_backends("cuda", torch.bfloat16, 128)["flash4"] or "can run", flush=True)
+        check_against_reference(generator, [torch.bfloat16, torch.float16], [64, 128], "flash4",
+                                block_sizes=(128, (64, 128)))
+    if "compile" in sections:
+        check_compile(generator)
     if "offsets" in sections:
         check_64bit_offsets(generator)
     if "cudnn" in sections:

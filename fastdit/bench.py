@@ -79,7 +79,9 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from . import peers
 from .kernels import BlockSparsity, block_sparse_attention, explain_backends
+from .kernels.backend import explain_calls
 
 __all__ = ["DEFAULT_OUT", "DESCRIPTION", "SHAPES", "SMOKE_SHAPES", "add_arguments", "main",
            "run_bench"]
@@ -95,7 +97,13 @@ DESCRIPTION = (
 )
 
 BLOCK_SIZE = 128
-ALL_BACKENDS = ("fastdit", "flex", "cudnn", "flash", "xformers")
+# fastdit: the backend fastdit picks (FA4 where it can); fastdit-triton: fastdit's own kernel.
+# Peers: fa4 (dense and block-sparse), fa3 (dense), flex (Triton), flex-flash (FA4 through Flex),
+# sage (SageAttention 1.x, dense), SDPA cudnn/flash, xformers.
+ALL_BACKENDS = ("fastdit", "fastdit-triton", "fa4", "fa3", "flex", "flex-flash", "sage", "cudnn",
+                "flash", "xformers")
+# fastdit's time over FA4's on the same map (dense and block-sparse): the backends issue's target.
+VS_FA4_TARGET = 1.03
 ALL_MASKS = ("random", "banded")
 # Relative error (max abs error / max |reference|) accepted by the correctness line: bf16 and
 # fp16 outputs round at ~2**-9 relative; a wrong block set shifts outputs by several percent.
@@ -108,7 +116,7 @@ VS_CUDNN_TARGET = 3.0
 
 CSV_FIELDS = (
     "shape", "seq_len", "heads", "head_dim", "dtype", "mask", "target_density", "density",
-    "backend", "layout", "status", "ms", "tflop_per_call", "tflops", "speedup_vs_cudnn",
+    "backend", "executor", "layout", "status", "ms", "tflop_per_call", "tflops", "speedup_vs_cudnn",
     "err_vs_ref", "rel_err_vs_ref", "peer", "diff_vs_peer", "plan_build_ms", "error",
 )
 
@@ -353,14 +361,28 @@ def xformers_runner() -> Callable[[InputSet], torch.Tensor]:
 
 
 def fastdit_backend(device: torch.device) -> str | None:
-    """On CUDA force the Triton kernel: a silent fallback to the PyTorch reference would time
-    the wrong thing (and take minutes at 75K tokens); elsewhere let fastdit choose."""
+    """The Triton kernel on CUDA (INT8 and window masks run there), fastdit's choice elsewhere:
+    a silent fallback to the PyTorch reference would time the wrong thing."""
     return "triton" if device.type == "cuda" else None
 
 
-def fastdit_runner(plan: BlockSparsity, layout: str) -> Callable[[InputSet], torch.Tensor]:
-    backend = fastdit_backend(plan.device)
+def fastdit_executor(plan: BlockSparsity, dtype: torch.dtype, head_dim: int,
+                     forced: str | None) -> tuple[str | None, str | None]:
+    """(backend fastdit runs this plan on, reason to skip the row). On CUDA a fallback to the
+    PyTorch reference would time the wrong thing (and take minutes at 75K tokens): skipped."""
+    reasons = explain_backends(plan.device, dtype, head_dim, q_block_size=plan.q_block_size,
+                               kv_block_size=plan.kv_block_size, dense=plan.is_dense)
+    if forced is not None:
+        return (forced, None) if reasons[forced] is None else (None, f"{forced}: {reasons[forced]}")
+    chosen = next(name for name, reason in reasons.items() if reason is None)
+    if chosen == "reference" and plan.device.type == "cuda":
+        return None, "only the PyTorch reference can run: " + "; ".join(
+            f"{n}: {r}" for n, r in reasons.items() if r)
+    return chosen, None
 
+
+def fastdit_runner(plan: BlockSparsity, layout: str, backend: str | None = None
+                   ) -> Callable[[InputSet], torch.Tensor]:
     def run(inputs: InputSet) -> torch.Tensor:
         return block_sparse_attention(
             *getattr(inputs, layout), plan, layout=layout, backend=backend
@@ -477,13 +499,57 @@ class ShapeRun:
                 out = self.measure(row, xformers_runner(), reference)
                 if out is not None and cudnn_out is not None:
                     self.record_peer([row], ["cudnn"], max_abs_diff(out, cudnn_out))
-        if "fastdit" in backends:
-            plan = BlockSparsity.dense(shape.seq_len, shape.seq_len, BLOCK_SIZE, self.device)
+        for name in ("fa4", "fa3", "flex", "flex-flash"):
+            if name not in backends:
+                continue
+            row = self.new_row("dense", 1.0, 1.0, name, "bhsd" if name == "flex" else "bshd", pairs)
+            if name == "flex":
+                if self.flex_unavailable:
+                    self.skip(row, self.flex_unavailable)
+                    continue
+                self.measure(row, flex_runner(self.compiled_flex, None), reference)
+                continue
+            self.measure_peer(row, lambda: {
+                "fa4": lambda: peers.fa4_dense_attention(self.device),
+                "fa3": lambda: peers.fa3_dense_attention(self.device),
+                "flex-flash": lambda: peers.flex_flash_attention(
+                    None, shape.batch, shape.heads, shape.seq_len, self.device),
+            }[name](), reference)
+        plan = BlockSparsity.dense(shape.seq_len, shape.seq_len, BLOCK_SIZE, self.device)
+        for name, forced in (("fastdit", None), ("fastdit-triton", "triton")):
+            if name not in backends:
+                continue
             for layout in ("bshd", "bhsd"):
-                row = self.new_row("dense", 1.0, 1.0, "fastdit", layout, pairs)
-                out = self.measure(row, fastdit_runner(plan, layout), reference)
+                row = self.new_row("dense", 1.0, 1.0, name, layout, pairs)
+                out = self.measure_fastdit(row, plan, layout, forced, reference)
                 if out is not None and cudnn_out is not None:
                     self.record_peer([row], ["cudnn"], max_abs_diff(out, cudnn_out))
+        if "sage" in backends:  # last: it smooths K in place (softmax-invariant)
+            row = self.new_row("dense", 1.0, 1.0, "sage", "bshd", pairs)
+            self.measure_peer(row, lambda: peers.sage_attention(self.device), reference)
+
+    def measure_fastdit(self, row: dict, plan: BlockSparsity, layout: str, forced: str | None,
+                        reference: torch.Tensor) -> torch.Tensor | None:
+        executor, reason = fastdit_executor(plan, self.dtype, self.shape.head_dim, forced)
+        row["executor"] = executor
+        if reason:
+            self.skip(row, reason)
+            return None
+        return self.measure(row, fastdit_runner(plan, layout, executor), reference)
+
+    def measure_peer(self, row: dict, make: Callable[[], Callable], reference: torch.Tensor
+                     ) -> torch.Tensor | None:
+        """A peer's (B, S, H, D) function, made outside the timing; skipped with its reason."""
+        try:
+            attend = make()
+        except peers.PeerUnavailable as exc:
+            self.skip(row, str(exc))
+            return None
+        except Exception as exc:
+            row.update(status="error", error=describe_error(exc))
+            self.log(row)
+            return None
+        return self.measure(row, lambda inputs: attend(*inputs.bshd), reference)
 
     def run_sparse(self, mask: str, target_density: float) -> None:
         shape, backends = self.shape, self.args.backends
@@ -506,7 +572,18 @@ class ShapeRun:
             fastdit_row["plan_build_ms"] = plan_build_ms(
                 block_map, self.device, self.timing.plan_repeats
             )
-            fastdit_out = self.measure(fastdit_row, fastdit_runner(plan, "bshd"), reference)
+            fastdit_out = self.measure_fastdit(fastdit_row, plan, "bshd", None, reference)
+        if "fastdit-triton" in backends:
+            row = self.new_row(mask, target_density, plan.density, "fastdit-triton", "bshd", pairs)
+            self.measure_fastdit(row, plan, "bshd", "triton", reference)
+        if "fa4" in backends:
+            row = self.new_row(mask, target_density, plan.density, "fa4", "bshd", pairs)
+            self.measure_peer(row, lambda: peers.fa4_block_sparse_attention(plan, shape.batch),
+                              reference)
+        if "flex-flash" in backends:
+            row = self.new_row(mask, target_density, plan.density, "flex-flash", "bshd", pairs)
+            self.measure_peer(row, lambda: peers.flex_flash_attention(
+                plan, shape.batch, shape.heads, shape.seq_len, self.device), reference)
         if "flex" in backends:
             row = self.new_row(mask, target_density, plan.density, "flex", "bhsd", pairs)
             if self.flex_unavailable:
@@ -603,6 +680,19 @@ def evaluate_targets(rows: list[dict], dtype_name: str) -> list[dict]:
                     None if reason else f"{speedup:.2f}x  [fastdit {sparse['ms']:.3f} ms vs "
                     f"cuDNN dense {cudnn['ms']:.3f} ms]", reason)
 
+        for mask in ["dense", *masks]:
+            for density in ([1.0] if mask == "dense" else sorted(
+                    {r["target_density"] for r in rows if r["shape"] == shape and r["mask"] == mask})):
+                ours = find_row(rows, shape, mask, "fastdit", density, layout="bshd")
+                fa4 = find_row(rows, shape, mask, "fa4", density)
+                reason = missing_reason((f"fastdit {mask} {density:g}", ours),
+                                        (f"fa4 {mask} {density:g}", fa4))
+                ratio = None if reason else ours["ms"] / fa4["ms"]
+                verdict(shape, f"{mask} {density:g}", f"time <= {VS_FA4_TARGET:.2f}x FA4's",
+                        ratio is not None and ratio <= VS_FA4_TARGET,
+                        None if reason else f"{ratio:.3f}x  [fastdit ({ours['executor']}) "
+                        f"{ours['ms']:.3f} ms vs FA4 {fa4['ms']:.3f} ms]", reason)
+
         builds = [r for r in rows if r["shape"] == shape and r["plan_build_ms"] is not None]
         baseline = cudnn if cudnn and cudnn["status"] == "ok" else dense
         reason = missing_reason(("dense call", baseline))
@@ -683,16 +773,16 @@ def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(2, len(shapes), figsize=(6.5 * len(shapes), 9), squeeze=False)
-    colors = {"fastdit": "tab:blue", "flex": "tab:orange", "cudnn": "black", "flash": "tab:gray",
-              "xformers": "tab:green"}
-    dense_styles = {("cudnn", "bhsd"): ":", ("flash", "bhsd"): "-.", ("xformers", "bshd"): "--",
-                    ("fastdit", "bshd"): ":", ("fastdit", "bhsd"): "-."}
+    colors = {"fastdit": "tab:blue", "fastdit-triton": "tab:cyan", "fa4": "tab:red",
+              "fa3": "tab:purple", "flex": "tab:orange", "flex-flash": "tab:brown",
+              "sage": "tab:olive", "cudnn": "black", "flash": "tab:gray", "xformers": "tab:green"}
+    dense_styles = {"bshd": ":", "bhsd": "-."}
     for column, shape in enumerate(shapes):
         ok = [r for r in rows if r["shape"] == shape and r["status"] == "ok"]
         densities = sorted({r["target_density"] for r in ok if r["mask"] != "dense"})
         for axis, metric, label in ((axes[0, column], "ms", "ms (median)"),
                                     (axes[1, column], "tflops", "TFLOP/s (computed blocks)")):
-            for backend in ("fastdit", "flex"):
+            for backend in ("fastdit", "fastdit-triton", "fa4", "flex", "flex-flash"):
                 for mask, style in (("random", "-"), ("banded", "--")):
                     series = sorted((r["density"], r[metric]) for r in ok
                                     if r["backend"] == backend and r["mask"] == mask)
@@ -703,7 +793,7 @@ def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
             for r in ok:
                 if r["mask"] == "dense":
                     axis.axhline(r[metric], color=colors[r["backend"]], alpha=0.8,
-                                 linestyle=dense_styles[(r["backend"], r["layout"])],
+                                 linestyle=dense_styles[r["layout"]],
                                  label=f"{r['backend']} dense ({r['layout']})")
             axis.set_xscale("log", base=2)
             if densities:
@@ -780,13 +870,25 @@ def collect_metadata(args: argparse.Namespace, device: torch.device, dtype: torc
         python=platform.python_version(),
         dtype=str(dtype).removeprefix("torch."),
         block_size=BLOCK_SIZE,
-        # Why each fastdit backend can or cannot run here (None = can), and the one forced.
-        fastdit_backends=explain_backends(device, dtype),
-        fastdit_forced_backend=fastdit_backend(device),
+        # Why each fastdit backend can or cannot run each kind of call here (None = can).
+        fastdit_backends=explain_calls(device, dtype),
+        peer_versions={name: package_version(name) for name in PEER_PACKAGES},
         git_commit=git_commit(),
         smoke=args.smoke,
         args={k: v for k, v in vars(args).items() if k not in ("timing", "func", "command")},
     )
+
+
+PEER_PACKAGES = ("flash-attn-4", "nvidia-cutlass-dsl", "fa3-fwd", "sageattention", "xformers")
+
+
+def package_version(name: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def output_stem(metadata: dict) -> str:
@@ -923,11 +1025,12 @@ def run_bench(args: argparse.Namespace) -> int:
     metadata = collect_metadata(args, device, dtype)
     print(f"device {metadata['device_name']} ({device}), {metadata['dtype']}, shapes "
           f"{args.shapes}, masks {args.masks}, densities {args.densities}, backends "
-          f"{args.backends}; fastdit backends (None = can run): {metadata['fastdit_backends']}, "
-          f"forced: {metadata['fastdit_forced_backend']}", flush=True)
+          f"{args.backends}; peers {metadata['peer_versions']}", flush=True)
+    for call, reasons in metadata["fastdit_backends"].items():
+        print(f"  {call}: " + ", ".join(f"{n}: {r or 'can run'}" for n, r in reasons.items()))
 
     compiled_flex = flex_unavailable = None
-    if "flex" in args.backends:
+    if {"flex", "flex-flash"} & set(args.backends):
         try:
             from torch.nn.attention.flex_attention import flex_attention
 

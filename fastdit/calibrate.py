@@ -308,6 +308,12 @@ def calibrate(
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise ValueError("calibrate needs at least one prompt")
+    if output is not None:
+        from .files import check_writable_file
+
+        reason = check_writable_file(output)  # before the calibration, not after it
+        if reason is not None:
+            raise ValueError(reason)
     models = denoising_models(pipe)
     classes = sorted({type(model).__name__ for model in models})
     if len(classes) != 1:

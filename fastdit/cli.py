@@ -15,10 +15,20 @@ Subcommands are argparse subparsers, each with a ``func`` default. Loading, size
 ``--compile``/``--cpu-offload`` and timing (:mod:`fastdit.runner`) are shared by generate and
 compare.
 
-Exit codes: 0 success, 1 runtime error (model could not be loaded, video could not be written),
-2 bad command line (argparse errors, unknown method/option/preset, bad option values, sizes the
-model cannot take, an unsupported model class, a missing file given on the command line, a
-GPU-only option without a GPU), 130 interrupted.
+Several GPUs: ``torchrun --nproc-per-node N -m fastdit generate|compare ... --ulysses N`` runs the
+transformer under diffusers' Ulysses context parallelism (:mod:`fastdit.parallel`); every rank
+runs the pipeline, rank 0 alone prints and writes files, and the summary lists each rank's time
+and peak memory.
+
+Exit codes: 0 success, 1 runtime error (model could not be loaded, video could not be written,
+the generation produced NaN/inf, any other failure), 2 bad command line (argparse errors, unknown
+method/option/preset, bad option values, sizes the model cannot take, a method configuration the
+model's latent grid cannot take, a plan file calibrated for another model, an unsupported model
+class, a missing file or model path given on the command line, an output path that cannot be
+written, a device fastdit cannot run on, a GPU-only option without a GPU), 130 interrupted.
+Errors are one line (``fastdit COMMAND: error: ...`` for bad input, ``error: ...`` otherwise);
+``--debug`` (before or after the command) prints the traceback too. Bad input is found before
+any model loads wherever it can be known then.
 """
 
 from __future__ import annotations
@@ -35,19 +45,30 @@ from .clicommon import (
     DEFAULT_PROMPT,
     DEFAULT_SEED,
     TINY_DESCRIPTION,
+    RunSetup,
     UsageError,
+    build_cache,
     build_method,
     build_schedule,
+    check_method_fits,
+    check_model_path,
+    check_pipeline_sizes,
+    check_supported_pipeline,
+    check_video_path,
     describe_method,
     describe_schedule,
+    format_rank_speeds,
     format_seconds,
+    gather_rank_speeds,
     load_for_run,
     make_probe,
     method_names,
     parse_amount,
     parse_attention_opts,
+    resolve_device,
     resolve_device_dtype,
     resolve_run_setup,
+    schedule_notes,
     validate_sizes,
     write_video,
 )
@@ -57,6 +78,20 @@ __all__ = ["build_parser", "main"]
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_OUTPUT = "out.mp4"
+
+
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int seed, got {text!r}") from None
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"a seed must be an int in [0, 2**64 - 1], got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -121,17 +156,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
             method, args.dense_steps, args.dense_last_steps, args.dense_layers
         )
     setup = resolve_run_setup(args)
+    check_video_path(args.output)
+    cache = build_cache(args.cache, setup)
+    check_quantize_option(method, args.quantize, setup)
     pipe, load_time = load_for_run(args, setup)
     call_kwargs, dropped = pipeline_call_kwargs(
         pipe, args.prompt, setup.settings, args.negative_prompt
     )
     for name in dropped:
         print(f"note: {type(pipe).__name__} takes no {name}; ignored")
+    check_method_fits(pipe, method, call_kwargs, f"--attention {attention}")
+    for note in schedule_notes(schedule, pipe, call_kwargs, f"--attention {attention}"):
+        print(f"note: {note}")
     probe = make_probe(pipe, setup, args)
     try:
-        result = run_generation(pipe, call_kwargs, probe, args.seed, method, schedule)
+        result = run_generation(pipe, call_kwargs, probe, args.seed, method, schedule,
+                                cache=cache, quantize=args.quantize)
     finally:
         probe.remove()
+    ranks = gather_rank_speeds(setup, result.speed, load_time)
+    if not setup.is_main:  # rank 0 writes and prints
+        setup.parallel.close()
+        return 0
     backend = write_video(result.frames, args.output, args.fps)
 
     # ---- one-screen summary
@@ -149,6 +195,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lines.append(f"  attention    {describe_method(method, attention, args.preset)}")
     if method.follows_schedule:
         lines.append(f"  dense        {describe_schedule(schedule)}")
+    if cache is not None or args.quantize:
+        from .compose import describe_cache
+
+        lines.append(f"  cache        {describe_cache(cache)}; quantize {args.quantize or 'none'}")
     run_time = speed.run_s
     if speed.step_s:
         denoise = speed.denoise_s
@@ -179,8 +229,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         gpu = torch.cuda.get_device_name(setup.device)
         lines.append(f"  peak memory  {speed.peak_memory_bytes / 2**30:.2f} GiB ({gpu})")
+    lines.extend(format_rank_speeds(setup, ranks))
     lines.append(f"  output       {args.output} ({backend})")
     print("\n".join(lines), flush=True)
+    if setup.parallel is not None:
+        setup.parallel.close()
     return 0
 
 
@@ -203,10 +256,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _seed_list(text: str) -> list[int]:
     try:
-        seeds = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
+        seeds = [_seed(item.strip()) for item in text.split(",") if item.strip()]
+    except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(
-            f"expected an int or a comma list of ints (0,1,2), got {text!r}"
+            f"expected an int or a comma list of ints (0,1,2) in [0, 2**64 - 1], got {text!r} ({exc})"
         ) from None
     if not seeds:
         raise argparse.ArgumentTypeError(f"expected at least one seed, got {text!r}")
@@ -243,9 +296,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> Non
         ("--guidance-scale", "guidance_scale", _non_negative_float),
     ):
         text = {
-            "height": "video height in px, a multiple of 16",
-            "width": "video width in px, a multiple of 16",
-            "num_frames": "number of frames, 4k+1",
+            "height": "video height in px, a multiple of 16 (LTX-Video: 32)",
+            "width": "video width in px, a multiple of 16 (LTX-Video: 32)",
+            "num_frames": "number of frames, 4k+1 (LTX-Video 8k+1, Mochi 6k+1; images: none)",
             "num_inference_steps": "number of denoising steps",
             "guidance_scale": "classifier-free guidance scale (<= 1 disables it)",
         }[key]
@@ -257,8 +310,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> Non
             help=f"seeds of the initial noise, repeatable or a comma list: every prompt runs "
             f"with every seed (default: {DEFAULT_SEED})")
     else:
-        add("--seed", type=int, default=DEFAULT_SEED,
-            help=f"random seed of the initial noise (default: {DEFAULT_SEED})")
+        add("--seed", type=_seed, default=DEFAULT_SEED,
+            help=f"random seed of the initial noise, in [0, 2**64 - 1] (default: {DEFAULT_SEED})")
     add("--fps", type=_positive_float, default=DEFAULT_FPS,
         help=f"frame rate of the written video (default: {DEFAULT_FPS})")
     add("--dtype", choices=DTYPES, default=None,
@@ -278,6 +331,56 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> Non
     add("--cpu-offload", action="store_true",
         help="keep models on the CPU and move each to the GPU while it runs "
         "(diffusers' enable_model_cpu_offload, needs accelerate); GPU only (default: off)")
+    add("--ulysses", type=_positive_int, default=1, metavar="N",
+        help="run the transformer on N GPUs with diffusers' Ulysses context parallelism; start "
+        "N processes with torchrun --nproc-per-node N; rank 0 writes the files (default: 1)")
+    _add_composition_arguments(parser, compare=compare)
+
+
+# --------------------------------------------------------------------------- caches, quantization
+# --cache and --quantize (fastdit.compose): a diffusers step cache and the INT8 kernel on top of
+# the attention method.
+def _add_composition_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> None:
+    from .compose import CACHES
+
+    names = ", ".join(f"{short} ({cls})" for short, cls in CACHES.items())
+    add = parser.add_argument
+    if compare:
+        add("--cache", action="append", default=None, metavar="[LABEL=]NAME[:KEY=VALUE,...]",
+            help=f"a diffusers step cache every compared run also runs with, repeatable; 'none' is "
+            f"the run without one. NAME: {names}; options are the config's fields, e.g. "
+            "fbc:threshold=0.05 or taylorseer:cache_interval=2,disable_cache_before_step=10,"
+            "use_lite_mode=true (default: none)")
+        add("--quantize", default=None, metavar="MODE[,MODE]",
+            help="kernel quantizations every fastdit method runs with, comma list of none and "
+            "int8 (bf16/fp16 only; not Agent, not PARO, which has its own option) (default: none)")
+        add("--also-compiled", action="store_true",
+            help="run every combination a second time with the transformer blocks compiled "
+            "(regional torch.compile), after all eager runs; GPU only (default: off)")
+    else:
+        add("--cache", default=None, metavar="NAME[:KEY=VALUE,...]",
+            help=f"a diffusers step cache on top of the method: {names}; options are the "
+            "config's fields, e.g. fbc:threshold=0.05 (default: none)")
+        add("--quantize", choices=("int8",), default=None,
+            help="run the sparse attention on the INT8 kernel (bf16/fp16 only; Dense, Radial, GNA, "
+            "VMoBA, AdaSpa) (default: none)")
+
+
+def check_quantize_option(method, quantize: str | None, setup: RunSetup, where: str = "--quantize") -> None:
+    """``--quantize`` against the method and the run's dtype, before loading a model."""
+    from .compose import check_quantize_method
+
+    if quantize is None:
+        return
+    try:
+        check_quantize_method(method, quantize)
+    except ValueError as exc:
+        raise UsageError(f"{where} {quantize}: {exc}") from None
+    if setup.dtype_name not in ("bfloat16", "float16"):
+        raise UsageError(
+            f"{where} {quantize} needs --dtype bfloat16 or float16 (P.V runs in 16 bits), got "
+            f"{setup.dtype_name}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - a partially installed package
         __version__ = "unknown"
     parser.add_argument("--version", action="version", version=f"fastdit {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error, not only its one-line message "
+                        "(default: off)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = commands.add_parser(
@@ -404,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="head dim to check the backends for (default: 128)")
     info.set_defaults(func=cmd_info)
     _add_calibrate_parser(commands)
+    for subparser in commands.choices.values():  # --debug after the command works too
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="print the traceback of an error (default: off)")
     return parser
 
 
@@ -434,7 +543,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import fastdit
-    from fastdit.kernels import explain_backends
+    from fastdit.kernels.backend import explain_calls
 
     def version(package: str) -> str:
         try:
@@ -442,9 +551,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} requested but CUDA is not available here")
+    device = resolve_device(args.device)
     rows = [("fastdit", fastdit.__version__), ("python", sys.version.split()[0])]
     rows += [(package, version(package)) for package in ("torch", "triton", "diffusers", "transformers")]
     if torch.cuda.is_available():
@@ -479,10 +586,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  FlexAttention   {flex} (baseline of fastdit bench)")
 
     dtype = getattr(torch, args.dtype)
-    print(f"\nkernel backends for {device.type}, {args.dtype}, head_dim {args.head_dim} (tried in order):")
-    for name, reason in explain_backends(device, dtype, args.head_dim).items():
-        print(f"  {name:<10} {'can run' if reason is None else 'cannot run: ' + reason}")
-    print(f"\nsupported models: {', '.join(fastdit.supported_models())}")
+    print(f"\nkernel backends for {device.type}, {args.dtype}, head_dim {args.head_dim} "
+          "(tried in order; the first that can run a call runs it):")
+    for call, reasons in explain_calls(device, dtype, args.head_dim).items():
+        runs = next((name for name, reason in reasons.items() if reason is None), "none")
+        print(f"  {call:<38} -> {runs}")
+        for name, reason in reasons.items():
+            if reason is not None and name != runs:
+                print(f"  {'':<38}    {name} skipped: {reason}")
+                continue
+            if name == runs:
+                break
+    from .pipelines.base import adapters
+
+    print("\nsupported model families (transformer class; fastdit generate --model picks by it):")
+    families = {class_name: adapter().family_name() for class_name, adapter in adapters().items()}
+    for class_name, family in sorted(families.items(), key=lambda item: item[1]):
+        print(f"  {family:<32} {class_name}")
     methods = available_methods()
     print(f"attention methods: {', '.join(methods)}")
     for name, cls in methods.items():
@@ -553,7 +673,8 @@ def _add_calibrate_parser(commands) -> None:
         help="collect attention mass on this many steps, spread evenly over the schedule; the others "
         "run dense without collection (default: every step)")
     add("--block-size", type=int, choices=(64, 128), default=128, help="kernel block (default: 128)")
-    add("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default: {DEFAULT_SEED})")
+    add("--seed", type=_seed, default=DEFAULT_SEED,
+        help=f"random seed, in [0, 2**64 - 1] (default: {DEFAULT_SEED})")
     add("--dtype", choices=DTYPES, default=None,
         help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     add("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -569,8 +690,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """``fastdit calibrate``: dense runs -> PARO plan file."""
     from .pipelines.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
 
-    validate_sizes(args.height, args.width, args.num_frames)
     tiny = is_tiny(args.model)
+    validate_sizes(args.height, args.width, args.num_frames if tiny else None)
     steps = args.steps or (TINY_DEFAULTS["num_inference_steps"] if tiny else 50)
     if args.buckets > steps:
         raise UsageError(f"--buckets must be <= --steps, got buckets={args.buckets} for steps={steps}")
@@ -585,6 +706,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         calibration_steps = spread_steps(steps, args.calibration_steps)
     device, dtype_name, dtype = resolve_device_dtype(args.device, args.dtype)
+    check_model_path(args.model)
+    from .files import check_writable_file
+
+    reason = check_writable_file(args.output, "--output")  # before the calibration, not after
+    if reason is not None:
+        raise UsageError(reason)
     settings = {
         "height": args.height, "width": args.width, "num_frames": args.num_frames,
         "guidance_scale": args.guidance_scale,
@@ -598,6 +725,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    check_supported_pipeline(pipe)
+    check_pipeline_sizes(pipe, args.height, args.width, args.num_frames)
     load_time = time.perf_counter() - start
     plan = fastdit.calibrate(
         pipe, args.prompt or [DEFAULT_PROMPT], steps, density=args.density, recall=args.recall,
@@ -623,30 +752,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastdit`` and ``python -m fastdit``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+
+    def fail(message: str, code: int) -> int:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(message, file=sys.stderr)
+        return code
+
     try:
         return args.func(args)
     except UsageError as exc:
-        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:  # FileNotFoundError is an OSError
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"{parser.prog} {args.command}: error: {exc}", 2)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
+        return fail("error: interrupted", 130)
+    except (ValueError, OSError) as exc:  # FileNotFoundError is an OSError
+        return fail(f"error: {_one_line(exc)}", 1)
+    except Exception as exc:  # noqa: BLE001 - one line, the traceback with --debug
         import torch
 
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "CUDA out of memory"
-            print(f"error: out of GPU memory ({first}); try fewer frames, a smaller size, "
-                  "--dtype bfloat16 or a sparser --attention", file=sys.stderr)
-            return 1
-        raise
+            return fail(f"error: out of GPU memory ({first}); try fewer frames, a smaller size, "
+                        "--dtype bfloat16 or a sparser --attention", 1)
+        hint = "" if debug else " (run with --debug for the traceback)"
+        return fail(f"error: {type(exc).__name__}: {_one_line(exc)}{hint}", 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,16 @@ Report directory (``--output-dir``)::
     report.md, report.html                 tables and plots (report.html embeds them: one file)
     results.json                           everything below, machine readable
 
+Combinations (:mod:`fastdit.compose`): ``--cache`` (repeatable, ``none`` included), ``--quantize``
+(``none,int8``) and ``--also-compiled`` multiply the runs: every method entry, and the stock
+pipeline, runs with every cache; every fastdit method with every quantization; and, with
+``--also-compiled``, all of it once more with the transformer blocks compiled (after every eager
+run: compilation is not undone). A run's label is its parts joined by ``+``
+(``radial+fbc+int8+compiled``; ``dense+fbc`` is the stock pipeline with the cache). The reference
+stays the eager stock pipeline without a cache, so every speedup is over it and every PSNR
+against it. A combination a method cannot run (``int8`` for Agent, or PARO, which carries its
+own ``quantize``) is skipped with a notice.
+
 Quality is measured on the pipeline's uint8 frames before video encoding (methods vs dense), and
 against ``--reference-dir`` videos after decoding them (those are lossy mp4s). Grid videos are
 composed from the decoded mp4s. Speed is measured as :mod:`fastdit.runner` describes (end to end,
@@ -35,12 +45,16 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
                    "guidance_scale": float | null (null: the pipeline's default),
                    "fps": float, "negative_prompt": str | null, "warmup": int,
                    "compile": bool, "cpu_offload": bool, "load_s": float,
-                   "prompts": [str], "seeds": [int], "reference_dir": str | null},
+                   "prompts": [str], "seeds": [int], "reference_dir": str | null,
+                   "ulysses": int (context-parallel ranks, 1 in one process)},
       "reference": "dense",                         # label of the run quality is measured against
       "lpips": {"available": bool, "reason": str | null},
       "notices": [str],                             # LPIPS skipped, random weights, CPU timings
       "runs": [                                     # the dense reference first, then each method
         {"label": str, "method": "stock" | a registered method name,
+         "base": label of the method entry ("dense" for the stock pipeline),
+         "cache": {"label": str, "config": str (fastdit.compose.describe_cache)} | null,
+         "quantize": "int8" | null, "compiled": bool,
          "class": str | null, "config": {option: value} | null, "preset": str | null,
          "schedule": {"dense_steps", "dense_last_steps", "dense_layers"} | null,
          "description": str,
@@ -55,6 +69,8 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
                        "psnr_per_frame": [..], "ssim_per_frame": [..], "lpips_per_frame"},
             "quality_vs_reference_dir": same form | null,
             "densities": [[layer, step, density], ...],   # fastdit's record; [] for dense
+            "ranks": null | [{"rank", "device", "run_s", "denoise_s", "transformer_s",
+                              "peak_memory_bytes"}],  # every rank's, under --ulysses N
             "extra": JSON | null}                 # the method runtime's ``records``, if any
          ],
          "summary": {"run_s", "denoise_s", "step_s", "transformer_s": means over videos,
@@ -96,18 +112,24 @@ from .clicommon import (
     DEFAULT_SEED,
     TINY_DESCRIPTION,
     UsageError,
+    build_cache,
     build_method,
     build_schedule,
+    check_method_fits,
+    compile_transformers,
     describe_method,
     describe_schedule,
     format_seconds,
+    gather_rank_speeds,
     load_for_run,
     make_probe,
     method_names,
     parse_value,
     resolve_run_setup,
+    schedule_notes,
     write_video,
 )
+from .files import atomic_write_text, check_writable_file
 from .methods import get as get_method
 
 __all__ = [
@@ -509,6 +531,22 @@ def _describe(entry: MethodEntry | None) -> str:
     return text
 
 
+def _describe_run(run) -> str:
+    text = _describe(run.entry)
+    if run is not None and run.entry is None and run.label != REFERENCE_LABEL:
+        text = "diffusers' stock attention processors"
+    extras = []
+    if run.cache is not None:
+        from .compose import describe_cache
+
+        extras.append(f"cache {describe_cache(run.cache[1])}")
+    if run.quantize:
+        extras.append(f"quantize {run.quantize}")
+    if run.compiled:
+        extras.append("transformer blocks compiled")
+    return text + ("; " + ", ".join(extras) if extras else "")
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -520,11 +558,92 @@ def _ratio(numerator, denominator):
     return numerator / denominator
 
 
+# --------------------------------------------------------------------------- combinations
+def parse_caches(args: argparse.Namespace, setup) -> list[tuple[str, Any] | None]:
+    """``--cache`` values -> ``[None | (label, config)]`` (``None``: no cache); default ``[None]``."""
+    caches: list[tuple[str, Any] | None] = []
+    labels: set[str] = set()
+    for item in args.cache or ["none"]:
+        head, sep, rest = item.partition("=")
+        label = None
+        if sep and ":" not in head:  # LABEL=NAME[:...]
+            label, item = head.strip(), rest
+            _check_label(label, "--cache")
+        config = build_cache(item, setup)
+        if config is None:
+            entry = None
+            label = "none"
+        else:
+            from .compose import cache_name
+
+            label = label or cache_name(config)
+            entry = (label, config)
+        if label in labels:
+            raise UsageError(f"--cache {item!r}: label {label!r} is used twice; name caches "
+                             "LABEL=NAME:... (e.g. --cache f05=fbc:threshold=0.05)")
+        labels.add(label)
+        caches.append(entry)
+    return caches
+
+
+def parse_quantizations(args: argparse.Namespace, setup) -> list[str | None]:
+    """``--quantize none,int8`` -> ``[None, "int8"]``; default ``[None]``."""
+    from .kernels.quantized import QUANTIZATIONS
+
+    if args.quantize is None:
+        return [None]
+    modes = []
+    for item in (part.strip().lower() for part in args.quantize.split(",")):
+        if not item:
+            continue
+        if item not in ("none", *QUANTIZATIONS):
+            raise UsageError(f"--quantize: unknown mode {item!r}; valid: none, {', '.join(QUANTIZATIONS)}")
+        mode = None if item == "none" else item
+        if mode not in modes:
+            modes.append(mode)
+    if not modes:
+        raise UsageError(f"--quantize expects MODE[,MODE] (none, int8), got {args.quantize!r}")
+    if any(modes) and setup.dtype_name not in ("bfloat16", "float16"):
+        raise UsageError(f"--quantize int8 needs --dtype bfloat16 or float16 (P.V runs in 16 bits), "
+                         f"got {setup.dtype_name}")
+    return modes
+
+
+def build_runs(entries: list[MethodEntry], caches: list, quantizations: list,
+               compiled_passes: list[bool], notices: list[str]) -> list[_Run]:
+    """The reference (eager stock, no cache) first, then every combination, eager ones first."""
+    from .compose import check_quantize_method
+
+    runs = [_Run(REFERENCE_LABEL, None)]
+    for compiled in compiled_passes:
+        for entry in [None, *entries]:
+            for cache in caches:
+                for quantize in ([None] if entry is None else quantizations):
+                    if entry is None and cache is None and not compiled:
+                        continue  # the reference
+                    parts = [REFERENCE_LABEL if entry is None else entry.label]
+                    parts += [cache[0]] if cache is not None else []
+                    parts += [quantize] if quantize else []
+                    parts += ["compiled"] if compiled else []
+                    label = "+".join(parts)
+                    if quantize is not None:
+                        try:
+                            check_quantize_method(entry.method, quantize)
+                        except ValueError as exc:
+                            notices.append(f"{label} skipped: {exc}")
+                            continue
+                    runs.append(_Run(label, entry, cache, quantize, compiled))
+    return runs
+
+
 # --------------------------------------------------------------------------- run
 @dataclass
 class _Run:
     label: str
     entry: MethodEntry | None
+    cache: tuple[str, Any] | None = None  # (label, diffusers cache config)
+    quantize: str | None = None
+    compiled: bool = False
     videos: list[dict] = field(default_factory=list)
     speeds: list = field(default_factory=list)
     qualities: list = field(default_factory=list)
@@ -625,6 +744,7 @@ def _records(result) -> tuple[Any, str | None]:
 def run_compare(args: argparse.Namespace) -> int:
     """``fastdit compare``: runs everything, writes the report directory; returns 0."""
     from . import report
+    from .compose import describe_cache
     from .metrics import compare_videos, load_lpips
     from .runner import pipeline_call_kwargs, run_generation
 
@@ -633,22 +753,49 @@ def run_compare(args: argparse.Namespace) -> int:
     prompts, seeds = _prompts(args), _seeds(args)
     reference_files = _reference_files(args.reference_dir, prompts, seeds)
     setup = resolve_run_setup(args)
+    caches = parse_caches(args, setup)
+    quantizations = parse_quantizations(args, setup)
+    if args.also_compiled and args.compile:
+        raise UsageError("--also-compiled runs everything eager and compiled; --compile compiles "
+                         "every run: give one of them")
+    if args.also_compiled and setup.device.type != "cuda":
+        raise UsageError(f"--also-compiled is GPU-only (it compiles the transformer blocks for the "
+                         f"GPU), got --device {setup.device}")
     if args.warmup is not None and args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output-dir {out_dir} exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if setup.is_main:  # under --ulysses, rank 0 writes the report
+        reason = check_writable_file(out_dir / "results.json", "--output-dir")
+        if reason is not None:
+            raise UsageError(reason)
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     notices: list[str] = []
     pipe, load_s = load_for_run(args, setup)
+    if setup.parallel is not None:
+        from .pipelines.base import adapter_for, denoising_models
+
+        for model in denoising_models(pipe):
+            if adapter_for(model).context_parallel_plan(model) is not None:
+                raise UsageError(
+                    f"--ulysses: the dense reference (diffusers' stock attention) cannot run "
+                    f"{type(model).__name__} under fastdit's context-parallel plan (the text is "
+                    "whole on every rank); compare in one process, or use fastdit generate --ulysses"
+                )
     call_kwargs = []
     for prompt in prompts:
         kwargs, dropped = pipeline_call_kwargs(pipe, prompt, setup.settings, args.negative_prompt)
         call_kwargs.append(kwargs)
     # The same settings for every prompt: the same names are dropped for each.
     notices += [f"{type(pipe).__name__} takes no {name}; ignored" for name in dropped]
+    for entry in entries:  # what the loaded pipeline tells about each method, before any run
+        label = f"method {entry.label!r} ({entry.name}, from {entry.source})"
+        check_method_fits(pipe, entry.method, call_kwargs[0], label)
+        notices += [f"{entry.label}: {note}"
+                    for note in schedule_notes(entry.schedule, pipe, call_kwargs[0], entry.label)]
     if args.no_lpips:
         lpips_scorer, lpips_reason = None, "disabled with --no-lpips"
     else:
@@ -669,31 +816,51 @@ def run_compare(args: argparse.Namespace) -> int:
                        "GPU, lazy initialisation) are timed, the dense reference's included")
 
     model_name = TINY_DESCRIPTION if setup.tiny else args.model
-    print(f"fastdit compare: {model_name} [{type(pipe).__name__}, {setup.device}, "
+    if setup.parallel is not None:
+        notices.append(f"--ulysses {setup.parallel.degree}: every run on {setup.parallel.degree} "
+                       "ranks (diffusers' Ulysses context parallelism); times and memory per rank "
+                       "in each video's \"ranks\"")
+    if setup.is_main:
+        print(f"fastdit compare: {model_name} [{type(pipe).__name__}, {setup.device}, "
           f"{setup.dtype_name}], {len(prompts)} prompt(s) x {len(seeds)} seed(s), dense + "
           f"{', '.join(e.label for e in entries)}; loaded in {format_seconds(load_s)}", flush=True)
-    for notice in notices:
-        print(f"note: {notice}", flush=True)
+        for notice in notices:
+            print(f"note: {notice}", flush=True)
 
-    runs = [_Run(REFERENCE_LABEL, None)] + [_Run(entry.label, entry) for entry in entries]
+    runs = build_runs(entries, caches, quantizations,
+                      [False, True] if args.also_compiled else [bool(args.compile)], notices)
     reference_frames: dict[tuple[int, int], np.ndarray] = {}
     reference_dir_frames: dict[tuple[int, int], np.ndarray] = {}
     probe = make_probe(pipe, setup, args)
     compare_start = time.perf_counter()
+    compiled = bool(args.compile)
     try:
         for run in runs:
+            if run.compiled and not compiled:
+                # The compiled pass of --also-compiled: compile once, after every eager run; the
+                # attention modules are no longer timed (hooks inside compiled blocks).
+                compile_transformers(pipe)
+                compiled = True
+                probe.remove()
+                probe = make_probe(pipe, setup, argparse.Namespace(compile=True))
             method = run.entry.method if run.entry else None
             schedule = run.entry.schedule if run.entry else None
+            extra_options = dict(cache=run.cache[1] if run.cache else None, quantize=run.quantize)
             for _ in range(warmup):
-                run_generation(pipe, call_kwargs[0], probe, seeds[0], method, schedule)
+                run_generation(pipe, call_kwargs[0], probe, seeds[0], method, schedule,
+                               **extra_options)
             for index in range(len(prompts)):
                 for seed in seeds:
                     key = (index, seed)
-                    result = run_generation(pipe, call_kwargs[index], probe, seed, method, schedule)
+                    result = run_generation(pipe, call_kwargs[index], probe, seed, method, schedule,
+                                            **extra_options)
+                    ranks = gather_rank_speeds(setup, result.speed)
+                    if not setup.is_main:
+                        continue
                     relative = os.path.join("videos", run.label, _video_name(index, seed))
                     write_video(result.frames, str(out_dir / relative), args.fps)
                     quality = reference_quality = None
-                    if run.entry is None:
+                    if run is runs[0]:
                         reference_frames[key] = result.frames
                     else:
                         quality = compare_videos(reference_frames[key], result.frames,
@@ -733,11 +900,15 @@ def run_compare(args: argparse.Namespace) -> int:
                         "densities": [[layer, step, density] for (layer, step), density
                                       in sorted(result.densities.items(),
                                                 key=lambda kv: (kv[0][0], kv[0][1] or 0))],
+                        "ranks": ranks,
                         "extra": extra,
                     })
-                    _print_progress(run.label, index, seed, result, quality)
+                    _print_progress(run.label, index, seed, result, quality, ranks)
     finally:
         probe.remove()
+    if not setup.is_main:
+        setup.parallel.close()
+        return 0
 
     # ---- grid videos, from the written mp4s
     grids = []
@@ -779,6 +950,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "prompts": prompts,
             "seeds": seeds,
             "reference_dir": args.reference_dir,
+            "ulysses": setup.parallel.degree if setup.parallel is not None else 1,
         },
         "reference": REFERENCE_LABEL,
         "lpips": {"available": lpips_scorer is not None, "reason": lpips_reason},
@@ -787,13 +959,18 @@ def run_compare(args: argparse.Namespace) -> int:
             {
                 "label": run.label,
                 "method": run.entry.name if run.entry else "stock",
+                "base": run.entry.label if run.entry else REFERENCE_LABEL,
+                "cache": ({"label": run.cache[0], "config": describe_cache(run.cache[1])}
+                          if run.cache else None),
+                "quantize": run.quantize,
+                "compiled": run.compiled,
                 "class": type(run.entry.method).__name__ if run.entry else None,
                 "config": _config_json(run.entry.method) if run.entry else None,
                 "preset": run.entry.preset if run.entry else None,
                 "schedule": _schedule_json(run.entry.schedule) if run.entry else None,
-                "description": _describe(run.entry),
+                "description": _describe_run(run),
                 "videos": run.videos,
-                "summary": _summary(run, None if run.entry is None else runs[0]),
+                "summary": _summary(run, None if run is runs[0] else runs[0]),
             }
             for run in runs
         ],
@@ -807,7 +984,7 @@ def run_compare(args: argparse.Namespace) -> int:
                                  for p in written["plots"]]
     for notice in written["notices"]:
         results["notices"].append(notice)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, allow_nan=False))
     print()
     print(report.format_summary_table(results))
     for notice in written["notices"]:
@@ -815,10 +992,12 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"\nwrote {out_dir}/: report.md, report.html, results.json, {len(grids)} grid "
           f"video(s), {sum(len(r.videos) for r in runs)} videos "
           f"({format_seconds(time.perf_counter() - compare_start)})", flush=True)
+    if setup.parallel is not None:
+        setup.parallel.close()
     return 0
 
 
-def _print_progress(label: str, index: int, seed: int, result, quality) -> None:
+def _print_progress(label: str, index: int, seed: int, result, quality, ranks=None) -> None:
     speed = result.speed
     parts = [f"[{label}] prompt {index} seed {seed}: {format_seconds(speed.run_s)}"]
     if speed.step_s:
@@ -829,4 +1008,8 @@ def _print_progress(label: str, index: int, seed: int, result, quality) -> None:
     if result.densities:
         values = list(result.densities.values())
         parts.append(f"density {sum(values) / len(values):.3f}")
+    for entry in ranks or ():
+        memory = entry["peak_memory_bytes"]
+        parts.append(f"rank {entry['rank']} {format_seconds(entry['run_s'])}"
+                     + (f" {memory / 2**30:.2f} GiB" if memory is not None else ""))
     print(", ".join(parts), flush=True)

@@ -19,10 +19,18 @@ Nothing is patched. fastdit installs
   restore the order; for UNets, a hook on each ``Transformer2DModel`` that records the ``H x W``
   grid its self-attention layers see (one per resolution).
 
+Under diffusers' context parallelism (``enable_parallelism``, before or after ``apply``) the hook
+also reads the transformer's parallel config before each forward (``state.parallel``), so the
+processors all-to-all into Ulysses head shards (:mod:`fastdit.parallel`); configurations fastdit
+cannot run exactly raise at ``apply`` or, when parallelism comes later, at the first forward.
+
 The adapters are the :class:`~fastdit.pipelines.ModelAdapter` subclasses registered for the
 model's class (:func:`supported_models` lists them). All of it is recorded in a
 :class:`FastditHandle`; ``handle.remove()`` (or ``fastdit.remove``) restores the original
 processor objects and removes every hook (all diffusers ``ModelHook`` objects, one removal path).
+``apply(..., cache=config)`` also enables a diffusers step cache after fastdit's hooks and
+disables it first on removal (:mod:`fastdit.compose` documents the order and what a skipped step
+means for each method).
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ import torch
 from .hooks import HookSet, has_hook
 from .layout import LatentGrid, SequenceLayout
 from .methods.base import Method, MethodPlan, as_method
-from .pipelines.base import ModelAdapter, adapter_for, adapters
+from .parallel import check_model as check_parallel, context_parallel_config, ulysses_for
+from .pipelines.base import ModelAdapter, adapter_for, adapters, denoising_models
 from .schedule import Schedule
 
 logger = logging.getLogger("fastdit")
@@ -86,6 +95,9 @@ class DenoisingState:
     runtime: object | None = None  # the method's per-generation state (methods that plan per call)
     pipeline: weakref.ref | None = None  # the pipeline installed on, for its scheduler's step count
     repeated_timestep_is_new_generation: bool = False  # set by adapters whose CFG is batched
+    quantize: str | None = None  # kernel quantization of the sparse attention (apply's quantize=)
+    # The transformer's Ulysses group (fastdit.parallel.Ulysses) for this forward; None in one process.
+    parallel: object | None = None
     _last_timestep: float | None = None
     _contexts_at_step: set = field(default_factory=set)
 
@@ -165,9 +177,10 @@ class DenoisingState:
         self.step, self._last_timestep = None, None
         self._contexts_at_step.clear()
 
-    def summary(self) -> str:
-        """Per-layer attention density of the latest generation ('dense' for dense steps)."""
-        densities = self.densities
+    def summary(self, densities: dict | None = None) -> str:
+        """Per-layer attention density of the latest generation ('dense' for dense steps);
+        ``densities`` overrides this state's (e.g. averaged over Ulysses ranks)."""
+        densities = self.densities if densities is None else densities
         if not densities:
             return "fastdit: no attention call recorded yet"
         lines = [f"fastdit {type(self.method).__name__}: grid {self.grid.shape if self.grid else '?'}"]
@@ -199,6 +212,8 @@ def _transformer_hook(state: DenoisingState, adapter: ModelAdapter):
             self.cache_context = StateManager(_NoState)
 
         def pre_forward(self, module, *args, **kwargs):
+            # Read every forward: enable_parallelism may come after fastdit was installed.
+            state.parallel = ulysses_for(module, adapter, state.method, state.parallel)
             hidden_states, timestep = adapter.forward_inputs(args, kwargs)
             layout = adapter.sequence_layout(module, args, kwargs)
             state.begin_forward(layout, hidden_states.device, self.cache_context._context, timestep)
@@ -216,21 +231,6 @@ def supported_models() -> list[str]:
     return sorted(adapters())
 
 
-def denoising_models(pipe_or_model) -> list[torch.nn.Module]:
-    """The models fastdit installs on: the pipeline's ``transformer`` (and ``transformer_2``) or
-    ``unet``, or the model itself."""
-    if isinstance(pipe_or_model, torch.nn.Module):
-        return [pipe_or_model]
-    found = [getattr(pipe_or_model, name, None) for name in ("transformer", "transformer_2", "unet")]
-    found = [model for model in found if model is not None]
-    if not found:
-        raise ValueError(
-            f"{type(pipe_or_model).__name__} has no transformer or unet: pass a diffusers pipeline "
-            f"with a `transformer` (and optional `transformer_2`) or a `unet`, or the model itself"
-        )
-    return found
-
-
 @dataclass
 class FastditHandle:
     """What one ``apply``/``attach`` installed; ``remove()`` undoes it exactly (so does leaving a
@@ -241,6 +241,7 @@ class FastditHandle:
     _hooks: HookSet = field(default_factory=HookSet)
     _models: list[torch.nn.Module] = field(default_factory=list)
     _bound: list = field(default_factory=list)
+    _cache: object | None = None  # a fastdit.compose.CacheHandle (apply's cache=)
     removed: bool = False
 
     def summary(self) -> str:
@@ -255,12 +256,25 @@ class FastditHandle:
     def remove(self) -> None:
         if self.removed:
             return
+        if self._cache is not None:  # installed last, removed first
+            self._cache.remove()
         self._hooks.remove()
         for model, saved in self._processors:
-            model.set_attn_processor(saved)
+            adapter_for(model).set_attn_processor(model, dict(saved))  # diffusers pops the dict's entries
+            _restore_parallel_config(model, saved.values())
         for processor in self._bound:
             processor.state = None
         self.removed = True
+
+
+def _restore_parallel_config(model: torch.nn.Module, processors) -> None:
+    """Give restored processors the model's context-parallel config, as ``enable_parallelism``
+    would have if they had been installed when it ran (otherwise they attend within a shard)."""
+    if context_parallel_config(model) is None:
+        return
+    for processor in processors:
+        if hasattr(processor, "_parallel_config") and processor._parallel_config is None:
+            processor._parallel_config = model._parallel_config
 
 
 def _install_hooks(
@@ -299,38 +313,56 @@ def _self_attention_processor_names(model: torch.nn.Module, adapter: ModelAdapte
 
 
 def apply(
-    pipe_or_model, method: Method | str, schedule: Schedule | None = None, **options
+    pipe_or_model, method: Method | str, schedule: Schedule | None = None, *, cache=None,
+    quantize: str | None = None, **options,
 ) -> FastditHandle:
     """Install ``method`` on every transformer (or the UNet) of a pipeline, or on one model.
 
     ``method`` is a :class:`~fastdit.methods.Method` or the name of a registered one, built with
     ``options`` (``fastdit.apply(pipe, "gna", window=(3, 5, 5))``). ``schedule`` defaults to the
-    method's own (Radial presets carry one), else all steps sparse. Returns a handle;
-    ``handle.remove()`` or ``fastdit.remove(handle)`` restores the pipeline.
+    method's own (Radial presets carry one), else all steps sparse. ``cache``: a diffusers
+    step-cache config (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``, ``MagCacheConfig``,
+    ``FasterCacheConfig``, ``PyramidAttentionBroadcastConfig``), enabled on every transformer
+    after fastdit's hooks (:mod:`fastdit.compose`). ``quantize="int8"`` runs the sparse attention
+    on the INT8 kernel (bf16/fp16 pipelines; Dense, Radial, GNA, VMoBA, AdaSpa: static methods and
+    those declaring ``accepts_quantize``). Returns a handle; ``handle.remove()`` or
+    ``fastdit.remove(handle)`` restores the pipeline, the cache included.
     """
+    from . import compose
+
+    if schedule is not None and not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a fastdit.Schedule or None, got {type(schedule).__name__} {schedule!r}")
     method = as_method(method, **options)
     models = denoising_models(pipe_or_model)
     model_adapters = [adapter_for(model) for model in models]  # validate all before changing any
+    for adapter in model_adapters:  # a method that does not apply to a family says why
+        adapter.check_method(method)
+    compose.check_quantize(method, quantize, models, model_adapters)
+    for model, adapter in zip(models, model_adapters):
+        check_parallel(model, adapter, method)
     # Methods with calibrated data (PARO) refuse other models.
     layers = [len(adapter.self_attention_modules(model)) for model, adapter in zip(models, model_adapters)]
     method.check_models(models, layers)
     schedule = schedule if schedule is not None else Schedule.from_method(method)
     state = DenoisingState(method, schedule, pipeline=_pipeline_reference(pipe_or_model))
+    state.quantize = quantize
     handle = FastditHandle(state)
     try:
         for model, adapter in zip(models, model_adapters):
-            saved = dict(model.attn_processors)
+            saved = adapter.attn_processors(model)
             processor = adapter.processor_class(method, schedule)
             processor.state = state
             handle._bound.append(processor)
             # Only self-attention changes hands; every other processor (cross-attention, or a
             # custom one the user installed there) stays the object it was.
             targets = _self_attention_processor_names(model, adapter)
-            model.set_attn_processor(
-                {name: processor if name in targets else saved[name] for name in saved}
+            adapter.set_attn_processor(
+                model, {name: processor if name in targets else saved[name] for name in saved}
             )
             handle._processors.append((model, saved))
             _install_hooks(model, adapter, state, handle)
+        if cache is not None:
+            handle._cache = compose.enable_cache(pipe_or_model, cache, models)
     except Exception:
         handle.remove()
         raise
@@ -356,7 +388,7 @@ def _attach_models(models: list[torch.nn.Module], handle: FastditHandle) -> None
     for model in models:
         adapter = adapter_for(model)
         processors = {
-            id(p): p for p in model.attn_processors.values() if isinstance(p, adapter.processor_class)
+            id(p): p for p in adapter.attn_processors(model).values() if isinstance(p, adapter.processor_class)
         }
         if not processors:
             raise ValueError(
@@ -375,6 +407,7 @@ def _attach_models(models: list[torch.nn.Module], handle: FastditHandle) -> None
             )
         if handle.state.method is None:
             handle.state.method, handle.state.schedule = first.method, first.schedule
+        check_parallel(model, adapter, handle.state.method)
         for processor in processors.values():
             processor.state = handle.state
             handle._bound.append(processor)

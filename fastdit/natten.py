@@ -20,7 +20,8 @@ the output is permuted back. The result is always exactly NATTEN's, for any exte
    only partly inside the windows run with a :class:`~fastdit.kernels.WindowMask` that applies the
    window rule per (query, key) pair in the kernel.
 
-Plans are cached per (shape, parameters, device).
+Plans are cached per (shape, parameters, device) in bounded least-recently-used caches
+(:class:`~fastdit.methods.base.PlanCache`): a process that sees many shapes keeps a bounded number.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ import torch
 from .kernels import block_sparse_attention
 from .kernels.dispatch import SUPPORTED_DTYPES
 from .layout import LatentGrid, SequenceLayout
+from .methods.base import PlanCache
 from .methods.gna import GNA, check_dimension, choose_tile, int_tuple
 
 __all__ = ["na1d", "na2d", "na3d"]
 
 _BLOCK_SIZES = (128, 64)
-_methods: dict[tuple, GNA] = {}
+# One GNA (tile choice, plans per device) per (grid, window, stride, dilation), least recently
+# used first out: a process that sees many shapes keeps a bounded number.
+_methods = PlanCache()
 
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None):
@@ -84,19 +88,18 @@ def _check_inputs(ndim: int, query, key, value) -> None:
 
 def _method_for(grid: LatentGrid, window, stride, dilation) -> GNA:
     """GNA with a perfectly block-sparse tile when one exists, else the sparsest dividing tile."""
-    key = (grid, window, stride, dilation)
-    if key not in _methods:
-        method = None
-        for block_size in _BLOCK_SIZES:
-            tile = choose_tile(grid, window, stride, dilation, block_size, perfect_only=True)
-            if tile is not None:
-                method = GNA(window, stride, dilation, tile=tile, block_size=block_size)
-                break
-        if method is None:
-            tile = choose_tile(grid, window, stride, dilation, _BLOCK_SIZES[0])
-            method = GNA(window, stride, dilation, tile=tile, block_size=_BLOCK_SIZES[0])
-        _methods[key] = method
-    return _methods[key]
+    return _methods.get_or_build(
+        (grid, window, stride, dilation), lambda: _build_method(grid, window, stride, dilation)
+    )
+
+
+def _build_method(grid: LatentGrid, window, stride, dilation) -> GNA:
+    for block_size in _BLOCK_SIZES:
+        tile = choose_tile(grid, window, stride, dilation, block_size, perfect_only=True)
+        if tile is not None:
+            return GNA(window, stride, dilation, tile=tile, block_size=block_size)
+    tile = choose_tile(grid, window, stride, dilation, _BLOCK_SIZES[0])
+    return GNA(window, stride, dilation, tile=tile, block_size=_BLOCK_SIZES[0])
 
 
 def _neighborhood_attention(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale):

@@ -25,6 +25,8 @@ import html
 import math
 from pathlib import Path
 
+from .files import atomic_path, atomic_write_text
+
 __all__ = ["format_summary_table", "make_plots", "render_html", "render_markdown", "write_report"]
 
 PLOT_NAMES = ("speedup_vs_psnr", "psnr_per_frame", "density", "time_breakdown")
@@ -75,10 +77,15 @@ SUMMARY_COLUMNS = (
 )
 
 
+def _is_reference(results: dict, run: dict) -> bool:
+    return run["label"] == results.get("reference", "dense")
+
+
 def summary_rows(results: dict) -> list[list[str]]:
     rows = []
     for run in results["runs"]:
         s = run["summary"]
+        reference = _is_reference(results, run)
         rows.append([
             run["label"],
             run["method"],
@@ -90,9 +97,9 @@ def summary_rows(results: dict) -> list[list[str]]:
             _fmt_share(s["self_attention_share"]),
             "1 (dense)" if run["method"] == "stock" else _fmt(s["mean_density"], ".3f"),
             _fmt_memory(s["peak_memory_bytes"]),
-            "ref" if run["method"] == "stock" else _fmt(s["psnr"], ".2f"),
-            "ref" if run["method"] == "stock" else _fmt(s["ssim"], ".4f"),
-            "ref" if run["method"] == "stock" else _fmt(s["lpips"], ".4f"),
+            "ref" if reference else _fmt(s["psnr"], ".2f"),
+            "ref" if reference else _fmt(s["ssim"], ".4f"),
+            "ref" if reference else _fmt(s["lpips"], ".4f"),
         ])
     return rows
 
@@ -158,6 +165,12 @@ def agg_pyplot():
     return plt
 
 
+def _save(fig, path: Path, **kwargs) -> None:
+    """``fig.savefig`` under a temporary name, renamed when complete (no partial PNG)."""
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=110, **kwargs)
+
+
 def _finish(plt, fig, axis, path: Path, xlabel: str, ylabel: str, title: str,
             legend: bool) -> None:
     axis.set_xlabel(xlabel)
@@ -167,12 +180,17 @@ def _finish(plt, fig, axis, path: Path, xlabel: str, ylabel: str, title: str,
     if legend:
         axis.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
 def _method_runs(results: dict) -> list[dict]:
-    return [run for run in results["runs"] if run["method"] != "stock"]
+    """Every run but the reference (stock runs with a cache or compiled included)."""
+    return [run for run in results["runs"] if not _is_reference(results, run)]
+
+
+# Marker per cache of a combination run (compare --cache): the method keeps its colour.
+_CACHE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _plot_speedup_vs_psnr(plt, results: dict, path: Path) -> None:
@@ -182,12 +200,18 @@ def _plot_speedup_vs_psnr(plt, results: dict, path: Path) -> None:
     finite = [p for p in psnrs if p is not None and math.isfinite(p)]
     right = (max(finite) + 5.0) if finite else 60.0
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (run, psnr) in enumerate(zip(runs, psnrs)):
+    # Combinations (method x cache x quantize x compile): colour by method entry, marker by cache;
+    # runs without those keys (older reports) get one colour each.
+    bases = list(dict.fromkeys(run.get("base", run["label"]) for run in runs))
+    caches = [None] + [c for c in dict.fromkeys((run.get("cache") or {}).get("label") for run in runs)
+                       if c is not None]
+    for run, psnr in zip(runs, psnrs):
         if psnr is None:
             continue
-        color = colors[i % len(colors)]
+        color = colors[bases.index(run.get("base", run["label"])) % len(colors)]
         x = right if math.isinf(psnr) else psnr
-        marker = ">" if math.isinf(psnr) else "o"
+        cache = (run.get("cache") or {}).get("label")
+        marker = ">" if math.isinf(psnr) else _CACHE_MARKERS[caches.index(cache) % len(_CACHE_MARKERS)]
         e2e = _number(run["summary"]["speedup_e2e"])
         transformer = _number(run["summary"]["speedup_transformer"])
         if e2e is not None:
@@ -198,9 +222,12 @@ def _plot_speedup_vs_psnr(plt, results: dict, path: Path) -> None:
             axis.scatter([x], [transformer], facecolors="none", edgecolors=color, marker=marker,
                          s=60)
     axis.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    title = "speed vs quality (filled: end to end, hollow: transformer)"
+    if len(caches) > 1:
+        title += "\ncolour: method, marker: cache (" + ", ".join(
+            f"{_CACHE_MARKERS[i % len(_CACHE_MARKERS)]} {c or 'none'}" for i, c in enumerate(caches)) + ")"
     _finish(plt, fig, axis, path, "PSNR vs dense (dB; arrow at the edge: identical)",
-            "speedup over dense", "speed vs quality (filled: end to end, hollow: transformer)",
-            legend=bool(runs))
+            "speedup over dense", title, legend=bool(runs))
 
 
 def _plot_psnr_per_frame(plt, results: dict, path: Path) -> None:
@@ -256,7 +283,7 @@ def _plot_density(plt, results: dict, path: Path) -> bool:
         axis.set_title(f"{run['label']} (mean {_fmt(run['summary']['mean_density'], '.3f')})",
                        fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), label="attention density")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _save(fig, path, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -285,7 +312,7 @@ def _plot_time_breakdown(plt, results: dict, path: Path) -> None:
     axis.set_title("where the time goes")
     axis.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -426,7 +453,7 @@ def write_report(results: dict, out_dir: Path) -> dict:
     plot_paths, notices = make_plots(results, out_dir / "plots")
     shown = dict(results, notices=list(results["notices"]) + notices)
     relative = [str(p.relative_to(out_dir)).replace("\\", "/") for p in plot_paths]
-    (out_dir / "report.md").write_text(render_markdown(shown, relative), encoding="utf-8")
+    atomic_write_text(out_dir / "report.md", render_markdown(shown, relative))
     plots = {p.stem: p.read_bytes() for p in plot_paths}
-    (out_dir / "report.html").write_text(render_html(shown, plots), encoding="utf-8")
+    atomic_write_text(out_dir / "report.html", render_html(shown, plots))
     return {"plots": plot_paths, "notices": notices}

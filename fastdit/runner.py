@@ -42,7 +42,9 @@ from .hooks import HookSet, function_hook
 from .pipelines.base import adapter_for
 
 __all__ = [
+    "FiniteWatch",
     "GenerationResult",
+    "NonFiniteError",
     "SpeedProbe",
     "SpeedRecord",
     "frames_to_uint8",
@@ -249,6 +251,72 @@ class SpeedProbe:
         self._attention_hooks.remove()
 
 
+# --------------------------------------------------------------------------- non-finite values
+class NonFiniteError(ValueError):
+    """A generation produced NaN or inf: in the latents after a denoising step, or in the frames."""
+
+
+class FiniteWatch:
+    """Fails a generation at the first denoising step whose latents hold NaN or inf, naming the
+    step and the first attention module whose output was not finite in it.
+
+    Checked once per step, in the pipeline's ``callback_on_step_end`` (one host read of a flag,
+    where :class:`SpeedProbe` synchronises anyway). With ``layers``, a hook on every attention
+    module (a diffusers ``ModelHook``) records, on the device, whether its output was finite (a
+    reduction per call, no synchronisation; one extra read of the output, a small fraction of the
+    attention's own time); the flags of a step are read only when its latents are not finite. Leave ``layers`` off
+    under ``torch.compile`` (hooks inside compiled blocks would be traced).
+    """
+
+    def __init__(self, pipe, layers: bool = True) -> None:
+        self._pipe = pipe
+        self._handles = HookSet()
+        self._names: dict[int, str] = {}
+        self._flags: list[tuple[int, torch.Tensor]] = []
+        if layers:
+            for model_name, model in _named_transformer_models(pipe):
+                modules = {id(m) for m in _attention_modules(model)}
+                for name, module in model.named_modules():
+                    if id(module) in modules:
+                        self._names[id(module)] = f"{model_name}.{name}" if model_name else name
+                        self._handles.add(module, "fastdit.finite", function_hook(post_forward=self._record))
+            self._handles.refresh_caches()
+
+    def _record(self, module, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            self._flags.append((id(module), torch.isfinite(out).all()))
+        return output
+
+    def on_step_end(self, step: int, callback_kwargs: dict) -> None:
+        flags, self._flags = self._flags, []
+        latents = callback_kwargs.get("latents")
+        if not isinstance(latents, torch.Tensor) or bool(torch.isfinite(latents).all()):
+            return
+        total = getattr(self._pipe, "num_timesteps", None)
+        where = f"denoising step {step} (0-based) of {total}" if total else f"denoising step {step} (0-based)"
+        first = next((self._names[i] for i, ok in flags if not bool(ok)), None)
+        if first is not None:
+            origin = f"; the first attention output with NaN/inf in that step: {first}"
+        elif len(self._handles):
+            origin = ("; every attention output of that step was finite: the values arose outside "
+                      "the attention modules (feed-forward, norms, the scheduler step)")
+        else:
+            origin = ""
+        raise NonFiniteError(f"the latents became non-finite (NaN/inf) at {where}{origin}")
+
+    def remove(self) -> None:
+        self._handles.remove()
+        self._flags.clear()
+
+
+def _named_transformer_models(pipe) -> list[tuple[str, torch.nn.Module]]:
+    if isinstance(pipe, torch.nn.Module):
+        return [("", pipe)]
+    named = [(name, getattr(pipe, name, None)) for name in ("transformer", "transformer_2", "unet")]
+    return [(name, model) for name, model in named if isinstance(model, torch.nn.Module)]
+
+
 # --------------------------------------------------------------------------- one run
 def _call_parameters(pipe) -> set[str]:
     try:
@@ -287,8 +355,16 @@ def frames_to_uint8(frames) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected frames shaped (F, H, W, C), got shape {tuple(frames.shape)}")
     if frames.dtype != np.uint8:
-        frames = (np.clip(np.nan_to_num(frames.astype(np.float32)), 0.0, 1.0) * 255.0).round()
-        frames = frames.astype(np.uint8)
+        frames = frames.astype(np.float32)
+        finite = np.isfinite(frames)
+        if not finite.all():
+            bad = np.flatnonzero(~finite.reshape(frames.shape[0], -1).all(axis=1))
+            raise NonFiniteError(
+                f"the frames hold {int((~finite).sum())} non-finite values (NaN/inf) in {len(bad)} "
+                f"of {frames.shape[0]} frame(s), first in frame {int(bad[0])}: the generation "
+                "failed numerically"
+            )
+        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)
     return np.ascontiguousarray(frames[..., :3])
@@ -306,17 +382,34 @@ class GenerationResult:
 
 
 def run_generation(pipe, call_kwargs: dict[str, Any], probe: SpeedProbe, seed: int,
-                   method=None, schedule=None) -> GenerationResult:
+                   method=None, schedule=None, *, cache=None, quantize=None) -> GenerationResult:
     """Run ``pipe(**call_kwargs)`` once with a fresh CPU generator seeded ``seed``; with
-    ``method``, installed by :func:`fastdit.apply` for this call only."""
+    ``method`` (and ``cache``, ``quantize``), installed by :func:`fastdit.apply` for this call
+    only; a ``cache`` without a method runs the stock pipeline with that cache."""
     import fastdit
+    from .compose import enable_cache
 
     kwargs = dict(call_kwargs)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     accepted = _call_parameters(pipe)
+    watch = FiniteWatch(pipe, layers=probe.time_attention)  # no hooks in compiled blocks
+
+    def on_step_end(pipe_, step, timestep, callback_kwargs):
+        callback_kwargs = probe.on_step_end(pipe_, step, timestep, callback_kwargs)
+        watch.on_step_end(step, callback_kwargs)
+        return callback_kwargs
+
     if not accepted or "callback_on_step_end" in accepted:
-        kwargs["callback_on_step_end"] = probe.on_step_end
-    handle = fastdit.apply(pipe, method, schedule=schedule) if method is not None else None
+        kwargs["callback_on_step_end"] = on_step_end
+    handle = stock_cache = None
+    try:
+        if method is not None:
+            handle = fastdit.apply(pipe, method, schedule=schedule, cache=cache, quantize=quantize)
+        elif cache is not None:
+            stock_cache = enable_cache(pipe, cache)
+    except BaseException:
+        watch.remove()
+        raise
     densities: dict = {}
     summary = records = None
     try:
@@ -328,11 +421,17 @@ def run_generation(pipe, call_kwargs: dict[str, Any], probe: SpeedProbe, seed: i
         run_s = time.perf_counter() - start
         if handle is not None:
             densities = dict(handle.state.densities)
-            summary = handle.summary()
+            ulysses = handle.state.parallel
+            if ulysses is not None:  # each rank recorded its heads: the mean over all heads
+                densities = ulysses.mean_over_ranks(densities)
+            summary = handle.state.summary(densities)
             records = getattr(handle.state.runtime, "records", None)
     finally:
+        watch.remove()
         if handle is not None:
             handle.remove()
+        if stock_cache is not None:
+            stock_cache.remove()
     speed = probe.end(run_s)
     frames = getattr(output, "frames", None)
     if frames is None:

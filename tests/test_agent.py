@@ -19,7 +19,7 @@ from fastdit import cli, clicommon
 from fastdit.methods import agent as agent_module
 from fastdit.methods.base import AttentionCall
 from fastdit.pipelines.unet import UNetSparseAttnProcessor
-from fastdit.pipelines.wan import _apply_rotary_emb
+from fastdit.pipelines.wan import apply_wan_rotary_emb
 from integration_helpers import run
 
 diffusers = pytest.importorskip("diffusers")
@@ -283,7 +283,7 @@ class WanAgentReference:
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        q, k = _apply_rotary_emb(q, *rotary_emb), _apply_rotary_emb(k, *rotary_emb)
+        q, k = apply_wan_rotary_emb(q, *rotary_emb), apply_wan_rotary_emb(k, *rotary_emb)
         out = brute_force_agent(q, k, v, self.grid, self.cell).flatten(2, 3).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 

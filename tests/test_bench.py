@@ -45,13 +45,16 @@ def test_bench_smoke_reference_path(tmp_path, capsys, monkeypatch):
     assert cli.main(argv) == 0
     stdout = capsys.readouterr().out
     json_path, saved, rows = _outputs(tmp_path)
-    assert saved["metadata"]["fastdit_backends"]["triton"].startswith("tensors are on the CPU")
+    reasons = saved["metadata"]["fastdit_backends"]["block-sparse attention (128 blocks)"]
+    assert reasons["triton"].startswith("tensors are on the CPU")
+    assert reasons["flash4"] == "needs a CUDA device, got cpu"
     by_backend = {(r["backend"], r["mask"], r["layout"]): r for r in rows}
     for key in [("fastdit", "dense", "bshd"), ("fastdit", "dense", "bhsd"),
                 ("fastdit", "banded", "bshd"), ("fastdit", "random", "bshd")]:
         row = by_backend[key]
         assert row["status"] == "ok", row
         assert float(row["rel_err_vs_ref"]) < 1e-4 and float(row["ms"]) > 0
+        assert row["executor"] == "reference"
     assert float(by_backend[("fastdit", "banded", "bshd")]["density"]) < 1
     for backend in ("cudnn", "flash"):
         assert by_backend[(backend, "dense", "bhsd")]["status"] == "skipped"
@@ -77,7 +80,8 @@ def test_bench_smoke_triton_interpreter(tmp_path, capsys, monkeypatch):
             "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     _, saved, rows = _outputs(tmp_path)
-    assert saved["metadata"]["fastdit_backends"]["triton"] is None  # the kernel ran
+    assert saved["metadata"]["fastdit_backends"]["dense attention"]["triton"] is None
+    assert {r["executor"] for r in rows} == {"triton"}  # the kernel ran
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
     assert max(float(r["rel_err_vs_ref"]) for r in rows) < 1e-4
 

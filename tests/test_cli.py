@@ -267,9 +267,11 @@ def test_bad_input_exits_with_message(tmp_path, capsys, argv, code, needle):
 def test_missing_model_path_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = str(tmp_path / "models" / "wan-does-not-exist")
-    assert cli.main(["generate", "--model", missing, "-o", str(tmp_path / "x.mp4")]) == 1
+    # A path given on the command line that does not exist is bad input (exit 2), found before
+    # anything loads.
+    assert cli.main(["generate", "--model", missing, "-o", str(tmp_path / "x.mp4")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and missing in err and "Traceback" not in err
+    assert err.startswith("fastdit generate: error:") and missing in err and "Traceback" not in err
 
 
 def test_write_video_falls_back_to_opencv(tmp_path, monkeypatch):
@@ -303,8 +305,10 @@ def test_info_reports_versions_backends_and_reasons(capsys, monkeypatch):
     assert main(["info", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "diffusers" in out
-    assert "triton     cannot run: tensors are on the CPU and TRITON_INTERPRET=1 is not set" in out
-    assert "reference  can run" in out
+    assert "block-sparse attention (128 blocks)    -> reference" in out
+    assert "triton skipped: tensors are on the CPU and TRITON_INTERPRET=1 is not set" in out
+    assert "flash4 skipped: needs a CUDA device, got cpu" in out
+    assert "block mass                             -> reference" in out
     assert "WanTransformer3DModel" in out and "radial" in out
     assert "optional packages:" in out and "matplotlib" in out and "lpips" in out
     assert "radial     Radial: decay=0.2, block_size=128" in out
@@ -312,7 +316,9 @@ def test_info_reports_versions_backends_and_reasons(capsys, monkeypatch):
     assert "presets: wan2.1-14b, hunyuanvideo" in out
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["info", "--device", "cpu"]) == 0
-    assert "triton     can run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dense attention                        -> triton" in out
+    assert "INT8 attention                         -> triton" in out
 
 
 def test_info_rejects_cuda_without_a_gpu(capsys):

@@ -337,7 +337,7 @@ def test_missing_plan_file_of_a_registered_method(tmp_path, capsys, register_met
 def test_unsupported_model_class_exits_2(tmp_path, capsys, monkeypatch, command):
     fake = SimpleNamespace(transformer=torch.nn.Linear(2, 2))
     monkeypatch.setattr("fastdit.pipelines.tiny.load_pipeline", lambda *a, **k: fake)
-    assert cli.main([command, "-o", str(tmp_path / "x")]) == 2
+    assert cli.main([command, "-o", str(tmp_path / ("x.mp4" if command == "generate" else "x"))]) == 2
     err = capsys.readouterr().err
     assert "unsupported model" in err and "Linear" in err and "WanTransformer3DModel" in err
 

@@ -2,7 +2,6 @@
 densities at Wan resolutions, and the plan through the Triton kernel (CPU interpreter)."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -158,13 +157,11 @@ WAN_DENSITIES = {
 
 
 @pytest.mark.parametrize("shape", list(WAN_DENSITIES))
-def test_wan_plans_are_fast_and_report_density(shape):
+def test_wan_plans_report_density(shape):
+    # Speed is the benchmarks' business (plan build times are in fastdit bench): no timing here.
     grid = LatentGrid(*shape)
     method = Radial(decay=0.2, block_size=128, sink=True)
-    start = time.perf_counter()
     block_map = method.block_map(grid)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"block map for {shape} took {elapsed:.2f} s"
     num_blocks = math.ceil(grid.num_tokens / 128)  # 720p: 75,600 tokens, 591 blocks
     assert block_map.shape == (1, 1, num_blocks, num_blocks)
 

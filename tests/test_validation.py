@@ -146,7 +146,7 @@ def test_plan_not_a_plan(call, qkv, lse):
 
 @QK_ENTRY_POINTS
 def test_unknown_backend(call, qkv, plan, lse):
-    pattern = r"backend must be one of \['triton', 'reference'\], got 'cuda-magic'"
+    pattern = r"backend must be one of \['flash4', 'triton', 'reference'\], got 'cuda-magic'"
     with pytest.raises(ValueError, match=pattern):
         call(*qkv, plan, lse, backend="cuda-magic")
 
@@ -220,15 +220,19 @@ def test_block_mean_pool_bad_inputs(rng, monkeypatch):
 def test_explain_backends_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     reasons = explain_backends("cpu")
-    assert list(reasons) == ["triton", "reference"]
+    assert list(reasons) == ["flash4", "triton", "reference"]
+    assert "CUDA" in reasons["flash4"]
     assert isinstance(reasons["triton"], str) and "TRITON_INTERPRET=1" in reasons["triton"]
     assert reasons["reference"] is None
     monkeypatch.setenv("TRITON_INTERPRET", "")
     assert isinstance(explain_backends("cpu")["triton"], str)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert explain_backends("cpu") == {"triton": None, "reference": None}
+    assert explain_backends("cpu") == {
+        "flash4": "needs a CUDA device, got cpu", "triton": None, "reference": None
+    }
     assert explain_backends(torch.device("cpu"), torch.float16, 64)["triton"] is None
     assert "320" in explain_backends("cpu", head_dim=320)["triton"]
+    assert "320" in explain_backends("cpu", head_dim=320)["reference"]  # no backend claims it
 
 
 def brute_force(q, k, v, block_map, block_size, scale):

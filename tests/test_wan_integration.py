@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fastdit
 from integration_helpers import expand_blocks, run
-from fastdit.pipelines.wan import WanSparseAttnProcessor, _apply_rotary_emb
+from fastdit.pipelines.wan import WanSparseAttnProcessor, apply_wan_rotary_emb
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
@@ -47,7 +47,7 @@ class MaskedSelfAttention:
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        q, k = _apply_rotary_emb(q, *rotary_emb), _apply_rotary_emb(k, *rotary_emb)
+        q, k = apply_wan_rotary_emb(q, *rotary_emb), apply_wan_rotary_emb(k, *rotary_emb)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(),
             attn_mask=self.token_mask,

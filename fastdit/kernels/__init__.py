@@ -1,16 +1,19 @@
-"""Triton block-sparse kernels that execute any plan, with a PyTorch reference for each.
+"""Backends that execute any plan: FlashAttention-4 where it can, fastdit's Triton kernels, and a
+PyTorch reference for each.
 
 Architecture line: ``layout`` -> ``methods/<name>.py`` (plans a :class:`BlockSparsity`) ->
 ``kernels/`` (executes it). A kernel never knows which method made its plan.
 """
 
+from .backend import Backend, Request, backends, register_backend
 from .dispatch import (
-    BACKENDS,
     block_mass,
     block_mean_pool,
     block_sparse_attention,
     choose_backend,
+    dense_attention,
     explain_backends,
+    fastest_dense_backend,
     quantize_qk_int8,
     segment_mean_pool,
 )
@@ -19,7 +22,10 @@ from .quantized import QuantizedQK
 from .window import WindowMask
 
 __all__ = [
-    "BACKENDS",
+    "Backend",
+    "Request",
+    "backends",
+    "register_backend",
     "SUPPORTED_BLOCK_SIZES",
     "BlockSparsity",
     "QuantizedQK",
@@ -28,7 +34,9 @@ __all__ = [
     "block_mean_pool",
     "block_sparse_attention",
     "choose_backend",
+    "dense_attention",
     "explain_backends",
+    "fastest_dense_backend",
     "quantize_qk_int8",
     "segment_mean_pool",
 ]

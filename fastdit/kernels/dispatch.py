@@ -1,97 +1,67 @@
-"""Public kernel entry points: validation at the boundary, then an ordered backend choice.
+"""Public kernel entry points: validation at the boundary, then a backend chosen per call.
 
-Backends are tried in order (``triton``, then ``reference``); each has a ``can_run`` check that
-returns ``None`` or the reason it cannot run, so "why did this run on the reference path?" always
-has an answer (:func:`explain_backends`). Passing ``backend=`` forces one and raises with its
-reason when it cannot run. A CUDA tensor that falls back to the reference is logged once.
+Each entry point validates its inputs once (messages name the constraint and the value) and
+calls one ``fastdit::`` custom op (:mod:`fastdit.kernels.ops`), which picks the backend at run
+time: the first of ``flash4``, ``triton``, ``reference`` that can run the call
+(:mod:`fastdit.kernels.backend`), or the one ``backend=`` names. So ``torch.compile`` sees one
+opaque operator per call, and :func:`explain_backends` says why a call did not run on a faster
+backend.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
+import functools
 import math
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
+from . import ops
+from . import backend as registry
+from . import flash4 as _flash4  # noqa: F401  (registers the backends in their order)
+from . import reference as _reference  # noqa: F401
+from . import triton_backend as _triton_backend  # noqa: F401
+from .backend import MAX_HEAD_DIM, Request
 from .plan import BlockSparsity
-from .window import WindowMask
 from .quantized import QUANTIZATIONS, QuantizedQK
-
-logger = logging.getLogger("fastdit")
+from .triton_backend import triton_interpreter_enabled  # noqa: F401  (public helper)
+from .window import WindowMask
 
 LAYOUTS = ("bshd", "bhsd")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # INT8 attention keeps P and V in 16 bits (P.V in fp16/bf16, fp32 accumulation).
 QUANTIZED_DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
-
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_cannot_run(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    if not _TRITON_INSTALLED:
-        return "triton is not installed"
-    if head_dim > MAX_HEAD_DIM:
-        return f"head_dim must be <= {MAX_HEAD_DIM}, got {head_dim}"
-    if device.type == "cpu":
-        if triton_interpreter_enabled():
-            return None
-        return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
-    if device.type != "cuda":
-        return f"device must be cuda (or cpu with TRITON_INTERPRET=1), got {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"compute capability must be >= 8.0 (Ampere), got {major}.{minor}"
-    return None
-
-
-def _reference_cannot_run(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    return None
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    cannot_run: Callable[[torch.device, torch.dtype, int], str | None]
-
-
-BACKENDS = (Backend("triton", _triton_cannot_run), Backend("reference", _reference_cannot_run))
-_logged_fallbacks: set[tuple[str, str]] = set()
 
 
 def explain_backends(
-    device: torch.device | str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 128,
+    operation: str = "attention",
+    **call,
 ) -> dict[str, str | None]:
-    """For each backend in order, ``None`` if it can run these inputs, else the reason it cannot."""
-    device = torch.device(device)
-    return {backend.name: backend.cannot_run(device, dtype, head_dim) for backend in BACKENDS}
+    """For each backend in order, ``None`` if it can run such a call, else the reason it cannot.
+
+    ``call`` takes the fields of :class:`~fastdit.kernels.backend.Request` (``dense``,
+    ``q_block_size``, ``kv_block_size``, ``return_lse``, ``key_padding``, ``window_mask``,
+    ``quantize``); the default is block-sparse attention over 128-token blocks.
+    """
+    request = Request(operation, torch.device(device), dtype, head_dim)
+    return registry.reasons(replace(request, **call))
 
 
 def choose_backend(
-    device: torch.device, dtype: torch.dtype, head_dim: int, requested: str | None = None
+    device: torch.device, dtype: torch.dtype, head_dim: int, requested: str | None = None,
+    operation: str = "attention", **call,
 ) -> str:
-    reasons = explain_backends(device, dtype, head_dim)
-    if requested is not None:
-        if requested not in reasons:
-            raise ValueError(f"backend must be one of {list(reasons)}, got {requested!r}")
-        if reasons[requested] is not None:
-            raise RuntimeError(f"backend {requested!r} cannot run: {reasons[requested]}")
-        return requested
-    chosen = next(name for name, reason in reasons.items() if reason is None)
-    if chosen == "reference" and device.type == "cuda":
-        why = reasons["triton"] or ""
-        if (device.type, why) not in _logged_fallbacks:
-            _logged_fallbacks.add((device.type, why))
-            logger.warning("fastdit: running attention on the PyTorch reference path: %s", why)
-    return chosen
+    """Name of the backend that runs such a call (see :func:`explain_backends`)."""
+    request = replace(Request(operation, torch.device(device), dtype, head_dim), **call)
+    return registry.choose(request, requested).name
+
+
+def _check_backend_name(backend: str | None) -> None:
+    if backend is not None:
+        registry.get_backend(backend)
 
 
 # ---------------------------------------------------------------------- validation
@@ -169,6 +139,8 @@ def _check_qk(q, k, layout):
         raise ValueError(
             f"q and k must agree on batch, heads and head_dim ({layout=}), got q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim} (q shape {tuple(q.shape)}, {layout=})")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {head_dim}")
     return batch, seq_q, seq_kv, heads, head_dim
@@ -214,7 +186,8 @@ def block_sparse_attention(
         key_padding: int tensor ``[B]`` of valid key lengths (keys at or past it are ignored).
         window_mask: a :class:`~fastdit.kernels.window.WindowMask`: further (partial) blocks,
             computed with its token-level window rule (exact GNA/NATTEN windows).
-        backend: ``"triton"`` or ``"reference"`` to force one; by default the first that can run.
+        backend: ``"flash4"``, ``"triton"`` or ``"reference"`` to force one; by default the
+            first that can run the call (:func:`explain_backends` says why the others cannot).
         quantize: ``None`` (fp16/bf16/fp32 throughout) or ``"int8"``: Q and K quantized to INT8
             with per-block scales and K smoothed by its mean (fp16/bf16 inputs only; see
             :mod:`fastdit.kernels.quantized`); the quantization pass is part of this call.
@@ -235,58 +208,26 @@ def block_sparse_attention(
             raise TypeError(f"window_mask must be a fastdit.kernels.WindowMask, got {type(window_mask).__name__}")
         _check_plan(window_mask.partial, batch, heads, seq_q, seq_kv, q.device)
         window_mask.check(plan, seq_q, seq_kv)
-        window_mask.check_disjoint(plan)
+        if not torch.compiler.is_compiling():  # a host read, once per (mask, plan) pair
+            window_mask.check_disjoint(plan)
     _check_quantize(quantize, q.dtype)
     if window_mask is not None and quantize is not None:
         raise ValueError(f"window_mask is not supported with quantize={quantize!r} (use the bf16/fp16 kernel)")
+    _check_backend_name(backend)
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
-
-    chosen = choose_backend(q.device, q.dtype, head_dim, backend)
-    if quantize is not None:
-        quantized = _quantize_qk(
-            q, k, plan.q_block_size, plan.kv_block_size, scale, layout, key_lengths, return_lse,
-            True, chosen,
-        )
-        if chosen == "triton":
-            from .int8_attention import triton_int8_block_sparse_attention
-
-            out, lse = triton_int8_block_sparse_attention(
-                quantized, v, plan, layout=layout, return_lse=return_lse,
-                key_lengths=key_lengths, interpret=q.device.type == "cpu",
-            )
-        else:
-            from .reference import int8_attention_reference
-
-            out, lse = int8_attention_reference(
-                quantized, v, plan, layout=layout, return_lse=return_lse, key_lengths=key_lengths
-            )
-        return (out, lse) if return_lse else out
-    if chosen == "triton":
-        from .attention import triton_block_sparse_attention
-
-        out, lse = triton_block_sparse_attention(
-            q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse,
-            key_lengths=key_lengths, interpret=q.device.type == "cpu", window=window_mask,
-        )
-    else:
-        from .reference import attention_reference
-
-        out, lse = attention_reference(
-            q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse,
-            key_lengths=key_lengths, window=window_mask,
-        )
-    return (out, lse) if return_lse else out
-
-
-def _quantize_qk(q, k, q_block, kv_block, scale, layout, key_lengths, lse_shift, smooth_k, chosen) -> QuantizedQK:
-    if chosen == "triton":
-        from .quantize import triton_quantize_qk as quantize
-    else:
-        from .reference import quantize_qk_reference as quantize
-    return quantize(
-        q, k, q_block_size=q_block, kv_block_size=kv_block, scale=scale, layout=layout,
-        key_lengths=key_lengths, lse_shift=lse_shift, smooth_k=smooth_k,
+    window = window_mask
+    out, lse = ops.attention(
+        q, k, v, plan.kv_counts, plan.kv_indices,
+        [plan.q_block_size, plan.kv_block_size, plan.num_kv_blocks], plan.is_dense, scale, layout,
+        return_lse, key_lengths,
+        window.partial.kv_counts if window is not None else None,
+        window.partial.kv_indices if window is not None else None,
+        window.query_start if window is not None else None,
+        window.key_coords if window is not None else None,
+        [*window.window, *window.dilation] if window is not None else [],
+        quantize, backend,
     )
+    return (out, lse) if return_lse else out
 
 
 def quantize_qk_int8(
@@ -314,9 +255,12 @@ def quantize_qk_int8(
     q_block, kv_block = normalize_block_size(block_size)
     scale = _check_scale(scale, head_dim)
     key_lengths = _check_key_padding(key_padding, batch, q.device)
+    _check_backend_name(backend)
     q, k = _unit_last_stride(q), _unit_last_stride(k)
-    chosen = choose_backend(q.device, q.dtype, head_dim, backend)
-    return _quantize_qk(q, k, q_block, kv_block, scale, layout, key_lengths, lse_shift, smooth_k, chosen)
+    parts = ops.quantize_qk(
+        q, k, q_block, kv_block, scale, layout, key_lengths, lse_shift, smooth_k, backend
+    )
+    return ops.as_quantized(parts, q_block, kv_block, scale, lse_shift)
 
 
 def block_mass(
@@ -352,16 +296,12 @@ def block_mass(
     key_lengths = _check_key_padding(key_padding, batch, q.device)
     q, k = _unit_last_stride(q), _unit_last_stride(k)
 
-    if choose_backend(q.device, q.dtype, head_dim, backend) == "triton":
-        from .mass import triton_block_mass
-
-        return triton_block_mass(
-            q, k, lse, plan, scale=scale, layout=layout, key_lengths=key_lengths,
-            interpret=q.device.type == "cpu",
-        )
-    from .reference import block_mass_reference
-
-    return block_mass_reference(q, k, lse, plan, scale=scale, layout=layout, key_lengths=key_lengths)
+    _check_backend_name(backend)
+    return ops.block_mass(
+        q, k, lse.to(torch.float32).contiguous(), plan.kv_counts, plan.kv_indices,
+        [plan.q_block_size, plan.kv_block_size, plan.num_kv_blocks], scale, layout, key_lengths,
+        backend,
+    )
 
 
 def block_mean_pool(
@@ -377,13 +317,8 @@ def block_mean_pool(
     if seq_len < 1:
         raise ValueError(f"x must have at least one token, got shape {tuple(x.shape)}")
     x = _unit_last_stride(x)
-    if choose_backend(x.device, x.dtype, head_dim, backend) == "triton":
-        from .pooling import triton_block_mean_pool
-
-        return triton_block_mean_pool(x, block_size, layout=layout)
-    from .reference import block_mean_pool_reference
-
-    return block_mean_pool_reference(x, block_size, layout=layout)
+    _check_backend_name(backend)
+    return ops.block_mean_pool(x, block_size, layout, backend)
 
 
 def segment_mean_pool(
@@ -399,7 +334,8 @@ def segment_mean_pool(
     ``offsets`` is an integer tensor ``[nseg + 1]`` on ``x``'s device, strictly increasing from 0
     to ``S`` (every run non-empty): runs of differing lengths, e.g. ragged partitions laid out
     contiguously. ``validate`` checks that, at the cost of one host synchronisation; callers that
-    build the offsets themselves pass ``validate=False`` and stay sync-free.
+    build the offsets themselves pass ``validate=False`` and stay sync-free. Under
+    ``torch.compile`` the check is left out (it reads the device).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -419,7 +355,7 @@ def segment_mean_pool(
         )
     if offsets.device != x.device:
         raise ValueError(f"offsets is on {offsets.device} but x is on {x.device}")
-    if validate:
+    if validate and not torch.compiler.is_compiling():
         first, last = int(offsets[0]), int(offsets[-1])
         if first != 0 or last != seq_len or bool((offsets[1:] <= offsets[:-1]).any()):
             raise ValueError(
@@ -428,10 +364,37 @@ def segment_mean_pool(
             )
     x = _unit_last_stride(x)
     offsets = offsets.to(torch.int32).contiguous()
-    if choose_backend(x.device, x.dtype, head_dim, backend) == "triton":
-        from .pooling import triton_segment_mean_pool
+    _check_backend_name(backend)
+    return ops.segment_mean_pool(x, offsets, layout, backend)
 
-        return triton_segment_mean_pool(x, offsets, layout=layout)
-    from .reference import segment_mean_pool_reference
 
-    return segment_mean_pool_reference(x, offsets, layout=layout)
+@functools.lru_cache(maxsize=32)
+def _dense_plan(seq_q: int, seq_kv: int, device: torch.device) -> BlockSparsity:
+    return BlockSparsity.dense(seq_q, seq_kv, 128, device=device)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
+    key_padding: torch.Tensor | None = None,
+    backend: str | None = None,
+):
+    """Dense attention on the fastest backend that runs it (FA4's dense kernel where it can):
+    :func:`block_sparse_attention` with a cached dense plan."""
+    _check_qk(q, k, layout)
+    seq_dim = 1 if layout == "bshd" else 2
+    plan = _dense_plan(q.shape[seq_dim], k.shape[seq_dim], q.device)
+    return block_sparse_attention(
+        q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse,
+        key_padding=key_padding, backend=backend,
+    )
+
+
+def fastest_dense_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The backend :func:`dense_attention` runs such a call on."""
+    return choose_backend(device, dtype, head_dim, dense=True)

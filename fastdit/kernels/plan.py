@@ -21,7 +21,7 @@ import functools
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import torch
 
@@ -56,6 +56,16 @@ class BlockSparsity:
             row are the visited key blocks, ascending and unique; the rest is padding (0).
         q_block_size, kv_block_size: tokens per query block and per key block (64 or 128).
         num_kv_blocks: ``nK``, the number of key blocks of the key sequence.
+        is_dense: set by :meth:`dense`: every query block visits every key block, so a backend
+            may run dense attention without reading the lists.
+
+    Construction checks shapes, dtypes and block sizes, and (``validate=True``, the default) the
+    contents: every count in ``[0, max_kv]``, every index in ``[0, nK)`` (padding included), and
+    the first ``kv_counts`` indices of each row strictly ascending (sorted and unique). Kernels
+    rely on all three: an index out of range reads out of bounds, an unsorted or repeated row
+    gives a wrong result. Checking the contents costs one host synchronisation; the constructors
+    below build valid plans by construction and skip it (``validate=False``: no sync, on the GPU
+    inside a denoising step). Pass ``validate=False`` yourself only for indices you know are valid.
     """
 
     kv_counts: torch.Tensor
@@ -63,8 +73,10 @@ class BlockSparsity:
     q_block_size: int
     kv_block_size: int
     num_kv_blocks: int
+    is_dense: bool = False
+    validate: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, validate: bool = True) -> None:
         counts, indices = self.kv_counts, self.kv_indices
         if counts.dtype != torch.int32 or indices.dtype != torch.int32:
             raise TypeError(
@@ -78,8 +90,50 @@ class BlockSparsity:
         if counts.device != indices.device:
             raise ValueError(f"kv_counts on {counts.device} but kv_indices on {indices.device}")
         normalize_block_size((self.q_block_size, self.kv_block_size))
+        if isinstance(self.num_kv_blocks, bool) or not isinstance(self.num_kv_blocks, numbers.Integral):
+            raise TypeError(f"num_kv_blocks must be an int, got {self.num_kv_blocks!r}")
         if self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if validate:
+            self._check_contents()
+
+    def _check_contents(self) -> None:
+        """Counts in ``[0, max_kv]``, indices in ``[0, nK)``, each row's visited indices strictly
+        ascending; one host synchronisation (more only to name the first bad entry)."""
+        counts, indices = self.kv_counts, self.kv_indices
+        if counts.numel() == 0:
+            return
+        max_kv, num_kv = indices.shape[-1], self.num_kv_blocks
+        bad_count = (counts < 0) | (counts > max_kv)
+        bad_index = (indices < 0) | (indices >= num_kv)
+        slot = torch.arange(max_kv, device=indices.device)
+        visited = slot < counts[..., None]
+        not_ascending = visited[..., 1:] & (indices[..., 1:] <= indices[..., :-1])
+        flags = torch.stack([bad_count.any(), bad_index.any(), not_ascending.any()]).tolist()
+
+        def where(mask: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+            first = tuple(int(i) for i in mask.nonzero()[0])
+            return f"(batch {first[0]}, head {first[1]}, query block {first[2]})", first
+
+        if flags[0]:
+            at, first = where(bad_count)
+            raise ValueError(
+                f"kv_counts must lie in [0, max_kv={max_kv}] (max_kv = kv_indices.shape[-1]), got "
+                f"{int(counts[first])} at {at}"
+            )
+        if flags[1]:
+            at, first = where(bad_index)
+            raise ValueError(
+                f"kv_indices must lie in [0, num_kv_blocks={num_kv}) (padding entries too: use 0), "
+                f"got {int(indices[first])} at {at}, slot {first[3]}"
+            )
+        if flags[2]:
+            at, first = where(not_ascending)
+            row = indices[first[:3]][: int(counts[first[:3]])].tolist()
+            raise ValueError(
+                f"the first kv_counts[b, h, p] entries of each kv_indices row must be ascending and "
+                f"unique, got {row} at {at}"
+            )
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -114,7 +168,7 @@ class BlockSparsity:
         indices = order[..., :max_kv].to(torch.int32)
         slot = torch.arange(max_kv, device=block_map.device, dtype=torch.int32)
         indices = torch.where(slot < counts[..., None], indices, 0).contiguous()
-        return cls(counts.contiguous(), indices, q_block, kv_block, num_kv_blocks)
+        return cls(counts.contiguous(), indices, q_block, kv_block, num_kv_blocks, validate=False)
 
     @classmethod
     def from_indices(
@@ -190,7 +244,8 @@ class BlockSparsity:
         counts = torch.full(
             kv_indices.shape[:3], kv_indices.shape[-1], dtype=torch.int32, device=kv_indices.device
         )
-        return cls(counts, sorted_indices, q_block, kv_block, num_kv_blocks)
+        # Checked above (validate=True) or vouched for by the caller (validate=False).
+        return cls(counts, sorted_indices, q_block, kv_block, num_kv_blocks, validate=False)
 
     @classmethod
     def dense(
@@ -206,7 +261,7 @@ class BlockSparsity:
         indices = torch.arange(num_kv, dtype=torch.int32, device=device)
         indices = indices.expand(1, 1, num_q, num_kv).contiguous()
         counts = torch.full((1, 1, num_q), num_kv, dtype=torch.int32, device=device)
-        return cls(counts, indices, q_block, kv_block, num_kv)
+        return cls(counts, indices, q_block, kv_block, num_kv, is_dense=True, validate=False)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -233,6 +288,8 @@ class BlockSparsity:
             self.q_block_size,
             self.kv_block_size,
             self.num_kv_blocks,
+            self.is_dense,
+            validate=False,
         )
 
     def to_block_map(self) -> torch.Tensor:

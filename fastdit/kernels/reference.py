@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .backend import Backend, register_backend
 from .plan import BlockSparsity
 from .window import WindowMask
 from .quantized import QuantizedQK
@@ -45,6 +46,21 @@ def _token_mask(
     return mask
 
 
+def _nonfinite_terms(probs: torch.Tensor, visible: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``sum_j [visible_ij] p_ij * v_jd`` over keys whose values are NaN or +-inf (0 elsewhere in
+    ``values``), as IEEE arithmetic gives it (0 * inf = NaN, inf - inf = NaN), without forming
+    ``p * v`` per (row, key, dim): counts of the cases by indicator matmuls."""
+    visible = visible.expand(probs.shape)
+    positive = (visible & (probs > 0)).to(torch.float32)
+    zero = (visible & (probs == 0)).to(torch.float32)
+    nan_hits = torch.einsum("bhij,bhjd->bhid", visible.to(torch.float32), values.isnan().float())
+    nan_hits += torch.einsum("bhij,bhjd->bhid", zero, values.isinf().float())
+    plus = torch.einsum("bhij,bhjd->bhid", positive, values.isposinf().float()) > 0
+    minus = torch.einsum("bhij,bhjd->bhid", positive, values.isneginf().float()) > 0
+    terms = torch.where(plus, float("inf"), torch.where(minus, float("-inf"), 0.0))
+    return torch.where((nan_hits > 0) | (plus & minus), float("nan"), terms)
+
+
 def _query_chunks(plan: BlockSparsity, batch: int, heads: int, seq_kv: int):
     rows_per_chunk = max(1, MAX_CHUNK_ELEMENTS // max(1, batch * heads * seq_kv))
     blocks_per_chunk = max(1, rows_per_chunk // plan.q_block_size)
@@ -71,7 +87,17 @@ def attention_reference(
     batch, heads, seq_q, _ = qf.shape
     seq_kv = kf.shape[2]
     plan.check_shape(seq_q, seq_kv)
-    out = torch.empty_like(qf)
+    # A key a row does not see must not reach its output, even when its value is NaN or inf
+    # (0 * NaN = NaN in the P.V product): non-finite values are taken out of the product and
+    # added back only where they are visible (one host read per call, to skip that when V is
+    # finite, as it nearly always is).
+    finite = torch.isfinite(vf)
+    v_finite = vf if bool(finite.all()) else None
+    if v_finite is None:
+        v_finite = torch.where(finite, vf, 0.0)
+        nonfinite_keys = (~finite).any(dim=-1).any(dim=(0, 1)).nonzero()[:, 0]  # [n_bad]
+        v_nonfinite = torch.where(finite, 0.0, vf)[:, :, nonfinite_keys]  # [B, H, n_bad, D]
+    out = torch.empty((batch, heads, seq_q, vf.shape[-1]), dtype=torch.float32, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     for q_blocks in _query_chunks(plan, batch, heads, seq_kv):
         rows = slice(q_blocks.start * plan.q_block_size, min(seq_q, q_blocks.stop * plan.q_block_size))
@@ -86,7 +112,12 @@ def attention_reference(
         row_lse = torch.logsumexp(scores, dim=-1)
         # Rows with no visible key: probabilities 0 (not NaN), output 0, LSE -inf.
         probs = torch.exp(scores - row_lse.nan_to_num(neginf=0.0)[..., None])
-        out[:, :, rows] = torch.einsum("bhij,bhjd->bhid", probs, vf)
+        rows_out = torch.einsum("bhij,bhjd->bhid", probs, v_finite)
+        if v_finite is not vf:
+            rows_out = rows_out + _nonfinite_terms(
+                probs[..., nonfinite_keys], mask[..., nonfinite_keys], v_nonfinite
+            )
+        out[:, :, rows] = rows_out
         lse[:, :, rows] = row_lse
     out = out.transpose(1, 2) if layout == "bshd" else out
     return out.to(q.dtype), (lse if return_lse else None)
@@ -223,3 +254,44 @@ def int8_attention_reference(
     if not return_lse:
         return out, None
     return out, lse + quantized.lse_shift
+
+
+class ReferenceBackend(Backend):
+    """The ``reference`` backend: the functions above, on any device and dtype."""
+
+    name = "reference"
+    priority = 90
+    operations = ("attention", "block_mass", "block_mean_pool", "segment_mean_pool", "quantize_qk")
+
+    def attention(self, q, k, v, plan, *, scale, layout, return_lse, key_lengths, window, quantize, dense):
+        if quantize is not None:
+            quantized = self.quantize_qk(
+                q, k, q_block_size=plan.q_block_size, kv_block_size=plan.kv_block_size,
+                scale=scale, layout=layout, key_lengths=key_lengths, lse_shift=return_lse,
+                smooth_k=True,
+            )
+            return int8_attention_reference(
+                quantized, v, plan, layout=layout, return_lse=return_lse, key_lengths=key_lengths
+            )
+        return attention_reference(
+            q, k, v, plan, scale=scale, layout=layout, return_lse=return_lse,
+            key_lengths=key_lengths, window=window,
+        )
+
+    def block_mass(self, q, k, lse, plan, *, scale, layout, key_lengths):
+        return block_mass_reference(q, k, lse, plan, scale=scale, layout=layout, key_lengths=key_lengths)
+
+    def block_mean_pool(self, x, block_size, *, layout):
+        return block_mean_pool_reference(x, block_size, layout=layout)
+
+    def segment_mean_pool(self, x, offsets, *, layout):
+        return segment_mean_pool_reference(x, offsets, layout=layout)
+
+    def quantize_qk(self, q, k, *, q_block_size, kv_block_size, scale, layout, key_lengths, lse_shift, smooth_k):
+        return quantize_qk_reference(
+            q, k, q_block_size=q_block_size, kv_block_size=kv_block_size, scale=scale,
+            layout=layout, key_lengths=key_lengths, lse_shift=lse_shift, smooth_k=smooth_k,
+        )
+
+
+register_backend(ReferenceBackend())

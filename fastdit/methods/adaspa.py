@@ -57,6 +57,14 @@ Decisions where METHODS.md leaves room
   search step, Wan2.2's second expert starting mid-run, a batch-size change) runs the first-search
   procedure (dense + LSE + selection) on demand; its record has ``scheduled: False``. A later
   search step without a cached LSE of the right shape does the same.
+* **Search steps a step cache skipped.** diffusers' caches (FirstBlockCache, TaylorSeer,
+  MagCache, PAB, ...) skip whole steps or single layers, so a layer may not be called at a
+  search step. The step index stays the pipeline's (fastdit reads it before every forward, the
+  cache's skips included), so nothing drifts: the layer searches at its first computed step after
+  the missed one, as that search step would have (a missed first search: dense + LSE; a later
+  one: one mass pass with the cached LSE), and the mask then serves until the next search step.
+  Its record has ``scheduled: False`` and ``due_step`` the search step it stands in for. Without
+  this, a layer that missed the second search would keep the first mask for the rest of the run.
 * The dense pass that produces the LSE uses a dense plan of 128-token blocks (faster; the LSE is
   per row, so independent of the block size); the mass pass and the sparse plans use ``block_size``.
 
@@ -83,7 +91,6 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +98,7 @@ import torch
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_mass, block_sparse_attention
 from ..layout import LatentGrid, SequenceLayout, device_key
 from ..schedule import resolve_amount
-from .base import AttentionCall, Method, MethodPlan
+from .base import AttentionCall, Method, MethodPlan, PlanCache
 
 __all__ = ["AdaSpa", "AdaSpaRuntime", "BlockSelection", "select_blocks"]
 
@@ -100,21 +107,15 @@ logger = logging.getLogger("fastdit")
 # Block size of the dense pass that produces the LSE at a first search step.
 _LSE_PASS_BLOCK = 128
 # Dense plans are a few MB at most; keep the most recent shapes only.
-_PLAN_CACHE_SIZE = 32
-_dense_plans: OrderedDict[tuple, BlockSparsity] = OrderedDict()
+_dense_plans = PlanCache()
 
 
 def _dense_plan(seq_q: int, seq_kv: int, block_size: int, device: torch.device) -> BlockSparsity:
-    key = (seq_q, seq_kv, block_size, device_key(device))
-    plan = _dense_plans.get(key)
-    if plan is None:
-        plan = BlockSparsity.dense(seq_q, seq_kv, block_size, device=device)
-        _dense_plans[key] = plan
-        if len(_dense_plans) > _PLAN_CACHE_SIZE:
-            _dense_plans.popitem(last=False)
-    else:
-        _dense_plans.move_to_end(key)
-    return plan
+    device = device_key(device)
+    return _dense_plans.get_or_build(
+        (seq_q, seq_kv, block_size, device),
+        lambda: BlockSparsity.dense(seq_q, seq_kv, block_size, device=device),
+    )
 
 
 def _budget(sparsity: float, free_blocks: int) -> int:
@@ -175,11 +176,14 @@ def select_blocks(
     head_adaptive: bool = True,
     recall_threshold: float = 0.8,
     text: tuple[int, int] = (0, 0),
+    shard=None,
 ) -> BlockSelection:
     """AdaSpa's selection (module docstring) from a block mass ``[B, H, nb, nb]``.
 
     ``text`` is the ``[start, stop)`` range of text blocks (kept in every row; their rows dense).
-    Batched torch ops only; no host synchronisation.
+    ``shard``: under Ulysses context parallelism the :class:`~fastdit.parallel.HeadShard` the
+    mass covers; the budget tiers rank the recalls of all heads of the layer (gathered from every
+    rank), as in one process. Batched torch ops only; no host synchronisation.
     """
     if mass.dim() != 4 or mass.shape[-1] != mass.shape[-2]:
         raise ValueError(f"mass must be [B, H, nb, nb], got {tuple(mass.shape)}")
@@ -224,13 +228,18 @@ def select_blocks(
 
     k_all = torch.full((batch, heads), k_uniform, dtype=torch.long, device=device)
     recall_at_sparsity = recall_with(k_all)
-    num_high = (recall_at_sparsity > recall_threshold).sum(-1)  # [B]
-    if head_adaptive and heads >= 2:
-        per_tier = num_high.clamp(max=heads // 2)[:, None]
-        order = torch.sort(recall_at_sparsity, dim=-1, descending=True, stable=True).indices
-        positions = torch.arange(heads, device=device).expand(batch, heads)
+    # The tiers rank every head of the layer: under Ulysses, gather the other ranks' recalls.
+    all_recalls = recall_at_sparsity if shard is None else shard.gather(recall_at_sparsity, dim=1)
+    all_heads = all_recalls.shape[1]
+    num_high = (all_recalls > recall_threshold).sum(-1)  # [B]
+    if head_adaptive and all_heads >= 2:
+        per_tier = num_high.clamp(max=all_heads // 2)[:, None]
+        order = torch.sort(all_recalls, dim=-1, descending=True, stable=True).indices
+        positions = torch.arange(all_heads, device=device).expand(batch, all_heads)
         rank = torch.empty_like(order).scatter_(-1, order, positions)
-        tier = torch.where(rank < per_tier, 1, torch.where(rank >= heads - per_tier, -1, 0))
+        tier = torch.where(rank < per_tier, 1, torch.where(rank >= all_heads - per_tier, -1, 0))
+        if shard is not None:
+            tier = shard.local(tier, dim=1)
         k_head = torch.where(tier == 1, k_high, torch.where(tier == -1, k_low, k_uniform))
         head_sparsity = torch.where(
             tier == 1, high_sparsity, torch.where(tier == -1, low_sparsity, sparsity)
@@ -286,23 +295,29 @@ class _LayerPlan:
     block_size: int
     num_kv_blocks: int
     density: torch.Tensor  # fp32 scalar on the device
+    searched_at: int | None = None  # the denoising step of the search that chose it
 
     @classmethod
-    def from_selection(cls, selection: BlockSelection, block_size: int) -> _LayerPlan:
+    def from_selection(
+        cls, selection: BlockSelection, block_size: int, searched_at: int | None = None
+    ) -> _LayerPlan:
         num_blocks = selection.kv_counts.shape[-1]
         indices = selection.kv_indices
         if num_blocks <= torch.iinfo(torch.int16).max:
             indices = indices.to(torch.int16)
-        return cls(selection.kv_counts, indices, block_size, num_blocks, selection.density)
+        return cls(
+            selection.kv_counts, indices, block_size, num_blocks, selection.density, searched_at
+        )
 
     @property
     def batch(self) -> int:
         return self.kv_counts.shape[0]
 
     def sparsity(self) -> BlockSparsity:
+        # Built from a selection (ascending, unique, in range): no validation, no host sync.
         return BlockSparsity(
             self.kv_counts, self.kv_indices.to(torch.int32), self.block_size, self.block_size,
-            self.num_kv_blocks,
+            self.num_kv_blocks, validate=False,
         )
 
     @property
@@ -365,7 +380,10 @@ class AdaSpaRuntime:
 
         Keys: ``generation``, ``step``, ``num_steps``, ``context``, ``transformer``, ``layer``,
         ``kind`` (``"dense-lse"``: dense attention + LSE, then the mass pass; ``"cached-lse"``: one
-        mass pass with the cached LSE), ``scheduled`` (False for an on-demand search, see the module
+        mass pass with the cached LSE), ``due_step`` (the search step this search serves: the step
+        itself, the one a step cache made the layer miss, or ``None`` for an on-demand search
+        before any search step), ``scheduled`` (False for an on-demand or deferred search, see
+        the module
         docstring), ``sparsity``, ``block_size``, ``num_blocks``, ``text_blocks`` ([start, stop)),
         and per batch element and head (lists ``[B][H]``): ``recall_at_sparsity`` (recall with the
         uniform budget), ``tier`` (+1 sparser, 0, -1 denser), ``head_sparsity``, ``blocks_per_row``,
@@ -428,6 +446,12 @@ class AdaSpa(Method):
     head_adaptive: bool = True
     recall_threshold: float = 0.8
     reference_steps: int | None = 50
+
+    # fastdit.apply(..., quantize="int8") runs the sparse attention on the INT8 kernel; the dense
+    # pass that produces the LSE at a first search stays 16-bit (the LSE drives the selection).
+    accepts_quantize = True
+    # Runs on Ulysses head shards (fastdit.parallel): the budget tiers gather every head's recall.
+    head_parallel = True
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__
@@ -599,11 +623,11 @@ class AdaSpa(Method):
         steps = self.resolve_search_steps(call.num_steps) if call.step is not None else ()
         current = runtime._plans.get(cache_key)
         batch_matches = current is not None and current.batch == query.shape[0]
+        cached = runtime._lse.get(cache_key)
+        lse_usable = cached is not None and tuple(cached.shape) == (
+            query.shape[0], query.shape[2], seq
+        )
         if call.step is not None and call.step in steps:
-            cached = runtime._lse.get(cache_key)
-            lse_usable = cached is not None and tuple(cached.shape) == (
-                query.shape[0], query.shape[2], seq
-            )
             if call.step != steps[0] and lse_usable:
                 plan = self._search(query, key, call, cached, "cached-lse", scheduled=True)
                 return self._sparse(query, key, value, call, plan), plan.density
@@ -613,11 +637,40 @@ class AdaSpa(Method):
                 "fastdit AdaSpa: no mask for %s at step %s; searching now (dense + LSE)",
                 cache_key, call.step,
             )
-            return self._dense_search(query, key, value, call, scheduled=False), 1.0
+            passed = [s for s in steps if s <= call.step] if call.step is not None else []
+            out = self._dense_search(
+                query, key, value, call, scheduled=False, due_step=passed[-1] if passed else None
+            )
+            return out, 1.0
+        missed = self._missed_search(steps, call.step, current)
+        if missed is not None:
+            # A step cache (diffusers' FirstBlockCache, TaylorSeer, ...) skipped this layer at
+            # search step ``missed``: search now, at its first computed step after it.
+            logger.info(
+                "fastdit AdaSpa: %s missed search step %s; searching at step %s",
+                cache_key, missed, call.step,
+            )
+            if missed != steps[0] and lse_usable:
+                plan = self._search(
+                    query, key, call, cached, "cached-lse", scheduled=False, due_step=missed
+                )
+                return self._sparse(query, key, value, call, plan), plan.density
+            out = self._dense_search(query, key, value, call, scheduled=False, due_step=missed)
+            return out, 1.0
         return self._sparse(query, key, value, call, current), current.density
 
+    @staticmethod
+    def _missed_search(steps: tuple[int, ...], step: int | None, plan: _LayerPlan) -> int | None:
+        """The latest search step at or before ``step`` that came after ``plan``'s search, i.e.
+        a search this layer did not run because a step cache skipped it; ``None`` otherwise."""
+        if step is None or plan.searched_at is None:
+            return None
+        due = [s for s in steps if plan.searched_at < s <= step]
+        return due[-1] if due else None
+
     def _dense_search(
-        self, query, key, value, call: AttentionCall, *, scheduled: bool
+        self, query, key, value, call: AttentionCall, *, scheduled: bool,
+        due_step: int | None = None,
     ) -> torch.Tensor:
         """Dense attention returning the LSE, cached; then the mass pass and a selection."""
         seq = query.shape[1]
@@ -626,27 +679,29 @@ class AdaSpa(Method):
             query, key, value, dense, return_lse=True, key_padding=call.key_padding
         )
         call.runtime._lse[call.cache_key] = lse
-        self._search(query, key, call, lse, "dense-lse", scheduled=scheduled)
+        self._search(query, key, call, lse, "dense-lse", scheduled=scheduled, due_step=due_step)
         return out
 
     def _search(
-        self, query, key, call: AttentionCall, lse, kind: str, *, scheduled: bool
+        self, query, key, call: AttentionCall, lse, kind: str, *, scheduled: bool,
+        due_step: int | None = None,
     ) -> _LayerPlan:
         """One ``QK^T`` block-mass pass with ``lse``, a selection, and its record."""
         mass = block_mass(query, key, lse, call.plan.sparsity, key_padding=call.key_padding)
         text = text_blocks(call.layout, self.block_size)
         selection = select_blocks(
             mass, self.sparsity, head_adaptive=self.head_adaptive,
-            recall_threshold=self.recall_threshold, text=text,
+            recall_threshold=self.recall_threshold, text=text, shard=call.heads,
         )
-        plan = _LayerPlan.from_selection(selection, self.block_size)
+        plan = _LayerPlan.from_selection(selection, self.block_size, call.step)
         runtime: AdaSpaRuntime = call.runtime
         runtime._plans[call.cache_key] = plan
         runtime._record(
             dict(
                 generation=call.generation, step=call.step, num_steps=call.num_steps,
                 context=call.context, transformer=call.transformer, layer=call.layer, kind=kind,
-                scheduled=scheduled, sparsity=self.sparsity, block_size=self.block_size,
+                scheduled=scheduled, due_step=call.step if scheduled else due_step,
+                sparsity=self.sparsity, block_size=self.block_size,
                 num_blocks=mass.shape[-1], text_blocks=list(text),
             ),
             dict(
@@ -661,12 +716,15 @@ class AdaSpa(Method):
     def _sparse(self, query, key, value, call: AttentionCall, plan: _LayerPlan) -> torch.Tensor:
         """Attention on the current mask; text query rows (if any) recomputed densely."""
         padding = call.key_padding
-        out = block_sparse_attention(query, key, value, plan.sparsity(), key_padding=padding)
+        quantize = call.quantize
+        out = block_sparse_attention(
+            query, key, value, plan.sparsity(), key_padding=padding, quantize=quantize
+        )
         text = call.layout.text_slice
         if text is not None:
             seq = query.shape[1]
             text_rows = _dense_plan(text.stop - text.start, seq, self.block_size, query.device)
             out[:, text] = block_sparse_attention(
-                query[:, text], key, value, text_rows, key_padding=padding
+                query[:, text], key, value, text_rows, key_padding=padding, quantize=quantize
             )
         return out

@@ -76,7 +76,7 @@ import torch
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_mean_pool, block_sparse_attention
 from ..layout import LatentGrid, SequenceLayout, TilePermutation, device_key, positive_int
 from ..schedule import Schedule
-from .base import AttentionCall, Method, MethodPlan
+from .base import AttentionCall, Method, MethodPlan, PlanCache
 
 __all__ = ["Agent"]
 
@@ -140,6 +140,9 @@ class Agent(Method):
     dense_last_steps: int | float = 0.6
     dense_layers: int | float = 0
 
+    # Heads are independent: runs on Ulysses head shards (fastdit.parallel).
+    head_parallel = True
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "cell", _cell("cell", self.cell, 2))
         object.__setattr__(self, "video_cell", _cell("video_cell", self.video_cell, 3))
@@ -188,20 +191,24 @@ class Agent(Method):
             return False
         return True
 
-    def _caches(self) -> dict:
-        # Frozen dataclass: caches live in the instance dict, outside the fields (eq, repr).
-        return self.__dict__.setdefault("_caches_by_key", {})
+    def _caches(self) -> PlanCache:
+        # Frozen dataclass: the cache lives in the instance dict, outside the fields (eq, repr).
+        cache = self.__dict__.get("_caches_by_key")
+        if cache is None:
+            cache = self.__dict__.setdefault("_caches_by_key", PlanCache())
+        return cache
 
     def _pooling(self, grid: LatentGrid, device) -> tuple[TilePermutation, torch.Tensor]:
         """The cell permutation and, per cell, ``cell volume / real tokens`` (fp32 ``[n, 1]``)."""
-        key = ("pool", grid, device_key(device))
-        cache = self._caches()
-        if key not in cache:
+        device = device_key(device)
+
+        def build() -> tuple[TilePermutation, torch.Tensor]:
             permutation = TilePermutation(grid, self.cell_for(grid))
             real = permutation.valid_mask().view(permutation.num_tiles, permutation.tile_volume).sum(-1)
             rescale = (permutation.tile_volume / real.to(torch.float32))[:, None]
-            cache[key] = (permutation, rescale.to(device_key(device)))
-        return cache[key]
+            return permutation, rescale.to(device)
+
+        return self._caches().get_or_build(("pool", grid, device), build)
 
     def agents(self, query: torch.Tensor, grid: LatentGrid) -> torch.Tensor:
         """Cell means of the video queries ``[B, N, H, D]`` (frame-major): ``[B, n, H, D]``,
@@ -213,11 +220,11 @@ class Agent(Method):
 
     # ------------------------------------------------------------------ plans
     def _dense(self, seq_q: int, seq_kv: int, device) -> BlockSparsity:
-        key = ("dense", seq_q, seq_kv, device_key(device))
-        cache = self._caches()
-        if key not in cache:
-            cache[key] = BlockSparsity.dense(seq_q, seq_kv, self.block_size, device=device_key(device))
-        return cache[key]
+        device = device_key(device)
+        return self._caches().get_or_build(
+            ("dense", seq_q, seq_kv, device),
+            lambda: BlockSparsity.dense(seq_q, seq_kv, self.block_size, device=device),
+        )
 
     def plan(self, layout: SequenceLayout | LatentGrid, device=None) -> MethodPlan:
         """The static part: a dense plan over ``layout`` in diffusers' order (no permutation).
@@ -228,11 +235,10 @@ class Agent(Method):
             layout = SequenceLayout(layout)
         if not isinstance(layout, SequenceLayout):
             raise ValueError(f"layout must be a SequenceLayout or LatentGrid, got layout={layout!r}")
-        key = ("plan", layout, device_key(device))
-        cache = self._caches()
-        if key not in cache:
-            cache[key] = MethodPlan(self._dense(layout.num_tokens, layout.num_tokens, device), layout)
-        return cache[key]
+        return self._caches().get_or_build(
+            ("plan", layout, device_key(device)),
+            lambda: MethodPlan(self._dense(layout.num_tokens, layout.num_tokens, device), layout),
+        )
 
     def density(self, layout: SequenceLayout) -> float:
         """Score pairs computed relative to exact attention over ``layout`` (see module docstring)."""

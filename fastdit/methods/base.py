@@ -29,6 +29,14 @@ order, plus the attention density it ran at (fraction of (query block, key block
 averaged over heads), as a float or a 0-d tensor (read on the host only when someone asks). It computes attention with :mod:`fastdit.kernels` only: a method plans
 block sparsities and composes kernel calls, it never carries an attention kernel of its own.
 
+Under Ulysses context parallelism (:mod:`fastdit.parallel`) each rank attends over the full
+sequence for a contiguous range of the heads. A static plan with per-head entries is sliced to
+them by the processor. A method with ``attend`` runs there only if it declares
+``head_parallel = True``: its ``attend`` then gets the rank's heads, ``call.heads`` (a
+:class:`fastdit.parallel.HeadShard`: ``start``, ``count``, ``total``, ``gather``, ``local``; ``None``
+in one process) says which, and any rule that spans heads (AdaSpa's budget tiers, PARO's per-head
+plans) must use it so the result equals one process's.
+
 Any method may also override ``runs_on(layout, downsample) -> bool``, asked by the processor
 before a layer the schedule leaves sparse computes anything: ``False`` sends the call to the
 stock (exact) processor. ``downsample`` is the layer's spatial downsampling relative to the
@@ -47,13 +55,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from ..kernels import BlockSparsity, WindowMask, block_sparse_attention
-from ..layout import SequenceLayout, TilePermutation
+from ..layout import LatentGrid, SequenceLayout, TilePermutation, device_key
 from ..plugins import load_entry_points, same_class
 
 __all__ = [
@@ -61,6 +72,8 @@ __all__ = [
     "Method",
     "MethodOptionError",
     "MethodPlan",
+    "PLAN_CACHE_SIZE",
+    "PlanCache",
     "ENTRY_POINT_GROUP",
     "as_method",
     "available",
@@ -122,6 +135,11 @@ class AttentionCall:
         runtime: the method's per-generation state (``method.new_runtime()``); a fresh one is made
             on every new generation and on every change of the sequence layout.
         key_padding: ``[B]`` int32 valid key counts (joint attention with padded text), or ``None``.
+        quantize: the kernel quantization ``fastdit.apply(..., quantize=...)`` asked for
+            (``"int8"``) or ``None``; a method that accepts it (``accepts_quantize = True``)
+            passes it to the kernel calls of its sparse attention.
+        heads: under Ulysses context parallelism, the heads Q/K/V hold (a
+            :class:`fastdit.parallel.HeadShard`); ``None`` in one process (all heads).
     """
 
     plan: MethodPlan
@@ -134,6 +152,8 @@ class AttentionCall:
     generation: int
     runtime: object | None = None
     key_padding: torch.Tensor | None = None
+    quantize: str | None = None
+    heads: object | None = None
 
     @property
     def layout(self) -> SequenceLayout:
@@ -163,10 +183,20 @@ class Method:
             baseline and runs on every step and layer.
         dense_steps, dense_last_steps, dense_layers: the dense schedule the method carries
             (:meth:`fastdit.Schedule.from_method`); 0 unless a method's options or presets say.
+        accepts_quantize: whether a method that overrides :meth:`attend` honours
+            ``call.quantize`` (``fastdit.apply(..., quantize="int8")``). Static methods (the
+            default :meth:`attend`) always do; a per-call method that leaves this ``False`` is
+            refused with ``quantize=`` set.
+        head_parallel: whether a method that overrides :meth:`attend` runs under Ulysses context
+            parallelism, attending over the rank's heads (``call.heads``) with a result equal to
+            one process's. Static methods (the default :meth:`attend`) always do: their per-head
+            plans are sliced to the rank's heads.
     """
 
     name: ClassVar[str | None] = None
     follows_schedule: ClassVar[bool] = True
+    accepts_quantize: ClassVar[bool] = False
+    head_parallel: ClassVar[bool] = False
     dense_steps: int | float = 0
     dense_last_steps: int | float = 0
     dense_layers: int | float = 0
@@ -186,12 +216,25 @@ class Method:
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall
     ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Self-attention of one call (Q/K/V ``[B, S, H, D]`` in ``call.plan``'s token order):
-        ``(output, density)``. The default runs the static plan on the kernel."""
+        ``(output, density)``. The default runs the static plan on the kernel, quantized as
+        ``call.quantize`` asks, sliced to the rank's heads under Ulysses (``call.heads``)."""
         plan = call.plan
+        sparsity, window_mask = plan.sparsity, plan.window_mask
+        heads = call.heads
+        if heads is not None:
+            sparsity, window_mask = heads.slice_plan(sparsity), heads.ulysses.slice_window(window_mask, heads)
         out = block_sparse_attention(
-            query, key, value, plan.sparsity, key_padding=call.key_padding, window_mask=plan.window_mask
+            query, key, value, sparsity, key_padding=call.key_padding, window_mask=window_mask,
+            quantize=call.quantize,
         )
         return out, plan.density
+
+    @property
+    def plans_per_call(self) -> bool:
+        """Whether this method overrides :meth:`attend` (plans per call from Q and K, the step and
+        its runtime) instead of running its static plan: only such methods must declare
+        :attr:`accepts_quantize` and :attr:`head_parallel`."""
+        return type(self).attend is not Method.attend
 
     def new_runtime(self) -> object | None:
         """Fresh per-generation state, passed to :meth:`attend` as ``call.runtime`` (made at every
@@ -207,6 +250,11 @@ class Method:
         """Called by ``fastdit.apply`` with the models it installs on and their self-attention
         layer counts; raise ``ValueError`` for models the method cannot serve (PARO's calibrated
         plans). Accepts any by default."""
+
+    def check_grid(self, grid: LatentGrid) -> None:
+        """Called by the command line before generating with the latent grid the run will have;
+        raise ``ValueError`` for a grid the method cannot serve (GNA's window larger than the
+        grid, PARO's calibrated size). Accepts any by default."""
 
     # ------------------------------------------------------------------ options and presets
     @classmethod
@@ -362,8 +410,104 @@ def as_method(method: Method | str, **options) -> Method:
     if isinstance(method, Method):
         return method
     if isinstance(method, type) and issubclass(method, Method):
-        raise TypeError(f"pass a method instance, {method.__name__}(...), not the class")
+        raise TypeError(
+            f"got the class {method.__name__}: call it, {method.__name__}(...), not the class itself, "
+            "with its options"
+        )
     raise TypeError(
         "a method must be a fastdit.methods.Method (subclass it and implement plan(layout, device)) "
-        f"or a registered name ({', '.join(available())}), got {type(method).__name__}"
+        f"or a registered name ({', '.join(available())}), got {type(method).__name__} {method!r}"
     )
+# --------------------------------------------------------------------------- plan cache
+class PlanCache:
+    """A bounded least-recently-used cache of plans and what they are built from.
+
+    Every method's plan cache and ``fastdit.natten``'s per-shape methods use one of these, so a
+    long-running process that sees changing shapes keeps at most :attr:`max_size` entries per
+    cache (default :data:`PLAN_CACHE_SIZE`): the least recently used entry goes first; a plan
+    that is evicted is simply rebuilt when its shape comes back.
+
+    Keys are canonical: every ``torch.device`` inside a key tuple (at any depth) is replaced by
+    its canonical form (``cuda`` -> ``cuda:<current>``, as the kernels see it), so one plan is
+    never built twice under two spellings of its device. Pass devices as ``torch.device`` (or
+    through :func:`PlanCache.device`); ``None`` means the CPU.
+
+    Thread-safe for look-ups and inserts; two threads that miss the same key at once may both
+    build (plans are deterministic, the second insert wins). A copy or a pickle of a cache is an
+    empty cache of the same size (a method config that is copied rebuilds its plans).
+    """
+
+    def __init__(self, max_size: int | None = None) -> None:
+        max_size = PLAN_CACHE_SIZE if max_size is None else max_size
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_size must be an int >= 1, got max_size={max_size!r}")
+        self.max_size = max_size
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def device(device) -> torch.device:
+        """The canonical device of a key: ``None`` -> cpu, ``"cuda"`` -> ``cuda:<current>``."""
+        return device_key(device)
+
+    @classmethod
+    def canonical(cls, key: Hashable) -> Hashable:
+        if isinstance(key, torch.device):
+            return device_key(key)
+        if type(key) is tuple:
+            return tuple(cls.canonical(part) for part in key)
+        return key
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        key = self.canonical(key)
+        with self._lock:
+            if key not in self._entries:
+                return default
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
+    def put(self, key: Hashable, value: Any) -> Any:
+        key = self.canonical(key)
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_size:
+                self._entries.popitem(last=False)
+        return value
+
+    def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The entry of ``key``, built by ``build()`` and stored on a miss."""
+        sentinel = _MISSING
+        value = self.get(key, sentinel)
+        if value is sentinel:
+            value = self.put(key, build())
+        return value
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return self.canonical(key) in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list:
+        """The keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __reduce__(self):
+        return (type(self), (self.max_size,))
+
+    def __repr__(self) -> str:
+        return f"PlanCache({len(self)}/{self.max_size} entries)"
+
+
+# Entries per cache. A plan is at most a few MB (GNA at Wan2.1 480p: about 1.3 MB with its window
+# mask and permutation; a dense plan of Wan2.1-14B 720p: 1.4 MB); 32 shapes x devices per method
+# instance bound the memory a long-running service spends on plans.
+PLAN_CACHE_SIZE = 32
+_MISSING = object()

@@ -6,13 +6,11 @@ attention, computed by :func:`fastdit.kernels.block_sparse_attention` with a ful
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
 
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity
 from ..layout import LatentGrid, SequenceLayout
-from .base import Method, MethodPlan
+from .base import Method, MethodPlan, PlanCache
 
 __all__ = ["Dense"]
 
@@ -26,6 +24,7 @@ class Dense(Method):
     follows_schedule = False
 
     block_size: int = 128
+    _cache: PlanCache = field(default_factory=PlanCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.block_size not in SUPPORTED_BLOCK_SIZES:
@@ -36,9 +35,10 @@ class Dense(Method):
     def plan(self, layout: SequenceLayout | LatentGrid, device=None) -> MethodPlan:
         if isinstance(layout, LatentGrid):
             layout = SequenceLayout(layout)
-        key = (layout, torch.device(device) if device is not None else None)
-        cache = self.__dict__.setdefault("_plans", {})
-        if key not in cache:
+        device = PlanCache.device(device)
+
+        def build() -> MethodPlan:
             seq = layout.num_tokens
-            cache[key] = MethodPlan(BlockSparsity.dense(seq, seq, self.block_size, device=device), layout)
-        return cache[key]
+            return MethodPlan(BlockSparsity.dense(seq, seq, self.block_size, device=device), layout)
+
+        return self._cache.get_or_build((layout, device), build)

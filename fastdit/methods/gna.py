@@ -47,7 +47,7 @@ import torch
 
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, WindowMask
 from ..layout import LatentGrid, SequenceLayout, TilePermutation, device_key, positive_int
-from .base import Method, MethodPlan
+from .base import Method, MethodPlan, PlanCache
 
 __all__ = [
     "GNA", "GNACheck", "allowed_1d", "check_dimension", "choose_tile", "int_tuple", "neighborhood_1d",
@@ -273,7 +273,7 @@ class GNA(Method):
     dilation: tuple[int, int, int] = (1, 1, 1)
     tile: tuple[int, int, int] | None = None
     block_size: int = 128
-    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cache: PlanCache = field(default_factory=PlanCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         window = int_tuple("window", self.window, 3)
@@ -315,12 +315,10 @@ class GNA(Method):
         """The tile used for ``grid``: the explicit one (checked to divide the grid) or the chosen one."""
         self._check_grid(grid)
         if self.tile is None:
-            key = ("tile", grid)
-            if key not in self._cache:
-                self._cache[key] = choose_tile(
-                    grid, self.window, self.stride, self.dilation, self.block_size
-                )
-            return self._cache[key]
+            return self._cache.get_or_build(
+                ("tile", grid),
+                lambda: choose_tile(grid, self.window, self.stride, self.dilation, self.block_size),
+            )
         if any(extent % t for extent, t in zip(grid.shape, self.tile)):
             suggestion = choose_tile(grid, self.window, self.stride, self.dilation, self.block_size)
             raise ValueError(
@@ -329,6 +327,12 @@ class GNA(Method):
                 f"try tile={suggestion} or tile=None"
             )
         return self.tile
+
+    def check_grid(self, grid: LatentGrid) -> None:
+        """Raise ``ValueError`` unless this configuration runs on ``grid``: window, stride and
+        dilation fit every extent, and an explicit tile divides it (``fastdit generate`` asks
+        before generating)."""
+        self.resolve_tile(grid)
 
     def allowed_1d(self, grid: LatentGrid, device=None) -> list[torch.Tensor]:
         """The three per-dimension ``[X, X]`` masks for ``grid`` (T, H, W)."""
@@ -372,12 +376,8 @@ class GNA(Method):
     def plan(self, layout: SequenceLayout, device=None) -> MethodPlan:
         """The exact plan over ``permutation.permute_sequence`` order: full blocks unmasked, partial
         blocks under a window mask; cached per layout and device."""
-        key = (layout, device_key(device))
-        cached = self._cache.get(key)
-        if cached is None:
-            cached = self._build_plan(layout, key[1])
-            self._cache[key] = cached
-        return cached
+        device = device_key(device)
+        return self._cache.get_or_build((layout, device), lambda: self._build_plan(layout, device))
 
     def _build_plan(self, layout: SequenceLayout, device) -> MethodPlan:
         grid, block = layout.grid, self.block_size

@@ -53,11 +53,12 @@ from dataclasses import InitVar, dataclass, field
 import numpy as np
 import torch
 
+from ..files import atomic_path
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_sparse_attention
 from ..kernels.dispatch import QUANTIZED_DTYPES
 from ..kernels.quantized import QUANTIZATIONS
 from ..layout import AXIS_ORDERS, AxisReordering, LatentGrid, SequenceLayout, TextSegment, device_key
-from .base import AttentionCall, Method, MethodPlan
+from .base import AttentionCall, Method, MethodPlan, PlanCache
 
 __all__ = ["PARO", "ParoPlan", "PLAN_FORMAT", "PLAN_FORMAT_VERSION", "layout_to_json"]
 
@@ -79,6 +80,55 @@ def _layout_from_json(data: dict) -> SequenceLayout:
     text = data.get("text")
     segment = None if text is None else TextSegment(int(text["length"]), text["position"])
     return SequenceLayout(LatentGrid(*data["grid"]), segment)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_metadata(metadata, source: str) -> None:
+    """Every metadata entry a plan reads, with its type and range; ``ValueError`` naming
+    ``source``, the key and the value otherwise (a plan file edited by hand, or damaged)."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{source}: metadata must be a JSON object, got {type(metadata).__name__}")
+
+    def bad(key: str, rule: str) -> ValueError:
+        shown = repr(metadata[key]) if key in metadata else "nothing (the key is missing)"
+        return ValueError(f"{source}: metadata {key!r} must be {rule}, got {shown}; {_CALIBRATE_HINT}")
+
+    if not isinstance(metadata.get("model_class"), str) or not metadata["model_class"]:
+        raise bad("model_class", "a model class name")
+    layers = metadata.get("transformer_layers")
+    if not isinstance(layers, list) or not layers or not all(_is_count(n) for n in layers):
+        raise bad("transformer_layers", "a non-empty list of layer counts (ints >= 1)")
+    for key in ("num_heads", "num_steps", "num_buckets"):
+        if not _is_count(metadata.get(key)):
+            raise bad(key, "an int >= 1")
+    if metadata.get("block_size") not in SUPPORTED_BLOCK_SIZES or isinstance(metadata["block_size"], bool):
+        raise bad("block_size", f"one of {SUPPORTED_BLOCK_SIZES}")
+    layout = metadata.get("layout")
+    try:
+        if not isinstance(layout, dict) or not isinstance(layout.get("grid"), list):
+            raise TypeError
+        if not all(_is_count(n) for n in layout["grid"]) or len(layout["grid"]) != 3:
+            raise TypeError
+        text = layout.get("text")
+        if text is not None and not (isinstance(text, dict) and _is_count(text.get("length"))):
+            raise TypeError
+        _layout_from_json(layout)
+    except (TypeError, ValueError, KeyError):
+        raise bad("layout", '{"grid": [T, H, W] (ints >= 1), "text": null or {"length": n, '
+                  '"position": "before" | "after"}}') from None
+    target = metadata.get("target")
+    if (
+        not isinstance(target, dict)
+        or len(target) != 1
+        or next(iter(target)) not in ("density", "recall")
+        or isinstance(next(iter(target.values())), bool)
+        or not isinstance(next(iter(target.values())), (int, float))
+        or not 0 < next(iter(target.values())) <= 1
+    ):
+        raise bad("target", '{"density": d} or {"recall": r} with a number in (0, 1]')
 
 
 def _describe_layout(layout: SequenceLayout) -> str:
@@ -106,6 +156,7 @@ class ParoPlan:
     metadata: dict
 
     def __post_init__(self) -> None:
+        _check_metadata(self.metadata, "ParoPlan")
         meta = self.metadata
         layers, heads = sum(meta["transformer_layers"]), meta["num_heads"]
         nq = math.ceil(self.layout.num_tokens / meta["block_size"])
@@ -217,7 +268,8 @@ class ParoPlan:
             "masks": torch.frombuffer(bytearray(blob), dtype=torch.uint8),
         }
         metadata = dict(self.metadata, format=PLAN_FORMAT, format_version=PLAN_FORMAT_VERSION)
-        save_file(tensors, os.fspath(path), metadata={_METADATA_KEY: json.dumps(metadata)})
+        with atomic_path(path) as partial:  # a failed write leaves a previous plan file intact
+            save_file(tensors, partial, metadata={_METADATA_KEY: json.dumps(metadata)})
         return os.path.getsize(path)
 
     @classmethod
@@ -226,6 +278,8 @@ class ParoPlan:
         from safetensors import safe_open
 
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"PARO plan file {path!r} is a directory, not a plan file; {_CALIBRATE_HINT}")
         if not os.path.isfile(path):
             raise ValueError(f"PARO plan file {path!r} does not exist; {_CALIBRATE_HINT}")
         try:
@@ -236,7 +290,15 @@ class ParoPlan:
             raise ValueError(f"{path!r} is not a safetensors PARO plan file: {exc}") from None
         if _METADATA_KEY not in header or set(tensors) != {"orders", "masks"}:
             raise ValueError(f"{path!r} is a safetensors file but not a fastdit PARO plan")
-        metadata = json.loads(header[_METADATA_KEY])
+        try:
+            metadata = json.loads(header[_METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path!r}: damaged PARO plan (its metadata is not valid JSON: {exc})") from None
+        if not isinstance(metadata, dict):
+            raise ValueError(
+                f"{path!r}: damaged PARO plan (its metadata must be a JSON object, got "
+                f"{type(metadata).__name__})"
+            )
         if metadata.pop("format", None) != PLAN_FORMAT:
             raise ValueError(f"{path!r} is not a fastdit PARO plan (format {PLAN_FORMAT!r})")
         version = metadata.pop("format_version", None)
@@ -245,6 +307,7 @@ class ParoPlan:
                 f"{path!r} has plan format version {version}, this fastdit reads version "
                 f"{PLAN_FORMAT_VERSION}; {_CALIBRATE_HINT}"
             )
+        _check_metadata(metadata, f"{path!r} (damaged PARO plan)")
         try:
             layout = _layout_from_json(metadata["layout"])
             nq = math.ceil(layout.num_tokens / metadata["block_size"])
@@ -259,7 +322,10 @@ class ParoPlan:
             raise ValueError(f"{path!r}: mask data does not match the shape {shape} of its metadata")
         bits = np.bitwise_xor.accumulate(delta.reshape(shape[0], per_bucket), axis=0)
         masks = np.unpackbits(bits, axis=1, count=math.prod(shape[1:])).astype(bool)
-        return cls(tensors["orders"], torch.from_numpy(masks.reshape(shape)), metadata)
+        try:
+            return cls(tensors["orders"], torch.from_numpy(masks.reshape(shape)), metadata)
+        except ValueError as exc:
+            raise ValueError(f"{path!r}: damaged PARO plan ({exc})") from None
 
 
 @dataclass
@@ -295,7 +361,12 @@ class PARO(Method):
     density: float | None = None
     recall: float | None = None
     plan_file: str = field(init=False, default="")
-    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # The plan file's contents (never evicted) and what is derived per device and layout.
+    _loaded: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cache: PlanCache = field(default_factory=PlanCache, init=False, repr=False, compare=False)
+
+    # Per-head orders and plans are sliced to a Ulysses rank's heads (call.heads, fastdit.parallel).
+    head_parallel = True
 
     def __post_init__(self, plan) -> None:
         if plan is None:
@@ -314,29 +385,36 @@ class PARO(Method):
                 )
         if paro_plan.block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"plan block size {paro_plan.block_size} is not one of {SUPPORTED_BLOCK_SIZES}")
-        self._cache["plan"] = paro_plan
+        self._loaded["plan"] = paro_plan
 
     @property
     def paro_plan(self) -> ParoPlan:
-        return self._cache["plan"]
+        return self._loaded["plan"]
 
     def check_models(self, models, layers: list[int]) -> None:
         """Called by ``fastdit.apply`` with the transformers and their self-attention layer
         counts: they must be the calibrated ones."""
         self.paro_plan.check_models(models, layers, source=repr(self.plan_file))
 
+    def check_grid(self, grid: LatentGrid) -> None:
+        """Raise ``ValueError`` unless the plan file was calibrated for this latent grid."""
+        calibrated = self.paro_plan.layout.grid
+        if grid != calibrated:
+            raise ValueError(
+                f"{self.plan_file!r} was calibrated for grid {calibrated.shape}, not {grid.shape}; "
+                f"{_CALIBRATE_HINT}"
+            )
+
     def new_runtime(self) -> None:
         return None
 
     def _device_plans(self, device: torch.device) -> _DevicePlans:
-        key = ("device", device_key(device))
-        plans = self._cache.get(key)
-        if plans is None:
+        def build() -> _DevicePlans:
             orders = self.paro_plan.orders.long()
             frame_major = [bool(row.eq(AXIS_ORDERS.index("THW")).all()) for row in orders]
-            plans = _DevicePlans(list(orders.to(device).unbind(0)), frame_major)
-            self._cache[key] = plans
-        return plans
+            return _DevicePlans(list(orders.to(device).unbind(0)), frame_major)
+
+        return self._cache.get_or_build(("device", device_key(device)), build)
 
     def _sparsity(self, plans: _DevicePlans, bucket: int, slot: int, device) -> BlockSparsity:
         sparsity = plans.sparsities.get((bucket, slot))
@@ -353,7 +431,8 @@ class PARO(Method):
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall):
         paro_plan = self.paro_plan
         slot = paro_plan.slot(call.transformer, call.layer)
-        heads = query.shape[2]
+        shard = call.heads  # Ulysses: this rank's heads of the layer
+        heads = query.shape[2] if shard is None else shard.total
         if heads != paro_plan.metadata["num_heads"]:
             raise ValueError(
                 f"{self.plan_file!r} has {paro_plan.metadata['num_heads']} heads per layer, the model "
@@ -369,13 +448,15 @@ class PARO(Method):
         plans = self._device_plans(query.device)
         sparsity = self._sparsity(plans, bucket, slot, query.device)
         density = self._density(bucket, slot)
+        order_ids = plans.order_ids[slot]
+        if shard is not None:
+            sparsity, order_ids = shard.slice_plan(sparsity), shard.local(order_ids, dim=0)
         if plans.frame_major[slot]:  # nothing to reorder in this layer
             out = block_sparse_attention(
                 query, key, value, sparsity, key_padding=call.key_padding, quantize=self.quantize
             )
             return out, density
         reordering = self._reordering(call.layout)
-        order_ids = plans.order_ids[slot]
         index = reordering.gather_index(order_ids)  # [H, S], shared by Q, K, V and the output
         q, k, v = (reordering.reorder(x, order_ids, index) for x in (query, key, value))
         out = block_sparse_attention(
@@ -384,16 +465,13 @@ class PARO(Method):
         return reordering.restore(out, order_ids, index), density
 
     def _reordering(self, layout: SequenceLayout) -> AxisReordering:
-        key = ("reordering", layout)
-        if key not in self._cache:
-            self._cache[key] = AxisReordering(layout)
-        return self._cache[key]
+        return self._cache.get_or_build(("reordering", layout), lambda: AxisReordering(layout))
 
     def _density(self, bucket: int, slot: int) -> float:
-        densities = self._cache.get("densities")
+        densities = self._loaded.get("densities")
         if densities is None:
             densities = self.paro_plan.masks.float().mean(dim=(2, 3, 4))  # [buckets, layers]
-            self._cache["densities"] = densities
+            self._loaded["densities"] = densities
         return float(densities[bucket, slot])
 
 
@@ -401,14 +479,14 @@ def _method_plan(self: PARO, layout: SequenceLayout, device=None) -> MethodPlan:
     """The static part PARO reports to the integration: a dense plan over the sequence order
     (the per-head reordering and the block plans happen in :meth:`PARO.attend`). Checks the
     layout against the plan file once per layout."""
-    key = ("method_plan", layout, device_key(device))
-    cached = self._cache.get(key)
-    if cached is None:
+    device = device_key(device)
+
+    def build() -> MethodPlan:
         self.paro_plan.check_layout(layout, source=repr(self.plan_file))
         seq = layout.num_tokens
-        cached = MethodPlan(BlockSparsity.dense(seq, seq, self.paro_plan.block_size, device=device), layout)
-        self._cache[key] = cached
-    return cached
+        return MethodPlan(BlockSparsity.dense(seq, seq, self.paro_plan.block_size, device=device), layout)
+
+    return self._cache.get_or_build(("method_plan", layout, device), build)
 
 
 # ``plan`` is both the constructor's path argument (an InitVar, as the CLI's ``plan=path`` and the

@@ -41,14 +41,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity
 from ..layout import LatentGrid, SequenceLayout, as_int, device_key
-from .base import Method, MethodPlan
+from .base import Method, MethodPlan, PlanCache
 
 __all__ = ["Radial"]
 
@@ -63,9 +62,8 @@ _PRESETS: dict[str, dict[str, object]] = {
 }
 
 # Plans are small (a few MB at most) but a long-running server sees many resolutions: keep the
-# most recent ones only.
-_PLAN_CACHE_SIZE = 32
-_plan_cache: OrderedDict[tuple, MethodPlan] = OrderedDict()
+# most recent ones only (one cache for every Radial configuration: the key holds its parameters).
+_plan_cache = PlanCache()
 
 
 def _non_negative_int(name: str, value: object) -> int:
@@ -242,13 +240,9 @@ class Radial(Method):
         layout = _as_layout(layout)
         device = device_key(device)
         key = (layout.grid, layout.text, self.block_size, self.decay, self.sink, device)
-        cached = _plan_cache.get(key)
-        if cached is not None:
-            _plan_cache.move_to_end(key)
-            return cached
-        sparsity = BlockSparsity.from_block_map(self.block_map(layout, device), self.block_size)
-        plan = MethodPlan(sparsity, layout, permutation=None)
-        _plan_cache[key] = plan
-        if len(_plan_cache) > _PLAN_CACHE_SIZE:
-            _plan_cache.popitem(last=False)
-        return plan
+
+        def build() -> MethodPlan:
+            sparsity = BlockSparsity.from_block_map(self.block_map(layout, device), self.block_size)
+            return MethodPlan(sparsity, layout, permutation=None)
+
+        return _plan_cache.get_or_build(key, build)

@@ -97,7 +97,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -110,7 +109,7 @@ from ..kernels import (
 )
 from ..layout import LatentGrid, SequenceLayout, as_int, device_key
 from ..schedule import Schedule
-from .base import AttentionCall, Method, MethodPlan
+from .base import AttentionCall, Method, MethodPlan, PlanCache
 
 __all__ = [
     "PARTITION_KINDS",
@@ -143,7 +142,6 @@ _KIND_DIMS = {"1d": (0,), "2d": (1, 2), "3d": (0, 1, 2)}
 # Pairs (query x partition) per chunk of the bucketing/top-k passes: bounds their temporaries
 # (int32 buckets, fp64 values) to a few hundred MB whatever the resolution.
 _CHUNK_PAIRS = 1 << 25
-_CACHE_SIZE = 32
 
 
 # --------------------------------------------------------------------------- partitions
@@ -579,7 +577,13 @@ class VMoBA(Method):
     dense_steps: int | float = 0.25
     dense_last_steps: int | float = 0
     dense_layers: int | float = 0
-    _cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
+    _cache: PlanCache = field(default_factory=PlanCache, init=False, repr=False, compare=False)
+
+    # fastdit.apply(..., quantize="int8") runs the selected blocks on the INT8 kernel.
+    accepts_quantize = True
+
+    # Selections are per (batch, head): runs on Ulysses head shards (fastdit.parallel).
+    head_parallel = True
 
     def __post_init__(self) -> None:
         tau = self.tau
@@ -640,18 +644,11 @@ class VMoBA(Method):
         return VideoPartition(grid, tuple(box))
 
     def _structure(self, layout: SequenceLayout, layer: int, device: torch.device) -> _Structure:
-        key = (layout, layer % 3, device_key(device))
-        cached = self._cache.get(key)
-        if cached is not None:
-            self._cache.move_to_end(key)
-            return cached
-        structure = _build_structure(
-            layout, self.partition(layout.grid, layer), self.block_size, device_key(device)
+        device = device_key(device)
+        return self._cache.get_or_build(
+            (layout, layer % 3, device),
+            lambda: _build_structure(layout, self.partition(layout.grid, layer), self.block_size, device),
         )
-        self._cache[key] = structure
-        if len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return structure
 
     # ------------------------------------------------------------------ static interface
     def plan(self, layout: SequenceLayout | LatentGrid, device: Device = None) -> MethodPlan:
@@ -659,15 +656,12 @@ class VMoBA(Method):
         chosen per call by :meth:`attend`."""
         if isinstance(layout, LatentGrid):
             layout = SequenceLayout(layout)
-        key = ("plan", layout, device_key(device))
-        cached = self._cache.get(key)
-        if cached is None:
-            n = layout.num_tokens
-            cached = MethodPlan(BlockSparsity.dense(n, n, self.block_size, device=key[2]), layout)
-            self._cache[key] = cached
-            if len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
-        return cached
+        device = device_key(device)
+        n = layout.num_tokens
+        return self._cache.get_or_build(
+            ("plan", layout, device),
+            lambda: MethodPlan(BlockSparsity.dense(n, n, self.block_size, device=device), layout),
+        )
 
     def new_runtime(self) -> None:
         """VMoBA keeps no state between calls: every sparse call selects from its own Q and K."""
@@ -764,7 +758,7 @@ class VMoBA(Method):
         selected = self.select(query, key, call.layout, call.layer)
         out = block_sparse_attention(
             selected.permute(query), selected.permute(key), selected.permute(value),
-            selected.sparsity, key_padding=call.key_padding,
+            selected.sparsity, key_padding=call.key_padding, quantize=call.quantize,
         )
         counts = selected.sparsity.kv_counts
         total = counts.numel() * selected.sparsity.num_kv_blocks

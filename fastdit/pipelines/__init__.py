@@ -12,6 +12,8 @@ from . import base
 from .base import *  # noqa: F403 - the adapter interface, its registry, the processor base
 
 # fastdit's own model families: importing a module registers its adapter.
-from . import hunyuan_video, unet, wan  # noqa: E402, F401  (isort: skip)
+from . import (  # noqa: E402, F401  (isort: skip)
+    cogvideox, flux, hunyuan_video, hunyuan_video15, ltx_video, mochi, qwenimage, skyreels_v2, unet, wan, wan_vace,
+)
 
 __all__ = base.__all__

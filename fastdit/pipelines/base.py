@@ -26,6 +26,12 @@ A processor holds a method (which plans the block sparsity), its dense schedule,
 forward (latent grid, denoising step, layer indices, the active plan). It declares
 ``_attention_backend`` and ``_parallel_config`` like diffusers' own processors and passes them on
 to the stock processors it delegates to.
+
+Under diffusers' Ulysses context parallelism the parallel config that counts is the
+transformer's (``transformer._parallel_config``, read by fastdit's hook before every forward into
+``state.parallel``), not the processor's attribute: ``enable_parallelism`` sets the attribute only
+on the processors installed at that time, so a processor installed later would otherwise attend
+within its shard. See :mod:`fastdit.parallel`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import ClassVar
 
 import torch
 
+from ..kernels import dense_attention, fastest_dense_backend
 from ..layout import SequenceLayout
 from ..methods.base import AttentionCall, Method, MethodPlan, as_method
 from ..plugins import load_entry_points, same_class
@@ -45,6 +52,7 @@ __all__ = [
     "ModelAdapter",
     "adapter_for",
     "adapters",
+    "denoising_models",
     "register_adapter",
 ]
 
@@ -56,6 +64,16 @@ class FastditAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # Under torch.compile (regional: ``compile_repeated_blocks``, ``fastdit generate
+        # --compile``) a processor call runs eagerly between the block's compiled graphs: its
+        # bookkeeping (step, layer, schedule, density records, per-call plans) would otherwise be
+        # guarded per step and per layer and recompile until dynamo's recompile limit, after
+        # which the frame runs eagerly anyway, with every timing before it paying compilations.
+        if "__call__" in cls.__dict__:
+            cls.__call__ = torch.compiler.disable(cls.__call__)
 
     def __init__(self, method: Method | str, schedule: Schedule | None = None) -> None:
         self.method = as_method(method)
@@ -70,11 +88,42 @@ class FastditAttnProcessor:
             "fastdit.attach(pipe) once, or install with fastdit.apply(pipe, method)"
         )
 
+    @property
+    def _ulysses(self):
+        """The transformer's :class:`~fastdit.parallel.Ulysses` group for this forward, or ``None``."""
+        return self.state.parallel if self.state is not None else None
+
+    def _current_parallel_config(self):
+        """The transformer's diffusers ``ParallelConfig`` (context parallel), else ``None``."""
+        ulysses = self._ulysses
+        return ulysses.config if ulysses is not None else None
+
     def _call_stock(self, stock, *args):
-        """Run a stock diffusers processor with this processor's backend and parallel config."""
+        """Run a stock diffusers processor with this processor's backend and the transformer's
+        parallel config."""
         stock._attention_backend = self._attention_backend
-        stock._parallel_config = self._parallel_config
+        stock._parallel_config = self._current_parallel_config()
         return stock(*args)
+
+    def _dense_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Dense self-attention of a dense step or layer, ``[B, S, H, D]``.
+
+        FA4's dense kernel when fastdit can run it and diffusers has no backend or context
+        parallelism selected for this processor (it beats SDPA's cuDNN and FA2 kernels on
+        Hopper); otherwise diffusers' own dispatch, as the stock processor would do.
+        """
+        if (
+            self._attention_backend is None
+            and self._current_parallel_config() is None
+            and fastest_dense_backend(query.device, query.dtype, query.shape[-1]) == "flash4"
+        ):
+            return dense_attention(query, key, value)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
 
     def _layer_runs_sparse(self, attn, layout: SequenceLayout | None = None) -> tuple[int, bool]:
         """(layer index, whether this layer runs the method at the current step).
@@ -107,10 +156,13 @@ class FastditAttnProcessor:
         value: torch.Tensor,
         key_padding: torch.Tensor | None = None,
         plan: MethodPlan | None = None,
+        heads=None,
     ) -> torch.Tensor:
         """Sparse self-attention of one layer, Q/K/V ``[B, S, H, D]`` in the plan's token order,
         computed by the method's ``attend`` (static methods: their plan on the kernel). ``plan``
         is the forward's active plan unless the layer has its own sequence (UNet resolutions).
+        ``heads``: under Ulysses, the :class:`~fastdit.parallel.HeadShard` Q/K/V hold (per-head
+        plans are sliced to it; per-call methods get it as ``call.heads``).
         """
         state = self.state
         call = AttentionCall(
@@ -124,6 +176,8 @@ class FastditAttnProcessor:
             generation=state.generation,
             runtime=state.runtime,
             key_padding=key_padding,
+            quantize=state.quantize,
+            heads=heads,
         )
         out, density = self.method.attend(query, key, value, call)
         state.record_density(layer, density)  # a device tensor stays one: no sync here
@@ -144,11 +198,16 @@ class ModelAdapter:
         cfg_batched_without_reset: the family's pipelines batch the CFG passes into one forward
             and never reset stateful hooks (Stable Diffusion's UNet), so a repeated timestep in a
             context already seen is a new generation.
+        family: the family's name as ``fastdit info`` lists it (default: the model class names).
+        supports_context_parallel: fastdit's processor runs this family exactly under diffusers'
+            Ulysses context parallelism (:mod:`fastdit.parallel`); ``False`` refuses it.
     """
 
     model_classes: ClassVar[tuple[str, ...]] = ()
     processor_class: ClassVar[type[FastditAttnProcessor]]
     cfg_batched_without_reset: ClassVar[bool] = False
+    family: ClassVar[str | None] = None
+    supports_context_parallel: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -180,6 +239,39 @@ class ModelAdapter:
         once-per-forward token permutation, the UNet's per-resolution grids). None by default.
         ``state`` is the :class:`~fastdit.integration.DenoisingState` they read and fill."""
         return []
+
+    # ------------------------------------------------------------------ optional checks
+    def family_name(self) -> str:
+        """:attr:`family`, or the model class names when the adapter sets none."""
+        return self.family or " / ".join(self.model_classes)
+
+    def check_method(self, method: Method) -> None:
+        """Raise ``ValueError`` for a method that does not apply to this family (Radial's frame
+        rules on one-frame image models); called by ``fastdit.apply``. Accepts any by default."""
+
+    def check_sizes(self, pipe, height: int | None, width: int | None, num_frames: int | None) -> None:
+        """Raise ``ValueError`` for output sizes the family's pipelines do not take (the command
+        line asks before generating); ``None`` is a size the pipeline chooses. Accepts any by default."""
+
+    def check_context_parallel(self, model: torch.nn.Module, cp_config) -> None:
+        """Raise ``ValueError`` for a model configuration the family's context-parallel support
+        does not cover exactly (asked only when :attr:`supports_context_parallel`)."""
+
+    def context_parallel_plan(self, model: torch.nn.Module) -> dict | None:
+        """A diffusers ``_cp_plan`` fastdit passes to ``enable_parallelism`` for models whose
+        class ships none (HunyuanVideo); ``None`` keeps the model's own."""
+        return None
+
+    # ------------------------------------------------------------------ processors
+    def attn_processors(self, model: torch.nn.Module) -> dict:
+        """``{"<module>.processor": processor}`` of every attention module: diffusers'
+        ``attn_processors`` by default (models without ``AttentionMixin``, Mochi, override)."""
+        return dict(model.attn_processors)
+
+    def set_attn_processor(self, model: torch.nn.Module, processors: dict) -> None:
+        """Set the processors :meth:`attn_processors` names (diffusers' ``set_attn_processor``
+        by default; it consumes the dict it gets)."""
+        model.set_attn_processor(processors)
 
 
 _adapters: dict[str, type[ModelAdapter]] = {}
@@ -228,3 +320,18 @@ def adapter_for(model: torch.nn.Module) -> ModelAdapter:
             f"fastdit does not support {name} yet; supported transformer classes: {sorted(registered)}"
         )
     return registered[name]()
+
+
+def denoising_models(pipe_or_model) -> list[torch.nn.Module]:
+    """The models fastdit installs on: the pipeline's ``transformer`` (and ``transformer_2``) or
+    ``unet``, or the model itself."""
+    if isinstance(pipe_or_model, torch.nn.Module):
+        return [pipe_or_model]
+    found = [getattr(pipe_or_model, name, None) for name in ("transformer", "transformer_2", "unet")]
+    found = [model for model in found if model is not None]
+    if not found:
+        raise ValueError(
+            f"{type(pipe_or_model).__name__} has no transformer or unet: pass a diffusers pipeline "
+            f"with a `transformer` (and optional `transformer_2`) or a `unet`, or the model itself"
+        )
+    return found

@@ -33,6 +33,13 @@ call (video permuted, text left in place: ``permute_sequence``/``unpermute_seque
 there are no block hooks that permute once per forward (future work: HunyuanVideo's blocks carry
 text next to the video and the single-stream blocks concatenate them, so a once-per-forward
 permutation has to wrap the concatenation and the ``token_replace`` first-frame modulation).
+
+Several GPUs: diffusers 0.42.1 has no HunyuanVideo ``_cp_plan``; :func:`context_parallel_plan`
+is one for fastdit's processor (video sharded, text whole on every rank), passed through
+``enable_parallelism(..., cp_plan=...)``. Under it the processor computes every joint attention,
+dense layers included (diffusers' stock Ulysses cannot: the text is replicated), and
+``fastdit.remove`` leaves a transformer whose stock processors fail on the next forward (their
+key mask no longer matches), never one that computes something else. See :mod:`fastdit.parallel`.
 """
 
 from __future__ import annotations
@@ -127,6 +134,12 @@ class HunyuanVideoSparseAttnProcessor(FastditAttnProcessor):
                 return self._stock_default(attn, hidden_states, encoder_hidden_states, attention_mask)
             if state is None or state.active_plan is None:
                 raise self._unbound_error()
+            if state.parallel is not None:
+                raise ValueError(
+                    "a HunyuanVideo joint attention module fastdit did not register runs under "
+                    "context parallelism, where only fastdit's processor is exact; install fastdit "
+                    "with fastdit.apply(pipe, method) on the whole transformer"
+                )
             return self._stock_call(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
@@ -134,6 +147,12 @@ class HunyuanVideoSparseAttnProcessor(FastditAttnProcessor):
             raise ValueError("HunyuanVideo's joint attention is called with the text (encoder_hidden_states)")
 
         layer, sparse = self._layer_runs_sparse(attn)
+        ulysses = self._ulysses
+        if ulysses is not None:
+            return self._ulysses_call(
+                attn, ulysses, layer, sparse, hidden_states, encoder_hidden_states, attention_mask,
+                image_rotary_emb,
+            )
         if not sparse:
             return self._stock_call(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
@@ -148,8 +167,16 @@ class HunyuanVideoSparseAttnProcessor(FastditAttnProcessor):
                 f"layout (read from the transformer's inputs) has {layout.grid.num_tokens} + "
                 f"{layout.text_length}"
             )
+        query, key, value = self._joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        batch, seq = query.shape[0], query.shape[1]
+        key_lengths = self._valid_key_lengths(attention_mask, batch, seq)
+        out = self._sparse_attend(attn, layer, query, key, value, key_lengths)
+        return self._project_out(attn, out.flatten(2, 3).to(query.dtype), num_text)
 
-        # 1-4: projections, QK norm, RoPE on the video tokens, [video | text]: as the stock processor.
+    def _joint_qkv(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """Steps 1-4 of the stock processor: projections, QK norm, RoPE on the video tokens,
+        ``[video | text]``. Q/K/V ``[B, S, H, D]``."""
+        num_text = encoder_hidden_states.shape[1]
         single_stream = attn.add_q_proj is None
         if single_stream:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
@@ -175,11 +202,14 @@ class HunyuanVideoSparseAttnProcessor(FastditAttnProcessor):
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)
+        return query, key, value
 
-        # 5. Block-sparse attention; padded text keys masked by one valid length per batch element.
-        batch, seq = query.shape[0], query.shape[1]
-        key_lengths = self._valid_key_lengths(attention_mask, batch, seq)
-        permutation = plan.permutation
+    def _sparse_attend(self, attn, layer, query, key, value, key_lengths, heads=None):
+        """Step 5: block-sparse attention over ``[video | text]``, padded text keys masked by one
+        valid length per batch element; GNA's tile-major video order applied around it."""
+        plan = self.state.active_plan
+        layout, permutation = plan.layout, plan.permutation
+        seq = query.shape[1]
         if permutation is not None:
             # Tile-major video, text in place. GNA's tiles divide the grid, so no padding enters
             # the sequence and the valid key lengths only shift by the (zero) padding count.
@@ -188,12 +218,14 @@ class HunyuanVideoSparseAttnProcessor(FastditAttnProcessor):
             )
             if key_lengths is not None:
                 key_lengths = key_lengths + (query.shape[1] - seq)
-        out = self._attend(attn, layer, query, key, value, key_padding=key_lengths)
+        out = self._attend(attn, layer, query, key, value, key_padding=key_lengths, heads=heads)
         if permutation is not None:
             out = permutation.unpermute_sequence(out, layout, dim=1)
-        out = out.flatten(2, 3).to(query.dtype)
+        return out
 
-        # 6. Output projections, as the stock processor.
+    @staticmethod
+    def _project_out(attn, out: torch.Tensor, num_text: int):
+        """Step 6 of the stock processor: split video and text, output projections."""
         hidden_states, encoder_hidden_states = out[:, :-num_text], out[:, -num_text:]
         if getattr(attn, "to_out", None) is not None:
             hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -201,8 +233,91 @@ class HunyuanVideoSparseAttnProcessor(FastditAttnProcessor):
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
 
+    def _ulysses_call(
+        self, attn, ulysses, layer, sparse, hidden_states, encoder_hidden_states, attention_mask,
+        image_rotary_emb,
+    ):
+        """Joint attention under Ulysses with :func:`context_parallel_plan`: the video tokens
+        arrive sharded (and RoPE with them), the text whole on every rank. Video Q/K/V go through
+        the all-to-all (the full video of this rank's heads), the text is sliced to the same heads,
+        and ``[video | text]`` is exactly one process's sequence for them: the plan (sparse) or
+        diffusers' attention backend with the key mask (dense, no parallel config). Back: the
+        video all-to-all, the text outputs of all heads gathered, so every rank keeps the same text.
+        """
+        layout = self.state.active_plan.layout
+        num_video, num_text = layout.grid.num_tokens, encoder_hidden_states.shape[1]
+        if num_text != layout.text_length:
+            raise ValueError(
+                f"under context parallelism HunyuanVideo's text must be whole on every rank, got "
+                f"{num_text} of {layout.text_length} text tokens: enable parallelism with fastdit's "
+                "plan, transformer.enable_parallelism(config=..., "
+                "cp_plan=fastdit.pipelines.hunyuan_video.context_parallel_plan(transformer))"
+            )
+        local_video = hidden_states.shape[1]
+        query, key, value = self._joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        heads = ulysses.heads(attn.heads)
+        video = ulysses.to_heads([x[:, :local_video] for x in (query, key, value)], num_video)
+        query, key, value = (
+            torch.cat([part, heads.local(x[:, local_video:], 2)], dim=1)
+            for part, x in zip(video, (query, key, value))
+        )
+        batch, seq = query.shape[0], query.shape[1]
+        if sparse:
+            key_lengths = self._valid_key_lengths(attention_mask, batch, seq)
+            out = self._sparse_attend(attn, layer, query, key, value, key_lengths, heads)
+        else:
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-# ---------------------------------------------------------------------- the adapter
+            out = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=None,
+            )
+        video_out = ulysses.to_sequence(out[:, :num_video], attn.heads)
+        text_out = heads.gather(out[:, num_video:].contiguous(), 2)
+        out = torch.cat([video_out, text_out], dim=1).flatten(2, 3).to(query.dtype)
+        return self._project_out(attn, out, num_text)
+
+
+# ---------------------------------------------------------------------- the adapter interface
+FAMILY = "HunyuanVideo"
+
+# With fastdit's processor and :func:`context_parallel_plan` (diffusers 0.42.1 ships none).
+SUPPORTS_CONTEXT_PARALLEL = True
+
+
+def context_parallel_plan(transformer) -> dict:
+    """A ``_cp_plan`` for ``HunyuanVideoTransformer3DModel`` that fastdit's processor runs exactly.
+
+    Pass it to diffusers' public API: ``transformer.enable_parallelism(config=
+    ContextParallelConfig(ulysses_degree=N), cp_plan=context_parallel_plan(transformer))``
+    (``fastdit.parallel.enable`` and ``--ulysses`` do). The video tokens are sharded at the first
+    block (and RoPE's tables with them) and gathered at ``proj_out``; the text, its key mask and
+    the token refiner stay whole on every rank. The stock processor cannot run this (diffusers'
+    Ulysses template would all-to-all the replicated text and count it once per rank, and its key
+    mask would not match), so the plan is for fastdit's processor only: with it installed, every
+    joint attention all-to-alls the video, slices the text to the rank's heads and gathers the
+    text outputs back (see ``HunyuanVideoSparseAttnProcessor._ulysses_call``).
+    """
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    first = "transformer_blocks.0" if len(transformer.transformer_blocks) else "single_transformer_blocks.0"
+    split_rope = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+    return {
+        "rope": {0: split_rope, 1: split_rope},
+        first: {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+def check_context_parallel(model, cp_config) -> None:
+    """Refuse what the plan above does not cover exactly."""
+    if getattr(model.config, "image_condition_type", None) == "token_replace":
+        raise ValueError(
+            "HunyuanVideo I2V with image_condition_type='token_replace' modulates the first frame's "
+            "tokens by position, which a sequence shard does not see; run it in one process"
+        )
+
+
 def self_attention_modules(transformer) -> list[torch.nn.Module]:
     """The joint attention modules in layer order: dual-stream blocks, then single-stream blocks."""
     return [block.attn for block in transformer.transformer_blocks] + [
@@ -243,7 +358,11 @@ class HunyuanVideoAdapter(ModelAdapter):
     module docstring)."""
 
     model_classes = ("HunyuanVideoTransformer3DModel",)
+    family = FAMILY
     processor_class = HunyuanVideoSparseAttnProcessor
+    supports_context_parallel = SUPPORTS_CONTEXT_PARALLEL
     self_attention_modules = staticmethod(self_attention_modules)
     forward_inputs = staticmethod(forward_inputs)
     sequence_layout = staticmethod(sequence_layout)
+    context_parallel_plan = staticmethod(context_parallel_plan)
+    check_context_parallel = staticmethod(check_context_parallel)

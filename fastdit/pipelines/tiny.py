@@ -253,7 +253,7 @@ def is_tiny(model: str | None) -> bool:
     return model in TINY_MODEL_NAMES
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_path(model: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else that is not on disk is a missing path.
     return (
         model.startswith(("/", ".", "~"))
@@ -288,7 +288,7 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, 
 
     expanded = os.path.expanduser(model)
     if not os.path.exists(expanded):
-        if _looks_like_path(model):
+        if looks_like_path(model):
             raise FileNotFoundError(f"model path {model!r} does not exist")
     elif not os.path.isdir(expanded):
         raise FileNotFoundError(

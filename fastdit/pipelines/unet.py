@@ -134,7 +134,10 @@ class UNetSparseAttnProcessor(FastditAttnProcessor):
         return out / attn.rescale_output_factor
 
 
-# ---------------------------------------------------------------------- the adapter
+# ---------------------------------------------------------------------- the adapter interface
+FAMILY = "Stable Diffusion / SDXL (UNet)"
+
+
 def _resolution_blocks(unet) -> list[tuple[int, torch.nn.Module]]:
     """(resolution level, block) in forward order: down blocks, mid block, up blocks.
 
@@ -224,6 +227,7 @@ class UNetAdapter(ModelAdapter):
     """``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x, SDXL)."""
 
     model_classes = ("UNet2DConditionModel",)
+    family = FAMILY
     processor_class = UNetSparseAttnProcessor
     # The Stable Diffusion pipelines run cond and uncond in one batched UNet forward and never
     # reset stateful hooks (UNet2DConditionModel has no CacheMixin): a repeated timestep is a new

@@ -10,12 +10,18 @@ Where things are in diffusers' Wan:
   frame-major; the step comes from the pipeline's ``cache_context`` (see ``fastdit.integration``).
 
 Self-attention runs on :func:`fastdit.kernels.block_sparse_attention` with the method's plan on
-sparse steps and layers. Dense steps and layers of a sparse method's schedule take the stock path
-(``dispatch_attention_fn``, diffusers' selected backend), which is the fastest dense attention
-available; the ``Dense`` method always runs fastdit's own kernel (it is the kernel baseline).
+sparse steps and layers. Dense steps and layers of a sparse method's schedule run FA4's dense
+kernel where fastdit can run it, else the stock path (``dispatch_attention_fn``, diffusers'
+selected backend); the ``Dense`` method always runs fastdit's dense plan on the fastest backend.
 Methods whose plan carries a token permutation (GNA) get Q/K/V in tile-major order: hooks on the
-blocks permute the hidden states once per forward (before the first block, back after the last);
-each block gets the permuted RoPE and per-token modulation, computed once per forward.
+first and last block permute the hidden states once per forward; each block gets the permuted
+RoPE and per-token modulation, computed once per forward.
+
+Several GPUs (diffusers' Ulysses context parallelism, Wan's own ``_cp_plan``): the blocks see a
+shard of the sequence and the rank's slice of RoPE. On sparse layers the processor all-to-alls
+Q/K/V to the full sequence of the rank's heads, applies the plan (GNA's permutation per call, the
+block hooks stay off), and all-to-alls back; dense layers go to diffusers' Ulysses attention
+with the transformer's parallel config. See :mod:`fastdit.parallel`.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from .base import FastditAttnProcessor, ModelAdapter
 __all__ = ["WanAdapter", "WanSparseAttnProcessor"]
 
 
-def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+def apply_wan_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
     # Wan's RoPE on interleaved (even, odd) pairs, as diffusers' WanAttnProcessor computes it.
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
@@ -84,31 +90,40 @@ class WanSparseAttnProcessor(FastditAttnProcessor):
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            query = _apply_rotary_emb(query, *rotary_emb)
-            key = _apply_rotary_emb(key, *rotary_emb)
+            query = apply_wan_rotary_emb(query, *rotary_emb)
+            key = apply_wan_rotary_emb(key, *rotary_emb)
 
         layer, sparse = self._layer_runs_sparse(attn)
         if sparse:
             plan = state.active_plan
+            ulysses, heads = self._ulysses, None
+            if ulysses is not None:  # sequence shards -> the full sequence of this rank's heads
+                heads = ulysses.heads(attn.heads)
+                query, key, value = ulysses.to_heads((query, key, value), plan.layout.num_tokens)
+            # Without the block hooks (a processor installed by hand, or context parallelism,
+            # where the blocks hold a shard of the sequence) the permutation happens per call.
             permute_here = plan.permutation is not None and not state.permuted
-            if permute_here:  # processor used without the block hooks: permute per call
+            if permute_here:
                 query, key, value = (plan.permutation.permute(x, dim=1) for x in (query, key, value))
-            out = self._attend(attn, layer, query, key, value)
+            out = self._attend(attn, layer, query, key, value, heads=heads)
             if permute_here:
                 out = plan.permutation.unpermute(out, dim=1)
+            if ulysses is not None:
+                out = ulysses.to_sequence(out, attn.heads)
         else:
-            from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-            out = dispatch_attention_fn(
-                query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
+            out = self._dense_attention(query, key, value)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
 
-# ---------------------------------------------------------------------- the adapter
+# ---------------------------------------------------------------------- the adapter interface
+FAMILY = "Wan 2.1 / 2.2 (incl. TI2V-5B)"
+
+# diffusers' Wan ``_cp_plan`` shards the blocks' tokens and RoPE; the processor does the rest.
+SUPPORTS_CONTEXT_PARALLEL = True
+
+
 def self_attention_modules(transformer) -> list[torch.nn.Module]:
     return [block.attn1 for block in transformer.blocks]
 
@@ -142,7 +157,8 @@ def permutation_hooks(transformer, state) -> list[tuple[torch.nn.Module, str, ob
     def before_block(module, args, kwargs):
         if module is transformer.blocks[0]:
             plan = state.active_plan
-            state.permuted = plan is not None and plan.permutation is not None
+            # Under context parallelism the blocks hold a shard: the processor permutes per call.
+            state.permuted = plan is not None and plan.permutation is not None and state.parallel is None
             permuted_inputs.clear()
             if state.permuted:
                 permutation = plan.permutation
@@ -177,7 +193,9 @@ class WanAdapter(ModelAdapter):
     """``WanTransformer3DModel`` (Wan 2.1 / 2.2, T2V and I2V)."""
 
     model_classes = ("WanTransformer3DModel",)
+    family = FAMILY
     processor_class = WanSparseAttnProcessor
+    supports_context_parallel = SUPPORTS_CONTEXT_PARALLEL
     self_attention_modules = staticmethod(self_attention_modules)
     forward_inputs = staticmethod(forward_inputs)
     sequence_layout = staticmethod(sequence_layout)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
+#   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
+# Steps: info, check, kernel, e2e13, e2e14, compile13, cp1, custom:<command>. Each step's output goes to
+# RESULTS_DIR/<step>.log (and its files under RESULTS_DIR/<step>/); at exit the folder is packed into
+# RESULTS_DIR.tgz, so a step that runs out of time still leaves what the others wrote.
+# Expects PYTHONPATH to hold the packages the GPU image lacks (diffusers; FA4 for the peers).
+set -u
+out=${1:?results dir}; shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+pack() { tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")"; }
+trap pack EXIT
+step() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "=== $name rc=$? ($(date +%T))"; tail -n 40 "$out/$name.log"
+}
+for s in "$@"; do
+  case $s in
+    info) step info 120 python3 -m fastdit info ;;
+    check) step check 240 env OUT="$out" python3 benchmarks/gpu_check.py \
+             --sections flash4,compile,cudnn,helpers,window,vmoba,reference --dtypes bf16 --head-dims 128 ;;
+    kernel) step kernel 300 python3 benchmarks/kernel_bench.py --out "$out/kernel" ;;
+    e2e13) step e2e13 240 python3 benchmarks/e2e_bench.py --models wan13b-480p \
+             --methods stock-cudnn,stock-flash,dense,radial,adaspa --out "$out/e2e13" ;;
+    e2e14) step e2e14 560 python3 benchmarks/e2e_bench.py --models wan14b-720p \
+             --methods stock-cudnn,dense,radial,adaspa --out "$out/e2e14" ;;
+    custom:*) step custom 560 bash -c "${s#custom:}" ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
