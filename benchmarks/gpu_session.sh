@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
 #   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
-# Steps: info, check, kernel, e2e13, e2e14, compile13, cp1, custom:<command>. Each step's output goes to
+# Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families,
+# custom:<command>. Each step's output goes to
 # RESULTS_DIR/<step>.log (and its files under RESULTS_DIR/<step>/); at exit the folder is packed into
 # RESULTS_DIR.tgz, so a step that runs out of time still leaves what the others wrote.
 # Expects PYTHONPATH to hold the packages the GPU image lacks (diffusers; FA4 for the peers).
@@ -27,6 +28,14 @@ for s in "$@"; do
              --methods stock-cudnn,stock-flash,dense,radial,adaspa --out "$out/e2e13" ;;
     e2e14) step e2e14 560 python3 benchmarks/e2e_bench.py --models wan14b-720p \
              --methods stock-cudnn,dense,radial,adaspa --out "$out/e2e14" ;;
+    kernelcheck) step kernelcheck 120 env OUT="$out" python3 benchmarks/gpu_check.py \
+             --sections window,int8,helpers --head-dims 64,128 ;;
+    cp1) step cp1 150 torchrun --nproc-per-node 1 benchmarks/cp_bench.py --layers 4 --out "$out/cp1" ;;
+    compile13) step compile13 150 python3 benchmarks/compose_bench.py --models wan13b-480p \
+             --methods stock-cudnn,radial --budget-s 110 --out "$out/compile13" ;;
+    families) step families 150 python3 benchmarks/families_bench.py --layers 1 --repeat 1 \
+             --families "${FAMILIES:-hunyuanvideo15-480p,ltx-video-704p,cogvideox-5b,flux-1mp}" \
+             --out "$out/families" ;;
     custom:*) step custom 560 bash -c "${s#custom:}" ;;
     *) echo "unknown step $s" ;;
   esac

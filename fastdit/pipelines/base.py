@@ -112,9 +112,10 @@ class FastditAttnProcessor:
         parallelism selected for this processor (it beats SDPA's cuDNN and FA2 kernels on
         Hopper); otherwise diffusers' own dispatch, as the stock processor would do.
         """
+        parallel_config = self._current_parallel_config()
         if (
             self._attention_backend is None
-            and self._current_parallel_config() is None
+            and parallel_config is None
             and fastest_dense_backend(query.device, query.dtype, query.shape[-1]) == "flash4"
         ):
             return dense_attention(query, key, value)
@@ -122,7 +123,7 @@ class FastditAttnProcessor:
 
         return dispatch_attention_fn(
             query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
+            backend=self._attention_backend, parallel_config=parallel_config,
         )
 
     def _layer_runs_sparse(self, attn, layout: SequenceLayout | None = None) -> tuple[int, bool]:
