@@ -8,7 +8,9 @@ loops, :func:`attend_kv_blocks` (pointer loads, any bounds mask, the window rule
 bf16 kernel (:mod:`fastdit.kernels.attention`) and the INT8 one
 (:mod:`fastdit.kernels.int8_attention`): constexpr switches passed by keyword (``USE_TMA``,
 ``MASK_KV``, ``INT8_QK``, ``WINDOW``) select what each loop compiles, so a switched-off feature
-costs no instruction.
+costs no instruction. The switches are ordinary parameters passed by keyword, never keyword-only
+(``*``): Triton 3.6 binds only positional-or-keyword parameters of a device function (a
+keyword-only constexpr is undefined in its body there, while the interpreter accepts it).
 
 Names follow the flash-attention papers: ``m_i`` running max in log2 units, ``l_i`` running sum,
 ``acc`` unnormalised output, ``qk_scale = scale * log2(e)`` (exponentials use ``exp2``).
@@ -138,7 +140,6 @@ def attend_kv_block(
     acc, l_i, m_i, q,
     k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
     kv_row_start, kv_len, head_dim, qk_scale,
-    *,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_KV: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     INT8_QK: tl.constexpr = False, WINDOW: tl.constexpr = False,
@@ -228,7 +229,6 @@ def attend_kv_blocks(
     acc_in, l_in, m_in, q, index_ptr, first, last,
     k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
     kv_len, head_dim, qk_scale,
-    *,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_KV: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     INT8_QK: tl.constexpr = False, WINDOW: tl.constexpr = False, k_scale_row=None,
@@ -265,7 +265,6 @@ def attend_kv_blocks(
 def attend_kv_blocks_tma(
     acc_in, l_in, m_in, q, index_ptr, first, last,
     k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
-    *,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr, INT8_QK: tl.constexpr = False, k_scale_row=None,
 ):
@@ -295,7 +294,6 @@ def attend_plan_row(
     acc, l_i, m_i, q, index_ptr, num_unmasked, count,
     k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
     kv_len, head_dim, qk_scale, k_desc, v_desc, k_row, k_col, v_row, v_col,
-    *,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr, USE_TMA: tl.constexpr,
     INT8_QK: tl.constexpr = False, k_scale_row=None,
