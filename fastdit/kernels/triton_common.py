@@ -180,36 +180,12 @@ def attend_kv_block(
                 q_start_t, q_start_h, q_start_w, k_coords_ptr, cols, cols_ok,
                 span_t, span_h, span_w, dil_t, dil_h, dil_w,
             )
-            v, unseen_safe = _split_nonfinite(v, visible, acc)
         else:
             visible = cols_ok[None, :]
         acc, l_i, m_i = fold_scores(
             acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
         )
-        if WINDOW:
-            acc += unseen_safe
     return acc, l_i, m_i
-
-
-@triton.jit
-def _split_nonfinite(v, visible, acc):
-    """In a partial (window-masked) block some rows do not see a key whose value is NaN or inf,
-    and ``0 * NaN`` in ``P @ V`` would still reach them. Returns ``v`` with such values set to 0
-    and, per row and dim, what they add for the rows that see them (NaN, +inf or -inf; 0
-    elsewhere). Only a tile holding a non-finite value pays for the three indicator products."""
-    vf = v.to(tl.float32)
-    finite = tl.abs(vf) < float("inf")  # False for NaN too
-    added = tl.zeros_like(acc)
-    if tl.max(tl.where(finite, 0, 1)) > 0:
-        seen = visible.to(tl.float32)
-        nan_hits = tl.dot(seen, (vf != vf).to(tl.float32), input_precision="ieee")
-        plus = tl.dot(seen, (vf == float("inf")).to(tl.float32), input_precision="ieee") > 0
-        minus = tl.dot(seen, (vf == float("-inf")).to(tl.float32), input_precision="ieee") > 0
-        added = tl.where(plus, float("inf"), added)
-        added = tl.where(minus, float("-inf"), added)
-        added = tl.where((nan_hits > 0) | (plus & minus), float("nan"), added)
-        v = tl.where(finite, v, tl.zeros_like(v))
-    return v, added
 
 
 @triton.jit
