@@ -451,10 +451,10 @@ def parse_args(argv=None):
                         help="toy sizes and budgets: the whole script on a CPU in minutes")
     parser.add_argument("--time-cpu-generation", action="store_true",
                         help="only time a default-size generation with random weights on the CPU")
-    parser.add_argument("--vae-seconds", type=float, default=90)
+    parser.add_argument("--vae-seconds", type=float, default=85)
     parser.add_argument("--pool-seconds", type=float, default=50,
                         help="at most this long encoding the latent pool")
-    parser.add_argument("--dit-seconds", type=float, default=270)
+    parser.add_argument("--dit-seconds", type=float, default=260)
     parser.add_argument("--pool-clips", type=int, default=16384)
     parser.add_argument("--pool-batch", type=int, default=32)
     parser.add_argument("--long-fraction", type=float, default=0.1,
