@@ -37,7 +37,7 @@ import random
 import sys
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -451,6 +451,8 @@ def parse_args(argv=None):
                         help="toy sizes and budgets: the whole script on a CPU in minutes")
     parser.add_argument("--time-cpu-generation", action="store_true",
                         help="only time a default-size generation with random weights on the CPU")
+    parser.add_argument("--size", action="append", default=[], metavar="FIELD=INT",
+                        help="override a Sizes field, e.g. --size layers=6 --size dim=320")
     parser.add_argument("--vae-seconds", type=float, default=85)
     parser.add_argument("--pool-seconds", type=float, default=50,
                         help="at most this long encoding the latent pool")
@@ -487,6 +489,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     sizes = SMOKE_SIZES if args.smoke else Sizes()
+    for override in args.size:
+        field_name, _, value = override.partition("=")
+        if field_name not in asdict(sizes) or not value.isdigit():
+            raise SystemExit(f"--size must be FIELD=INT with FIELD in {list(asdict(sizes))}, "
+                             f"got {override!r}")
+        sizes = replace(sizes, **{field_name: int(value)})
     if args.time_cpu_generation:
         time_cpu_generation(sizes, args)
         return

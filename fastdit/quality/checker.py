@@ -33,6 +33,7 @@ _SHAPE_PROTOTYPES = {
 _OFFSET_WEIGHT = 2.0  # makes triangle vs diamond as far apart as circle vs diamond
 _MAX_COLOUR_DISTANCE = 0.3  # RGB distance beyond which a pixel belongs to no palette entry
 _MIN_AREA_PX = 12  # smaller components are noise
+_ANALYSIS_SIDE = 128  # larger videos are average-pooled to about this many pixels (short side)
 
 
 @dataclass
@@ -143,6 +144,11 @@ def analyze(video) -> Analysis:
     (float in [0, 1] or uint8; numpy or torch)."""
     video = _as_float_video(video)
     frames, height, width, _ = video.shape
+    factor = min(height, width) // _ANALYSIS_SIDE
+    if factor > 1:  # average-pool to about _ANALYSIS_SIDE px: same answers, a fraction of the time
+        height, width = height // factor, width // factor
+        video = video[:, : height * factor, : width * factor].reshape(
+            frames, height, factor, width, factor, 3).mean(axis=(2, 4))
     names, palette = _palette()
     labels = np.empty((frames, height, width), dtype=np.int16)
     for index, frame in enumerate(video):  # per frame: (H*W, palette) distances stay small
@@ -152,7 +158,7 @@ def analyze(video) -> Analysis:
         nearest = squared.argmin(axis=1)
         valid = squared[np.arange(len(nearest)), nearest] < _MAX_COLOUR_DISTANCE**2
         labels[index] = np.where(valid, nearest, -1).reshape(height, width)
-    counts = [(labels == index).sum() for index in range(len(COLOURS))]
+    counts = np.bincount(labels[labels >= 0].ravel(), minlength=len(names))[: len(COLOURS)]
     if max(counts) < _MIN_AREA_PX * frames / 4:
         return Analysis(None, None, None)
     colour_index = int(np.argmax(counts))
