@@ -1,0 +1,567 @@
+"""Train the tiny text-to-video model (diffusers' Wan architecture) on procedural clips, in one
+command, within a fixed wall-clock budget.
+
+    python training/train_tiny_wan.py --out OUT --device cuda     # ~8.5 min on one H200
+    python training/train_tiny_wan.py --out OUT --smoke           # toy sizes, CPU, ~2 min
+    python training/train_tiny_wan.py --time-cpu-generation       # random weights, CPU timing
+
+Stages (each time-budgeted where it matters, all seeded by ``--seed``):
+
+1. **VAE** (``AutoencoderKLWan``, 4x8x8 compression, z_dim 16) on random 128x128 crops of 9-frame
+   clips of :mod:`fastdit.quality.clips`: L1 + MSE + a light KL, for ``--vae-seconds``.
+2. **Latent pool**: clips at the default size (33 x 256 x 256 -> latent 9 x 32 x 32) and a few
+   long ones (81 frames -> 21 x 32 x 32, 2.3x the tokens) encoded once (posterior mean); the
+   per-channel mean/std become the VAE's ``latents_mean``/``latents_std``, as in Wan's config.
+3. **Transformer** (``WanTransformer3DModel``, patch 1x2x2) and the **UMT5 encoder**, jointly,
+   by flow matching exactly as ``WanPipeline`` samples it: ``x_t = (1 - s) x_0 + s e``, target
+   ``e - x_0``, timestep ``1000 s`` with ``s`` shifted by UniPC's ``flow_shift``; prompts encoded
+   by the pipeline's own ``_get_t5_prompt_embeds`` (512 tokens, zero padded); 10% empty prompts
+   for classifier-free guidance; EMA weights exported. For ``--dit-seconds``.
+4. **Export** with ``WanPipeline.save_pretrained`` (safetensors, bf16 weights) and a tar of it.
+5. **Evaluation**: the stock ``WanPipeline.from_pretrained`` of the exported folder generates the
+   held-out captions (combinations never trained on), a few training captions and a few long
+   videos; :func:`fastdit.quality.score` reads colour, shape and motion from each.
+
+Writes to ``--out``: ``tiny_wan/`` (the pipeline), ``tiny_wan.tar``, ``loss.png``,
+``metrics.json``, ``samples.png`` and ``train.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fastdit.quality import analyze, build_word_tokenizer, heldout_specs, render, sample_specs  # noqa: E402
+from fastdit.quality.clips import vocabulary  # noqa: E402
+
+
+@dataclass
+class Sizes:
+    """Architecture and data sizes. The defaults are the model that ships; ``--smoke`` shrinks
+    everything so the whole script runs on a CPU in minutes."""
+
+    # transformer: 4 layers of width 256 (4 heads of 64). At 33 x 256 x 256 (2,304 tokens) one
+    # forward is ~44 GFLOP (60% of it attention), so 20 UniPC steps with CFG (40 forwards) plus
+    # the VAE decode (~0.2 TFLOP) stay near 2 TFLOP: <= 90 s on a 2-core AVX2 CPU.
+    dim: int = 256
+    heads: int = 4
+    layers: int = 4
+    ffn: int = 1024
+    freq_dim: int = 256
+    # UMT5 text encoder: 2 layers of width 128, trained with the transformer.
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_ffn: int = 256
+    # VAE: Wan's layout ([1, 2, 4, 4], 3 spatial and 2 temporal downsamples), encoder base 16,
+    # decoder base 12: decoding 33 x 256 x 256 costs ~0.2 TFLOP (base 16: 0.36).
+    vae_base: int = 16
+    vae_decoder_base: int = 12
+    z_dim: int = 16
+    # data
+    frames: int = 33
+    height: int = 256
+    width: int = 256
+    long_frames: int = 81  # 21 latent frames: 5,376 tokens, 2.3x the default
+    vae_frames: int = 9
+    vae_crop: int = 128
+
+
+SMOKE_SIZES = Sizes(dim=64, heads=2, layers=2, ffn=128, freq_dim=64, text_dim=32, text_layers=1,
+                    text_heads=2, text_ffn=64, vae_base=8, vae_decoder_base=8, frames=9, height=64,
+                    width=64, long_frames=17, vae_frames=5, vae_crop=32)
+
+
+def build_pipeline(sizes: Sizes, device):
+    """A WanPipeline with fresh random weights of ``sizes`` (fp32)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_word_tokenizer()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=sizes.heads,
+        attention_head_dim=sizes.dim // sizes.heads, in_channels=sizes.z_dim,
+        out_channels=sizes.z_dim, text_dim=sizes.text_dim, freq_dim=sizes.freq_dim,
+        ffn_dim=sizes.ffn, num_layers=sizes.layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=sizes.vae_base, decoder_base_dim=sizes.vae_decoder_base, z_dim=sizes.z_dim,
+        dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True], latents_mean=[0.0] * sizes.z_dim,
+        latents_std=[1.0] * sizes.z_dim,
+    )
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(vocabulary()), d_model=sizes.text_dim, d_kv=sizes.text_dim // sizes.text_heads,
+        d_ff=sizes.text_ffn, num_layers=sizes.text_layers, num_heads=sizes.text_heads,
+        relative_attention_num_buckets=32, relative_attention_max_distance=64, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+    ))
+    # Wan2.1's scheduler (scheduler/scheduler_config.json of its diffusers checkpoints).
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                       scheduler=scheduler, transformer=transformer)
+    return pipe.to(device)
+
+
+class Log:
+    def __init__(self, path):
+        self.file = open(path, "a") if path else None
+        self.start = time.time()
+
+    def __call__(self, message):
+        line = f"[{time.time() - self.start:7.1f}s] {message}"
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+
+def _autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _lr(peak, step, warmup, fraction):
+    """Linear warm-up, then cosine decay to 10% over the time budget (``fraction`` in [0, 1])."""
+    return peak * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(fraction, 1)))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clips(specs, frames, height, width, generator, device):
+    """Rendered clips as the VAE takes them: (B, 3, F, H, W) in [-1, 1]."""
+    video = render(specs, frames, height, width, generator=generator, device=device)
+    return video.permute(0, 4, 1, 2, 3).mul(2).sub(1)
+
+
+def train_vae(pipe, sizes, args, device, log):
+    vae = pipe.vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0,
+                                  betas=(0.9, 0.99))
+    generator = torch.Generator(device).manual_seed(args.seed + 1)
+    losses, step, start = [], 0, time.time()
+    while time.time() - start < args.vae_seconds:
+        specs = sample_specs(args.vae_batch, seed=args.seed * 1_000_003 + step)
+        clips = _clips(specs, sizes.vae_frames, sizes.height, sizes.width, generator, device)
+        top, left = (int(v) for v in torch.randint(0, sizes.height - sizes.vae_crop + 1, (2,)))
+        clips = clips[..., top:top + sizes.vae_crop, left:left + sizes.vae_crop]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(args.vae_lr, step, 100, (time.time() - start) / args.vae_seconds)
+        with _autocast(device):
+            posterior = vae.encode(clips).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        recon = recon.float()
+        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1
+                    - posterior.logvar.float()).mean()
+        loss = F.l1_loss(recon, clips) + F.mse_loss(recon, clips) + args.vae_kl * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.detach())
+        if step % args.log_every == 0:
+            log(f"vae step {step} loss {losses[-1].item():.4f} kl {kl.item():.3f}")
+        step += 1
+    losses = torch.stack(losses).tolist()
+    log(f"vae: {step} steps in {time.time() - start:.0f} s, final loss {np.mean(losses[-20:]):.4f}")
+    return losses
+
+
+@torch.no_grad()
+def build_pool(pipe, sizes, args, device, log):
+    """Encode clips once: {(frames): (latents (N, C, T, H, W) bf16, captions)}."""
+    vae = pipe.vae.eval()
+    generator = torch.Generator(device).manual_seed(args.seed + 2)
+    start = time.time()
+    pools = {}
+    plan = [(sizes.frames, args.pool_clips, args.pool_seconds * (1 - args.long_share))]
+    if args.long_fraction > 0:
+        plan.append((sizes.long_frames, max(args.pool_clips // 8, args.pool_batch),
+                     args.pool_seconds * args.long_share))
+    for index, (frames, count, seconds) in enumerate(plan):
+        latents, captions, t0, chunk = [], [], time.time(), 0
+        batch = args.pool_batch if frames == sizes.frames else max(1, args.pool_batch // 2)
+        while sum(len(x) for x in latents) < count and (chunk == 0 or time.time() - t0 < seconds):
+            specs = sample_specs(batch, seed=(args.seed + 7 + index) * 1_000_003 + chunk)
+            with _autocast(device):
+                mean = vae.encode(_clips(specs, frames, sizes.height, sizes.width, generator,
+                                         device)).latent_dist.mean
+            latents.append(mean.to(torch.bfloat16))
+            captions += [spec.caption for spec in specs]
+            chunk += 1
+        pools[frames] = (torch.cat(latents), captions)
+        log(f"pool: {len(captions)} clips of {frames} frames, latent "
+            f"{tuple(pools[frames][0].shape[1:])}, {time.time() - t0:.0f} s")
+    default = pools[sizes.frames][0].float()
+    mean = default.mean(dim=(0, 2, 3, 4))
+    std = default.std(dim=(0, 2, 3, 4)).clamp(min=1e-4)
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    shape = (1, -1, 1, 1, 1)
+    for frames, (latents, captions) in pools.items():
+        pools[frames] = (((latents.float() - mean.view(shape)) / std.view(shape)).to(torch.bfloat16),
+                         captions)
+    log(f"latent mean {[round(v, 2) for v in mean.tolist()]} std "
+        f"{[round(v, 2) for v in std.tolist()]} ({time.time() - start:.0f} s)")
+    return pools
+
+
+@torch.no_grad()
+def vae_reconstruction_check(pipe, sizes, args, device, log):
+    """PSNR and checker score of VAE reconstructions (the ceiling for generated videos)."""
+    vae = pipe.vae.eval()
+    specs = sample_specs(args.eval_batch, seed=args.seed + 11)
+    generator = torch.Generator(device).manual_seed(args.seed + 12)
+    clips = _clips(specs, sizes.frames, sizes.height, sizes.width, generator, device)
+    recon = vae.decode(vae.encode(clips).latent_dist.mean).sample.clamp(-1, 1)
+    mse = F.mse_loss((recon + 1) / 2, (clips + 1) / 2).item()
+    videos = ((recon + 1) / 2).permute(0, 2, 3, 4, 1).float().cpu().numpy()
+    scores = _score_all(videos, [spec.caption for spec in specs])
+    psnr = 10 * math.log10(1 / max(mse, 1e-12))
+    log(f"vae reconstruction: PSNR {psnr:.1f} dB, checker {scores['accuracy']}")
+    return dict(psnr=psnr, **scores)
+
+
+def _prompt_embeds(pipe, captions, device):
+    return pipe._get_t5_prompt_embeds(prompt=captions, max_sequence_length=512, device=device)
+
+
+def train_transformer(pipe, pools, sizes, args, device, log):
+    transformer, text_encoder = pipe.transformer.train(), pipe.text_encoder.train()
+    modules = torch.nn.ModuleDict({"transformer": transformer, "text_encoder": text_encoder})
+    ema = copy.deepcopy(modules).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=args.dit_lr, weight_decay=0.01,
+                                  betas=(0.9, 0.99))
+    shift = pipe.scheduler.config.flow_shift
+    rng = random.Random(args.seed + 3)
+    generator = torch.Generator(device).manual_seed(args.seed + 4)
+    cpu_generator = torch.Generator().manual_seed(args.seed + 5)  # pool indices, without a sync
+    long_frames = sizes.long_frames if sizes.long_frames in pools else None
+    forward = transformer
+    if args.compile:
+        forward = torch.compile(transformer)
+    losses, long_steps, step, start = [], [], 0, time.time()
+    params, ema_params = list(modules.parameters()), list(ema.parameters())
+    while time.time() - start < args.dit_seconds:
+        long = long_frames is not None and rng.random() < args.long_fraction
+        latents, captions = pools[long_frames if long else sizes.frames]
+        batch = max(1, args.dit_batch // 2) if long else args.dit_batch
+        index = torch.randint(0, len(captions), (batch,), generator=cpu_generator)
+        x0 = latents[index.to(device)].float()
+        prompts = ["" if rng.random() < args.cfg_drop else captions[i] for i in index.tolist()]
+        u = torch.rand(batch, generator=generator, device=device)
+        sigma = shift * u / (1 + (shift - 1) * u)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(args.dit_lr, step, 200, (time.time() - start) / args.dit_seconds)
+        with _autocast(device):
+            embeds = _prompt_embeds(pipe, prompts, device)
+            prediction = forward(hidden_states=x_t, timestep=sigma * 1000,
+                                 encoder_hidden_states=embeds, return_dict=False)[0]
+        loss = F.mse_loss(prediction.float(), noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        losses.append(loss.detach())
+        long_steps.append(long)
+        if step % args.log_every == 0:
+            log(f"dit step {step} loss {losses[-1].item():.4f}{' (long)' if long else ''}")
+        step += 1
+    losses = list(zip(torch.stack(losses).tolist(), long_steps))
+    elapsed = time.time() - start
+    log(f"dit: {step} steps in {elapsed:.0f} s ({step / elapsed:.2f} steps/s), final loss "
+        f"{np.mean([l for l, is_long in losses[-50:] if not is_long]):.4f}")
+    modules.load_state_dict(ema.state_dict())
+    return losses
+
+
+def export(pipe, out, folder, log):
+    from fastdit.pipelines.tiny import _cast_like_from_pretrained
+
+    # Wan ships bf16 weights (its fp32 modules kept fp32); loading with dtype=float32 upcasts.
+    for model in (pipe.transformer, pipe.text_encoder, pipe.vae):
+        _cast_like_from_pretrained(model.eval(), torch.bfloat16)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    total = sum(os.path.getsize(os.path.join(root, name))
+                for root, _, names in os.walk(folder) for name in names)
+    tar_path = os.path.join(out, "tiny_wan.tar")
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(folder, arcname="tiny_wan")
+    log(f"exported {folder} ({total / 2**20:.1f} MB) and {tar_path}")
+    if total > 25 * 2**20:
+        log(f"WARNING: the pipeline is {total / 2**20:.1f} MB, above the 25 MB limit")
+    return total
+
+
+def _score_all(videos, captions):
+    from fastdit.quality import score
+
+    rows = []
+    for video, caption in zip(videos, captions):
+        result = score(video, caption)
+        rows.append(dict(caption=caption, read=analyze(video).as_dict(), **result))
+    accuracy = {key: float(np.mean([row[key] for row in rows])) for key in ("colour", "shape", "motion")}
+    accuracy["all"] = float(np.mean([row["colour"] and row["shape"] and row["motion"] for row in rows]))
+    return dict(accuracy=accuracy, rows=rows)
+
+
+@torch.no_grad()
+def evaluate(folder, sizes, args, device, log):
+    """Generate with the stock WanPipeline from the exported folder and score with the checker."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    sets = {
+        "heldout": ([s.caption for s in heldout_specs(args.seed)], sizes.frames),
+        "train": ([s.caption for s in sample_specs(args.eval_batch, seed=args.seed + 5)],
+                  sizes.frames),
+        "long": ([s.caption for s in heldout_specs(args.seed + 1)][: args.eval_long], sizes.long_frames),
+    }
+    results, samples = {}, []
+    for name, (captions, frames) in sets.items():
+        captions = captions[: args.eval_batch]
+        if not captions:
+            continue
+        t0 = time.time()
+        videos = []
+        for first in range(0, len(captions), args.eval_batch):
+            part = captions[first:first + args.eval_batch]
+            output = pipe(prompt=part, negative_prompt="", height=sizes.height, width=sizes.width,
+                          num_frames=frames, num_inference_steps=args.eval_steps,
+                          guidance_scale=args.guidance, output_type="np",
+                          generator=torch.Generator(device).manual_seed(args.seed + first))
+            videos.extend(np.asarray(output.frames))
+        scores = _score_all(videos, captions)
+        results[name] = dict(frames=frames, seconds=time.time() - t0, **scores)
+        log(f"eval {name} ({len(captions)} captions, {frames} frames, {time.time() - t0:.0f} s): "
+            f"{scores['accuracy']}")
+        for row in scores["rows"]:
+            log(f"  {'ok ' if row['colour'] and row['shape'] and row['motion'] else 'BAD'} "
+                f"{row['caption']!r} -> {row['read']}")
+        samples += [(name, caption, video) for caption, video in zip(captions[:4], videos[:4])]
+    return results, samples
+
+
+def write_samples(samples, path):
+    """One row of 6 frames per sample video."""
+    rows = []
+    for _, _, video in samples:
+        picks = np.linspace(0, len(video) - 1, 6).round().astype(int)
+        rows.append(np.concatenate([video[i] for i in picks], axis=1))
+    if not rows:
+        return
+    width = max(row.shape[1] for row in rows)
+    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
+    image = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).astype(np.uint8)
+    import imageio.v2 as imageio
+
+    imageio.imwrite(path, image)
+
+
+def plot_losses(vae_losses, dit_losses, path):
+    from fastdit.report import agg_pyplot
+
+    plt = agg_pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+
+    def smooth(values, width=50):
+        values = np.asarray(values, dtype=np.float64)
+        if len(values) < width:
+            return values
+        return np.convolve(values, np.ones(width) / width, mode="valid")
+
+    axes[0].plot(vae_losses, alpha=0.3, color="C0")
+    axes[0].plot(smooth(vae_losses), color="C0")
+    axes[0].set(title="VAE (L1 + MSE + KL)", xlabel="step", ylabel="loss", yscale="log")
+    default = [loss for loss, long in dit_losses if not long]
+    axes[1].plot(default, alpha=0.3, color="C1")
+    axes[1].plot(smooth(default), color="C1")
+    axes[1].set(title="transformer (flow matching, default-size steps)", xlabel="step",
+                ylabel="MSE", yscale="log")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def time_cpu_generation(sizes, args):
+    """Random weights of ``sizes``, default generation on this CPU (what `make demo` costs)."""
+    torch.manual_seed(args.seed)
+    pipe = build_pipeline(sizes, "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    timings = {}
+    with torch.no_grad():
+        for label, kwargs in (("text", None), ("full", {})):
+            if kwargs is None:
+                t0 = time.time()
+                pipe.encode_prompt("a red circle moves left over a blue checkerboard", "", True,
+                                   max_sequence_length=512, device="cpu")
+                timings[label] = time.time() - t0
+                continue
+            t0 = time.time()
+            latents = pipe(prompt="a red circle moves left over a blue checkerboard",
+                           negative_prompt="", height=sizes.height, width=sizes.width,
+                           num_frames=sizes.frames, num_inference_steps=args.eval_steps,
+                           guidance_scale=args.guidance, output_type="latent").frames
+            timings["denoise"] = time.time() - t0
+            t0 = time.time()
+            pipe.vae.decode(latents)
+            timings["vae_decode"] = time.time() - t0
+    timings["total"] = timings["denoise"] + timings["vae_decode"] + timings["text"]
+    print(json.dumps(dict(threads=torch.get_num_threads(), steps=args.eval_steps,
+                          guidance=args.guidance, sizes=asdict(sizes),
+                          seconds={k: round(v, 1) for k, v in timings.items()}), indent=1))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="output folder (created)")
+    parser.add_argument("--pipeline-dir", help="where the pipeline folder goes (default: "
+                        "OUT/tiny_wan); OUT/tiny_wan.tar holds it either way")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes and budgets: the whole script on a CPU in minutes")
+    parser.add_argument("--time-cpu-generation", action="store_true",
+                        help="only time a default-size generation with random weights on the CPU")
+    parser.add_argument("--size", action="append", default=[], metavar="FIELD=INT",
+                        help="override a Sizes field, e.g. --size layers=6 --size dim=320")
+    parser.add_argument("--vae-seconds", type=float, default=85)
+    parser.add_argument("--pool-seconds", type=float, default=50,
+                        help="at most this long encoding the latent pool")
+    parser.add_argument("--dit-seconds", type=float, default=260)
+    parser.add_argument("--pool-clips", type=int, default=16384)
+    parser.add_argument("--pool-batch", type=int, default=32)
+    parser.add_argument("--long-fraction", type=float, default=0.1,
+                        help="share of transformer steps on long clips (81 frames)")
+    parser.add_argument("--long-share", type=float, default=0.2,
+                        help="share of --pool-seconds spent on long clips")
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-kl", type=float, default=1e-4)
+    parser.add_argument("--dit-batch", type=int, default=32)
+    parser.add_argument("--dit-lr", type=float, default=5e-4)
+    parser.add_argument("--ema", type=float, default=0.998)
+    parser.add_argument("--cfg-drop", type=float, default=0.1)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    parser.add_argument("--eval-steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--eval-batch", type=int, default=16)
+    parser.add_argument("--eval-long", type=int, default=4)
+    parser.add_argument("--log-every", type=int, default=100)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.vae_seconds, args.pool_seconds, args.dit_seconds = 15, 10, 25
+        args.pool_clips, args.pool_batch, args.vae_batch, args.dit_batch = 64, 8, 4, 8
+        args.eval_steps, args.eval_batch, args.eval_long, args.log_every = 4, 3, 1, 10
+    if not args.time_cpu_generation and not args.out:
+        parser.error("--out is required (except with --time-cpu-generation)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sizes = SMOKE_SIZES if args.smoke else Sizes()
+    for override in args.size:
+        field_name, _, value = override.partition("=")
+        if field_name not in asdict(sizes) or not value.isdigit():
+            raise SystemExit(f"--size must be FIELD=INT with FIELD in {list(asdict(sizes))}, "
+                             f"got {override!r}")
+        sizes = replace(sizes, **{field_name: int(value)})
+    if args.time_cpu_generation:
+        time_cpu_generation(sizes, args)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(os.path.join(args.out, "train.log"))
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        log(f"device {torch.cuda.get_device_name(device)}")
+    import diffusers
+
+    log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, args {vars(args)}")
+    log(f"sizes {asdict(sizes)}")
+    pipe = build_pipeline(sizes, device)
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+              for name in ("transformer", "vae", "text_encoder")}
+    log(f"parameters {counts}")
+
+    timings = {}
+    t0 = time.time()
+    vae_losses = train_vae(pipe, sizes, args, device, log)
+    timings["vae"] = time.time() - t0
+    t0 = time.time()
+    pools = build_pool(pipe, sizes, args, device, log)
+    timings["pool"] = time.time() - t0
+    t0 = time.time()
+    reconstruction = vae_reconstruction_check(pipe, sizes, args, device, log)
+    timings["vae_check"] = time.time() - t0
+    pipe.vae.requires_grad_(False)
+    t0 = time.time()
+    dit_losses = train_transformer(pipe, pools, sizes, args, device, log)
+    timings["transformer"] = time.time() - t0
+    del pools
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    t0 = time.time()
+    folder = args.pipeline_dir or os.path.join(args.out, "tiny_wan")
+    size_bytes = export(pipe, args.out, folder, log)
+    timings["export"] = time.time() - t0
+    plot_losses(vae_losses, dit_losses, os.path.join(args.out, "loss.png"))
+    t0 = time.time()
+    results, samples = evaluate(folder, sizes, args, device, log)
+    timings["eval"] = time.time() - t0
+    write_samples(samples, os.path.join(args.out, "samples.png"))
+    total = time.time() - log.start
+    metrics = dict(
+        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        gpu_minutes=round(total / 60, 2) if device.type == "cuda" else 0.0,
+        wall_seconds=round(total, 1), seconds={k: round(v, 1) for k, v in timings.items()},
+        sizes=asdict(sizes), parameters=counts, pipeline_mb=round(size_bytes / 2**20, 2),
+        args=vars(args), vae_reconstruction=reconstruction,
+        losses=dict(vae=vae_losses, transformer=[loss for loss, _ in dit_losses],
+                    transformer_long_step=[long for _, long in dit_losses]),
+        eval=results,
+    )
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    log(f"done in {total:.0f} s ({total / 60:.2f} min on {metrics['device']}); "
+        f"stages {metrics['seconds']}")
+    for name, result in results.items():
+        log(f"SCORE {name}: {result['accuracy']}")
+
+
+if __name__ == "__main__":
+    main()
