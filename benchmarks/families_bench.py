@@ -164,7 +164,7 @@ def hv15_inputs(fam: Family, device, dtype, g) -> list[dict]:
     passes = []
     for valid_text, valid_byt5 in ((fam.extra["valid"], 8), (fam.extra["valid"] // 4, 1)):
         passes.append(dict(
-            hidden_states=x, timestep=torch.tensor([500.0], device=device),
+            hidden_states=x, timestep=torch.tensor([500.0], device=device, dtype=dtype),  # as the pipeline passes it
             encoder_hidden_states=_randn(g, device, dtype, 1, text, fam.config["text_embed_dim"]),
             encoder_attention_mask=_mask(valid_text, text, device),
             encoder_hidden_states_2=_randn(g, device, dtype, 1, byt5, fam.config["text_embed_2_dim"]),
