@@ -217,3 +217,27 @@ def test_compiled_transformer_with_fastdit_matches_eager(rng, method):
         handle.remove()
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_fa4_failure_is_remembered_and_the_call_runs_on_the_next_backend(rng, monkeypatch, caplog):
+    flash4 = kernels.backend.get_backend("flash4")
+    calls = []
+
+    def failing_attention(*args, **kwargs):
+        calls.append(1)
+        raise ValueError("unsupported tile for this call\nsecond line")
+
+    # FA4 "can run" on the CPU here, until it has failed once for this kind of call.
+    monkeypatch.setattr(flash4, "_runtime_failures", {})
+    monkeypatch.setattr(flash4, "why_not", lambda request: (
+        None if flash4._signature(request) not in flash4._runtime_failures else "failed earlier"))
+    monkeypatch.setattr(flash4, "attention", failing_attention)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=rng) for _ in range(3))
+    plan = BlockSparsity.dense(70, 70, 64)
+    want = block_sparse_attention(q, k, v, plan, backend="reference")
+    with caplog.at_level("WARNING", logger="fastdit"):
+        for _ in range(2):
+            torch.testing.assert_close(block_sparse_attention(q, k, v, plan), want)
+    assert len(calls) == 1  # the second call does not try FA4 again
+    assert "FA4 failed (ValueError: unsupported tile for this call)" in caplog.text
+    assert list(flash4._runtime_failures.values()) == ["ValueError: unsupported tile for this call"]

@@ -143,17 +143,16 @@ def reasons(request: Request) -> dict[str, str | None]:
     return {backend.name: backend.cannot_run(request) for backend in _REGISTRY.values()}
 
 
-def choose(request: Request, requested: str | None = None, skip: tuple[str, ...] = ()) -> Backend:
+def choose(request: Request, requested: str | None = None) -> Backend:
     """The backend that runs ``request``: ``requested`` if given (raising with its reason when it
-    cannot), else the first that can, leaving out ``skip``. A CUDA call that ends on the reference
-    path is logged once."""
+    cannot), else the first that can. A CUDA call that ends on the reference path is logged once."""
     if requested is not None:
         backend = get_backend(requested)
         reason = backend.cannot_run(request)
         if reason is not None:
             raise RuntimeError(f"backend {requested!r} cannot run: {reason}")
         return backend
-    why = {n: r for n, r in reasons(request).items() if n not in skip}
+    why = reasons(request)
     name = next((n for n, reason in why.items() if reason is None), None)
     if name is None:
         raise RuntimeError(

@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from .backend import Backend, Request, register_backend
+from .backend import Backend, Request, choose, register_backend
 from .plan import BlockSparsity
 
 logger = logging.getLogger("fastdit")
@@ -180,14 +180,16 @@ class Flash4Backend(Backend):
             out = out.transpose(1, 2)
         return out, (lse if return_lse else None)
 
-    def run_or_remember(self, request: Request, fallback: Backend, *args, **kwargs):
-        """Run on FA4; an FA4 error (compile or argument check) is logged once, remembered for
-        this kind of call, and the call runs on ``fallback`` instead, exactly."""
+    def run_or_remember(self, request: Request, *args, **kwargs):
+        """Run on FA4; an FA4 error (compile or argument check) is logged once and remembered for
+        this kind of call (``why_not`` then names it), and the call runs on the next backend that
+        can, exactly. The fallback is chosen only then: nothing extra per call."""
         try:
             return self.attention(*args, **kwargs)
         except Exception as exc:  # FA4's JIT and checks raise many types
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             self._runtime_failures[self._signature(request)] = reason
+            fallback = choose(request)
             logger.warning("fastdit: FA4 failed (%s); this kind of call runs on %s from now on",
                            reason, fallback.name)
             return fallback.attention(*args, **kwargs)

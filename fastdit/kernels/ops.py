@@ -86,8 +86,7 @@ def attention(
     kwargs = dict(scale=scale, layout=layout, return_lse=return_lse, key_lengths=key_lengths,
                   window=window, quantize=quantize, dense=request.dense)
     if chosen.name == "flash4" and backend is None:
-        fallback = registry.choose(request, None, skip=("flash4",))
-        out, lse = chosen.run_or_remember(request, fallback, q, k, v, plan, **kwargs)
+        out, lse = chosen.run_or_remember(request, q, k, v, plan, **kwargs)
     else:
         out, lse = chosen.attention(q, k, v, plan, **kwargs)
     return _like(q, out), (lse if lse is not None else _empty_f32(q))
