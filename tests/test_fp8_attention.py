@@ -90,7 +90,7 @@ def test_v_quantization_matches_model(rng, layout, transposed):
     assert err.max() <= 2**-4 + 1e-6  # half an e4m3 step at the top of the range
 
 
-@pytest.mark.parametrize("fp8_accumulation", [0, 64], ids=["two_level", "imprecise64"])
+@pytest.mark.parametrize("fp8_accumulation", [0, 64, -1], ids=["two_level", "imprecise64", "default"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["v", "v_t"])
 def test_kernel_matches_tile_model(rng, fp8_accumulation, transposed):
     # Same quantized inputs to both: ragged cross attention (S_q != S_kv), per-batch-and-head
@@ -199,5 +199,5 @@ def test_int8_fp8_validation(rng):
     with pytest.raises(ValueError, match="fp8_accumulation"):
         triton_int8_block_sparse_attention(
             quantized, q.half(), plan, layout="bshd", return_lse=False, key_lengths=None,
-            interpret=True, quantized_v=quantize_v_fp8_reference(q.half()), fp8_accumulation=-1,
+            interpret=True, quantized_v=quantize_v_fp8_reference(q.half()), fp8_accumulation=-2,
         )

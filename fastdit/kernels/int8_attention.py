@@ -168,7 +168,8 @@ def _int8_launch_config(block_d: int, q_block: int, kv_block: int, interpret: bo
 
 
 # FP8 P.V defaults of quantize="int8-fp8" (benchmarks/fp8_bench.py measures the alternatives):
-# FP8_ACCUMULATION 0 is two-level accumulation, n > 0 Triton's max_num_imprecise_acc=n;
+# FP8_ACCUMULATION 0 is two-level accumulation, n > 0 Triton's max_num_imprecise_acc=n, -1 its
+# default (no promotion on sm_90);
 # V_TRANSPOSED stores V as [D, S] (the K-major B operand of Hopper's FP8 MMA).
 FP8_ACCUMULATION = 0
 V_TRANSPOSED = True
@@ -191,15 +192,18 @@ def triton_int8_block_sparse_attention(
     With ``quantized_v`` (``quantize="int8-fp8"``) P.V runs in FP8 on its e4m3 values (``v`` then
     only gives the output's dtype); ``fp8_accumulation`` (default :data:`FP8_ACCUMULATION`):
     0 for two-level accumulation, ``n > 0`` for ``max_num_imprecise_acc=n`` (clamped to the key
-    tile ``BLOCK_N``: Triton requires ``n <= BLOCK_N``; ``n = BLOCK_N`` promotes once a tile)."""
+    tile ``BLOCK_N``: Triton requires ``n <= BLOCK_N``; ``n = BLOCK_N`` promotes once a tile), -1
+    for Triton's default (on sm_90: no promotion)."""
     batch, heads, seq_q, head_dim = quantized.q.shape
     seq_kv = quantized.k.shape[2]
     if return_lse and quantized.lse_shift is None:
         raise ValueError("return_lse needs a QuantizedQK made with lse_shift=True")
     fp8 = quantized_v is not None
     fp8_acc = FP8_ACCUMULATION if fp8_accumulation is None else int(fp8_accumulation)
-    if fp8_acc < 0:
-        raise ValueError(f"fp8_accumulation must be 0 (two-level) or a positive count, got {fp8_acc}")
+    if fp8_acc < -1:
+        raise ValueError(
+            f"fp8_accumulation must be 0 (two-level), a positive count or -1 (no promotion), got {fp8_acc}"
+        )
     out_shape = (batch, seq_q, heads, head_dim) if layout == "bshd" else (batch, heads, seq_q, head_dim)
     out = torch.empty(out_shape, dtype=v.dtype, device=v.device)
     lse = (

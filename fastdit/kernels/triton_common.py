@@ -118,13 +118,16 @@ def fp8_pv(acc, p, v, FP8_ACC: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
     fp32 addition into ``acc`` (Triton never folds that addition into the MMA for fp8 operands on
     sm_90: its default ``max_num_imprecise_acc`` there is 2**30). ``FP8_ACC = n > 0``: one MMA
     into ``acc`` with ``max_num_imprecise_acc=n`` (Triton promotes to fp32 every ``n`` products
-    along the keys; ``n`` at most the tile's ``BLOCK_N``)."""
+    along the keys; ``n`` at most the tile's ``BLOCK_N``). ``FP8_ACC = -1``: one MMA into ``acc``
+    with Triton's default (on sm_90 no promotion at all: fastest, least precise)."""
     p8 = p * 448.0
     if UPCAST_OPERANDS:  # the interpreter (see e4m3_round)
         p8 = e4m3_round(p8)
     p8 = p8.to(tl.float8e4nv)
     if FP8_ACC == 0:
         return acc + tl.dot(p8, v)
+    if FP8_ACC < 0:
+        return tl.dot(p8, v, acc)
     return tl.dot(p8, v, acc, max_num_imprecise_acc=FP8_ACC)
 
 
