@@ -606,9 +606,8 @@ def parse_quantizations(args: argparse.Namespace, setup) -> list[str | None]:
                          f"got {args.quantize!r}")
     if any(modes) and setup.dtype_name not in ("bfloat16", "float16"):
         mode = next(m for m in modes if m)
-        raise UsageError(f"--quantize {mode} needs --dtype bfloat16 or float16 (quantized attention "
-                         "takes 16-bit inputs), "
-                         f"got {setup.dtype_name}")
+        raise UsageError(f"--quantize {mode} needs --dtype bfloat16 or float16 (quantized "
+                         f"attention takes 16-bit inputs), got {setup.dtype_name}")
     return modes
 
 

@@ -202,7 +202,8 @@ def triton_int8_block_sparse_attention(
     fp8_acc = FP8_ACCUMULATION if fp8_accumulation is None else int(fp8_accumulation)
     if fp8_acc < -1:
         raise ValueError(
-            f"fp8_accumulation must be 0 (two-level), a positive count or -1 (no promotion), got {fp8_acc}"
+            "fp8_accumulation must be 0 (two-level), a positive count or -1 (no promotion), "
+            f"got {fp8_acc}"
         )
     out_shape = (batch, seq_q, heads, head_dim) if layout == "bshd" else (batch, heads, seq_q, head_dim)
     out = torch.empty(out_shape, dtype=v.dtype, device=v.device)

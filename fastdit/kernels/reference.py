@@ -280,13 +280,14 @@ def quantize_v_fp8_reference(
     vf = _to_bhsd_fp32(v, layout)
     seq_len = vf.shape[2]
     if key_lengths is not None:
-        valid = torch.arange(seq_len, device=v.device)[None, :] < key_lengths.to(v.device)[:, None].long()
+        lengths = key_lengths.to(v.device)[:, None].long()
+        valid = torch.arange(seq_len, device=v.device)[None, :] < lengths
         vf = torch.where(valid[:, None, :, None], vf, 0.0)
     inv = (FP8_E4M3_MAX / absmax)[:, :, None, :]
     v_q = (vf * inv).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     if transposed:
         padded = -(-seq_len // 16) * 16
-        v_t = torch.zeros((*v_q.shape[:2], v_q.shape[3], padded), dtype=torch.float8_e4m3fn, device=v.device)
+        v_t = torch.zeros((*v_q.shape[:2], v_q.shape[3], padded), dtype=v_q.dtype, device=v.device)
         v_t[..., :seq_len] = v_q.transpose(2, 3)
         v_q = v_t
     return QuantizedV(v_q.contiguous(), absmax / FP8_E4M3_MAX, transposed)
@@ -351,7 +352,8 @@ def int8_fp8_attention_reference(
             raw = q_int @ k_tiles[..., sub : sub + block_n, :].transpose(-1, -2)  # exact integers
             cols = block[..., None] * kv_block + sub + torch.arange(block_n, device=device)
             visible = active[..., None] & (cols < kv_len[:, None, None, None])  # [B, H, nQ, bn]
-            scores = torch.where(visible[..., None, :], raw * block_scale[..., None, None], float("-inf"))
+            scores = raw * block_scale[..., None, None]
+            scores = torch.where(visible[..., None, :], scores, float("-inf"))
             m_new = torch.maximum(m, scores.amax(-1))
             m_shift = torch.where(m_new == float("-inf"), 0.0, m_new)
             p = torch.exp2(scores - m_shift[..., None])
