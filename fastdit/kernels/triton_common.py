@@ -9,8 +9,9 @@ bf16 kernel (:mod:`fastdit.kernels.attention`) and the INT8 one
 (:mod:`fastdit.kernels.int8_attention`): constexpr switches passed by keyword (``USE_TMA``,
 ``MASK_KV``, ``INT8_QK``, ``WINDOW``, ``FP8_PV``/``FP8_ACC``/``V_T``) select what each loop
 compiles, so a switched-off feature costs no instruction. The switches are ordinary parameters
-passed by keyword, never keyword-only (``*``): Triton 3.6 binds only positional-or-keyword parameters of a device function (a
-keyword-only constexpr is undefined in its body there, while the interpreter accepts it).
+passed by keyword, never keyword-only (``*``): Triton 3.6 binds only positional-or-keyword
+parameters of a device function (a keyword-only constexpr is undefined in its body there, while
+the interpreter accepts it).
 
 Names follow the flash-attention papers: ``m_i`` running max in log2 units, ``l_i`` running sum,
 ``acc`` unnormalised output, ``qk_scale = scale * log2(e)`` (exponentials use ``exp2``).
