@@ -114,8 +114,10 @@ def test_kernel_matches_tile_model(rng, fp8_accumulation, transposed):
     )
     assert out.dtype == v.dtype and out.shape == q.shape and not out.isnan().any()
     # The model rounds P and V exactly as the kernel; what is left is fp32 summation order (and
-    # an exp2 ulp that may move one P across an e4m3 rounding boundary) and bf16 output rounding.
-    assert (out.double() - ref.double()).abs().max() <= 8e-3
+    # an exp2 ulp that may move one P across an e4m3 rounding boundary) and bf16 output rounding
+    # (one bf16 step is 2**-8 relative: 0.0156 at 2..4).
+    gap = (out.double() - ref.double()).abs() - 2**-7 * ref.double().abs()
+    assert gap.max() <= 4e-3, gap.max()
     assert lse_gap(lse, ref_lse) <= 1e-4 * max(1.0, ref_lse[torch.isfinite(ref_lse)].abs().max())
     assert torch.equal(out[0, 128:256, 0], torch.zeros_like(out[0, 128:256, 0]))
     # FP8 is a real change from 16-bit P.V: the int8 kernel's output differs by more than bf16's
