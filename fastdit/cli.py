@@ -352,8 +352,9 @@ def _add_composition_arguments(parser: argparse.ArgumentParser, *, compare: bool
             "fbc:threshold=0.05 or taylorseer:cache_interval=2,disable_cache_before_step=10,"
             "use_lite_mode=true (default: none)")
         add("--quantize", default=None, metavar="MODE[,MODE]",
-            help="kernel quantizations every fastdit method runs with, comma list of none and "
-            "int8 (bf16/fp16 only; not Agent, not PARO, which has its own option) (default: none)")
+            help="kernel quantizations every fastdit method runs with, comma list of none, int8 "
+            "and int8-fp8 (bf16/fp16 only; not Agent, not PARO, which has its own option) "
+            "(default: none)")
         add("--also-compiled", action="store_true",
             help="run every combination a second time with the transformer blocks compiled "
             "(regional torch.compile), after all eager runs; GPU only (default: off)")
@@ -361,9 +362,10 @@ def _add_composition_arguments(parser: argparse.ArgumentParser, *, compare: bool
         add("--cache", default=None, metavar="NAME[:KEY=VALUE,...]",
             help=f"a diffusers step cache on top of the method: {names}; options are the "
             "config's fields, e.g. fbc:threshold=0.05 (default: none)")
-        add("--quantize", choices=("int8",), default=None,
-            help="run the sparse attention on the INT8 kernel (bf16/fp16 only; Dense, Radial, GNA, "
-            "VMoBA, AdaSpa) (default: none)")
+        add("--quantize", choices=("int8", "int8-fp8"), default=None,
+            help="run the sparse attention on the quantized kernel: int8 (INT8 Q.K, 16-bit P.V) "
+            "or int8-fp8 (INT8 Q.K, FP8 P.V; compute capability >= 8.9, else int8) (bf16/fp16 "
+            "only; Dense, Radial, GNA, VMoBA, AdaSpa) (default: none)")
 
 
 def check_quantize_option(method, quantize: str | None, setup: RunSetup, where: str = "--quantize") -> None:

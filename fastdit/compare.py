@@ -602,10 +602,12 @@ def parse_quantizations(args: argparse.Namespace, setup) -> list[str | None]:
         if mode not in modes:
             modes.append(mode)
     if not modes:
-        raise UsageError(f"--quantize expects MODE[,MODE] (none, int8), got {args.quantize!r}")
+        raise UsageError(f"--quantize expects MODE[,MODE] (none, {', '.join(QUANTIZATIONS)}), "
+                         f"got {args.quantize!r}")
     if any(modes) and setup.dtype_name not in ("bfloat16", "float16"):
-        raise UsageError(f"--quantize int8 needs --dtype bfloat16 or float16 (P.V runs in 16 bits), "
-                         f"got {setup.dtype_name}")
+        mode = next(m for m in modes if m)
+        raise UsageError(f"--quantize {mode} needs --dtype bfloat16 or float16 (quantized "
+                         f"attention takes 16-bit inputs), got {setup.dtype_name}")
     return modes
 
 

@@ -41,7 +41,7 @@ class Request:
         return_lse: the call asks for the log-sum-exp too.
         key_padding: the call has per-batch valid key lengths.
         window_mask: the call has window-mask partial blocks (token-level rule).
-        quantize: ``None`` or the quantized mode (``"int8"``).
+        quantize: ``None`` or the quantized mode (``"int8"``, ``"int8-fp8"``).
     """
 
     operation: str
@@ -180,6 +180,7 @@ EXPLAINED_CALLS = {
     "attention + key padding": dict(operation="attention", key_padding=True),
     "attention + window mask (GNA)": dict(operation="attention", window_mask=True),
     "INT8 attention": dict(operation="attention", quantize="int8"),
+    "INT8 Q.K + FP8 P.V attention": dict(operation="attention", quantize="int8-fp8"),
     "block mass": dict(operation="block_mass"),
     "pooling": dict(operation="block_mean_pool"),
     "INT8 quantization": dict(operation="quantize_qk"),
@@ -192,6 +193,24 @@ def explain_calls(
     """For each kind of call in :data:`EXPLAINED_CALLS`: each backend's reason (or ``None``)."""
     base = Request("attention", torch.device(device), dtype, head_dim)
     return {label: reasons(replace(base, **fields)) for label, fields in EXPLAINED_CALLS.items()}
+
+
+def runnable_quantize(quantize: str | None, device: torch.device) -> str | None:
+    """The quantized mode a call runs: ``quantize``, except ``"int8-fp8"`` on a GPU without FP8
+    tensor cores (compute capability < 8.9), which runs ``"int8"`` (logged once, with the reason
+    :func:`explain_backends` gives for ``quantize="int8-fp8"`` there)."""
+    from .quantized import FP8_QUANTIZATIONS, fp8_unsupported
+
+    if quantize not in FP8_QUANTIZATIONS:
+        return quantize
+    reason = fp8_unsupported(device)
+    if reason is None:
+        return quantize
+    key = ("quantize", str(device), reason)
+    if key not in _logged_fallbacks:
+        _logged_fallbacks.add(key)
+        logger.warning("fastdit: %s", reason)
+    return "int8"
 
 
 def unregister_backend(name: str) -> Backend:

@@ -29,7 +29,8 @@ from .window import WindowMask
 
 LAYOUTS = ("bshd", "bhsd")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# INT8 attention keeps P and V in 16 bits (P.V in fp16/bf16, fp32 accumulation).
+# Quantized attention takes fp16/bf16 inputs (INT8 keeps P.V in V's 16-bit dtype; INT8+FP8
+# quantizes V from it and writes the output in it).
 QUANTIZED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -188,9 +189,11 @@ def block_sparse_attention(
             computed with its token-level window rule (exact GNA/NATTEN windows).
         backend: ``"flash4"``, ``"triton"`` or ``"reference"`` to force one; by default the
             first that can run the call (:func:`explain_backends` says why the others cannot).
-        quantize: ``None`` (fp16/bf16/fp32 throughout) or ``"int8"``: Q and K quantized to INT8
-            with per-block scales and K smoothed by its mean (fp16/bf16 inputs only; see
-            :mod:`fastdit.kernels.quantized`); the quantization pass is part of this call.
+        quantize: ``None`` (fp16/bf16/fp32 throughout), ``"int8"``: Q and K quantized to INT8
+            with per-block scales and K smoothed by its mean, P.V in 16 bits, or ``"int8-fp8"``:
+            the same INT8 Q.K^T with P.V in FP8 e4m3 (V per channel; compute capability >= 8.9,
+            older GPUs run ``"int8"``); fp16/bf16 inputs only; see
+            :mod:`fastdit.kernels.quantized`. The quantization pass is part of this call.
 
     Returns:
         The output in the input's layout and dtype, or ``(out, lse)``. A query row that sees no

@@ -77,6 +77,7 @@ def attention(
             _plan(window_counts, window_indices, plan_sizes), window_query_start,
             window_key_coords, tuple(window_rule[:3]), tuple(window_rule[3:]),
         )
+    quantize = registry.runnable_quantize(quantize, q.device)
     request = registry.Request(
         "attention", q.device, q.dtype, q.shape[-1], plan.q_block_size, plan.kv_block_size,
         dense=dense and window is None, return_lse=return_lse, key_padding=key_lengths is not None,

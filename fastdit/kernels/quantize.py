@@ -14,6 +14,10 @@ the sequence length (and, for K, below the batch element's valid key length)::
 INT8 attention kernel reads. One program per (block, batch * head): one read of ``x``, one int8
 write. The mean itself is a PyTorch reduction (:func:`fastdit.kernels.quantized.key_mean`) before
 this kernel, so quantizing K reads K twice; both passes count in every timing fastdit reports.
+
+For ``quantize="int8-fp8"`` V goes to FP8 e4m3 per channel (:func:`triton_quantize_v_fp8`): its
+per-channel ``max |v|`` is one PyTorch reduction (``aminmax``), then one launch writes
+``v_q = e4m3(clamp(v * 448 / max|v_d|, -448, 448))``, ``[B, H, S, D]`` or transposed.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantized import QuantizedQK, key_mean
-from .triton_common import LOG2E, strides
+from .quantized import FP8_E4M3_MAX, QuantizedQK, QuantizedV, key_mean, value_absmax
+from .triton_common import LOG2E, e4m3_round, strides
 
 
 @triton.jit
@@ -141,3 +145,79 @@ def triton_quantize_qk(
         scale_multiplier=scale * LOG2E, shift_multiplier=scale, key_lengths=None,
     )
     return QuantizedQK(q_q, q_scale, k_q, k_scale, mean, shift, q_block_size, kv_block_size, scale)
+
+
+@triton.jit
+def _quantize_v_fp8_kernel(
+    V, InvScale, Vq, key_lengths_ptr,
+    stride_vb, stride_vh, stride_vs,
+    num_heads, seq_len, head_dim, out_seq,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    TRANSPOSED: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    block = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    rows = block * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    valid = rows < seq_len
+    if HAS_KEY_LENGTHS:
+        valid = valid & (rows < tl.load(key_lengths_ptr + batch))
+    v_ptrs = (
+        V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+        + (block * BLOCK).to(tl.int64) * stride_vs
+        + tl.arange(0, BLOCK)[:, None] * stride_vs + offs_d[None, :]
+    )
+    v = tl.load(v_ptrs, mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    inv = tl.load(InvScale + pid_bh.to(tl.int64) * head_dim + offs_d, mask=d_ok, other=1.0)
+    y = tl.minimum(tl.maximum(v * inv[None, :], -448.0), 448.0)
+    if INTERPRET:  # the CPU interpreter's fp8 cast rounds wrongly (see e4m3_round)
+        y = e4m3_round(y)
+    v_q = y.to(tl.float8e4nv)
+    base = Vq + pid_bh.to(tl.int64) * out_seq * head_dim
+    if TRANSPOSED:
+        # [D, out_seq]: rows past seq_len up to out_seq (the 16-byte padding) are written 0.
+        tl.store(
+            base + offs_d[None, :].to(tl.int64) * out_seq + rows[:, None], v_q,
+            mask=(rows < out_seq)[:, None] & d_ok[None, :],
+        )
+    else:
+        tl.store(
+            base + rows.to(tl.int64)[:, None] * head_dim + offs_d[None, :], v_q,
+            mask=(rows < seq_len)[:, None] & d_ok[None, :],
+        )
+
+
+def triton_quantize_v_fp8(
+    v: torch.Tensor,
+    *,
+    layout: str,
+    key_lengths: torch.Tensor | None,
+    transposed: bool,
+    block: int = 128,
+) -> QuantizedV:
+    """V (fp16/bf16, ``layout``) -> :class:`~fastdit.kernels.quantized.QuantizedV`: e4m3 per
+    channel, ``[B, H, S, D]`` or transposed ``[B, H, D, S_pad]``; keys past ``key_lengths`` are
+    stored 0 and do not enter the scales."""
+    if layout == "bshd":
+        batch, seq_len, heads, head_dim = v.shape
+    else:
+        batch, heads, seq_len, head_dim = v.shape
+    absmax = value_absmax(v, layout, key_lengths)
+    absmax = torch.where(absmax > 0, absmax, 1.0)  # an all-zero channel: any scale, never 0
+    out_seq = -(-seq_len // 16) * 16 if transposed else seq_len
+    shape = (batch, heads, head_dim, out_seq) if transposed else (batch, heads, seq_len, head_dim)
+    v_q = torch.empty(shape, dtype=torch.float8_e4m3fn, device=v.device)
+    inv_scale = (FP8_E4M3_MAX / absmax).contiguous()
+    grid = (triton.cdiv(out_seq, block), batch * heads)
+    _quantize_v_fp8_kernel[grid](
+        v, inv_scale, v_q, key_lengths if key_lengths is not None else inv_scale,
+        *strides(v, layout), heads, seq_len, head_dim, out_seq,
+        BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        HAS_KEY_LENGTHS=key_lengths is not None, TRANSPOSED=transposed,
+        INTERPRET=v.device.type == "cpu",
+        num_warps=8 if block * head_dim >= 128 * 128 else 4,
+    )
+    return QuantizedV(v_q, absmax / FP8_E4M3_MAX, transposed)

@@ -13,6 +13,13 @@ SageAttention's scheme (Zhang et al., 2025) as PARO (METHODS.md section 5) uses 
 * ``scale * log2(e)`` is folded into Q's block scale, so the kernel's scores
   ``q_q . k_q * q_scale * k_scale`` are already in log2 units for ``exp2``.
 
+``quantize="int8-fp8"`` (SageAttention2's scheme on Hopper) also quantizes V, to FP8 e4m3 per
+channel (:class:`QuantizedV`): ``s_d = max_j |v_jd| / 448`` over the valid keys of a (batch, head),
+``v_q = e4m3(v / s_d)`` (round to nearest even on the GPU; 448 is e4m3's largest finite value).
+The kernel runs ``P @ V`` in FP8 with ``P`` scaled by :data:`P_SCALE` and divides by
+``P_SCALE`` and multiplies by ``s_d`` once, at the end (see
+:func:`fastdit.kernels.triton_common.fp8_pv`).
+
 Blocks are the plan's blocks (``q_block_size`` and ``kv_block_size`` tokens), so every tile of the
 kernel lies inside one scale block. Key rows at or past a batch element's valid length are stored
 as 0 and do not enter the mean or the scales (they may hold anything, even NaN).
@@ -24,7 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
-QUANTIZATIONS = ("int8",)
+# "int8": INT8 Q.K^T, P.V in V's 16-bit dtype. "int8-fp8": INT8 Q.K^T, FP8 e4m3 P.V (compute
+# capability >= 8.9; older GPUs run "int8" instead, see FP8_MIN_CAPABILITY).
+QUANTIZATIONS = ("int8", "int8-fp8")
+FP8_QUANTIZATIONS = ("int8-fp8",)
+FP8_MIN_CAPABILITY = (8, 9)
+FP8_E4M3_MAX = 448.0
+# P (in [0, 1]) times this before the e4m3 cast: its largest entries use e4m3's whole range.
+P_SCALE = FP8_E4M3_MAX
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,3 +86,49 @@ def key_mean(k: torch.Tensor, layout: str, key_lengths: torch.Tensor | None, smo
     valid = valid[:, :, None, None] if layout == "bshd" else valid[:, None, :, None]
     sums = torch.where(valid, k, 0).sum(dim=seq_dim, dtype=torch.float32)
     return sums / lengths.clamp_min(1).to(torch.float32)[:, None, None]
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedV:
+    """V in FP8 e4m3 with one scale per (batch, head, channel), for ``quantize="int8-fp8"``.
+
+    Attributes:
+        v: ``torch.float8_e4m3fn``, ``[B, H, S_kv, D]`` contiguous, or with ``transposed``
+            ``[B, H, D, S_pad]`` (keys contiguous, ``S_pad`` = ``S_kv`` rounded up to 16: 16-byte
+            rows for Hopper's tensor descriptors; the columns past ``S_kv`` hold 0).
+        scale: fp32 ``[B, H, D]``: ``max_j |v_jd| / 448`` over the valid keys (``1 / 448`` for an
+            all-zero channel); ``v ~= v_q * scale``.
+        transposed: the layout of ``v`` (Hopper's FP8 MMA reads its B operand K-major).
+    """
+
+    v: torch.Tensor
+    scale: torch.Tensor
+    transposed: bool
+
+
+def fp8_unsupported(device: torch.device) -> str | None:
+    """Why ``device`` cannot run FP8 P.V (``None`` if it can): CUDA compute capability < 8.9."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        return (
+            f"FP8 P.V needs compute capability >= 8.9 (Ada, Hopper), got {major}.{minor}: "
+            "quantize='int8-fp8' calls run quantize='int8' there"
+        )
+    return None
+
+
+def value_absmax(v: torch.Tensor, layout: str, key_lengths: torch.Tensor | None) -> torch.Tensor:
+    """fp32 ``[B, H, D]``: ``max |v|`` per channel over the valid keys (one read of V, no copy
+    without ``key_lengths``; rows past a length are excluded, they may hold NaN)."""
+    seq_dim = 1 if layout == "bshd" else 2
+    if key_lengths is not None:
+        seq_len = v.shape[seq_dim]
+        lengths = key_lengths.to(device=v.device, dtype=torch.int64).clamp(0, seq_len)
+        valid = torch.arange(seq_len, device=v.device)[None, :] < lengths[:, None]
+        valid = valid[:, :, None, None] if layout == "bshd" else valid[:, None, :, None]
+        v = torch.where(valid, v, 0)
+    low, high = torch.aminmax(v, dim=seq_dim)
+    return torch.maximum(high.float(), -low.float())

@@ -2,7 +2,8 @@
 
 Each computes the same function as its Triton kernel from the same plan, in fp32, by masking
 ordinary attention (the INT8 path: by quantizing the same way and attending over the
-dequantized values). Tests compare the kernels against these; they are also the execution path
+dequantized values; the INT8+FP8 path by replaying the kernel's online softmax tile by tile with
+P and V rounded to e4m3). Tests compare the kernels against these; they are also the execution path
 on a CPU without ``TRITON_INTERPRET=1``. Work is split over query-block chunks so that no
 ``S_q x S_kv`` tensor larger than :data:`MAX_CHUNK_ELEMENTS` exists at once.
 """
@@ -14,7 +15,15 @@ import torch
 from .backend import Backend, register_backend
 from .plan import BlockSparsity
 from .window import WindowMask
-from .quantized import QuantizedQK
+from .quantized import (
+    FP8_E4M3_MAX,
+    FP8_QUANTIZATIONS,
+    P_SCALE,
+    QuantizedQK,
+    QuantizedV,
+    fp8_unsupported,
+    value_absmax,
+)
 
 LOG2E = 1.4426950408889634
 MAX_CHUNK_ELEMENTS = 1 << 26
@@ -256,12 +265,126 @@ def int8_attention_reference(
     return out, lse + quantized.lse_shift
 
 
+def quantize_v_fp8_reference(
+    v: torch.Tensor,
+    *,
+    layout: str = "bshd",
+    key_lengths: torch.Tensor | None = None,
+    transposed: bool = False,
+) -> QuantizedV:
+    """Per-channel e4m3 V (the function :func:`fastdit.kernels.quantize.triton_quantize_v_fp8`
+    computes), in PyTorch: ``v_q = e4m3(clamp(v * (448 / max|v_d|), -448, 448))``, rounding to
+    nearest even (``torch.float8_e4m3fn``), keys past ``key_lengths`` stored 0."""
+    absmax = value_absmax(v, layout, key_lengths)
+    absmax = torch.where(absmax > 0, absmax, 1.0)
+    vf = _to_bhsd_fp32(v, layout)
+    seq_len = vf.shape[2]
+    if key_lengths is not None:
+        lengths = key_lengths.to(v.device)[:, None].long()
+        valid = torch.arange(seq_len, device=v.device)[None, :] < lengths
+        vf = torch.where(valid[:, None, :, None], vf, 0.0)
+    inv = (FP8_E4M3_MAX / absmax)[:, :, None, :]
+    v_q = (vf * inv).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    if transposed:
+        padded = -(-seq_len // 16) * 16
+        v_t = torch.zeros((*v_q.shape[:2], v_q.shape[3], padded), dtype=v_q.dtype, device=v.device)
+        v_t[..., :seq_len] = v_q.transpose(2, 3)
+        v_q = v_t
+    return QuantizedV(v_q.contiguous(), absmax / FP8_E4M3_MAX, transposed)
+
+
+def fp8_values(quantized_v: QuantizedV, seq_kv: int) -> torch.Tensor:
+    """The e4m3 values of a :class:`QuantizedV` as fp32 ``[B, H, S_kv, D]`` (unscaled)."""
+    v_q = quantized_v.v.float()
+    return v_q[..., :seq_kv].transpose(2, 3) if quantized_v.transposed else v_q
+
+
+def int8_fp8_attention_reference(
+    quantized: QuantizedQK,
+    quantized_v: QuantizedV,
+    plan: BlockSparsity,
+    *,
+    dtype: torch.dtype,
+    layout: str = "bshd",
+    return_lse: bool = False,
+    key_lengths: torch.Tensor | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The INT8+FP8 kernel's function, replayed: for every query block, its plan row's key blocks
+    in order, ``block_n`` keys at a time (default: the whole key block, as the interpreter runs
+    it), the online softmax of the kernel (:func:`~fastdit.kernels.triton_common.fold_scores`):
+    exact int8 scores times ``q_scale * k_scale`` in fp32, ``p = exp2(s - m)`` against the running
+    max ``m``, ``l`` from the fp32 ``p``, and ``acc = acc * alpha + e4m3(448 p) @ v_q`` in fp32;
+    then ``out = acc / l * v_scale / 448`` (0 and LSE -inf for a row that saw no key). Output in
+    ``dtype`` and ``layout``; rounding to e4m3 is ``torch.float8_e4m3fn``'s (nearest even)."""
+    q_block, kv_block = quantized.q_block_size, quantized.kv_block_size
+    block_n = block_n or kv_block
+    batch, heads, seq_q, head_dim = quantized.q.shape
+    seq_kv = quantized.k.shape[2]
+    device = quantized.q.device
+    num_q, num_kv = -(-seq_q // q_block), -(-seq_kv // kv_block)
+
+    def blocks(x: torch.Tensor, rows: int, size: int) -> torch.Tensor:
+        padded = x.new_zeros((batch, heads, rows * size, head_dim))
+        padded[:, :, : x.shape[2]] = x
+        return padded.view(batch, heads, rows, size, head_dim)
+
+    q_int = blocks(quantized.q.float(), num_q, q_block)  # [B, H, nQ, bq, D]
+    k_int = blocks(quantized.k.float(), num_kv, kv_block)  # [B, H, nK, bk, D]
+    v_q = blocks(fp8_values(quantized_v, seq_kv), num_kv, kv_block)
+    counts = plan.kv_counts.to(device).expand(batch, heads, num_q)
+    indices = plan.kv_indices.to(device).long().expand(batch, heads, num_q, -1)
+    kv_len = torch.full((batch,), seq_kv, device=device, dtype=torch.long)
+    if key_lengths is not None:
+        kv_len = key_lengths.to(device).long().clamp(0, seq_kv)
+    m = torch.full((batch, heads, num_q, q_block), float("-inf"), device=device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros((batch, heads, num_q, q_block, head_dim), device=device)
+    k_scale = quantized.k_scale.to(device)
+    for slot in range(indices.shape[-1]):
+        active = slot < counts  # [B, H, nQ]
+        block = indices[..., slot].clamp(0, num_kv - 1)
+        gather = block[..., None, None].expand(-1, -1, -1, kv_block, head_dim)
+        k_tiles = torch.gather(k_int, 2, gather)
+        v_tiles = torch.gather(v_q, 2, gather)
+        block_scale = quantized.q_scale * torch.gather(k_scale, 2, block)  # fp32, as the kernel
+        for sub in range(0, kv_block, block_n):
+            raw = q_int @ k_tiles[..., sub : sub + block_n, :].transpose(-1, -2)  # exact integers
+            cols = block[..., None] * kv_block + sub + torch.arange(block_n, device=device)
+            visible = active[..., None] & (cols < kv_len[:, None, None, None])  # [B, H, nQ, bn]
+            scores = raw * block_scale[..., None, None]
+            scores = torch.where(visible[..., None, :], scores, float("-inf"))
+            m_new = torch.maximum(m, scores.amax(-1))
+            m_shift = torch.where(m_new == float("-inf"), 0.0, m_new)
+            p = torch.exp2(scores - m_shift[..., None])
+            alpha = torch.exp2(m - m_shift)
+            l = l * alpha + p.sum(-1)
+            p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
+            acc = acc * alpha[..., None] + p8 @ v_tiles[..., sub : sub + block_n, :]
+            m = m_new
+    no_keys = l == 0
+    l_safe = torch.where(no_keys, 1.0, l)
+    out = acc / l_safe[..., None] * (quantized_v.scale.to(device) / P_SCALE)[:, :, None, None, :]
+    out = out.reshape(batch, heads, num_q * q_block, head_dim)[:, :, :seq_q]
+    out = (out.transpose(1, 2) if layout == "bshd" else out).to(dtype)
+    if not return_lse:
+        return out, None
+    lse = torch.where(no_keys, float("-inf"), (m + torch.log2(l_safe)) * 0.6931471805599453)
+    lse = lse.reshape(batch, heads, num_q * q_block)[:, :, :seq_q]
+    return out, lse + quantized.lse_shift
+
+
 class ReferenceBackend(Backend):
     """The ``reference`` backend: the functions above, on any device and dtype."""
 
     name = "reference"
     priority = 90
     operations = ("attention", "block_mass", "block_mean_pool", "segment_mean_pool", "quantize_qk")
+
+    def why_not(self, request):
+        if request.quantize in FP8_QUANTIZATIONS:
+            return fp8_unsupported(request.device)
+        return None
 
     def attention(self, q, k, v, plan, *, scale, layout, return_lse, key_lengths, window, quantize, dense):
         if quantize is not None:
@@ -270,6 +393,12 @@ class ReferenceBackend(Backend):
                 scale=scale, layout=layout, key_lengths=key_lengths, lse_shift=return_lse,
                 smooth_k=True,
             )
+            if quantize == "int8-fp8":
+                quantized_v = quantize_v_fp8_reference(v, layout=layout, key_lengths=key_lengths)
+                return int8_fp8_attention_reference(
+                    quantized, quantized_v, plan, dtype=v.dtype, layout=layout,
+                    return_lse=return_lse, key_lengths=key_lengths,
+                )
             return int8_attention_reference(
                 quantized, v, plan, layout=layout, return_lse=return_lse, key_lengths=key_lengths
             )

@@ -1,7 +1,8 @@
 """The ``triton`` backend: fastdit's own Triton kernels, which run every plan.
 
-Any block size (64/128), window-mask partial blocks, INT8 Q.K^T, fp32 for tests, key padding,
-LSE; on Ampere or newer GPUs, and on CPU tensors under ``TRITON_INTERPRET=1``.
+Any block size (64/128), window-mask partial blocks, INT8 Q.K^T (P.V in 16 bits, or in FP8 e4m3
+with ``quantize="int8-fp8"`` on compute capability >= 8.9), fp32 for tests, key padding, LSE; on
+Ampere or newer GPUs, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import torch
 
 from .backend import Backend, Request, register_backend
+from .quantized import FP8_QUANTIZATIONS, fp8_unsupported
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -38,6 +40,8 @@ class TritonBackend(Backend):
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return f"compute capability must be >= 8.0 (Ampere), got {major}.{minor}"
+        if request.quantize in FP8_QUANTIZATIONS:
+            return fp8_unsupported(device)
         return None
 
     def attention(self, q, k, v, plan, *, scale, layout, return_lse, key_lengths, window, quantize, dense):
@@ -50,9 +54,17 @@ class TritonBackend(Backend):
                 scale=scale, layout=layout, key_lengths=key_lengths, lse_shift=return_lse,
                 smooth_k=True,
             )
+            quantized_v = None
+            if quantize == "int8-fp8":
+                from .int8_attention import V_TRANSPOSED
+                from .quantize import triton_quantize_v_fp8
+
+                quantized_v = triton_quantize_v_fp8(
+                    v, layout=layout, key_lengths=key_lengths, transposed=V_TRANSPOSED
+                )
             return triton_int8_block_sparse_attention(
                 quantized, v, plan, layout=layout, return_lse=return_lse,
-                key_lengths=key_lengths, interpret=interpret,
+                key_lengths=key_lengths, interpret=interpret, quantized_v=quantized_v,
             )
         from .attention import triton_block_sparse_attention
 

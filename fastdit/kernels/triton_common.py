@@ -7,10 +7,11 @@ loops, :func:`attend_kv_blocks` (pointer loads, any bounds mask, the window rule
 :func:`attend_plan_row` (a plan row: its unmasked blocks, then its masked suffix) serve both the
 bf16 kernel (:mod:`fastdit.kernels.attention`) and the INT8 one
 (:mod:`fastdit.kernels.int8_attention`): constexpr switches passed by keyword (``USE_TMA``,
-``MASK_KV``, ``INT8_QK``, ``WINDOW``) select what each loop compiles, so a switched-off feature
-costs no instruction. The switches are ordinary parameters passed by keyword, never keyword-only
-(``*``): Triton 3.6 binds only positional-or-keyword parameters of a device function (a
-keyword-only constexpr is undefined in its body there, while the interpreter accepts it).
+``MASK_KV``, ``INT8_QK``, ``WINDOW``, ``FP8_PV``/``FP8_ACC``/``V_T``) select what each loop
+compiles, so a switched-off feature costs no instruction. The switches are ordinary parameters
+passed by keyword, never keyword-only (``*``): Triton 3.6 binds only positional-or-keyword
+parameters of a device function (a keyword-only constexpr is undefined in its body there, while
+the interpreter accepts it).
 
 Names follow the flash-attention papers: ``m_i`` running max in log2 units, ``l_i`` running sum,
 ``acc`` unnormalised output, ``qk_scale = scale * log2(e)`` (exponentials use ``exp2``).
@@ -38,7 +39,9 @@ __all__ = [
     "attend_plan_row",
     "count_unmasked_blocks",
     "dot",
+    "e4m3_round",
     "fold_scores",
+    "fp8_pv",
     "int8_scores",
     "launch_with_fallback",
     "normalized_output",
@@ -58,7 +61,8 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
     """``acc + a @ b``; ``UPCAST_OPERANDS`` works around the Triton CPU interpreter's wrong
-    results for bf16 ``tl.dot`` (seen with Triton 3.9) and is never set on a GPU."""
+    results for bf16 ``tl.dot`` (seen with Triton 3.9) and is never set on a GPU (the FP8 path
+    uses it to round to e4m3 before the interpreter's cast, :func:`e4m3_round`)."""
     if UPCAST_OPERANDS:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -88,13 +92,56 @@ def scores(q, k, INT8_QK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPER
 
 
 @triton.jit
+def e4m3_round(x):
+    """``x`` (fp32, ``|x| <= 448``) rounded to the nearest e4m3 value, ties to even, subnormals
+    kept: what the GPU's ``x.to(tl.float8e4nv)`` does, in fp32 arithmetic. The Triton CPU
+    interpreter's own cast loses the carry into the exponent (7.9 becomes 4, 127 becomes 64, seen
+    with Triton 3.9) and flushes subnormals; kernels round with this first under the interpreter,
+    after which its cast is exact."""
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    ulp_exponent = tl.maximum(exponent, -6) - 3  # 3 mantissa bits; subnormals below 2**-6
+    ulp = ((ulp_exponent + 127) << 23).to(tl.float32, bitcast=True)
+    return ((x / ulp + 12582912.0) - 12582912.0) * ulp  # 1.5 * 2**23: round half to even
+
+
+@triton.jit
+def fp8_pv(acc, p, v, FP8_ACC: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
+    """``acc + (P_SCALE * p) @ v`` as an FP8 e4m3 MMA, fp32 accumulation (the int8-fp8 mode).
+
+    ``p`` is the online softmax's fp32 tile in ``[0, 1]`` (scores minus the running max); times
+    :data:`P_SCALE` (448, e4m3's largest finite value) it spans e4m3's range, so its largest
+    entries keep e4m3's full 3-bit mantissa. ``v`` is e4m3, quantized per channel; the kernel
+    divides by ``P_SCALE`` and applies V's channel scales once, after the loop.
+
+    Hopper's FP8 MMA adds its products with less than fp32 precision. ``FP8_ACC = 0``: two-level
+    accumulation (SageAttention2): the tile's product goes to a fresh fp32 register tile, then one
+    fp32 addition into ``acc`` (Triton never folds that addition into the MMA for fp8 operands on
+    sm_90: its default ``max_num_imprecise_acc`` there is 2**30). ``FP8_ACC = n > 0``: one MMA
+    into ``acc`` with ``max_num_imprecise_acc=n`` (Triton promotes to fp32 every ``n`` products
+    along the keys; ``n`` at most the tile's ``BLOCK_N``). ``FP8_ACC = -1``: one MMA into ``acc``
+    with Triton's default (on sm_90 no promotion at all: fastest, least precise)."""
+    p8 = p * 448.0
+    if UPCAST_OPERANDS:  # the interpreter (see e4m3_round)
+        p8 = e4m3_round(p8)
+    p8 = p8.to(tl.float8e4nv)
+    if FP8_ACC == 0:
+        return acc + tl.dot(p8, v)
+    if FP8_ACC < 0:
+        return tl.dot(p8, v, acc)
+    return tl.dot(p8, v, acc, max_num_imprecise_acc=FP8_ACC)
+
+
+@triton.jit
 def fold_scores(
     acc, l_i, m_i, qk, v, visible, qk_scale,
     MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0,
 ):
     """Fold a ``[BLOCK_M, BLOCK_N]`` tile of raw scores ``qk`` (``qk * qk_scale`` in log2 units)
     and its values into the running softmax state: the online-softmax update shared by every
-    attention kernel (P is cast to V's dtype for ``P @ V``, accumulated in fp32). ``visible``
+    attention kernel (P is cast to V's dtype for ``P @ V``, accumulated in fp32; with ``FP8_PV``
+    V is an e4m3 tile and :func:`fp8_pv` runs ``P @ V`` in FP8). ``visible``
     (``[1, BLOCK_N]`` or ``[BLOCK_M, BLOCK_N]``) masks scores when ``MASK_KV``."""
     if MASK_KV:
         qk = tl.where(visible, qk, float("-inf"))
@@ -108,7 +155,10 @@ def fold_scores(
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST_OPERANDS)
+    if FP8_PV:
+        acc = fp8_pv(acc, p, v, FP8_ACC, UPCAST_OPERANDS)
+    else:
+        acc = dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST_OPERANDS)
     return acc, l_i, m_ij
 
 
@@ -145,13 +195,17 @@ def attend_kv_block(
     INT8_QK: tl.constexpr = False, WINDOW: tl.constexpr = False,
     q_start_t=0, q_start_h=0, q_start_w=0, k_coords_ptr=None,
     span_t=0, span_h=0, span_w=0, dil_t=1, dil_h=1, dil_w=1,
+    FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
 ):
     """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads.
 
     ``MASK_KV``: keys at or past ``kv_len`` are masked (the ragged last block, key padding).
     ``INT8_QK``: Q and K are int8 tiles (the INT8 kernel) and ``q @ k^T`` is an int8 MMA.
     ``WINDOW``: the window rule of the ``q_start_*``/``k_coords_ptr``/``span_*``/``dil_*``
-    arguments applies (a partial block; needs ``MASK_KV``); they are unused otherwise."""
+    arguments applies (a partial block; needs ``MASK_KV``); they are unused otherwise.
+    ``FP8_PV``/``FP8_ACC``: V is e4m3 and ``P @ V`` runs in FP8 (:func:`fp8_pv`). ``V_T``: V is
+    stored transposed (``[D, S]``, keys contiguous: ``v_tile_offsets`` is ``[BLOCK_D, BLOCK_N]``
+    and ``stride_vs`` is 1), the K-major B operand Hopper's FP8 MMA reads."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
@@ -166,14 +220,25 @@ def attend_kv_block(
             if not EVEN_D:
                 load_mask = load_mask & (offs_d[None, :] < head_dim)
             k = tl.load(k_ptrs, mask=load_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+            if V_T:
+                v_mask = cols_ok[None, :]
+                if not EVEN_D:
+                    v_mask = v_mask & (offs_d[:, None] < head_dim)
+                v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=load_mask, other=0.0)
         elif EVEN_D:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         else:
             d_ok = offs_d[None, :] < head_dim
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+            if V_T:
+                v = tl.load(v_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        if V_T:
+            v = tl.trans(v)
         qk = scores(q, k, INT8_QK, DOT_PRECISION, UPCAST_OPERANDS)
         if WINDOW:
             visible = window_visible(
@@ -183,7 +248,8 @@ def attend_kv_block(
         else:
             visible = cols_ok[None, :]
         acc, l_i, m_i = fold_scores(
-            acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS
+            acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS,
+            FP8_PV, FP8_ACC,
         )
     return acc, l_i, m_i
 
@@ -210,6 +276,7 @@ def attend_kv_blocks(
     INT8_QK: tl.constexpr = False, WINDOW: tl.constexpr = False, k_scale_row=None,
     q_start_t=0, q_start_h=0, q_start_w=0, k_coords_ptr=None,
     span_t=0, span_h=0, span_w=0, dil_t=1, dil_h=1, dil_w=1,
+    FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
 ):
     """The key-block loop: entries ``first .. last - 1`` of a plan row (``index_ptr``), each folded
     in by :func:`attend_kv_block` with pointer loads.
@@ -232,7 +299,7 @@ def attend_kv_blocks(
             DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK,
             WINDOW=WINDOW, q_start_t=q_start_t, q_start_h=q_start_h, q_start_w=q_start_w,
             k_coords_ptr=k_coords_ptr, span_t=span_t, span_h=span_h, span_w=span_w,
-            dil_t=dil_t, dil_h=dil_h, dil_w=dil_w,
+            dil_t=dil_t, dil_h=dil_h, dil_w=dil_w, FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
         )
     return acc, l_i, m_i
 
@@ -243,11 +310,13 @@ def attend_kv_blocks_tma(
     k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr, INT8_QK: tl.constexpr = False, k_scale_row=None,
+    FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
 ):
     """The key-block loop with Hopper tensor-descriptor loads (no bounds mask: only blocks that lie
     entirely below the valid key length). K tiles are read at rows ``k_row + kv row`` of column
-    ``k_col`` of K's 2-D view, V tiles likewise; ``qk_scale``/``k_scale_row``/``INT8_QK`` as in
-    :func:`attend_kv_blocks`."""
+    ``k_col`` of K's 2-D view, V tiles likewise (with ``V_T``, V's view is transposed: its tiles
+    are ``[BLOCK_D, BLOCK_N]`` at row ``v_row``, column ``v_col + kv row``); the switches are
+    :func:`attend_kv_blocks`'s."""
     # The loop carries (m_i, l_i, acc) in this order, as the kernels' own loops did: Triton
     # orders loop-carried values by first definition, so this keeps the generated code.
     m_i, l_i, acc = m_in, l_in, acc_in
@@ -257,10 +326,14 @@ def attend_kv_blocks_tma(
         )
         for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
             k = k_desc.load([k_row + kv_row_start + sub, k_col])
-            v = v_desc.load([v_row + kv_row_start + sub, v_col])
+            if V_T:
+                v = tl.trans(v_desc.load([v_row, v_col + kv_row_start + sub]))
+            else:
+                v = v_desc.load([v_row + kv_row_start + sub, v_col])
             qk = scores(q, k, INT8_QK, DOT_PRECISION, UPCAST_OPERANDS)
             acc, l_i, m_i = fold_scores(
-                acc, l_i, m_i, qk, v, None, block_scale, False, DOT_PRECISION, UPCAST_OPERANDS
+                acc, l_i, m_i, qk, v, None, block_scale, False, DOT_PRECISION, UPCAST_OPERANDS,
+                FP8_PV, FP8_ACC,
             )
     return acc, l_i, m_i
 
@@ -273,6 +346,7 @@ def attend_plan_row(
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr, USE_TMA: tl.constexpr,
     INT8_QK: tl.constexpr = False, k_scale_row=None,
+    FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
 ):
     """All ``count`` key blocks of a plan row: the first ``num_unmasked`` (entirely below the
     valid key length, :func:`count_unmasked_blocks`) without a bounds mask, by tensor-descriptor
@@ -284,6 +358,7 @@ def attend_plan_row(
             k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
             KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
             UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK, k_scale_row=k_scale_row,
+            FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
         )
     else:
         acc, l_i, m_i = attend_kv_blocks(
@@ -292,7 +367,7 @@ def attend_plan_row(
             kv_len, head_dim, qk_scale,
             KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=False, EVEN_D=EVEN_D,
             DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK,
-            k_scale_row=k_scale_row,
+            k_scale_row=k_scale_row, FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
         )
     return attend_kv_blocks(
         acc, l_i, m_i, q, index_ptr, num_unmasked, count,
@@ -300,7 +375,7 @@ def attend_plan_row(
         kv_len, head_dim, qk_scale,
         KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=True, EVEN_D=EVEN_D,
         DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK,
-        k_scale_row=k_scale_row,
+        k_scale_row=k_scale_row, FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
     )
 
 

@@ -347,7 +347,8 @@ class PARO(Method):
     Args:
         plan: path of the calibrated plan file (required). Init-only: ``PARO.plan`` is the
             method's ``plan(layout, device)`` like every method's; the path is :attr:`plan_file`.
-        quantize: ``"int8"`` (the paper's INT8 attention; needs a bf16/fp16 pipeline) or ``None``
+        quantize: ``"int8"`` (the paper's INT8 attention; needs a bf16/fp16 pipeline),
+            ``"int8-fp8"`` (INT8 Q.K and FP8 P.V, see :mod:`fastdit.kernels.quantized`) or ``None``
             for the bf16/fp16 block-sparse kernel at the same plan.
         density, recall: the calibration target the plan must have been built with (``None``
             accepts the file's); a plan holds block maps for one target, so another target
