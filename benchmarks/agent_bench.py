@@ -102,9 +102,9 @@ from e2e_bench import AttentionTimer, build_transformer, make_inputs, synchroniz
 from kernel_bench import REPO_ROOT, describe_error, git_commit, parse_list  # noqa: E402
 
 import fastdit  # noqa: E402
-from fastdit.bench import write_outputs  # noqa: E402
+from fastdit.cli.bench import write_outputs  # noqa: E402
 from fastdit.kernels import explain_backends  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
+from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 NUM_STEPS = 50
 AGENT_STEP_FRACTION = 0.4  # published: agents in the first 40% of the steps

@@ -114,9 +114,9 @@ from kernel_bench import output_stem as kernel_output_stem  # noqa: E402
 
 import fastdit  # noqa: E402
 from fastdit import AdaSpa, Radial  # noqa: E402
-from fastdit.bench import write_outputs  # noqa: E402
+from fastdit.cli.bench import write_outputs  # noqa: E402
 from fastdit.kernels import explain_backends  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
+from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "best-dense", "radial", "adaspa")
 # Blocks built per model (the estimate extrapolates to the published depth).

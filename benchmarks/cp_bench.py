@@ -106,7 +106,7 @@ from e2e_bench import (  # noqa: E402  (also puts the repository root on sys.pat
 
 import fastdit  # noqa: E402
 from fastdit.parallel import enable as enable_ulysses  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
+from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 NUM_STEPS = 50
 TIMESTEP = 500.0

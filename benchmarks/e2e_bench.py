@@ -148,7 +148,7 @@ from fastdit import GNA, AdaSpa, Dense, LatentGrid, Radial, Schedule, SequenceLa
 from fastdit.kernels import BlockSparsity, choose_backend, explain_backends  # noqa: E402
 from fastdit.kernels.backend import explain_calls  # noqa: E402
 from fastdit.methods.adaspa import select_blocks  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
+from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "stock-flash", "dense", "radial", "gna", "vmoba", "vmoba-mean", "adaspa")
 RUN_ORDER = ("stock-cudnn", "stock-flash", "radial", "gna", "vmoba", "vmoba-mean", "adaspa", "dense")

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from fastdit import peers
+from fastdit.cli import peers
 from fastdit.kernels import BlockSparsity, block_sparse_attention
 
 

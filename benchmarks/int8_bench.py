@@ -71,7 +71,7 @@ from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_i
 from fastdit.kernels.dispatch import triton_interpreter_enabled  # noqa: E402
 from fastdit.kernels.int8_attention import triton_int8_block_sparse_attention  # noqa: E402
 from fastdit.kernels.reference import int8_attention_reference  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
+from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 BLOCK_SIZE = 128
 ALL_MASKS = ("random", "banded")

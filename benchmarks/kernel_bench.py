@@ -1,6 +1,6 @@
 """Micro-benchmark: fastdit block-sparse attention against dense SDPA, FlexAttention and xformers.
 
-A thin wrapper of :mod:`fastdit.bench` (``fastdit bench``), which documents what is measured, the
+A thin wrapper of :mod:`fastdit.cli.bench` (``fastdit bench``), which documents what is measured, the
 targets and the flags; this script benchmarks the checkout it lives in (installed or not) and
 writes into ``benchmarks/results`` by default:
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 # The helpers benchmarks/e2e_bench.py, int8_bench.py and paro_e2e_bench.py import from here, and
 # the main entry point.
-from fastdit.bench import (  # noqa: E402,F401
+from fastdit.cli.bench import (  # noqa: E402,F401
     BLOCK_SIZE,
     SHAPES,
     SMOKE_SHAPES,

@@ -82,7 +82,7 @@ from kernel_bench import (  # noqa: E402
 import fastdit  # noqa: E402
 from fastdit.layout import AXIS_ORDERS, SequenceLayout  # noqa: E402
 from fastdit.methods.paro import ParoPlan, layout_to_json  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
+from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "dense", "paro-bf16", "paro-int8")
 MODEL = "wan13b-480p"

@@ -211,7 +211,7 @@ def test_config_defaults_schedule_and_validation():
 
 
 def test_cli_builds_adaspa():
-    from fastdit.clicommon import build_method, build_schedule
+    from fastdit.cli.common import build_method, build_schedule
 
     method = build_method("adaspa", {"sparsity": 0.7, "search_steps": (5, 15)})
     assert method == AdaSpa(sparsity=0.7, search_steps=(5, 15))

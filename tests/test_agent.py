@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import fastdit
-from fastdit import cli, clicommon
+from fastdit import cli
+from fastdit.cli import common as clicommon
 from fastdit.methods import agent as agent_module
 from fastdit.methods.base import AttentionCall
 from fastdit.pipelines.unet import UNetSparseAttnProcessor

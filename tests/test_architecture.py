@@ -87,3 +87,17 @@ def test_method_interface_is_not_duck_typed_outside_methods():
             if node.func.id == "isinstance" and len(node.args) == 2 and "Dense" in ast.unparse(node.args[1]):
                 offending.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert not offending, offending
+
+
+def test_the_library_does_not_import_the_command_line():
+    """``fastdit.cli`` (the ``fastdit`` command and its tools) sits on top of the library: nothing
+    outside it but ``__main__`` imports it, so ``import fastdit`` never loads the command line."""
+    modules = _modules()
+    offending = [
+        f"{name} imports {target}"
+        for name, (path, tree) in modules.items()
+        if name.split(".")[:2] != ["fastdit", "cli"] and name != "fastdit.__main__"
+        for target, _ in _imports(name, path, tree, modules)
+        if target.split(".")[:2] == ["fastdit", "cli"]
+    ]
+    assert not offending, offending

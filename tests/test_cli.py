@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fastdit
-from fastdit import cli, clicommon
+from fastdit import cli
+from fastdit.cli import common as clicommon
 from fastdit.pipelines.tiny import (
     TINY_DEFAULTS,
     TINY_TRANSFORMER_CONFIG,
@@ -299,7 +300,7 @@ def test_write_video_falls_back_to_opencv(tmp_path, monkeypatch):
 
 
 def test_info_reports_versions_backends_and_reasons(capsys, monkeypatch):
-    from fastdit.cli import main
+    from fastdit.cli.main import main
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert main(["info", "--device", "cpu"]) == 0
@@ -324,7 +325,7 @@ def test_info_reports_versions_backends_and_reasons(capsys, monkeypatch):
 def test_info_rejects_cuda_without_a_gpu(capsys):
     import torch
 
-    from fastdit.cli import main
+    from fastdit.cli.main import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

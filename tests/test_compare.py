@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import fastdit
-from fastdit import cli, clicommon, compare, report
+from fastdit import cli
+from fastdit.cli import common as clicommon
+from fastdit.cli import compare, report
 from fastdit.kernels import block_sparse_attention
 from fastdit.layout import LatentGrid, SequenceLayout
 

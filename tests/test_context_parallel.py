@@ -375,7 +375,8 @@ def test_refusals_and_remove_on_2_ranks(rng):
 def cli_runs(rank: int, world: int, directory: str):
     """``fastdit generate`` and ``fastdit compare`` with ``--ulysses`` as torchrun would start them
     (RANK, WORLD_SIZE, LOCAL_RANK set); which files each rank wrote."""
-    from fastdit import cli, compare, report
+    from fastdit import cli
+    from fastdit.cli import compare, generate, report
 
     written = []
 
@@ -385,7 +386,7 @@ def cli_runs(rank: int, world: int, directory: str):
             return function(*args, **kwargs)
         return wrapper
 
-    cli.write_video = compare.write_video = recording(cli.write_video)
+    generate.write_video = compare.write_video = recording(generate.write_video)
     report.write_report = recording(report.write_report)
     small = ["--height", "64", "--width", "64", "--num-frames", "9", "--steps", "2"]  # 48 tokens
     video = os.path.join(directory, "out.mp4")

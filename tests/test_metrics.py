@@ -1,4 +1,4 @@
-"""fastdit.metrics against scikit-image's PSNR and SSIM on fresh random frames."""
+"""fastdit.cli.metrics against scikit-image's PSNR and SSIM on fresh random frames."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdit import metrics
+from fastdit.cli import metrics
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 

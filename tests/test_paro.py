@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdit
-from fastdit.calibrate import _MassCollector, order_cost, select_blocks
+from fastdit.methods.paro.calibrate import _MassCollector, order_cost, select_blocks
 from fastdit.kernels import BlockSparsity, block_sparse_attention
 from fastdit.layout import (
     AXIS_ORDERS,

@@ -84,7 +84,7 @@ def test_calibration_steps_collect_only_the_spread_steps(tmp_path, capsys):
 
 
 def test_spread_steps():
-    from fastdit.calibrate import spread_steps
+    from fastdit.methods.paro.calibrate import spread_steps
 
     assert spread_steps(50, 10) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]
     assert spread_steps(50, 50) == list(range(50))

@@ -560,7 +560,7 @@ def test_tiny_wan_pipeline_honours_the_dense_quarter():
 
 
 def test_cli_knows_vmoba():
-    from fastdit import clicommon
+    from fastdit.cli import common as clicommon
 
     method = clicommon.build_method("vmoba", {"tau": 0.3, "topk": (1, 2, 3), "selection": "topk"})
     assert (method.tau, method.topk, method.selection) == (0.3, (1, 2, 3), "topk")

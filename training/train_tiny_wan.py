@@ -386,7 +386,7 @@ def write_samples(samples, path):
 
 
 def plot_losses(vae_losses, dit_losses, path):
-    from fastdit.report import agg_pyplot
+    from fastdit.cli.report import agg_pyplot
 
     plt = agg_pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))

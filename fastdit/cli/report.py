@@ -1,6 +1,6 @@
 """Rendering of a ``fastdit compare`` result: console table, ``report.md``, ``report.html``, plots.
 
-Works on the JSON form of the results (:mod:`fastdit.compare` documents the schema), so a report
+Works on the JSON form of the results (:mod:`fastdit.cli.compare` documents the schema), so a report
 can be rendered again from a ``results.json``. Plots need matplotlib (the ``report`` extra); without
 it the reports are written with tables only and a notice says why. ``report.html`` is one file: its
 plots are embedded as base64 PNG (the videos are linked, relative to the report directory).
@@ -25,7 +25,7 @@ import html
 import math
 from pathlib import Path
 
-from .files import atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text
 
 __all__ = ["format_summary_table", "make_plots", "render_html", "render_markdown", "write_report"]
 
@@ -390,7 +390,7 @@ def render_markdown(results: dict, plot_paths: list[str]) -> str:
     if results["grids"]:
         lines += ["", "Side by side: " + ", ".join(f"[{g}]({g})" for g in results["grids"])]
     lines += ["", "## How it is measured", ""] + [f"- {note}" for note in _MEASUREMENT_NOTES]
-    lines += ["", "Machine-readable: `results.json` (schema in `fastdit/compare.py`).", ""]
+    lines += ["", "Machine-readable: `results.json` (schema in `fastdit/cli/compare.py`).", ""]
     return "\n".join(lines)
 
 
@@ -439,7 +439,7 @@ def render_html(results: dict, plots: dict[str, bytes]) -> str:
                      f"<video controls loop muted src='{html.escape(grid)}'></video></p>")
     parts.append("<h2>How it is measured</h2><ul>")
     parts += [f"<li>{html.escape(note)}</li>" for note in _MEASUREMENT_NOTES]
-    parts.append("</ul><p>Machine-readable: results.json (schema in fastdit/compare.py).</p>")
+    parts.append("</ul><p>Machine-readable: results.json (schema in fastdit/cli/compare.py).</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

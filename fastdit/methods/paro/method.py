@@ -53,12 +53,12 @@ from dataclasses import InitVar, dataclass, field
 import numpy as np
 import torch
 
-from ..files import atomic_path
-from ..kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_sparse_attention
-from ..kernels.dispatch import QUANTIZED_DTYPES
-from ..kernels.quantized import QUANTIZATIONS
-from ..layout import AXIS_ORDERS, AxisReordering, LatentGrid, SequenceLayout, TextSegment, device_key
-from .base import AttentionCall, Method, MethodPlan, PlanCache
+from ...files import atomic_path
+from ...kernels import SUPPORTED_BLOCK_SIZES, BlockSparsity, block_sparse_attention
+from ...kernels.dispatch import QUANTIZED_DTYPES
+from ...kernels.quantized import QUANTIZATIONS
+from ...layout import AXIS_ORDERS, AxisReordering, LatentGrid, SequenceLayout, TextSegment, device_key
+from ..base import AttentionCall, Method, MethodPlan, PlanCache
 
 __all__ = ["PARO", "ParoPlan", "PLAN_FORMAT", "PLAN_FORMAT_VERSION", "layout_to_json"]
 

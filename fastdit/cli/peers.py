@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from .kernels import BlockSparsity
+from ..kernels import BlockSparsity
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -37,7 +37,7 @@ def _need_cuda(device: torch.device, what: str) -> None:
 
 def _flash4(device: torch.device):
     _need_cuda(device, "FA4")
-    from .kernels.flash4 import flash_attn_cute
+    from ..kernels.flash4 import flash_attn_cute
 
     module = flash_attn_cute()
     if isinstance(module, str):
@@ -59,7 +59,7 @@ def fa4_block_sparse_attention(plan: BlockSparsity, batch: int, scale: float | N
     module = _flash4(plan.device)
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-    from .kernels.flash4 import flash4_block_sparse_tensors
+    from ..kernels.flash4 import flash4_block_sparse_tensors
 
     tensors = BlockSparseTensorsTorch(
         **flash4_block_sparse_tensors(plan, batch), block_size=(plan.q_block_size, plan.kv_block_size)

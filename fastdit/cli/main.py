@@ -4,15 +4,15 @@
   weights), installs an attention method with :func:`fastdit.apply`, runs it with diffusers'
   progress bar, writes an mp4 and prints a one-screen summary.
 * ``compare`` runs the same prompts and seeds through dense attention and several methods and
-  writes a report directory (:mod:`fastdit.compare`, :mod:`fastdit.metrics`,
-  :mod:`fastdit.report`).
+  writes a report directory (:mod:`fastdit.cli.compare`, :mod:`fastdit.cli.metrics`,
+  :mod:`fastdit.cli.report`).
 * ``calibrate`` writes the plan file PARO runs on (:func:`fastdit.calibrate`).
-* ``bench`` is the kernel micro-benchmark (:mod:`fastdit.bench`; GPU only, ``--smoke`` on CPU).
+* ``bench`` is the kernel micro-benchmark (:mod:`fastdit.cli.bench`; GPU only, ``--smoke`` on CPU).
 * ``info`` prints versions, optional packages, which kernel backends can run and why not, and the
   supported models, methods and presets.
 
 Subcommands are argparse subparsers, each with a ``func`` default. Loading, sizes, device/dtype,
-``--compile``/``--cpu-offload`` and timing (:mod:`fastdit.runner`) are shared by generate and
+``--compile``/``--cpu-offload`` and timing (:mod:`fastdit.cli.runner`) are shared by generate and
 compare.
 
 Several GPUs: ``torchrun --nproc-per-node N -m fastdit generate|compare ... --ulysses N`` runs the
@@ -34,45 +34,18 @@ any model loads wherever it can be known then.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
-import os
 import sys
-import time
 
-from .clicommon import (
+from . import calibrate, generate, info
+from .common import (
     DEFAULT_FPS,
     DEFAULT_PROMPT,
     DEFAULT_SEED,
-    TINY_DESCRIPTION,
-    RunSetup,
     UsageError,
-    build_cache,
-    build_method,
-    build_schedule,
-    check_method_fits,
-    check_model_path,
-    check_pipeline_sizes,
-    check_supported_pipeline,
-    check_video_path,
-    describe_method,
-    describe_schedule,
-    format_rank_speeds,
-    format_seconds,
-    gather_rank_speeds,
-    load_for_run,
-    make_probe,
     method_names,
     parse_amount,
-    parse_attention_opts,
-    resolve_device,
-    resolve_device_dtype,
-    resolve_run_setup,
-    schedule_notes,
-    validate_sizes,
-    write_video,
 )
-from .methods import available as available_methods
 
 __all__ = ["build_parser", "main"]
 
@@ -124,119 +97,7 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _latent_description(pipe, height, width, num_frames) -> str | None:
-    transformer = getattr(pipe, "transformer", None)
-    patch = getattr(getattr(transformer, "config", None), "patch_size", None)
-    t_scale = getattr(pipe, "vae_scale_factor_temporal", None)
-    s_scale = getattr(pipe, "vae_scale_factor_spatial", None)
-    if None in (patch, t_scale, s_scale, height, width, num_frames) or len(patch) != 3:
-        return None
-    latent = ((num_frames - 1) // t_scale + 1, height // s_scale, width // s_scale)
-    grid = (latent[0] // patch[0], latent[1] // patch[1], latent[2] // patch[2])
-    tokens = grid[0] * grid[1] * grid[2]
-    return (
-        f"latent {latent[0]}x{latent[1]}x{latent[2]} -> tokens {grid[0]}x{grid[1]}x{grid[2]} "
-        f"= {tokens}"
-    )
-
-
-# --------------------------------------------------------------------------- generate
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .runner import pipeline_call_kwargs, run_generation
-
-    attention = args.attention or ("radial" if args.preset else "dense")
-    options = parse_attention_opts(args.attention_opt)
-    method = build_method(attention, options, args.preset)
-    schedule = None
-    if not method.follows_schedule:
-        if any(v is not None for v in (args.dense_steps, args.dense_last_steps, args.dense_layers)):
-            print(f"note: --dense-steps/--dense-layers have no effect with --attention {attention}")
-    else:
-        schedule = build_schedule(
-            method, args.dense_steps, args.dense_last_steps, args.dense_layers
-        )
-    setup = resolve_run_setup(args)
-    check_video_path(args.output)
-    cache = build_cache(args.cache, setup)
-    check_quantize_option(method, args.quantize, setup)
-    pipe, load_time = load_for_run(args, setup)
-    call_kwargs, dropped = pipeline_call_kwargs(
-        pipe, args.prompt, setup.settings, args.negative_prompt
-    )
-    for name in dropped:
-        print(f"note: {type(pipe).__name__} takes no {name}; ignored")
-    check_method_fits(pipe, method, call_kwargs, f"--attention {attention}")
-    for note in schedule_notes(schedule, pipe, call_kwargs, f"--attention {attention}"):
-        print(f"note: {note}")
-    probe = make_probe(pipe, setup, args)
-    try:
-        result = run_generation(pipe, call_kwargs, probe, args.seed, method, schedule,
-                                cache=cache, quantize=args.quantize)
-    finally:
-        probe.remove()
-    ranks = gather_rank_speeds(setup, result.speed, load_time)
-    if not setup.is_main:  # rank 0 writes and prints
-        setup.parallel.close()
-        return 0
-    backend = write_video(result.frames, args.output, args.fps)
-
-    # ---- one-screen summary
-    speed = result.speed
-    num_frames, height, width = result.frames.shape[:3]
-    lines = ["", "fastdit generate"]
-    model_name = TINY_DESCRIPTION if setup.tiny else args.model
-    lines.append(f"  model        {model_name} [{type(pipe).__name__}, {setup.device}, "
-                 f"{setup.dtype_name}]")
-    video = f"{num_frames} frames {height}x{width} px @ {args.fps:g} fps, seed {args.seed}"
-    latent = _latent_description(pipe, height, width, num_frames)
-    lines.append(f"  video        {video}")
-    if latent:
-        lines.append(f"  grid         {latent}")
-    lines.append(f"  attention    {describe_method(method, attention, args.preset)}")
-    if method.follows_schedule:
-        lines.append(f"  dense        {describe_schedule(schedule)}")
-    if cache is not None or args.quantize:
-        from .compose import describe_cache
-
-        lines.append(f"  cache        {describe_cache(cache)}; quantize {args.quantize or 'none'}")
-    run_time = speed.run_s
-    if speed.step_s:
-        denoise = speed.denoise_s
-        lines.append(
-            f"  total time   {format_seconds(load_time + run_time)} (load {format_seconds(load_time)}, "
-            f"run {format_seconds(run_time)}: denoise {format_seconds(denoise)}, "
-            f"text+decode {format_seconds(run_time - denoise)})"
-        )
-        lines.append(f"  per step     {format_seconds(denoise / len(speed.step_s))} x "
-                     f"{len(speed.step_s)} steps")
-    else:
-        lines.append(
-            f"  total time   {format_seconds(load_time + run_time)} (load {format_seconds(load_time)}, "
-            f"run {format_seconds(run_time)})"
-        )
-    if speed.transformer_calls:
-        share = speed.self_attention_share
-        attention_text = (f", self-attention {share:.0%} of it" if share is not None
-                          else f" ({speed.attention_note})" if speed.attention_note else "")
-        lines.append(f"  transformer  {format_seconds(speed.transformer_s)} in "
-                     f"{speed.transformer_calls} forwards{attention_text}")
-    if result.density_summary:
-        density_lines = result.density_summary.rstrip().splitlines()
-        lines.append(f"  density      {density_lines[0]}")
-        lines.extend(f"               {line}" for line in density_lines[1:])
-    if speed.peak_memory_bytes is not None:
-        import torch
-
-        gpu = torch.cuda.get_device_name(setup.device)
-        lines.append(f"  peak memory  {speed.peak_memory_bytes / 2**30:.2f} GiB ({gpu})")
-    lines.extend(format_rank_speeds(setup, ranks))
-    lines.append(f"  output       {args.output} ({backend})")
-    print("\n".join(lines), flush=True)
-    if setup.parallel is not None:
-        setup.parallel.close()
-    return 0
-
-
+# --------------------------------------------------------------------------- commands
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
 
@@ -268,7 +129,7 @@ def _seed_list(text: str) -> list[int]:
 
 def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> None:
     """The flags generate and compare share (model, prompt, sizes, device, schedule, GPU options)."""
-    from .pipelines.tiny import TINY_DEFAULTS
+    from ..pipelines.tiny import TINY_DEFAULTS
 
     tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
     add = parser.add_argument
@@ -341,7 +202,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> Non
 # --cache and --quantize (fastdit.compose): a diffusers step cache and the INT8 kernel on top of
 # the attention method.
 def _add_composition_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> None:
-    from .compose import CACHES
+    from ..compose import CACHES
 
     names = ", ".join(f"{short} ({cls})" for short, cls in CACHES.items())
     add = parser.add_argument
@@ -366,23 +227,6 @@ def _add_composition_arguments(parser: argparse.ArgumentParser, *, compare: bool
             "VMoBA, AdaSpa) (default: none)")
 
 
-def check_quantize_option(method, quantize: str | None, setup: RunSetup, where: str = "--quantize") -> None:
-    """``--quantize`` against the method and the run's dtype, before loading a model."""
-    from .compose import check_quantize_method
-
-    if quantize is None:
-        return
-    try:
-        check_quantize_method(method, quantize)
-    except ValueError as exc:
-        raise UsageError(f"{where} {quantize}: {exc}") from None
-    if setup.dtype_name not in ("bfloat16", "float16"):
-        raise UsageError(
-            f"{where} {quantize} needs --dtype bfloat16 or float16 (P.V runs in 16 bits), got "
-            f"{setup.dtype_name}"
-        )
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import bench
 
@@ -392,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     try:
-        from . import __version__
+        from .. import __version__
     except ImportError:  # pragma: no cover - a partially installed package
         __version__ = "unknown"
     parser.add_argument("--version", action="version", version=f"fastdit {__version__}")
@@ -414,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_HelpFormatter,
     )
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=generate.cmd_generate)
     _add_run_arguments(gen, compare=False)
     add = gen.add_argument
     add("--attention", choices=method_names(), default=None,
@@ -494,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(bench_parser, default_out=bench.DEFAULT_OUT)
     bench_parser.set_defaults(func=cmd_bench)
 
-    info = commands.add_parser(
+    info_parser = commands.add_parser(
         "info",
         help="versions, which kernel backends can run here and why not, supported models",
         description="Print versions (torch, triton, diffusers, CUDA, GPU), optional packages, "
@@ -502,13 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
         "models, methods (with their options) and presets.",
         formatter_class=_HelpFormatter,
     )
-    info.add_argument("--device", default=None,
+    info_parser.add_argument("--device", default=None,
                       help="device to check the backends for (default: cuda if available, else cpu)")
-    info.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+    info_parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                       help="dtype to check the backends for (default: bfloat16)")
-    info.add_argument("--head-dim", type=_positive_int, default=128,
+    info_parser.add_argument("--head-dim", type=_positive_int, default=128,
                       help="head dim to check the backends for (default: 128)")
-    info.set_defaults(func=cmd_info)
+    info_parser.set_defaults(func=info.cmd_info)
     _add_calibrate_parser(commands)
     for subparser in commands.choices.values():  # --debug after the command works too
         subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -516,104 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _option_defaults(cls: type) -> str:
-    """``decay=0.2, block_size=128, window (required)`` for a method class."""
-    names, required = cls.options()
-    defaults = {}
-    if dataclasses.is_dataclass(cls):
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                defaults[f.name] = f.default
-    parts = []
-    for name in names:
-        if name in required:
-            parts.append(f"{name} (required)")
-        elif name in defaults:
-            parts.append(f"{name}={defaults[name]!r}")
-        else:
-            parts.append(name)
-    return ", ".join(parts) if parts else "(no options)"
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    """``fastdit info``: what this machine can run, and why not where it cannot."""
-    import importlib.metadata
-    import importlib.util
-
-    import torch
-
-    import fastdit
-    from fastdit.kernels.backend import explain_calls
-
-    def version(package: str) -> str:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    device = resolve_device(args.device)
-    rows = [("fastdit", fastdit.__version__), ("python", sys.version.split()[0])]
-    rows += [(package, version(package)) for package in ("torch", "triton", "diffusers", "transformers")]
-    if torch.cuda.is_available():
-        rows.append(("cuda", torch.version.cuda))
-        rows.append(("cudnn", str(torch.backends.cudnn.version())))
-        for index in range(torch.cuda.device_count()):
-            major, minor = torch.cuda.get_device_capability(index)
-            rows.append((f"gpu {index}", f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"))
-    else:
-        rows.append(("gpu", "none (CPU only)"))
-    for name, value in rows:
-        print(f"{name:<13} {value}")
-
-    print("\noptional packages:")
-    from .metrics import load_lpips
-
-    optional = (
-        ("imageio-ffmpeg", "writes mp4 videos (OpenCV's writer is the fallback)"),
-        ("matplotlib", "plots of fastdit compare and fastdit bench"),
-        ("lpips", "LPIPS in fastdit compare (also needs its AlexNet weights cached locally)"),
-        ("accelerate", "--cpu-offload"),
-        ("xformers", "xformers baseline of fastdit bench"),
-        ("scikit-image", "the tests' PSNR/SSIM reference"),
-    )
-    for package, use in optional:
-        print(f"  {package:<15} {version(package):<15} {use}")
-    if version("lpips") != "not installed":
-        _, lpips_reason = load_lpips("cpu")
-        print(f"  LPIPS weights   {'found' if lpips_reason is None else lpips_reason}")
-    flex = "available" if importlib.util.find_spec("torch.nn.attention.flex_attention") else (
-        "not available in this torch")
-    print(f"  FlexAttention   {flex} (baseline of fastdit bench)")
-
-    dtype = getattr(torch, args.dtype)
-    print(f"\nkernel backends for {device.type}, {args.dtype}, head_dim {args.head_dim} "
-          "(tried in order; the first that can run a call runs it):")
-    for call, reasons in explain_calls(device, dtype, args.head_dim).items():
-        runs = next((name for name, reason in reasons.items() if reason is None), "none")
-        print(f"  {call:<38} -> {runs}")
-        for name, reason in reasons.items():
-            if reason is not None and name != runs:
-                print(f"  {'':<38}    {name} skipped: {reason}")
-                continue
-            if name == runs:
-                break
-    from .pipelines.base import adapters
-
-    print("\nsupported model families (transformer class; fastdit generate --model picks by it):")
-    families = {class_name: adapter().family_name() for class_name, adapter in adapters().items()}
-    for class_name, family in sorted(families.items(), key=lambda item: item[1]):
-        print(f"  {family:<32} {class_name}")
-    methods = available_methods()
-    print(f"attention methods: {', '.join(methods)}")
-    for name, cls in methods.items():
-        print(f"  {name:<10} {cls.__name__}: {_option_defaults(cls)}")
-        if cls.presets():
-            print(f"  {'':<10} presets: {', '.join(cls.presets())}")
-    return 0
-
-
 # --------------------------------------------------------------------------- calibrate
-DEFAULT_PLAN_OUTPUT = "paro_plan.safetensors"
 
 
 def _fraction(text: str) -> float:
@@ -627,8 +374,8 @@ def _fraction(text: str) -> float:
 
 
 def _add_calibrate_parser(commands) -> None:
-    from .calibrate import DEFAULT_DENSITY
-    from .pipelines.tiny import TINY_DEFAULTS
+    from ..methods.paro.calibrate import DEFAULT_DENSITY
+    from ..pipelines.tiny import TINY_DEFAULTS
 
     cal = commands.add_parser(
         "calibrate",
@@ -644,7 +391,7 @@ def _add_calibrate_parser(commands) -> None:
         ),
         formatter_class=_HelpFormatter,
     )
-    cal.set_defaults(func=cmd_calibrate)
+    cal.set_defaults(func=calibrate.cmd_calibrate)
     add = cal.add_argument
     tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
     add("--model", default=None,
@@ -678,78 +425,8 @@ def _add_calibrate_parser(commands) -> None:
     add("--dtype", choices=DTYPES, default=None,
         help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     add("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    add("--output", "-o", default=DEFAULT_PLAN_OUTPUT,
-        help=f"plan file to write (safetensors; default: {DEFAULT_PLAN_OUTPUT})")
-
-
-def _size(num_bytes: int) -> str:
-    return f"{num_bytes / 1e6:.1f} MB" if num_bytes >= 1e5 else f"{num_bytes / 1e3:.1f} kB"
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    """``fastdit calibrate``: dense runs -> PARO plan file."""
-    from .pipelines.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
-
-    tiny = is_tiny(args.model)
-    validate_sizes(args.height, args.width, args.num_frames if tiny else None)
-    steps = args.steps or (TINY_DEFAULTS["num_inference_steps"] if tiny else 50)
-    if args.buckets > steps:
-        raise UsageError(f"--buckets must be <= --steps, got buckets={args.buckets} for steps={steps}")
-    calibration_steps = None
-    if args.calibration_steps is not None:
-        if not args.buckets <= args.calibration_steps <= steps:
-            raise UsageError(
-                f"--calibration-steps must lie in [--buckets, --steps] = [{args.buckets}, {steps}] so that "
-                f"every timestep bucket gets collected steps, got {args.calibration_steps}"
-            )
-        from .calibrate import spread_steps
-
-        calibration_steps = spread_steps(steps, args.calibration_steps)
-    device, dtype_name, dtype = resolve_device_dtype(args.device, args.dtype)
-    check_model_path(args.model)
-    from .files import check_writable_file
-
-    reason = check_writable_file(args.output, "--output")  # before the calibration, not after
-    if reason is not None:
-        raise UsageError(reason)
-    settings = {
-        "height": args.height, "width": args.width, "num_frames": args.num_frames,
-        "guidance_scale": args.guidance_scale,
-    }
-    if tiny:
-        settings = {k: (TINY_DEFAULTS[k] if v is None else v) for k, v in settings.items()}
-    if args.negative_prompt is not None:
-        settings["negative_prompt"] = args.negative_prompt
-
-    import fastdit
-
-    start = time.perf_counter()
-    pipe = load_pipeline(args.model, dtype=dtype, device=device)
-    check_supported_pipeline(pipe)
-    check_pipeline_sizes(pipe, args.height, args.width, args.num_frames)
-    load_time = time.perf_counter() - start
-    plan = fastdit.calibrate(
-        pipe, args.prompt or [DEFAULT_PROMPT], steps, density=args.density, recall=args.recall,
-        num_buckets=args.buckets, block_size=args.block_size, output=args.output, seed=args.seed,
-        calibration_steps=calibration_steps,
-        **{k: v for k, v in settings.items() if v is not None},
-    )
-    size = os.path.getsize(args.output)
-    model_name = "tiny (embedded, random weights, offline)" if tiny else args.model
-    lines = [
-        "", "fastdit calibrate",
-        f"  model        {model_name} [{type(pipe).__name__}, {device}, {dtype_name}]",
-        f"  plan         {plan.summary()}",
-        f"  time         {format_seconds(plan.metadata['calibration']['seconds'])} calibration, of which "
-        f"{format_seconds(plan.metadata['calibration']['collect_seconds'])} collecting block mass on "
-        f"{len(plan.metadata['calibration']['collected_steps'])} of {steps} steps x "
-        f"{plan.metadata['calibration']['prompts']} prompt(s) (load {format_seconds(load_time)})",
-        f"  output       {args.output}: {_size(size)} ({_size(plan.packed_size())} of bit-packed "
-        "masks before deflate)",
-        f"  use          fastdit generate --attention paro --attention-opt plan={args.output}",
-    ]
-    print("\n".join(lines), flush=True)
-    return 0
+    add("--output", "-o", default=calibrate.DEFAULT_PLAN_OUTPUT,
+        help=f"plan file to write (safetensors; default: {calibrate.DEFAULT_PLAN_OUTPUT})")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .hooks import HookSet, function_hook
-from .pipelines.base import adapter_for
+from ..hooks import HookSet, function_hook
+from ..pipelines.base import adapter_for
 
 __all__ = [
     "FiniteWatch",
@@ -387,7 +387,7 @@ def run_generation(pipe, call_kwargs: dict[str, Any], probe: SpeedProbe, seed: i
     ``method`` (and ``cache``, ``quantize``), installed by :func:`fastdit.apply` for this call
     only; a ``cache`` without a method runs the stock pipeline with that cache."""
     import fastdit
-    from .compose import enable_cache
+    from ..compose import enable_cache
 
     kwargs = dict(call_kwargs)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)

@@ -18,9 +18,9 @@ import time
 from fractions import Fraction
 from typing import Any
 
-from .methods import MethodOptionError, available, create
-from .schedule import Schedule
-from .values import parse_value
+from ..methods import MethodOptionError, available, create
+from ..schedule import Schedule
+from ..values import parse_value
 
 __all__ = [
     "DEFAULT_FPS",
@@ -212,7 +212,7 @@ VIDEO_EXTENSIONS = (".mp4",)
 def check_video_path(path: str, flag: str = "--output") -> None:
     """Before any work: ``path`` must name an ``.mp4`` file that can be written (:class:`UsageError`
     naming the path otherwise). Creates its folder."""
-    from .files import check_writable_file
+    from ..files import check_writable_file
 
     extension = os.path.splitext(path)[1].lower()
     if extension not in VIDEO_EXTENSIONS:
@@ -233,7 +233,7 @@ def write_video(frames, path: str, fps: float = DEFAULT_FPS) -> str:
     partial file. Raises :class:`OSError` when neither backend can write it, ``ValueError`` for
     frames that are not finite (NaN/inf: a failed generation, never written as a black video).
     """
-    from .files import atomic_path
+    from ..files import atomic_path
     from .runner import frames_to_uint8
 
     frames = frames_to_uint8(frames)
@@ -349,7 +349,7 @@ class RunSetup:
 def check_model_path(model: str | None) -> None:
     """A ``--model`` that names a local path must be a pipeline folder: a usage error before
     anything loads (a hub id is looked up when loading)."""
-    from .pipelines.tiny import is_tiny, looks_like_path
+    from ..pipelines.tiny import is_tiny, looks_like_path
 
     if is_tiny(model) or not isinstance(model, str):
         return
@@ -371,7 +371,7 @@ def check_model_path(model: str | None) -> None:
 
 def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
     """Everything that can be checked without a model, checked before loading one."""
-    from .pipelines.tiny import TINY_DEFAULTS, is_tiny
+    from ..pipelines.tiny import TINY_DEFAULTS, is_tiny
 
     tiny = is_tiny(args.model)
     # Frame rules differ by family (Wan 4k+1, LTX 8k+1, Mochi 6k+1): checked here for the embedded
@@ -409,7 +409,7 @@ def _launch_parallel(args: argparse.Namespace):
         return None
     if args.cpu_offload:
         raise UsageError("--cpu-offload cannot be combined with --ulysses (each rank holds the whole model)")
-    from .parallel import launch
+    from ..parallel import launch
 
     try:
         return launch(degree, args.device)
@@ -419,7 +419,7 @@ def _launch_parallel(args: argparse.Namespace):
 
 def check_supported_pipeline(pipe) -> None:
     """A pipeline whose transformer fastdit cannot adapt is a usage error (exit 2)."""
-    from .pipelines.base import adapter_for, denoising_models
+    from ..pipelines.base import adapter_for, denoising_models
 
     try:
         for model in denoising_models(pipe):
@@ -443,7 +443,7 @@ def latent_grid(pipe, call_kwargs: dict):
     """The latent token grid ``(T, H, W)`` the transformer of a video pipeline sees for these
     call arguments (the pipeline's defaults for the ones left out), or ``None`` when it cannot
     be told (an image UNet, a pipeline without these attributes)."""
-    from .layout import LatentGrid
+    from ..layout import LatentGrid
 
     config = getattr(getattr(pipe, "transformer", None), "config", None)
     patch = getattr(config, "patch_size", None)
@@ -467,7 +467,7 @@ def check_method_fits(pipe, method, call_kwargs: dict, label: str) -> None:
     calibrated data (PARO) must match the pipeline's models (``check_models``), and a method
     with a ``check_grid(grid)`` (GNA's window, PARO's calibrated size) must accept the latent
     grid of these call arguments. ``label`` names the method in messages (``--attention gna``)."""
-    from .pipelines.base import adapter_for, denoising_models
+    from ..pipelines.base import adapter_for, denoising_models
 
     models = denoising_models(pipe)
     layers = [len(adapter_for(model).self_attention_modules(model)) for model in models]
@@ -488,7 +488,7 @@ def check_method_fits(pipe, method, call_kwargs: dict, label: str) -> None:
 def schedule_notes(schedule, pipe, call_kwargs: dict, label: str) -> list[str]:
     """Notes for a dense schedule that leaves the method nothing to run: every step dense
     (``--dense-steps 9 --steps 2``) or every layer dense."""
-    from .pipelines.base import adapter_for, denoising_models
+    from ..pipelines.base import adapter_for, denoising_models
 
     if schedule is None:
         return []
@@ -538,7 +538,7 @@ def compile_transformers(pipe) -> None:
 def check_pipeline_sizes(pipe, height, width, num_frames) -> None:
     """The sizes the loaded pipeline's family takes (its adapter's ``check_sizes``; Wan's rule for
     adapters that do not override it), a usage error otherwise."""
-    from .pipelines.base import ModelAdapter, adapter_for, denoising_models
+    from ..pipelines.base import ModelAdapter, adapter_for, denoising_models
 
     for model in denoising_models(pipe):
         adapter = adapter_for(model)
@@ -554,7 +554,7 @@ def check_pipeline_sizes(pipe, height, width, num_frames) -> None:
 def load_for_run(args: argparse.Namespace, setup: RunSetup):
     """Load the pipeline of ``--model``, check fastdit supports it, apply ``--cpu-offload`` and
     ``--compile``. Returns ``(pipe, load seconds)``."""
-    from .pipelines.tiny import load_pipeline
+    from ..pipelines.tiny import load_pipeline
 
     start = time.perf_counter()
     pipe = load_pipeline(
@@ -563,7 +563,7 @@ def load_for_run(args: argparse.Namespace, setup: RunSetup):
     check_supported_pipeline(pipe)
     check_pipeline_sizes(pipe, setup.settings["height"], setup.settings["width"], setup.settings["num_frames"])
     if setup.parallel is not None:
-        from .parallel import enable
+        from ..parallel import enable
 
         try:
             enable(pipe, setup.parallel.degree)
@@ -624,7 +624,7 @@ def format_rank_speeds(setup: RunSetup, ranks: list[dict] | None) -> list[str]:
 def build_cache(spec: str | None, setup: RunSetup | None = None, flag: str = "--cache"):
     """The diffusers cache config of a ``--cache`` value (``None`` for none); MagCache's step
     count defaults to the run's ``--steps``."""
-    from .compose import build_cache_config, parse_cache_spec
+    from ..compose import build_cache_config, parse_cache_spec
 
     if spec is None or spec.strip().lower() == "none":
         return None

@@ -80,8 +80,8 @@ import torch
 import torch.nn.functional as F
 
 from . import peers
-from .kernels import BlockSparsity, block_sparse_attention, explain_backends
-from .kernels.backend import explain_calls
+from ..kernels import BlockSparsity, block_sparse_attention, explain_backends
+from ..kernels.backend import explain_calls
 
 __all__ = ["DEFAULT_OUT", "DESCRIPTION", "SHAPES", "SMOKE_SHAPES", "add_arguments", "main",
            "run_bench"]
@@ -955,7 +955,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: Path = DEFAULT_O
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Resolve shapes, densities and the smoke timing; raises ``UsageError`` on bad values."""
-    from .clicommon import UsageError
+    from .common import UsageError
 
     known = SMOKE_SHAPES if args.smoke else SHAPES
     try:
@@ -995,7 +995,7 @@ def report(rows: list[dict], metadata: dict, verdicts: list[dict]) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed arguments; returns the exit code. Raises ``UsageError``
     (exit 2) for bad arguments and for a run without CUDA that is not ``--smoke``."""
-    from .clicommon import UsageError
+    from .common import UsageError
 
     if args.replot:
         if not args.replot.is_file():
@@ -1063,7 +1063,7 @@ def main(argv: list[str] | None = None, default_out: Path = DEFAULT_OUT) -> int:
     """Stand-alone entry point (``benchmarks/kernel_bench.py``); returns the exit code."""
     import sys
 
-    from .clicommon import UsageError
+    from .common import UsageError
 
     parser = argparse.ArgumentParser(prog="kernel_bench", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

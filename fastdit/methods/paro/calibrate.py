@@ -39,12 +39,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .kernels import block_mass, block_sparse_attention
-from .kernels.plan import normalize_block_size
-from .layout import AXIS_ORDERS, AxisReordering, SequenceLayout
-from .methods.base import AttentionCall, Method, MethodPlan
-from .methods.dense import Dense
-from .methods.paro import ParoPlan, layout_to_json
+from ...kernels import block_mass, block_sparse_attention
+from ...kernels.plan import normalize_block_size
+from ...layout import AXIS_ORDERS, AxisReordering, SequenceLayout
+from ..base import AttentionCall, Method, MethodPlan
+from ..dense import Dense
+from .method import ParoPlan, layout_to_json
 
 __all__ = ["DEFAULT_DENSITY", "calibrate", "choose_orders", "order_cost", "select_blocks", "spread_steps"]
 
@@ -296,8 +296,8 @@ def calibrate(
     Returns:
         The plan (``plan.summary()`` describes it; ``plan.save(path)`` writes it).
     """
-    from . import __version__
-    from .integration import apply, denoising_models
+    from ... import __version__
+    from ...integration import apply, denoising_models
 
     density, recall = _check_target(density, recall)
     block_size, _ = normalize_block_size(block_size)
@@ -309,7 +309,7 @@ def calibrate(
     if not prompt_list:
         raise ValueError("calibrate needs at least one prompt")
     if output is not None:
-        from .files import check_writable_file
+        from ...files import check_writable_file
 
         reason = check_writable_file(output)  # before the calibration, not after it
         if reason is not None:

@@ -27,7 +27,7 @@ own ``quantize``) is skipped with a notice.
 
 Quality is measured on the pipeline's uint8 frames before video encoding (methods vs dense), and
 against ``--reference-dir`` videos after decoding them (those are lossy mp4s). Grid videos are
-composed from the decoded mp4s. Speed is measured as :mod:`fastdit.runner` describes (end to end,
+composed from the decoded mp4s. Speed is measured as :mod:`fastdit.cli.runner` describes (end to end,
 denoising steps, transformer forwards, attention modules via forward hooks, peak memory).
 
 ``results.json`` schema (``"schema": "fastdit-compare/1"``). Times are seconds, memory bytes;
@@ -107,7 +107,7 @@ from typing import Any
 
 import numpy as np
 
-from .clicommon import (
+from .common import (
     DEFAULT_PROMPT,
     DEFAULT_SEED,
     TINY_DESCRIPTION,
@@ -129,8 +129,8 @@ from .clicommon import (
     schedule_notes,
     write_video,
 )
-from .files import atomic_write_text, check_writable_file
-from .methods import get as get_method
+from ..files import atomic_write_text, check_writable_file
+from ..methods import get as get_method
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -537,7 +537,7 @@ def _describe_run(run) -> str:
         text = "diffusers' stock attention processors"
     extras = []
     if run.cache is not None:
-        from .compose import describe_cache
+        from ..compose import describe_cache
 
         extras.append(f"cache {describe_cache(run.cache[1])}")
     if run.quantize:
@@ -574,7 +574,7 @@ def parse_caches(args: argparse.Namespace, setup) -> list[tuple[str, Any] | None
             entry = None
             label = "none"
         else:
-            from .compose import cache_name
+            from ..compose import cache_name
 
             label = label or cache_name(config)
             entry = (label, config)
@@ -588,7 +588,7 @@ def parse_caches(args: argparse.Namespace, setup) -> list[tuple[str, Any] | None
 
 def parse_quantizations(args: argparse.Namespace, setup) -> list[str | None]:
     """``--quantize none,int8`` -> ``[None, "int8"]``; default ``[None]``."""
-    from .kernels.quantized import QUANTIZATIONS
+    from ..kernels.quantized import QUANTIZATIONS
 
     if args.quantize is None:
         return [None]
@@ -612,7 +612,7 @@ def parse_quantizations(args: argparse.Namespace, setup) -> list[str | None]:
 def build_runs(entries: list[MethodEntry], caches: list, quantizations: list,
                compiled_passes: list[bool], notices: list[str]) -> list[_Run]:
     """The reference (eager stock, no cache) first, then every combination, eager ones first."""
-    from .compose import check_quantize_method
+    from ..compose import check_quantize_method
 
     runs = [_Run(REFERENCE_LABEL, None)]
     for compiled in compiled_passes:
@@ -744,7 +744,7 @@ def _records(result) -> tuple[Any, str | None]:
 def run_compare(args: argparse.Namespace) -> int:
     """``fastdit compare``: runs everything, writes the report directory; returns 0."""
     from . import report
-    from .compose import describe_cache
+    from ..compose import describe_cache
     from .metrics import compare_videos, load_lpips
     from .runner import pipeline_call_kwargs, run_generation
 
@@ -776,7 +776,7 @@ def run_compare(args: argparse.Namespace) -> int:
     notices: list[str] = []
     pipe, load_s = load_for_run(args, setup)
     if setup.parallel is not None:
-        from .pipelines.base import adapter_for, denoising_models
+        from ..pipelines.base import adapter_for, denoising_models
 
         for model in denoising_models(pipe):
             if adapter_for(model).context_parallel_plan(model) is not None:
