@@ -94,7 +94,7 @@ from kernel_bench import REPO_ROOT, describe_error, git_commit, parse_list, writ
 
 import fastdit  # noqa: E402
 from fastdit import GNA, AdaSpa, Agent, Dense, Radial, Schedule, VMoBA  # noqa: E402
-from fastdit.pipelines.tiny import _cast_like_from_pretrained  # noqa: E402
+from fastdit.testing.tiny import _cast_like_from_pretrained  # noqa: E402
 from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 NUM_STEPS = 50

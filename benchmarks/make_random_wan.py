@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastdit.pipelines.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_wan_pipeline  # noqa: E402
+from fastdit.testing.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_wan_pipeline  # noqa: E402
 
 WAN21_13B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,

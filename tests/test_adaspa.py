@@ -421,7 +421,7 @@ def test_on_demand_search_and_runtime_memory(rng):
 
 # ------------------------------------------------------------------------ in a pipeline
 def test_tiny_pipeline_searches_at_scaled_steps_and_generations_do_not_leak(monkeypatch):
-    tiny = pytest.importorskip("fastdit.pipelines.tiny")
+    tiny = pytest.importorskip("fastdit.testing.tiny")
     # The reference backend keeps the CPU run short; the kernels are tested above (interpreter).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     pipe = tiny.build_tiny_wan_pipeline(seed=0)

@@ -369,7 +369,7 @@ def test_hunyuan_agents_with_exact_text_equal_formula(rng):
 
 # --------------------------------------------------------------------------- pipelines
 def test_tiny_sd_pipeline_end_to_end():
-    tiny = pytest.importorskip("fastdit.pipelines.tiny")
+    tiny = pytest.importorskip("fastdit.testing.tiny")
     pipe = tiny.build_tiny_sd_pipeline(seed=0)
     settings = dict(prompt="a red cat", height=32, width=32, num_inference_steps=3, guidance_scale=5.0,
                     output_type="np")

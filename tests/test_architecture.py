@@ -89,15 +89,17 @@ def test_method_interface_is_not_duck_typed_outside_methods():
     assert not offending, offending
 
 
-def test_the_library_does_not_import_the_command_line():
-    """``fastdit.cli`` (the ``fastdit`` command and its tools) sits on top of the library: nothing
-    outside it but ``__main__`` imports it, so ``import fastdit`` never loads the command line."""
+def test_the_library_does_not_import_the_command_line_or_the_test_pipelines():
+    """``fastdit.cli`` (the ``fastdit`` command and its tools) and ``fastdit.testing`` (the embedded
+    tiny pipelines) sit on top of the library: nothing else but ``__main__`` imports them, so
+    ``import fastdit`` never loads them."""
     modules = _modules()
+    above = (["fastdit", "cli"], ["fastdit", "testing"])
     offending = [
         f"{name} imports {target}"
         for name, (path, tree) in modules.items()
-        if name.split(".")[:2] != ["fastdit", "cli"] and name != "fastdit.__main__"
+        if name.split(".")[:2] not in above and name != "fastdit.__main__"
         for target, _ in _imports(name, path, tree, modules)
-        if target.split(".")[:2] == ["fastdit", "cli"]
+        if target.split(".")[:2] in above
     ]
     assert not offending, offending

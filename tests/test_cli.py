@@ -12,7 +12,7 @@ import torch
 import fastdit
 from fastdit import cli
 from fastdit.cli import common as clicommon
-from fastdit.pipelines.tiny import (
+from fastdit.testing.tiny import (
     TINY_DEFAULTS,
     TINY_TRANSFORMER_CONFIG,
     build_tiny_tokenizer,

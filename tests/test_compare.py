@@ -286,7 +286,7 @@ def test_bad_input_exits_2_before_loading(tmp_path, capsys, monkeypatch, argv, n
     def no_loading(*args, **kwargs):
         raise AssertionError("the model must not be loaded for a bad command line")
 
-    monkeypatch.setattr("fastdit.pipelines.tiny.load_pipeline", no_loading)
+    monkeypatch.setattr("fastdit.testing.tiny.load_pipeline", no_loading)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "never"
     try:
@@ -338,7 +338,7 @@ def test_missing_plan_file_of_a_registered_method(tmp_path, capsys, register_met
 @pytest.mark.parametrize("command", ["compare", "generate"])
 def test_unsupported_model_class_exits_2(tmp_path, capsys, monkeypatch, command):
     fake = SimpleNamespace(transformer=torch.nn.Linear(2, 2))
-    monkeypatch.setattr("fastdit.pipelines.tiny.load_pipeline", lambda *a, **k: fake)
+    monkeypatch.setattr("fastdit.testing.tiny.load_pipeline", lambda *a, **k: fake)
     assert cli.main([command, "-o", str(tmp_path / ("x.mp4" if command == "generate" else "x"))]) == 2
     err = capsys.readouterr().err
     assert "unsupported model" in err and "Linear" in err and "WanTransformer3DModel" in err

@@ -16,7 +16,7 @@ from fastdit.methods import vmoba as vmoba_module
 from fastdit.methods import base as processor_base  # the default Method.attend calls the kernel
 
 diffusers_hooks = pytest.importorskip("diffusers.hooks")
-tiny = pytest.importorskip("fastdit.pipelines.tiny")
+tiny = pytest.importorskip("fastdit.testing.tiny")
 
 # 9 frames of 64 x 128 px -> 3 x 4 x 8 = 96 tokens: two 64-token blocks (AdaSpa can skip one).
 SETTINGS = dict(prompt="a cat", height=64, width=128, num_frames=9, num_inference_steps=6,

@@ -101,7 +101,7 @@ def run_ranks(world: int, target, *args) -> list:
 def tiny_pipe():
     """The embedded tiny Wan pipeline, built once in the test process (its imports included) and
     inherited by the forked ranks, which swap in their own transformers."""
-    from fastdit.pipelines.tiny import build_tiny_wan_pipeline
+    from fastdit.testing.tiny import build_tiny_wan_pipeline
 
     pipe = build_tiny_wan_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
@@ -109,7 +109,7 @@ def tiny_pipe():
 
 
 def tiny_transformer(seed: int, heads: int = 4):
-    from fastdit.pipelines.tiny import TINY_TRANSFORMER_CONFIG
+    from fastdit.testing.tiny import TINY_TRANSFORMER_CONFIG
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)

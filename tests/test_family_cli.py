@@ -16,7 +16,7 @@ def ltx_folder(tmp_path_factory):
     from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
     from transformers import T5Config, T5EncoderModel
 
-    from fastdit.pipelines.tiny import TINY_VOCAB, build_tiny_tokenizer
+    from fastdit.testing.tiny import TINY_VOCAB, build_tiny_tokenizer
     from test_family_ltx_video import tiny_transformer, tiny_vae
 
     tokenizer = build_tiny_tokenizer(model_max_length=32)

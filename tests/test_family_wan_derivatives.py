@@ -25,7 +25,7 @@ from diffusers import (  # noqa: E402
     WanVACEPipeline,
     WanVACETransformer3DModel,
 )
-from fastdit.pipelines.tiny import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG  # noqa: E402
+from fastdit.testing.tiny import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG  # noqa: E402
 
 GRID = (5, 6, 10)  # 300 tokens: not a multiple of 64
 
@@ -258,7 +258,7 @@ def test_ti2v_per_token_timesteps_with_token_reordering(rng):
 
 
 def test_ti2v_pipeline_expand_timesteps_dense_and_methods():
-    tiny = pytest.importorskip("fastdit.pipelines.tiny")
+    tiny = pytest.importorskip("fastdit.testing.tiny")
     pipe = tiny.build_tiny_wan_pipeline(seed=0)
     pipe.register_to_config(expand_timesteps=True)  # Wan2.2 TI2V-5B's per-token timesteps
     pipe.set_progress_bar_config(disable=True)

@@ -239,7 +239,7 @@ TINY = dict(height=96, width=160, num_frames=17, guidance_scale=1.0)
 
 
 def test_calibrate_then_generate_with_paro_on_tiny_wan(tmp_path):
-    from fastdit.pipelines.tiny import build_tiny_wan_pipeline
+    from fastdit.testing.tiny import build_tiny_wan_pipeline
 
     pipe = build_tiny_wan_pipeline(dtype=torch.bfloat16)
     path = tmp_path / "plan.safetensors"

@@ -18,7 +18,7 @@ from fastdit.hooks import HookSet, function_hook
 from fastdit.kernels import BlockSparsity, block_sparse_attention
 from fastdit.layout import LatentGrid, SequenceLayout
 from fastdit.methods.base import PLAN_CACHE_SIZE, PlanCache
-from fastdit.pipelines.tiny import build_tiny_wan_pipeline
+from fastdit.testing.tiny import build_tiny_wan_pipeline
 from fastdit.cli.runner import NonFiniteError, SpeedProbe, frames_to_uint8, run_generation
 
 SMALL = ["--height", "64", "--width", "64", "--num-frames", "9", "--steps", "2"]
@@ -42,7 +42,7 @@ def _no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not be loaded for a bad command line")
 
-    monkeypatch.setattr("fastdit.pipelines.tiny.load_pipeline", refuse)
+    monkeypatch.setattr("fastdit.testing.tiny.load_pipeline", refuse)
 
 
 class NaNFromCall:
@@ -94,7 +94,7 @@ def test_non_finite_frames_are_an_error_not_a_black_video():
 
 
 def test_nan_generation_exits_1_and_keeps_the_previous_video(tmp_path, capsys, monkeypatch):
-    from fastdit.pipelines import tiny
+    from fastdit.testing import tiny
 
     def nan_pipeline(*args, **kwargs):
         pipe = build_tiny_wan_pipeline(seed=0)
@@ -355,7 +355,7 @@ def test_calibrate_creates_the_output_folder_before_calibrating(tmp_path, monkey
         assert (tmp_path / "new" / "dir").is_dir()
         raise KeyboardInterrupt  # stop here: the folder existed before the model loaded
 
-    monkeypatch.setattr("fastdit.pipelines.tiny.load_pipeline", check_folder)
+    monkeypatch.setattr("fastdit.testing.tiny.load_pipeline", check_folder)
     assert cli.main(["calibrate", "-o", str(tmp_path / "new" / "dir" / "p.safetensors")]) == 130
     assert list((tmp_path / "new" / "dir").iterdir()) == []
 

@@ -538,7 +538,7 @@ def test_hunyuan_transformer_equals_masked_reference(rng):
 
 
 def test_tiny_wan_pipeline_honours_the_dense_quarter():
-    tiny = pytest.importorskip("fastdit.pipelines.tiny")
+    tiny = pytest.importorskip("fastdit.testing.tiny")
     pipe = tiny.build_tiny_wan_pipeline(seed=0)
     settings = dict(prompt="a cat", height=64, width=64, num_frames=5, num_inference_steps=4,
                     guidance_scale=5.0, output_type="np")

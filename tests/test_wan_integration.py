@@ -180,7 +180,7 @@ def test_unsupported_model_lists_supported():
 
 
 def test_tiny_pipeline_cfg_steps_and_determinism():
-    tiny = pytest.importorskip("fastdit.pipelines.tiny")
+    tiny = pytest.importorskip("fastdit.testing.tiny")
     pipe = tiny.build_tiny_wan_pipeline(seed=0)
     settings = dict(prompt="a cat", height=64, width=64, num_frames=5, num_inference_steps=2,
                     guidance_scale=5.0, output_type="np")
@@ -267,7 +267,7 @@ class RecordingMethod(fastdit.methods.Method):
 
 
 def test_per_call_method_sees_step_context_layer_and_runtime():
-    tiny = pytest.importorskip("fastdit.pipelines.tiny")
+    tiny = pytest.importorskip("fastdit.testing.tiny")
     pipe = tiny.build_tiny_wan_pipeline(seed=0)
     settings = dict(prompt="a cat", height=64, width=64, num_frames=5, num_inference_steps=2,
                     guidance_scale=5.0, output_type="np")

@@ -302,7 +302,7 @@ def train_transformer(pipe, pools, sizes, args, device, log):
 
 
 def export(pipe, out, folder, log):
-    from fastdit.pipelines.tiny import _cast_like_from_pretrained
+    from fastdit.testing.tiny import _cast_like_from_pretrained
 
     # Wan ships bf16 weights (its fp32 modules kept fp32); loading with dtype=float32 upcasts.
     for model in (pipe.transformer, pipe.text_encoder, pipe.vae):

@@ -30,7 +30,7 @@ def _size(num_bytes: int) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``fastdit calibrate``: dense runs -> PARO plan file."""
-    from ..pipelines.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
+    from ..testing.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
 
     tiny = is_tiny(args.model)
     validate_sizes(args.height, args.width, args.num_frames if tiny else None)

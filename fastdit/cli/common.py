@@ -349,7 +349,7 @@ class RunSetup:
 def check_model_path(model: str | None) -> None:
     """A ``--model`` that names a local path must be a pipeline folder: a usage error before
     anything loads (a hub id is looked up when loading)."""
-    from ..pipelines.tiny import is_tiny, looks_like_path
+    from ..testing.tiny import is_tiny, looks_like_path
 
     if is_tiny(model) or not isinstance(model, str):
         return
@@ -371,7 +371,7 @@ def check_model_path(model: str | None) -> None:
 
 def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
     """Everything that can be checked without a model, checked before loading one."""
-    from ..pipelines.tiny import TINY_DEFAULTS, is_tiny
+    from ..testing.tiny import TINY_DEFAULTS, is_tiny
 
     tiny = is_tiny(args.model)
     # Frame rules differ by family (Wan 4k+1, LTX 8k+1, Mochi 6k+1): checked here for the embedded
@@ -554,7 +554,7 @@ def check_pipeline_sizes(pipe, height, width, num_frames) -> None:
 def load_for_run(args: argparse.Namespace, setup: RunSetup):
     """Load the pipeline of ``--model``, check fastdit supports it, apply ``--cpu-offload`` and
     ``--compile``. Returns ``(pipe, load seconds)``."""
-    from ..pipelines.tiny import load_pipeline
+    from ..testing.tiny import load_pipeline
 
     start = time.perf_counter()
     pipe = load_pipeline(

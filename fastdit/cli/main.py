@@ -129,7 +129,7 @@ def _seed_list(text: str) -> list[int]:
 
 def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> None:
     """The flags generate and compare share (model, prompt, sizes, device, schedule, GPU options)."""
-    from ..pipelines.tiny import TINY_DEFAULTS
+    from ..testing.tiny import TINY_DEFAULTS
 
     tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
     add = parser.add_argument
@@ -375,7 +375,7 @@ def _fraction(text: str) -> float:
 
 def _add_calibrate_parser(commands) -> None:
     from ..methods.paro.calibrate import DEFAULT_DENSITY
-    from ..pipelines.tiny import TINY_DEFAULTS
+    from ..testing.tiny import TINY_DEFAULTS
 
     cal = commands.add_parser(
         "calibrate",
