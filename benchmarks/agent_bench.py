@@ -66,14 +66,14 @@ which fastdit does not do.
 
 How to run
 ----------
-    python benchmarks/agent_bench.py --models sd15-1024,sd15-2048,sdxl-2048   # ~2-3 min, H200
-    python benchmarks/agent_bench.py                         # all models (~6-8 min)
-    python benchmarks/agent_bench.py --models sd15-512,sdxl-1024
-    python benchmarks/agent_bench.py --smoke --out /tmp/agent  # tiny models, CPU fp32, < 1 min
-    python benchmarks/agent_bench.py --replot benchmarks/results/agent_bench_<gpu>_<date>.json
+    python -m benchmarks.agent_bench --models sd15-1024,sd15-2048,sdxl-2048   # ~2-3 min, H200
+    python -m benchmarks.agent_bench                         # all models (~6-8 min)
+    python -m benchmarks.agent_bench --models sd15-512,sdxl-1024
+    python -m benchmarks.agent_bench --smoke --out /tmp/agent  # tiny models, CPU fp32, < 1 min
+    python -m benchmarks.agent_bench --replot benchmarks/results/<gpu>_<date>/agent_bench_<gpu>_<date>.json
 
 Writes ``agent_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
-``benchmarks/results``) and prints a table. ``--smoke`` runs tiny UNets (SD 1.5 and SDXL block
+``benchmarks/results/<gpu>_<date>``) and prints a table. ``--smoke`` runs tiny UNets (SD 1.5 and SDXL block
 layouts) and a tiny Wan on the CPU in fp32 (fastdit's PyTorch reference path).
 """
 
@@ -85,7 +85,6 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -94,12 +93,24 @@ from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-from e2e_bench import MODELS as WAN_MODELS  # noqa: E402  (also puts the repository root on sys.path)
-from e2e_bench import SMOKE_MODELS as WAN_SMOKE_MODELS  # noqa: E402
-from e2e_bench import AttentionTimer, build_transformer, make_inputs, synchronize  # noqa: E402
-from kernel_bench import REPO_ROOT, describe_error, git_commit, parse_list  # noqa: E402
+if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
+    import runpy
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
+    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
+    sys.exit()
+
+from benchmarks.e2e_bench import MODELS as WAN_MODELS  # noqa: E402
+from benchmarks.e2e_bench import SMOKE_MODELS as WAN_SMOKE_MODELS  # noqa: E402
+from benchmarks.e2e_bench import AttentionTimer, build_transformer, make_inputs  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    add_out_argument,
+    describe_error,
+    git_commit,
+    parse_list,
+    stem,
+    synchronize,
+)
 
 import fastdit  # noqa: E402
 from fastdit.cli.bench import write_outputs  # noqa: E402
@@ -573,9 +584,7 @@ def collect_metadata(args, device: torch.device) -> dict:
 
 
 def output_stem(metadata: dict) -> str:
-    name = metadata["device_name"] if metadata["device_type"] == "cuda" else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return f"agent_bench_{slug}{'-smoke' if metadata['smoke'] else ''}_{metadata['date']}"
+    return stem("agent_bench", metadata)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -588,7 +597,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         type=lambda s: parse_list(s, ALL_METHODS), help=f"comma list of {list(ALL_METHODS)}")
     parser.add_argument("--repeat", type=int, default=None, help="timed steps per row (default per model)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default per model)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    add_out_argument(parser)
     parser.add_argument("--max-pairs", type=int, default=None,
                         help="UNets: largest batch the GPU-bound search tries, in CFG pairs "
                         "(default: 8; --smoke: 2)")

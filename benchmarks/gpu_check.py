@@ -5,7 +5,7 @@ dtype, head_dim, layout, block size, ragged length and key padding; the dense pl
 SDPA at the Wan2.1-1.3B 480p shape; a tensor of more than 2**31 elements (64-bit offsets); window
 masks (exact GNA with partial blocks, section ``window``); segment pooling and VMoBA's per-call
 selection and attention (section ``vmoba``); and the INT8 path (quantization, int8 MMA kernel on pointer and TMA loads, accuracy against bf16).
-Prints one line per check and exits non-zero on any failure. Run: ``python benchmarks/gpu_check.py``.
+Prints one line per check and exits non-zero on any failure. Run: ``python -m benchmarks.gpu_check``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,21 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastdit.kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention
-from fastdit.kernels.reference import attention_reference, block_mass_reference
+if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
+    import runpy
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
+    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
+    sys.exit()
+
+from benchmarks.harness import default_out  # noqa: E402
+from fastdit.kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention  # noqa: E402
+from fastdit.kernels.reference import attention_reference, block_mass_reference  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 results: list[dict] = []
@@ -341,7 +350,8 @@ def main() -> int:
         check_int8(generator, [int(d) for d in args.head_dims.split(",")])
         check_int8_accuracy(generator)
     failed = [r for r in results if not r["ok"]]
-    out_dir = os.environ.get("OUT", "benchmarks/results")
+    out_dir = os.environ.get("OUT") or str(default_out())
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "results": results}, f, indent=1)
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")

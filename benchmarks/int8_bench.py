@@ -27,13 +27,13 @@ Targets (PASS/MISS at the end, per shape, mask and density, head_dim 128)
 
 How to run
 ----------
-    python benchmarks/int8_bench.py                               # both shapes, a few minutes
-    python benchmarks/int8_bench.py --shapes wan13b-480p --masks random
-    TRITON_INTERPRET=1 python benchmarks/int8_bench.py --smoke    # tiny shapes on the CPU
-    python benchmarks/int8_bench.py --replot benchmarks/results/int8_bench_<gpu>_<date>.json
+    python -m benchmarks.int8_bench                               # both shapes, a few minutes
+    python -m benchmarks.int8_bench --shapes wan13b-480p --masks random
+    TRITON_INTERPRET=1 python -m benchmarks.int8_bench --smoke    # tiny shapes on the CPU
+    python -m benchmarks.int8_bench --replot benchmarks/results/<gpu>_<date>/int8_bench_<gpu>_<date>.json
 
 Writes ``int8_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
-``benchmarks/results``) and prints a table and the target verdicts last.
+``benchmarks/results/<gpu>_<date>``) and prints a table and the target verdicts last.
 """
 
 from __future__ import annotations
@@ -48,11 +48,15 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
+    import runpy
 
-from kernel_bench import (  # noqa: E402
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
+    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
+    sys.exit()
+
+from benchmarks.harness import (  # noqa: E402
+    add_out_argument,
     SHAPES,
     SMOKE_SHAPES,
     Shape,
@@ -61,7 +65,7 @@ from kernel_bench import (  # noqa: E402
     benchmark_ms,
     collect_metadata,
     fastdit_backend,
-    output_stem,
+    stem as harness_stem,
     parse_list,
     random_block_map,
     write_outputs,
@@ -285,7 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--masks", default=None, help=f"comma list of {list(ALL_MASKS)} (default: all; "
                         "with --smoke: random)")
     parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: parse_list(s, METHODS))
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    add_out_argument(parser)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape, short timing, bf16 on CUDA if present else the CPU "
                         "(set TRITON_INTERPRET=1 to run the Triton kernels there)")
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     metadata["elapsed_s"] = round(time.perf_counter() - start, 1)
     verdicts = evaluate_targets(rows, metadata)
     metadata["targets"] = verdicts
-    stem = output_stem(metadata).replace("kernel_bench_", "int8_bench_", 1)
+    stem = harness_stem("int8_bench", metadata)
     paths = write_outputs(rows, metadata, args.out, stem, fields=CSV_FIELDS, plot=plot_results)
     report(rows, metadata, verdicts)
     print(f"\nelapsed {metadata['elapsed_s']} s; wrote " + ", ".join(str(p) for p in paths))

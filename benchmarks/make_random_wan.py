@@ -6,7 +6,7 @@ random bf16 weights; the text encoder, tokenizer and VAE are the embedded tiny o
 projection takes the tiny encoder's width instead of 4096, and decoding is cheap). Videos are
 noise: only speed and density mean anything, quality needs real weights.
 
-    python benchmarks/make_random_wan.py /tmp/wan13b-random
+    python -m benchmarks.make_random_wan /tmp/wan13b-random
     fastdit compare --model /tmp/wan13b-random --height 480 --width 832 --num-frames 81 ...
 """
 
@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
+    import runpy
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
+    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
+    sys.exit()
 
 from fastdit.testing.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_wan_pipeline  # noqa: E402
 

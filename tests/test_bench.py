@@ -110,8 +110,9 @@ def test_bench_bad_arguments(tmp_path, capsys, monkeypatch, argv, needle):
 
 def test_benchmark_scripts_still_import_and_refuse(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="0")
-    for script in ("kernel_bench.py", "e2e_bench.py"):
-        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"],
+    # As a file (python benchmarks/kernel_bench.py) and as a module (python -m benchmarks.e2e_bench).
+    for command in ([str(REPO / "benchmarks" / "kernel_bench.py")], ["-m", "benchmarks.e2e_bench"]):
+        result = subprocess.run([sys.executable, *command, "--help"],
                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "--smoke" in result.stdout

@@ -45,14 +45,14 @@ How to run
     fastdit bench --shapes wan13b-480p --masks random --backends fastdit,flex
     fastdit bench --smoke                                  # tiny shapes, any device (CPU: fp32)
     fastdit bench --replot bench-results/kernel_bench_<gpu>_<date>.json
-    python benchmarks/kernel_bench.py ...                  # the same, writing benchmarks/results
+    python -m benchmarks.kernel_bench ...                  # the same, into benchmarks/results/<gpu>_<date>
 
 It is a GPU benchmark: without CUDA it refuses (exit 2) unless ``--smoke`` (tiny shapes, fp32,
 through fastdit's PyTorch reference, or Triton's interpreter when ``TRITON_INTERPRET=1``; this
 checks the benchmark itself, its times mean nothing) or ``--replot``.
 
 Writes ``kernel_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
-``bench-results``; ``benchmarks/results`` for the script) and prints a summary table and the
+``bench-results``; ``benchmarks/results/<gpu>_<date>`` for the script) and prints a summary table and the
 target verdicts last. The plot needs matplotlib (skipped with a notice without it).
 """
 
