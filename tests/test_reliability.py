@@ -184,7 +184,7 @@ def test_atomic_text_write_interrupted_midway(tmp_path, monkeypatch):
 def test_report_plot_failing_midway_keeps_the_previous_plot(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
-    from test_compare import _synthetic_results
+    from tests.cli.test_compare import _synthetic_results
 
     from fastdit.cli import report
 
@@ -261,7 +261,7 @@ def test_block_sparsity_validates_its_contents():
 def _plan_file(tmp_path, rng, edit):
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from test_paro import make_plan
+    from tests.methods.test_paro import make_plan
 
     path = tmp_path / "plan.safetensors"
     make_plan(rng, SequenceLayout(LatentGrid(2, 6, 10))).save(path)
@@ -361,7 +361,7 @@ def test_calibrate_creates_the_output_folder_before_calibrating(tmp_path, monkey
 
 
 def test_method_that_does_not_fit_the_model_exits_2(tmp_path, capsys, rng):
-    from test_paro import make_plan
+    from tests.methods.test_paro import make_plan
 
     out = tmp_path / "x.mp4"
     # SMALL's latent grid is 3 x 4 x 4: a window of 5 frames cannot fit.

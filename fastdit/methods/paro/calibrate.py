@@ -24,7 +24,7 @@ Then, per (layer, head), from the mass summed over buckets and normalised per qu
 
 Deviation from the paper: the order criterion is sparsity only; PAROAttention also weighs how
 uniform values are inside a block (which helps quantization). The INT8 kernel's per-block
-scales and K smoothing meet the accuracy target without it (tests/test_int8_attention.py).
+scales and K smoothing meet the accuracy target without it (tests/kernels/test_int8_attention.py).
 
 Cost: per collected call one dense attention with LSE plus 6 block-mass passes (each about one
 ``QK^T``), so a calibration takes a few times one dense generation; ``calibration_steps`` limits

@@ -193,7 +193,7 @@ def test_compiled_transformer_with_fastdit_matches_eager(rng, method):
     """``transformer.compile()`` over fastdit's processors and hooks (AOT, no C++ code generation
     on the CPU): the same output as eager, on the kernel path (TRITON_INTERPRET=1)."""
     import fastdit
-    from test_wan_integration import inputs, tiny_transformer
+    from tests.pipelines.test_wan_integration import inputs, tiny_transformer
 
     methods = {
         "radial": fastdit.Radial(block_size=64),

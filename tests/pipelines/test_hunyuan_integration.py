@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdit
-from integration_helpers import expand_blocks, run
+from tests.integration_helpers import expand_blocks, run
 from fastdit.pipelines.hunyuan_video import HunyuanVideoSparseAttnProcessor
 
 diffusers = pytest.importorskip("diffusers")

@@ -192,7 +192,7 @@ def neighborhoods(draw):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(neighborhoods(), st.integers(0, 2**32 - 1))
 def test_natten_matches_its_definition_on_random_windows(monkeypatch, config, seed):
-    from test_gna import natten_reference
+    from tests.methods.test_gna import natten_reference
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the plan and window mask are the point here
     spatial, kernel_size, stride, dilation = config

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdit
-from integration_helpers import expand_blocks, run
+from tests.integration_helpers import expand_blocks, run
 from fastdit.pipelines.wan import WanSparseAttnProcessor, apply_wan_rotary_emb
 
 diffusers = pytest.importorskip("diffusers")

@@ -21,7 +21,7 @@ from fastdit.methods import agent as agent_module
 from fastdit.methods.base import AttentionCall
 from fastdit.pipelines.unet import UNetSparseAttnProcessor
 from fastdit.pipelines.wan import apply_wan_rotary_emb
-from integration_helpers import run
+from tests.integration_helpers import run
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import HunyuanVideoTransformer3DModel, UNet2DConditionModel, WanTransformer3DModel  # noqa: E402

@@ -20,7 +20,7 @@ from fastdit.testing.tiny import (
     load_pipeline,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--height", "64", "--width", "64", "--num-frames", "9", "--steps", "2"]
 
 

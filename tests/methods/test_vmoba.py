@@ -23,7 +23,7 @@ from fastdit.methods.vmoba import (
     topk_tile_means,
     topk_tiles,
 )
-from integration_helpers import run
+from tests.integration_helpers import run
 
 # Ragged grid (5 frames, 6 x 10) with explicit sizes that divide nothing, and a divisible one.
 RAGGED = (LatentGrid(5, 6, 10), ((2,), (4, 3), (2, 4, 3)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdit
-from family_helpers import (
+from tests.pipelines.family_helpers import (
     TokenMaskedSDPA,
     check_methods_repeat,
     check_pipeline_dense_and_remove,
@@ -17,7 +17,7 @@ from family_helpers import (
     prefix_masks,
     reference_backend,  # noqa: F401 (autouse fixture)
 )
-from integration_helpers import run
+from tests.integration_helpers import run
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402

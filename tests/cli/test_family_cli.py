@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from family_helpers import reference_backend  # noqa: F401 (autouse fixture)
+from tests.pipelines.family_helpers import reference_backend  # noqa: F401 (autouse fixture)
 from fastdit import cli
 
 diffusers = pytest.importorskip("diffusers")
@@ -17,7 +17,7 @@ def ltx_folder(tmp_path_factory):
     from transformers import T5Config, T5EncoderModel
 
     from fastdit.testing.tiny import TINY_VOCAB, build_tiny_tokenizer
-    from test_family_ltx_video import tiny_transformer, tiny_vae
+    from tests.pipelines.test_family_ltx_video import tiny_transformer, tiny_vae
 
     tokenizer = build_tiny_tokenizer(model_max_length=32)
     with torch.random.fork_rng(devices=[]):

@@ -14,7 +14,7 @@ import torch
 
 from fastdit import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 TINY = ["bench", "--smoke", "--shapes", "smoke-300", "--min-reps", "1", "--input-sets", "1",
         "--plan-repeats", "1"]

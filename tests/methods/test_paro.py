@@ -299,8 +299,8 @@ def test_paro_on_hunyuan_video_keeps_text_in_place_and_dense(rng, tmp_path):
     # Joint [video | text] attention with per-batch text padding (valid lengths 9 and 4): the
     # collector's block mass, the plans' dense text rows/columns, and PARO's reordering with the
     # text left in place, against fastdit's dense path on the same transformer.
-    from integration_helpers import run
-    from test_hunyuan_integration import inputs, tiny_transformer
+    from tests.integration_helpers import run
+    from tests.pipelines.test_hunyuan_integration import inputs, tiny_transformer
 
     model = tiny_transformer()
     kwargs = inputs(rng)

@@ -474,9 +474,9 @@ def test_tiny_pipeline_searches_at_scaled_steps_and_generations_do_not_leak(monk
 def test_hunyuan_video_joint_attention_keeps_text(rng, monkeypatch):
     pytest.importorskip("diffusers")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference backend: plumbing, not kernels
-    from test_hunyuan_integration import GRID, TEXT, inputs, tiny_transformer
+    from tests.pipelines.test_hunyuan_integration import GRID, TEXT, inputs, tiny_transformer
 
-    from integration_helpers import run
+    from tests.integration_helpers import run
 
     model = tiny_transformer()
     kwargs = inputs(rng)
