@@ -256,7 +256,7 @@ def check_int8(generator: torch.Generator, head_dims, device: str = "cuda") -> N
     """The INT8 path (quantization kernel, int8 MMA, pointer and TMA loads): quantization against
     its reference and the kernel against the fp32 reference on the same INT8 inputs."""
     from fastdit.kernels import quantize_qk_int8
-    from fastdit.kernels.int8_attention import triton_int8_block_sparse_attention
+    from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention
     from fastdit.kernels.reference import int8_attention_reference
 
     for dtype in (torch.bfloat16, torch.float16):

@@ -73,7 +73,7 @@ from benchmarks.harness import (  # noqa: E402
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8  # noqa: E402
 from fastdit.kernels.dispatch import triton_interpreter_enabled  # noqa: E402
-from fastdit.kernels.int8_attention import triton_int8_block_sparse_attention  # noqa: E402
+from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention  # noqa: E402
 from fastdit.kernels.reference import int8_attention_reference  # noqa: E402
 from fastdit.cli.report import agg_pyplot  # noqa: E402
 

@@ -11,7 +11,7 @@ at ``--density``), times with ``triton.testing.do_bench``:
   ``--top`` of them on later shapes.
 
 Every row also reports the output's cosine similarity and relative L1 against the bf16 kernel.
-The best configuration goes into ``_INT8_CONFIGS`` in ``fastdit/kernels/int8_attention.py`` by hand.
+The best configuration goes into ``_INT8_CONFIGS`` in ``fastdit/kernels/triton/int8_attention.py`` by hand.
 
 Other levers were measured with the version of this script in commit bd24815
 (``benchmarks/results/h100_2026-11-23/tune_int8_run{1,2}_*.json``) and are not shipped: P's exponentials two per
@@ -44,8 +44,8 @@ if not __package__:  # python benchmarks/<script>.py: run as python -m benchmark
     sys.exit()
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8  # noqa: E402
-from fastdit.kernels import triton_common  # noqa: E402
-from fastdit.kernels import int8_attention as int8_module  # noqa: E402
+from fastdit.kernels.triton import triton_common  # noqa: E402
+from fastdit.kernels.triton import int8_attention as int8_module  # noqa: E402
 from fastdit.kernels.quantized import key_mean  # noqa: E402
 from benchmarks.harness import SHAPES  # noqa: E402  (the core kernel benchmark's shapes)
 from benchmarks.int8_bench import accuracy  # noqa: E402  (cosine and relative L1, fp64 in chunks)

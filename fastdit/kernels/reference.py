@@ -192,7 +192,7 @@ def quantize_qk_reference(
     smooth_k: bool = True,
 ) -> QuantizedQK:
     """Per-block symmetric INT8 Q and K with K smoothed by its mean over the valid keys (the
-    function :mod:`fastdit.kernels.quantize` computes), in fp32 PyTorch."""
+    function :mod:`fastdit.kernels.triton.quantize` computes), in fp32 PyTorch."""
     qf, kf = _to_bhsd_fp32(q, layout), _to_bhsd_fp32(k, layout)
     seq_kv = kf.shape[2]
     valid = None

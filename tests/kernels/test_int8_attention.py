@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8
-from fastdit.kernels.int8_attention import triton_int8_block_sparse_attention
+from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention
 from fastdit.kernels.reference import attention_reference, int8_attention_reference
 
 

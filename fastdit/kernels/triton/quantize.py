@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantized import QuantizedQK, key_mean
+from ..quantized import QuantizedQK, key_mean
 from .triton_common import LOG2E, strides
 
 

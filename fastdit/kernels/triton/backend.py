@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .backend import Backend, Request, register_backend
+from ..backend import Backend, Request, register_backend
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 

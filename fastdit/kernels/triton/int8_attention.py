@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import BlockSparsity
-from .quantized import QuantizedQK
+from ..plan import BlockSparsity
+from ..quantized import QuantizedQK
 from .triton_common import (
     TensorDescriptor,
     attend_plan_row,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import BlockSparsity
+from ..plan import BlockSparsity
 
 try:  # host-side tensor descriptors (TMA), Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import BlockSparsity
+from ..plan import BlockSparsity
 from .triton_common import LOG2E, dot, plan_row, plan_strides, strides
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import BlockSparsity
+from ..plan import BlockSparsity
 from .triton_common import (
     LOG2E,
     TensorDescriptor,
@@ -41,7 +41,7 @@ from .triton_common import (
     strides,
     tma_view,
 )
-from .window import WindowMask
+from ..window import WindowMask
 
 
 @triton.jit
