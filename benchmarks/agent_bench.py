@@ -93,21 +93,19 @@ from pathlib import Path
 
 import torch
 
-if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
-    import runpy
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
-    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
-    sys.exit()
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from benchmarks.e2e_bench import MODELS as WAN_MODELS  # noqa: E402
 from benchmarks.e2e_bench import SMOKE_MODELS as WAN_SMOKE_MODELS  # noqa: E402
 from benchmarks.e2e_bench import AttentionTimer, build_transformer, make_inputs  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     add_out_argument,
+    choose_models,
     describe_error,
     git_commit,
     parse_list,
+    pyplot,
     stem,
     synchronize,
 )
@@ -115,7 +113,6 @@ from benchmarks.harness import (  # noqa: E402
 import fastdit  # noqa: E402
 from fastdit.cli.bench import write_outputs  # noqa: E402
 from fastdit.kernels import explain_backends  # noqa: E402
-from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 NUM_STEPS = 50
 AGENT_STEP_FRACTION = 0.4  # published: agents in the first 40% of the steps
@@ -523,9 +520,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], metadata: dict, path: Path) -> None:
-    plt = agg_pyplot()
+    plt = pyplot()
     if plt is None:
-        print("matplotlib not installed: no plot")
         return
 
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -605,11 +601,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", type=Path, metavar="JSON", help="redraw an earlier run's plot and exit")
     args = parser.parse_args(argv)
-    known = SMOKE_SPECS if args.smoke else SPECS
-    try:
-        args.models = parse_list(args.models, tuple(known)) if args.models else list(known)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(f"--models: {exc}")
+    choose_models(parser, args, SPECS, SMOKE_SPECS)
     if "stock" not in args.methods:
         args.methods = ["stock", *args.methods]  # every speedup is relative to it
     if (args.repeat is not None and args.repeat < 1) or (args.warmup is not None and args.warmup < 0):

@@ -92,20 +92,16 @@ from pathlib import Path
 
 import torch
 
-if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
-    import runpy
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
-    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
-    sys.exit()
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from benchmarks.e2e_bench import (  # noqa: E402
     MODELS,
-    AttentionTimer,
     NUM_STEPS,
     RADIAL_PRESET,
     SMOKE_MODELS,
     TIMESTEP,
+    AttentionTimer,
     ModelSpec,
     build_transformer,
     make_inputs,
@@ -115,6 +111,7 @@ from benchmarks import harness  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     StepTiming,
     add_out_argument,
+    choose_models,
     describe_error,
     git_commit,
     parse_list,
@@ -778,11 +775,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", type=Path, metavar="JSON", help="redraw an earlier run's plot and exit")
     args = parser.parse_args(argv)
-    known = SMOKE_MODELS if args.smoke else MODELS
-    try:
-        args.models = parse_list(args.models, tuple(known)) if args.models else list(known)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(f"--models: {exc}")
+    choose_models(parser, args, MODELS, SMOKE_MODELS)
     # The target first: a run cut short by the budget still has it.
     args.models.sort(key=lambda m: m != TARGET_MODEL)
     if "stock-cudnn" not in args.methods:

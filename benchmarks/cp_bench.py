@@ -92,12 +92,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
-    import runpy
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
-    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
-    sys.exit()
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from benchmarks.e2e_bench import WAN_COMMON, ModelSpec, build_transformer, make_inputs, sdpa_context  # noqa: E402
 from benchmarks.harness import add_out_argument, git_commit, synchronize  # noqa: E402

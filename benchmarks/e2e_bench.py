@@ -132,20 +132,18 @@ from pathlib import Path
 
 import torch
 
-if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
-    import runpy
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
-    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
-    sys.exit()
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from benchmarks.harness import (  # noqa: E402
     StepTiming,
     add_out_argument,
+    choose_models,
     describe_error,
     format_number,
     git_commit,
     parse_list,
+    pyplot,
     stem,
     time_cfg_steps,
 )
@@ -155,7 +153,6 @@ from fastdit import GNA, AdaSpa, Dense, LatentGrid, Radial, Schedule, SequenceLa
 from fastdit.kernels import BlockSparsity, choose_backend, explain_backends  # noqa: E402
 from fastdit.kernels.backend import explain_calls  # noqa: E402
 from fastdit.methods.adaspa import select_blocks  # noqa: E402
-from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "stock-flash", "dense", "radial", "gna", "vmoba", "vmoba-mean", "adaspa")
 RUN_ORDER = ("stock-cudnn", "stock-flash", "radial", "gna", "vmoba", "vmoba-mean", "adaspa", "dense")
@@ -1310,9 +1307,8 @@ def report(rows: list[dict], estimates: list[dict], metadata: dict, verdicts: li
 def plot_results(rows: list[dict], estimates: list[dict], metadata: dict, path: Path) -> None:
     """Per model: ms per step (self-attention part hatched) and the 50-step estimate with its
     speedup over stock cuDNN."""
-    plt = agg_pyplot()
+    plt = pyplot()
     if plt is None:
-        print("matplotlib not installed: no plot")
         return
 
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -1461,11 +1457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="redraw the plot and reprint the summary of an earlier run, then exit")
     args = parser.parse_args(argv)
-    known = SMOKE_MODELS if args.smoke else MODELS
-    try:
-        args.models = parse_list(args.models, tuple(known)) if args.models else list(known)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(f"--models: {exc}")
+    choose_models(parser, args, MODELS, SMOKE_MODELS)
     if not args.methods:
         parser.error("--methods is empty")
     for name in ("repeat", "warmup"):

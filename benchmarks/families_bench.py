@@ -87,12 +87,8 @@ from pathlib import Path
 
 import torch
 
-if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
-    import runpy
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
-    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
-    sys.exit()
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from benchmarks.harness import (  # noqa: E402
     add_out_argument,

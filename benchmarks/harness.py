@@ -7,8 +7,8 @@ fastdit is installed or not (``python -m`` puts the current folder first on the 
     python -m benchmarks.e2e_bench --smoke
     torchrun --nproc-per-node 2 -m benchmarks.cp_bench --smoke
 
-``python benchmarks/<script>.py`` runs the same module: each script's first lines hand over to
-``runpy`` with the repository root in place of the script's folder, as ``-m`` has it.
+Run as a file (``python benchmarks/<script>.py``), a script says this and exits: its imports of
+``benchmarks.*`` need the package, and no script puts a folder on ``sys.path``.
 
 Results: each run writes into one folder, ``benchmarks/results/<gpu>_<date>/`` by default
 (:func:`default_out`: ``h200_2026-12-02``; ``cpu_<date>`` without a GPU), ``--out`` picks another.
@@ -74,11 +74,32 @@ def stem(benchmark: str, metadata: dict) -> str:
     return f"{benchmark}_" + output_stem(metadata).removeprefix("kernel_bench_")
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or ``None`` with a notice when it is not installed."""
+    from fastdit.cli.report import agg_pyplot
+
+    plt = agg_pyplot()
+    if plt is None:
+        print("matplotlib not installed: no plot")
+    return plt
+
+
 # --------------------------------------------------------------------------- common flags
 def add_out_argument(parser: argparse.ArgumentParser) -> None:
     """``--out``, the results folder, by default this run's :func:`default_out`."""
     parser.add_argument("--out", type=Path, default=default_out(),
                         help="results folder (default: benchmarks/results/<gpu>_<date>)")
+
+
+def choose_models(parser: argparse.ArgumentParser, args: argparse.Namespace, models, smoke_models) -> None:
+    """``args.models``: the comma list of ``--models`` checked against ``smoke_models`` with
+    ``--smoke``, else ``models`` (every one of them when the flag is not given); a usage error
+    naming the unknown ones."""
+    known = smoke_models if args.smoke else models
+    try:
+        args.models = parse_list(args.models, tuple(known)) if args.models else list(known)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--models: {exc}")
 
 
 # --------------------------------------------------------------------------- timing

@@ -48,26 +48,23 @@ from pathlib import Path
 
 import torch
 
-if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
-    import runpy
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
-    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
-    sys.exit()
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from benchmarks.harness import (  # noqa: E402
-    add_out_argument,
     SHAPES,
     SMOKE_SHAPES,
     Shape,
     Timing,
+    add_out_argument,
     banded_block_map,
     benchmark_ms,
     collect_metadata,
     fastdit_backend,
-    stem as harness_stem,
     parse_list,
+    pyplot,
     random_block_map,
+    stem as harness_stem,
     write_outputs,
 )
 
@@ -75,7 +72,6 @@ from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_i
 from fastdit.kernels.dispatch import triton_interpreter_enabled  # noqa: E402
 from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention  # noqa: E402
 from fastdit.kernels.reference import int8_attention_reference  # noqa: E402
-from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 BLOCK_SIZE = 128
 ALL_MASKS = ("random", "banded")
@@ -237,9 +233,8 @@ def evaluate_targets(rows: list[dict], metadata: dict) -> list[dict]:
 
 
 def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
-    plt = agg_pyplot()
+    plt = pyplot()
     if plt is None:
-        print("matplotlib not installed: no plot")
         return
     shapes = sorted({row["shape"] for row in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)

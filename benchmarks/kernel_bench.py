@@ -13,12 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
-    import runpy
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
-    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
-    sys.exit()
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from benchmarks.harness import default_out  # noqa: E402
 from fastdit.cli.bench import main  # noqa: E402

@@ -57,12 +57,8 @@ from pathlib import Path
 
 import torch
 
-if not __package__:  # python benchmarks/<script>.py: run as python -m benchmarks.<script>
-    import runpy
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout first, as -m has it
-    runpy.run_module(f"benchmarks.{Path(__file__).stem}", run_name="__main__", alter_sys=True)
-    sys.exit()
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from benchmarks.e2e_bench import (  # noqa: E402
     MODELS,
@@ -79,6 +75,7 @@ from benchmarks.harness import (  # noqa: E402
     add_out_argument,
     describe_error,
     parse_list,
+    pyplot,
     random_block_map,
     write_outputs,
 )
@@ -87,7 +84,6 @@ from benchmarks.harness import stem as harness_stem  # noqa: E402
 import fastdit  # noqa: E402
 from fastdit.layout import AXIS_ORDERS, SequenceLayout  # noqa: E402
 from fastdit.methods.paro import ParoPlan, layout_to_json  # noqa: E402
-from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "dense", "paro-bf16", "paro-int8")
 MODEL = "wan13b-480p"
@@ -203,9 +199,8 @@ def run(args, device: torch.device, dtype: torch.dtype, work_dir: Path) -> list[
 
 
 def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
-    plt = agg_pyplot()
+    plt = pyplot()
     if plt is None:
-        print("matplotlib not installed: no plot")
         return
     done = [r for r in rows if r.get("ms_step")]
     labels = [f"{r['method']}\n{r['target_density']}" for r in done]
