@@ -39,7 +39,7 @@ class Band(Method):
 
 
 if __name__ == "__main__":
-    from fastdit.cli.main import main
+    from fastdit.cli import main
 
     main(["generate", "--attention", "band", "--attention-opt", "width=2", "--steps", "2",
           "-o", "band.mp4"])
