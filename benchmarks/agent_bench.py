@@ -66,14 +66,14 @@ which fastdit does not do.
 
 How to run
 ----------
-    python benchmarks/agent_bench.py --models sd15-1024,sd15-2048,sdxl-2048   # ~2-3 min, H200
-    python benchmarks/agent_bench.py                         # all models (~6-8 min)
-    python benchmarks/agent_bench.py --models sd15-512,sdxl-1024
-    python benchmarks/agent_bench.py --smoke --out /tmp/agent  # tiny models, CPU fp32, < 1 min
-    python benchmarks/agent_bench.py --replot benchmarks/results/agent_bench_<gpu>_<date>.json
+    python -m benchmarks.agent_bench --models sd15-1024,sd15-2048,sdxl-2048   # ~2-3 min, H200
+    python -m benchmarks.agent_bench                         # all models (~6-8 min)
+    python -m benchmarks.agent_bench --models sd15-512,sdxl-1024
+    python -m benchmarks.agent_bench --smoke --out /tmp/agent  # tiny models, CPU fp32, < 1 min
+    python -m benchmarks.agent_bench --replot benchmarks/results/<gpu>_<date>/agent_bench_<gpu>_<date>.json
 
 Writes ``agent_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
-``benchmarks/results``) and prints a table. ``--smoke`` runs tiny UNets (SD 1.5 and SDXL block
+``benchmarks/results/<gpu>_<date>``) and prints a table. ``--smoke`` runs tiny UNets (SD 1.5 and SDXL block
 layouts) and a tiny Wan on the CPU in fp32 (fastdit's PyTorch reference path).
 """
 
@@ -85,7 +85,6 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -94,17 +93,26 @@ from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-from e2e_bench import MODELS as WAN_MODELS  # noqa: E402  (also puts the repository root on sys.path)
-from e2e_bench import SMOKE_MODELS as WAN_SMOKE_MODELS  # noqa: E402
-from e2e_bench import AttentionTimer, build_transformer, make_inputs, synchronize  # noqa: E402
-from kernel_bench import REPO_ROOT, describe_error, git_commit, parse_list  # noqa: E402
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
+
+from benchmarks.e2e_bench import MODELS as WAN_MODELS  # noqa: E402
+from benchmarks.e2e_bench import SMOKE_MODELS as WAN_SMOKE_MODELS  # noqa: E402
+from benchmarks.e2e_bench import AttentionTimer, build_transformer, make_inputs  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    add_out_argument,
+    choose_models,
+    describe_error,
+    git_commit,
+    parse_list,
+    pyplot,
+    stem,
+    synchronize,
+)
 
 import fastdit  # noqa: E402
-from fastdit.bench import write_outputs  # noqa: E402
+from fastdit.cli.bench import write_outputs  # noqa: E402
 from fastdit.kernels import explain_backends  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
 
 NUM_STEPS = 50
 AGENT_STEP_FRACTION = 0.4  # published: agents in the first 40% of the steps
@@ -512,9 +520,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], metadata: dict, path: Path) -> None:
-    plt = agg_pyplot()
+    plt = pyplot()
     if plt is None:
-        print("matplotlib not installed: no plot")
         return
 
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -573,9 +580,7 @@ def collect_metadata(args, device: torch.device) -> dict:
 
 
 def output_stem(metadata: dict) -> str:
-    name = metadata["device_name"] if metadata["device_type"] == "cuda" else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return f"agent_bench_{slug}{'-smoke' if metadata['smoke'] else ''}_{metadata['date']}"
+    return stem("agent_bench", metadata)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -588,7 +593,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         type=lambda s: parse_list(s, ALL_METHODS), help=f"comma list of {list(ALL_METHODS)}")
     parser.add_argument("--repeat", type=int, default=None, help="timed steps per row (default per model)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default per model)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    add_out_argument(parser)
     parser.add_argument("--max-pairs", type=int, default=None,
                         help="UNets: largest batch the GPU-bound search tries, in CFG pairs "
                         "(default: 8; --smoke: 2)")
@@ -596,11 +601,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", type=Path, metavar="JSON", help="redraw an earlier run's plot and exit")
     args = parser.parse_args(argv)
-    known = SMOKE_SPECS if args.smoke else SPECS
-    try:
-        args.models = parse_list(args.models, tuple(known)) if args.models else list(known)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(f"--models: {exc}")
+    choose_models(parser, args, SPECS, SMOKE_SPECS)
     if "stock" not in args.methods:
         args.methods = ["stock", *args.methods]  # every speedup is relative to it
     if (args.repeat is not None and args.repeat < 1) or (args.warmup is not None and args.warmup < 0):

@@ -65,10 +65,10 @@ before it). The plot stacks those factors per method on a log axis.
 
 How to run
 ----------
-    python benchmarks/compose_bench.py --budget-s 300     # both models, ~5-6 min on an H200
-    python benchmarks/compose_bench.py --models wan14b-720p --no-compile
-    python benchmarks/compose_bench.py --smoke --out /tmp/compose   # tiny model, CPU bf16
-    python benchmarks/compose_bench.py --replot benchmarks/results/compose_bench_<gpu>_<date>.json
+    python -m benchmarks.compose_bench --budget-s 300     # both models, ~5-6 min on an H200
+    python -m benchmarks.compose_bench --models wan14b-720p --no-compile
+    python -m benchmarks.compose_bench --smoke --out /tmp/compose   # tiny model, CPU bf16
+    python -m benchmarks.compose_bench --replot benchmarks/results/<gpu>_<date>/compose_bench_<gpu>_<date>.json
 
 Rows run in priority order (14B eager, 14B compiled, then 1.3B); ``--budget-s`` skips the rows
 that would start after that many seconds, with the reason, and results are written after every
@@ -88,35 +88,41 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-import e2e_bench  # noqa: E402  (also puts the repository root on sys.path)
-from e2e_bench import (  # noqa: E402
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
+
+from benchmarks.e2e_bench import (  # noqa: E402
     MODELS,
-    AttentionTimer,
     NUM_STEPS,
     RADIAL_PRESET,
     SMOKE_MODELS,
     TIMESTEP,
+    AttentionTimer,
     ModelSpec,
     build_transformer,
     make_inputs,
     sdpa_context,
-    synchronize,
 )
-from kernel_bench import REPO_ROOT, describe_error, git_commit, parse_list  # noqa: E402
-from kernel_bench import output_stem as kernel_output_stem  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    StepTiming,
+    add_out_argument,
+    choose_models,
+    describe_error,
+    git_commit,
+    parse_list,
+    stem,
+)
 
 import fastdit  # noqa: E402
 from fastdit import AdaSpa, Radial  # noqa: E402
-from fastdit.bench import write_outputs  # noqa: E402
+from fastdit.cli.bench import write_outputs  # noqa: E402
 from fastdit.kernels import explain_backends  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
+from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "best-dense", "radial", "adaspa")
 # Blocks built per model (the estimate extrapolates to the published depth).
@@ -241,49 +247,13 @@ class SpanTimer(AttentionTimer):
         ]
 
 
-@dataclass
-class Timing:
-    step_ms: list[float]
-    blocks_ms: list[float]
-    output: torch.Tensor | None
-    peak_mem_gib: float | None
-
-
 def time_cfg_steps(model, inputs, device: torch.device, *, step_index: int, warmup: int,
-                   repeat: int, sdpa) -> Timing:
-    """``warmup`` untimed CFG steps, then ``repeat`` timed ones (cond + uncond forwards)."""
-    timestep = torch.tensor([TIMESTEP], device=device)
-
-    def forward(name: str) -> torch.Tensor:
-        text = inputs.text_cond if name == "cond" else inputs.text_uncond
-        with model.cache_context(name, step_index=step_index, num_inference_steps=NUM_STEPS):
-            return model(hidden_states=inputs.latent, timestep=timestep,
-                         encoder_hidden_states=text, return_dict=False)[0]
-
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    timer = SpanTimer(model, device)
-    step_ms, blocks_ms, output = [], [], None
-    try:
-        with torch.inference_mode(), sdpa():
-            for _ in range(warmup):
-                forward("cond")
-                forward("uncond")
-            synchronize(device)
-            timer.collect_ms()
-            for _ in range(repeat):
-                synchronize(device)
-                start = time.perf_counter()
-                output = forward("cond")
-                forward("uncond")
-                synchronize(device)
-                step_ms.append((time.perf_counter() - start) * 1e3)
-                blocks_ms.append(timer.collect_ms())
-    finally:
-        timer.remove()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return Timing(step_ms, blocks_ms, output, peak)
+                   repeat: int, sdpa) -> StepTiming:
+    """``warmup`` untimed CFG steps, then ``repeat`` timed ones (cond + uncond forwards);
+    ``timer_ms`` is the time inside the transformer blocks."""
+    return harness.time_cfg_steps(model, inputs, device, step_index=step_index, num_steps=NUM_STEPS,
+                                  timestep=TIMESTEP, warmup_forwards=2 * warmup, repeat=repeat,
+                                  sdpa=sdpa, timer=SpanTimer(model, device))
 
 
 def dynamo_counts() -> tuple[int, int]:
@@ -347,7 +317,7 @@ class ComposeRun:
                 torch.cuda.empty_cache()
             log(row)
             return
-        ms, blocks = statistics.median(timing.step_ms), statistics.median(timing.blocks_ms)
+        ms, blocks = statistics.median(timing.step_ms), statistics.median(timing.timer_ms)
         out = timing.output.float()
         after_breaks, after_graphs = dynamo_counts()
         row.update(status="ok", source="measured", ms_step=ms, blocks_ms=blocks,
@@ -780,7 +750,7 @@ def collect_metadata(args, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def output_stem(metadata: dict) -> str:
-    return "compose_bench_" + kernel_output_stem(metadata).removeprefix("kernel_bench_")
+    return stem("compose_bench", metadata)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -797,7 +767,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled pass")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip rows that would start after this many seconds (default: no limit)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    add_out_argument(parser)
     parser.add_argument("--check-step-kinds", action="store_true",
                         help="check the step-kind model against a real 50-step tiny-model loop "
                         "on the CPU (always with --smoke)")
@@ -805,11 +775,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", type=Path, metavar="JSON", help="redraw an earlier run's plot and exit")
     args = parser.parse_args(argv)
-    known = SMOKE_MODELS if args.smoke else MODELS
-    try:
-        args.models = parse_list(args.models, tuple(known)) if args.models else list(known)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(f"--models: {exc}")
+    choose_models(parser, args, MODELS, SMOKE_MODELS)
     # The target first: a run cut short by the budget still has it.
     args.models.sort(key=lambda m: m != TARGET_MODEL)
     if "stock-cudnn" not in args.methods:

@@ -41,19 +41,19 @@ compare (0 by definition).
 How to run
 ----------
     # 1 GPU (the baseline; the lead runs this one), full size, ~6-8 min on an H200:
-    torchrun --nproc-per-node 1 benchmarks/cp_bench.py
+    torchrun --nproc-per-node 1 -m benchmarks.cp_bench
     # quick: 4 layers, ~1 min
-    torchrun --nproc-per-node 1 benchmarks/cp_bench.py --layers 4
+    torchrun --nproc-per-node 1 -m benchmarks.cp_bench --layers 4
     # 2 and 4 GPUs (the same command; results land next to the 1-GPU ones and are compared):
-    torchrun --nproc-per-node 2 benchmarks/cp_bench.py
-    torchrun --nproc-per-node 4 benchmarks/cp_bench.py
+    torchrun --nproc-per-node 2 -m benchmarks.cp_bench
+    torchrun --nproc-per-node 4 -m benchmarks.cp_bench
     # one table over every degree found in --out
-    python benchmarks/cp_bench.py --combine
+    python -m benchmarks.cp_bench --combine
     # CPU smoke test over gloo: a tiny Wan, fp32, the PyTorch reference kernels (< 1 min)
-    torchrun --nproc-per-node 2 benchmarks/cp_bench.py --smoke --out /tmp/cp_smoke
+    torchrun --nproc-per-node 2 -m benchmarks.cp_bench --smoke --out /tmp/cp_smoke
 
 Writes ``cp_bench_<gpu-slug>_<YYYY-MM-DD>_<config>_u<N>.{json,csv}`` into ``--out`` (default
-``benchmarks/results``; rank 0 only; ``<config>`` e.g. ``wan14b-720p``, ``wan14b-720p-4layers``),
+``benchmarks/results/<gpu>_<date>``; rank 0 only; ``<config>`` e.g. ``wan14b-720p``, ``wan14b-720p-4layers``),
 and with ``--combine`` ``..._<config>_combined.{json,csv,png}`` per configuration.
 NVLink multicast stays off: the script sets ``NCCL_NVLS_ENABLE=0`` (and PyTorch's and
 NVSHMEM's switches) before anything initialises NCCL.
@@ -92,21 +92,15 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-from e2e_bench import (  # noqa: E402  (also puts the repository root on sys.path)
-    WAN_COMMON,
-    ModelSpec,
-    build_transformer,
-    git_commit,
-    make_inputs,
-    sdpa_context,
-    synchronize,
-)
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
+
+from benchmarks.e2e_bench import WAN_COMMON, ModelSpec, build_transformer, make_inputs, sdpa_context  # noqa: E402
+from benchmarks.harness import add_out_argument, git_commit, synchronize  # noqa: E402
 
 import fastdit  # noqa: E402
 from fastdit.parallel import enable as enable_ulysses  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
+from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 NUM_STEPS = 50
 TIMESTEP = 500.0
@@ -498,7 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline", type=Path, default=None,
                         help="1-GPU JSON to compare with (default: the _u1 file of this configuration in --out)")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    add_out_argument(parser)
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, fp32, a tiny 2-layer Wan (4 heads, 384 tokens), fastdit's reference kernels")
     parser.add_argument("--combine", action="store_true", help="only combine the _u<N>.json files in --out")

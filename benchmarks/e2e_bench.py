@@ -77,17 +77,17 @@ Targets (Wan2.1-14B 720p; PASS/MISS at the end)
 
 How to run
 ----------
-    python benchmarks/e2e_bench.py                              # both models, ~8 min on an H100
-    python benchmarks/e2e_bench.py --models wan13b-480p         # ~1.5 min
-    python benchmarks/e2e_bench.py --models wan14b-720p --methods stock-cudnn,radial
-    python benchmarks/e2e_bench.py --models wan14b-720p \
+    python -m benchmarks.e2e_bench                              # both models, ~8 min on an H100
+    python -m benchmarks.e2e_bench --models wan13b-480p         # ~1.5 min
+    python -m benchmarks.e2e_bench --models wan14b-720p --methods stock-cudnn,radial
+    python -m benchmarks.e2e_bench --models wan14b-720p \
         --methods stock-cudnn,stock-flash,radial,adaspa
-    python benchmarks/e2e_bench.py --smoke --out /tmp/e2e       # tiny model, CPU fp32, < 1 min
-    python benchmarks/e2e_bench.py --models wan14b-720p --methods stock-cudnn,stock-flash,radial,vmoba,vmoba-mean
-    python benchmarks/e2e_bench.py --replot benchmarks/results/e2e_bench_<gpu>_<date>.json
+    python -m benchmarks.e2e_bench --smoke --out /tmp/e2e       # tiny model, CPU fp32, < 1 min
+    python -m benchmarks.e2e_bench --models wan14b-720p --methods stock-cudnn,stock-flash,radial,vmoba,vmoba-mean
+    python -m benchmarks.e2e_bench --replot benchmarks/results/<gpu>_<date>/e2e_bench_<gpu>_<date>.json
 
 Writes ``e2e_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
-``benchmarks/results``) and prints a table per model, the 50-step estimates and the target
+``benchmarks/results/<gpu>_<date>``) and prints a table per model, the 50-step estimates and the target
 verdicts last. ``--smoke`` uses a 2-layer, 2-head (head dim 64) transformer on a
 ``[1, 16, 7, 16, 24]`` latent in fp32 on the CPU: the stock cuDNN/FA2 rows are skipped with the
 reason, fastdit runs its PyTorch reference path, and the targets read N/A.
@@ -123,7 +123,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -133,14 +132,20 @@ from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-from kernel_bench import (  # noqa: E402  (also puts the repository root on sys.path)
-    REPO_ROOT,
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
+
+from benchmarks.harness import (  # noqa: E402
+    StepTiming,
+    add_out_argument,
+    choose_models,
     describe_error,
     format_number,
     git_commit,
     parse_list,
+    pyplot,
+    stem,
+    time_cfg_steps,
 )
 
 import fastdit  # noqa: E402
@@ -148,7 +153,6 @@ from fastdit import GNA, AdaSpa, Dense, LatentGrid, Radial, Schedule, SequenceLa
 from fastdit.kernels import BlockSparsity, choose_backend, explain_backends  # noqa: E402
 from fastdit.kernels.backend import explain_calls  # noqa: E402
 from fastdit.methods.adaspa import select_blocks  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "stock-flash", "dense", "radial", "gna", "vmoba", "vmoba-mean", "adaspa")
 RUN_ORDER = ("stock-cudnn", "stock-flash", "radial", "gna", "vmoba", "vmoba-mean", "adaspa", "dense")
@@ -350,11 +354,6 @@ def choose_gna(grid: LatentGrid, target_density: float) -> tuple[dict, list[dict
 # ----------------------------------------------------------------------------------- timing
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 class AttentionTimer:
     """Time spent inside the given attention modules (e.g. every ``blocks[i].attn1``), summed per
     step. CUDA events on the GPU (no synchronisation inside the forward), wall clock on the CPU."""
@@ -395,51 +394,14 @@ class AttentionTimer:
             handle.remove()
 
 
-@dataclass
-class StepTiming:
-    step_ms: list[float]
-    attn_ms: list[float]
-    output: torch.Tensor
-    peak_mem_gib: float | None
-
-
 def time_steps(model: torch.nn.Module, inputs: Inputs, device: torch.device, *, step_index: int,
                warmup: int, repeat: int, sdpa: Callable[[], contextlib.AbstractContextManager]
                ) -> StepTiming:
-    """Warm up with ``warmup`` forwards, then time ``repeat`` CFG steps (cond + uncond)."""
-    # One timestep value for every row, so that outputs compare across methods (the cost of a
-    # forward does not depend on it; fastdit reads the step from cache_context, not from it).
-    timestep = torch.tensor([TIMESTEP], device=device)
-
-    def forward(name: str) -> torch.Tensor:
-        text = inputs.text_cond if name == "cond" else inputs.text_uncond
-        with model.cache_context(name, step_index=step_index, num_inference_steps=NUM_STEPS):
-            return model(hidden_states=inputs.latent, timestep=timestep,
-                         encoder_hidden_states=text, return_dict=False)[0]
-
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    timer = AttentionTimer([block.attn1 for block in model.blocks], device)
-    step_ms, attn_ms, output = [], [], None
-    try:
-        with torch.inference_mode(), sdpa():
-            for i in range(warmup):
-                forward("cond" if i % 2 == 0 else "uncond")
-            synchronize(device)
-            timer.collect_ms()
-            for _ in range(repeat):
-                synchronize(device)
-                start = time.perf_counter()
-                output = forward("cond")
-                forward("uncond")
-                synchronize(device)
-                step_ms.append((time.perf_counter() - start) * 1e3)
-                attn_ms.append(timer.collect_ms())
-    finally:
-        timer.remove()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return StepTiming(step_ms, attn_ms, output, peak)
+    """Warm up with ``warmup`` forwards, then time ``repeat`` CFG steps (cond + uncond);
+    ``timer_ms`` is the time inside the self-attention modules."""
+    return time_cfg_steps(model, inputs, device, step_index=step_index, num_steps=NUM_STEPS,
+                          timestep=TIMESTEP, warmup_forwards=warmup, repeat=repeat, sdpa=sdpa,
+                          timer=AttentionTimer([block.attn1 for block in model.blocks], device))
 
 
 def sdpa_context(backend_name: str | None, device: torch.device
@@ -520,7 +482,7 @@ class ModelRun:
             return
         out = timing.output.float()
         ms = statistics.median(timing.step_ms)
-        attn = statistics.median(timing.attn_ms)
+        attn = statistics.median(timing.timer_ms)
         row.update(
             status="ok", source="measured", ms_step=ms, ms_step_min=min(timing.step_ms),
             ms_forward=ms / 2,
@@ -1345,9 +1307,8 @@ def report(rows: list[dict], estimates: list[dict], metadata: dict, verdicts: li
 def plot_results(rows: list[dict], estimates: list[dict], metadata: dict, path: Path) -> None:
     """Per model: ms per step (self-attention part hatched) and the 50-step estimate with its
     speedup over stock cuDNN."""
-    plt = agg_pyplot()
+    plt = pyplot()
     if plt is None:
-        print("matplotlib not installed: no plot")
         return
 
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -1467,11 +1428,7 @@ def collect_metadata(args: argparse.Namespace, device: torch.device, dtype: torc
 
 
 def output_stem(metadata: dict) -> str:
-    name = metadata["device_name"] if metadata["device_type"] == "cuda" else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    if metadata["smoke"]:
-        slug += "-smoke"
-    return f"e2e_bench_{slug}_{metadata['date']}"
+    return stem("e2e_bench", metadata)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1493,19 +1450,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--measure-gna-dense-step", action="store_true",
                         help="time GNA's dense step on the 14B model too instead of reusing "
                         "Radial's (identical stock computation)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results",
-                        help="directory for the csv / json / png")
+    add_out_argument(parser)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny transformer, on CUDA if present else the CPU (fp32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="redraw the plot and reprint the summary of an earlier run, then exit")
     args = parser.parse_args(argv)
-    known = SMOKE_MODELS if args.smoke else MODELS
-    try:
-        args.models = parse_list(args.models, tuple(known)) if args.models else list(known)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(f"--models: {exc}")
+    choose_models(parser, args, MODELS, SMOKE_MODELS)
     if not args.methods:
         parser.error("--methods is empty")
     for name in ("repeat", "warmup"):

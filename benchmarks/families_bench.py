@@ -54,9 +54,9 @@ dense steps), ``10 x stock + search + 19 x sparse + cached search + 19 x sparse`
 
 How to run
 ----------
-    python benchmarks/families_bench.py                       # every family, ~5 min on one H200 (not yet run)
-    python benchmarks/families_bench.py --families flux-1mp,flux-4mp --layers 4
-    python benchmarks/families_bench.py --smoke --out smoke-results  # tiny configs, CPU fp32, ~1 min
+    python -m benchmarks.families_bench                       # every family, ~5 min on one H200 (not yet run)
+    python -m benchmarks.families_bench --families flux-1mp,flux-4mp --layers 4
+    python -m benchmarks.families_bench --smoke --out smoke-results  # tiny configs, CPU fp32, ~1 min
 
 Runtime (an estimate, not yet measured): with ``--layers 2`` a 14B-class family at 50-75k tokens
 runs ~1 s per forward and ~40 forwards (stock, Dense, Radial, VMoBA: a warm-up and two timed steps
@@ -65,7 +65,7 @@ would pass a 10-minute call, split it: ``--families hunyuanvideo15-480p,wan-vace
 skyreels-540p`` and then the rest.
 
 Writes ``families_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
-``benchmarks/results``) and prints a table per family. ``--smoke`` builds 2-layer, 2-head versions of
+``benchmarks/results/<gpu>_<date>``) and prints a table per family. ``--smoke`` builds 2-layer, 2-head versions of
 every family at small sizes on the CPU (fastdit's PyTorch reference path, no cuDNN): it checks
 that every row runs, not how fast.
 """
@@ -87,15 +87,22 @@ from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-from e2e_bench import synchronize  # noqa: E402  (also puts the repository root on sys.path)
-from kernel_bench import REPO_ROOT, describe_error, git_commit, parse_list, write_outputs  # noqa: E402
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
+
+from benchmarks.harness import (  # noqa: E402
+    add_out_argument,
+    describe_error,
+    git_commit,
+    parse_list,
+    synchronize,
+    write_outputs,
+)
 
 import fastdit  # noqa: E402
 from fastdit import GNA, AdaSpa, Agent, Dense, Radial, Schedule, VMoBA  # noqa: E402
-from fastdit.pipelines.tiny import _cast_like_from_pretrained  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
+from fastdit.testing.tiny import _cast_like_from_pretrained  # noqa: E402
+from fastdit.cli.report import agg_pyplot  # noqa: E402
 
 NUM_STEPS = 50
 FIELDS = (
@@ -692,7 +699,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=2, help="timed steps per phase, median (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU in fp32 (checks every row runs)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.layers < 0:
         parser.error(f"--layers must be >= 0, got {args.layers}")

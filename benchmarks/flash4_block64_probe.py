@@ -2,7 +2,7 @@
 kernel on the same plan (AdaSpa plans 64-token blocks; the flash4 backend takes 128-token key
 blocks only). Prints ms and the output difference between the two; GPU only.
 
-    python benchmarks/flash4_block64_probe.py
+    python -m benchmarks.flash4_block64_probe
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from fastdit import peers
+from fastdit.cli import peers
 from fastdit.kernels import BlockSparsity, block_sparse_attention
 
 

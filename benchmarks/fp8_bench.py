@@ -24,13 +24,13 @@ inputs; the default variant also with keys sharing a per-head offset of 20). Tar
 forward with every self-attention dense bf16 (fastdit's Dense method), then quantized with each
 mode; prints the output's relative L2 and L1 error against bf16 and cosine.
 
-    python benchmarks/fp8_bench.py                 # kernels, both shapes (about 3 min on an H200)
-    python benchmarks/fp8_bench.py --e2e           # Wan2.1-1.3B one step (about 1 min)
-    python benchmarks/fp8_bench.py --smoke         # tiny shapes on the CPU (interpreter)
-    python benchmarks/fp8_bench.py --e2e --smoke
+    python -m benchmarks.fp8_bench                 # kernels, both shapes (about 3 min on an H200)
+    python -m benchmarks.fp8_bench --e2e           # Wan2.1-1.3B one step (about 1 min)
+    python -m benchmarks.fp8_bench --smoke         # tiny shapes on the CPU (interpreter)
+    python -m benchmarks.fp8_bench --e2e --smoke
 
 Writes ``fp8_bench_<gpu>_<date>.json`` (or ``fp8_e2e_...``) into ``--out`` (default
-``benchmarks/results``).
+``benchmarks/results/<gpu>_<date>``).
 """
 
 from __future__ import annotations
@@ -50,14 +50,19 @@ if "--smoke" in sys.argv:  # before Triton is imported: the interpreter decides 
 
 import torch  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
-from kernel_bench import SHAPES, SMOKE_SHAPES, Timing, benchmark_ms, random_block_map  # noqa: E402
-
+from benchmarks.harness import (  # noqa: E402
+    SHAPES,
+    SMOKE_SHAPES,
+    Timing,
+    add_out_argument,
+    benchmark_ms,
+    random_block_map,
+)
 from fastdit.kernels import BlockSparsity, block_sparse_attention, explain_backends  # noqa: E402
-from fastdit.kernels import int8_attention  # noqa: E402
+from fastdit.kernels.triton import int8_attention  # noqa: E402
 
 DENSITIES = (1.0, 0.25, 0.125)
 KEY_OFFSET = 20.0
@@ -221,7 +226,7 @@ def run_e2e(args, device: torch.device) -> list[dict]:
     """One denoising forward of a full-size Wan2.1-1.3B (random weights), every self-attention
     on fastdit's Dense method: bf16, then each quantized mode; error of the output against bf16."""
     import fastdit
-    from e2e_bench import MODELS, NUM_STEPS, SMOKE_MODELS, TIMESTEP, build_transformer, make_inputs
+    from benchmarks.e2e_bench import MODELS, NUM_STEPS, SMOKE_MODELS, TIMESTEP, build_transformer, make_inputs
 
     spec = SMOKE_MODELS["smoke-tiny"] if args.smoke else MODELS["wan13b-480p"]
     dtype = torch.bfloat16
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
     parser.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.densities = [float(d) for d in args.densities.split(",") if d]

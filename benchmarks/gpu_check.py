@@ -8,7 +8,7 @@ selection and attention (section ``vmoba``); and the INT8 path (quantization, in
 Section ``fp8``: ``quantize="int8-fp8"`` (V quantization against its model, the kernel against
 the tile-by-tile model for each accumulation switch and V layout, both layouts, 64/128 blocks,
 ragged S_q != S_kv, key padding, LSE, empty rows; accuracy against bf16 at the Wan 480p shape).
-Prints one line per check and exits non-zero on any failure. Run: ``python benchmarks/gpu_check.py``
+Prints one line per check and exits non-zero on any failure. Run: ``python -m benchmarks.gpu_check``
 (``--smoke``: the fp8 section at tiny shapes on the CPU under ``TRITON_INTERPRET=1``).
 """
 
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 if "--smoke" in sys.argv:  # before Triton is imported: the interpreter decides at decoration
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -26,8 +27,12 @@ if "--smoke" in sys.argv:  # before Triton is imported: the interpreter decides 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastdit.kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention
-from fastdit.kernels.reference import attention_reference, block_mass_reference
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
+
+from benchmarks.harness import default_out  # noqa: E402
+from fastdit.kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention  # noqa: E402
+from fastdit.kernels.reference import attention_reference, block_mass_reference  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 results: list[dict] = []
@@ -255,7 +260,7 @@ def check_int8(generator: torch.Generator, head_dims, device: str = "cuda") -> N
     """The INT8 path (quantization kernel, int8 MMA, pointer and TMA loads): quantization against
     its reference and the kernel against the fp32 reference on the same INT8 inputs."""
     from fastdit.kernels import quantize_qk_int8
-    from fastdit.kernels.int8_attention import triton_int8_block_sparse_attention
+    from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention
     from fastdit.kernels.reference import int8_attention_reference
 
     for dtype in (torch.bfloat16, torch.float16):
@@ -322,7 +327,7 @@ def check_fp8(generator: torch.Generator, device: str = "cuda", smoke: bool = Fa
     default) and V layout (plain, transposed), both layouts, 128 and 64 blocks, ragged S_q != S_kv,
     with and without key padding, LSE, an empty query block."""
     from fastdit.kernels import explain_backends
-    from fastdit.kernels.int8_attention import _int8_launch_config
+    from fastdit.kernels.triton.int8_attention import _int8_launch_config
 
     reason = explain_backends(device, quantize="int8-fp8")["triton"]
     if reason is not None:
@@ -371,8 +376,8 @@ def check_fp8(generator: torch.Generator, device: str = "cuda", smoke: bool = Fa
 def fp8_case(name, q, k, v, plan, layout, block, acc, transposed, padding, dtype, block_n, interpret):
     """One case of :func:`check_fp8`."""
     from fastdit.kernels import quantize_qk_int8
-    from fastdit.kernels.int8_attention import triton_int8_block_sparse_attention
-    from fastdit.kernels.quantize import triton_quantize_v_fp8
+    from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention
+    from fastdit.kernels.triton.quantize import triton_quantize_v_fp8
     from fastdit.kernels.reference import int8_fp8_attention_reference, quantize_v_fp8_reference
 
     quantized = quantize_qk_int8(q, k, block_size=block, layout=layout, key_padding=padding,
@@ -400,7 +405,7 @@ def check_fp8_accuracy(generator: torch.Generator) -> None:
     (30% random plan), unit-variance keys and keys sharing a per-head offset of 20, for each
     accumulation switch. Cosine >= 0.999 is the target; relative L1 is checked at 4.2% (e4m3's
     rounding of P and V bounds it near 3.7% on random inputs; the issue asks 3%)."""
-    from fastdit.kernels import int8_attention
+    from fastdit.kernels.triton import int8_attention
 
     device = "cuda"
     seq, heads, head_dim = 32760, 12, 128
@@ -475,7 +480,8 @@ def main() -> int:
         check_fp8(generator)
         check_fp8_accuracy(generator)
     failed = [r for r in results if not r["ok"]]
-    out_dir = os.environ.get("OUT", "benchmarks/results")
+    out_dir = os.environ.get("OUT") or str(default_out())
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "results": results}, f, indent=1)
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")

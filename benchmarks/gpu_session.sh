@@ -21,19 +21,19 @@ step() {  # name, seconds, command...
 for s in "$@"; do
   case $s in
     info) step info 120 python3 -m fastdit info ;;
-    check) step check 240 env OUT="$out" python3 benchmarks/gpu_check.py \
+    check) step check 240 env OUT="$out" python3 -m benchmarks.gpu_check \
              --sections flash4,compile,cudnn,helpers,window,vmoba,reference --dtypes bf16 --head-dims 128 ;;
-    kernel) step kernel 300 python3 benchmarks/kernel_bench.py --out "$out/kernel" ;;
-    e2e13) step e2e13 240 python3 benchmarks/e2e_bench.py --models wan13b-480p \
+    kernel) step kernel 300 python3 -m benchmarks.kernel_bench --out "$out/kernel" ;;
+    e2e13) step e2e13 240 python3 -m benchmarks.e2e_bench --models wan13b-480p \
              --methods stock-cudnn,stock-flash,dense,radial,adaspa --out "$out/e2e13" ;;
-    e2e14) step e2e14 560 python3 benchmarks/e2e_bench.py --models wan14b-720p \
+    e2e14) step e2e14 560 python3 -m benchmarks.e2e_bench --models wan14b-720p \
              --methods stock-cudnn,dense,radial,adaspa --out "$out/e2e14" ;;
-    kernelcheck) step kernelcheck 120 env OUT="$out" python3 benchmarks/gpu_check.py \
+    kernelcheck) step kernelcheck 120 env OUT="$out" python3 -m benchmarks.gpu_check \
              --sections window,int8,helpers --head-dims 64,128 ;;
-    cp1) step cp1 150 torchrun --nproc-per-node 1 benchmarks/cp_bench.py --layers 4 --out "$out/cp1" ;;
-    compile13) step compile13 150 python3 benchmarks/compose_bench.py --models wan13b-480p \
+    cp1) step cp1 150 torchrun --nproc-per-node 1 -m benchmarks.cp_bench --layers 4 --out "$out/cp1" ;;
+    compile13) step compile13 150 python3 -m benchmarks.compose_bench --models wan13b-480p \
              --methods stock-cudnn,radial --budget-s 110 --out "$out/compile13" ;;
-    families) step families 150 python3 benchmarks/families_bench.py --layers 1 --repeat 1 \
+    families) step families 150 python3 -m benchmarks.families_bench --layers 1 --repeat 1 \
              --families "${FAMILIES:-hunyuanvideo15-480p,ltx-video-704p,cogvideox-5b,flux-1mp}" \
              --out "$out/families" ;;
     custom:*) step custom 560 bash -c "${s#custom:}" ;;

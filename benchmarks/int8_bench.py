@@ -27,13 +27,13 @@ Targets (PASS/MISS at the end, per shape, mask and density, head_dim 128)
 
 How to run
 ----------
-    python benchmarks/int8_bench.py                               # both shapes, a few minutes
-    python benchmarks/int8_bench.py --shapes wan13b-480p --masks random
-    TRITON_INTERPRET=1 python benchmarks/int8_bench.py --smoke    # tiny shapes on the CPU
-    python benchmarks/int8_bench.py --replot benchmarks/results/int8_bench_<gpu>_<date>.json
+    python -m benchmarks.int8_bench                               # both shapes, a few minutes
+    python -m benchmarks.int8_bench --shapes wan13b-480p --masks random
+    TRITON_INTERPRET=1 python -m benchmarks.int8_bench --smoke    # tiny shapes on the CPU
+    python -m benchmarks.int8_bench --replot benchmarks/results/<gpu>_<date>/int8_bench_<gpu>_<date>.json
 
 Writes ``int8_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
-``benchmarks/results``) and prints a table and the target verdicts last.
+``benchmarks/results/<gpu>_<date>``) and prints a table and the target verdicts last.
 """
 
 from __future__ import annotations
@@ -48,30 +48,30 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
-from kernel_bench import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
     SHAPES,
     SMOKE_SHAPES,
     Shape,
     Timing,
+    add_out_argument,
     banded_block_map,
     benchmark_ms,
     collect_metadata,
     fastdit_backend,
-    output_stem,
     parse_list,
+    pyplot,
     random_block_map,
+    stem as harness_stem,
     write_outputs,
 )
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8  # noqa: E402
 from fastdit.kernels.dispatch import triton_interpreter_enabled  # noqa: E402
-from fastdit.kernels.int8_attention import triton_int8_block_sparse_attention  # noqa: E402
+from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention  # noqa: E402
 from fastdit.kernels.reference import int8_attention_reference  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
 
 BLOCK_SIZE = 128
 ALL_MASKS = ("random", "banded")
@@ -233,9 +233,8 @@ def evaluate_targets(rows: list[dict], metadata: dict) -> list[dict]:
 
 
 def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
-    plt = agg_pyplot()
+    plt = pyplot()
     if plt is None:
-        print("matplotlib not installed: no plot")
         return
     shapes = sorted({row["shape"] for row in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
@@ -285,7 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--masks", default=None, help=f"comma list of {list(ALL_MASKS)} (default: all; "
                         "with --smoke: random)")
     parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: parse_list(s, METHODS))
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    add_out_argument(parser)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape, short timing, bf16 on CUDA if present else the CPU "
                         "(set TRITON_INTERPRET=1 to run the Triton kernels there)")
@@ -339,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     metadata["elapsed_s"] = round(time.perf_counter() - start, 1)
     verdicts = evaluate_targets(rows, metadata)
     metadata["targets"] = verdicts
-    stem = output_stem(metadata).replace("kernel_bench_", "int8_bench_", 1)
+    stem = harness_stem("int8_bench", metadata)
     paths = write_outputs(rows, metadata, args.out, stem, fields=CSV_FIELDS, plot=plot_results)
     report(rows, metadata, verdicts)
     print(f"\nelapsed {metadata['elapsed_s']} s; wrote " + ", ".join(str(p) for p in paths))

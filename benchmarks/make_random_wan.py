@@ -6,7 +6,7 @@ random bf16 weights; the text encoder, tokenizer and VAE are the embedded tiny o
 projection takes the tiny encoder's width instead of 4096, and decoding is cheap). Videos are
 noise: only speed and density mean anything, quality needs real weights.
 
-    python benchmarks/make_random_wan.py /tmp/wan13b-random
+    python -m benchmarks.make_random_wan /tmp/wan13b-random
     fastdit compare --model /tmp/wan13b-random --height 480 --width 832 --num-frames 81 ...
 """
 
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
-from fastdit.pipelines.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_wan_pipeline  # noqa: E402
+from fastdit.testing.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_wan_pipeline  # noqa: E402
 
 WAN21_13B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,

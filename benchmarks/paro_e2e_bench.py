@@ -33,14 +33,14 @@ Flux at 20-30% density with INT8/INT4.
 
 How to run
 ----------
-    python benchmarks/paro_e2e_bench.py                            # ~2 min on an H100
-    python benchmarks/paro_e2e_bench.py --densities 0.3 --methods stock-cudnn,paro-int8
-    python benchmarks/paro_e2e_bench.py --plan plan.safetensors    # a calibrated plan
-    python benchmarks/paro_e2e_bench.py --smoke --out /tmp/paro    # tiny model, CPU bf16, ~1 min
-    python benchmarks/paro_e2e_bench.py --replot benchmarks/results/paro_e2e_bench_<gpu>_<date>.json
+    python -m benchmarks.paro_e2e_bench                            # ~2 min on an H100
+    python -m benchmarks.paro_e2e_bench --densities 0.3 --methods stock-cudnn,paro-int8
+    python -m benchmarks.paro_e2e_bench --plan plan.safetensors    # a calibrated plan
+    python -m benchmarks.paro_e2e_bench --smoke --out /tmp/paro    # tiny model, CPU bf16, ~1 min
+    python -m benchmarks.paro_e2e_bench --replot benchmarks/results/<gpu>_<date>/paro_e2e_bench_<gpu>_<date>.json
 
 Writes ``paro_e2e_bench_<gpu-slug>_<YYYY-MM-DD>.{csv,json,png}`` into ``--out`` (default
-``benchmarks/results``).
+``benchmarks/results/<gpu>_<date>``).
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-from e2e_bench import (  # noqa: E402  (kernel_bench, imported by it, puts the repo on sys.path)
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
+
+from benchmarks.e2e_bench import (  # noqa: E402
     MODELS,
     NUM_STEPS,
     SMOKE_MODELS,
@@ -67,22 +68,22 @@ from e2e_bench import (  # noqa: E402  (kernel_bench, imported by it, puts the r
     build_transformer,
     collect_metadata,
     make_inputs,
-    output_stem,
     sdpa_context,
     time_steps,
 )
-from kernel_bench import (  # noqa: E402
-    REPO_ROOT,
+from benchmarks.harness import (  # noqa: E402
+    add_out_argument,
     describe_error,
     parse_list,
+    pyplot,
     random_block_map,
     write_outputs,
 )
+from benchmarks.harness import stem as harness_stem  # noqa: E402
 
 import fastdit  # noqa: E402
 from fastdit.layout import AXIS_ORDERS, SequenceLayout  # noqa: E402
 from fastdit.methods.paro import ParoPlan, layout_to_json  # noqa: E402
-from fastdit.report import agg_pyplot  # noqa: E402
 
 ALL_METHODS = ("stock-cudnn", "dense", "paro-bf16", "paro-int8")
 MODEL = "wan13b-480p"
@@ -130,7 +131,7 @@ def measure(row: dict, model, inputs, device, args, sdpa, handle=None, reference
         print(f"{row['method']:<12} {row['target_density']}: ERROR {row['error'][:200]}", flush=True)
         return None
     ms = statistics.median(timing.step_ms)
-    attn = statistics.median(timing.attn_ms)
+    attn = statistics.median(timing.timer_ms)
     out = timing.output.float()
     row.update(status="ok", ms_step=ms, attn_ms_step=attn, attn_share=attn / ms,
                peak_mem_gib=timing.peak_mem_gib, out_finite=bool(torch.isfinite(out).all()),
@@ -198,9 +199,8 @@ def run(args, device: torch.device, dtype: torch.dtype, work_dir: Path) -> list[
 
 
 def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
-    plt = agg_pyplot()
+    plt = pyplot()
     if plt is None:
-        print("matplotlib not installed: no plot")
         return
     done = [r for r in rows if r.get("ms_step")]
     labels = [f"{r['method']}\n{r['target_density']}" for r in done]
@@ -220,7 +220,7 @@ def plot_results(rows: list[dict], metadata: dict, path: Path) -> None:
 
 
 def save(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
-    stem = output_stem(metadata).replace("e2e_bench_", "paro_e2e_bench_", 1)
+    stem = harness_stem("paro_e2e_bench", metadata)
     return write_outputs(rows, metadata, out_dir, stem, fields=CSV_FIELDS, plot=plot_results)
 
 
@@ -249,7 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plan", type=Path, default=None, help="a calibrated plan file instead")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up forwards per row")
     parser.add_argument("--repeat", type=int, default=5, help="timed CFG steps per row")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    add_out_argument(parser)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny transformer, on CUDA if present else the CPU (bf16)")
     parser.add_argument("--seed", type=int, default=0)

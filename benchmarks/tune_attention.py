@@ -1,9 +1,9 @@
 """Sweep launch configurations of the block-sparse attention kernel on a GPU.
 
-For each head-dim / block-size key of ``_CONFIGS`` in ``fastdit/kernels/attention.py``,
+For each head-dim / block-size key of ``_CONFIGS`` in ``fastdit/kernels/triton/attention.py``,
 times every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) on a dense and a 25 % random plan at
 the Wan2.1-1.3B 480p shape (bf16) and prints TFLOP/s; the best go into ``_CONFIGS`` by hand.
-Run: ``python benchmarks/tune_attention.py [--head-dims 128 --block-sizes 128]``.
+Run: ``python -m benchmarks.tune_attention [--head-dims 128 --block-sizes 128]``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 import triton
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention
-from fastdit.kernels import attention as kernel_module
-from fastdit.kernels import triton_common
+from fastdit.kernels.triton import attention as kernel_module
+from fastdit.kernels.triton import triton_common
 
 
 def main() -> None:

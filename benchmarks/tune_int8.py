@@ -11,16 +11,16 @@ at ``--density``), times with ``triton.testing.do_bench``:
   ``--top`` of them on later shapes.
 
 Every row also reports the output's cosine similarity and relative L1 against the bf16 kernel.
-The best configuration goes into ``_INT8_CONFIGS`` in ``fastdit/kernels/int8_attention.py`` by hand.
+The best configuration goes into ``_INT8_CONFIGS`` in ``fastdit/kernels/triton/int8_attention.py`` by hand.
 
 Other levers were measured with the version of this script in commit bd24815
-(``benchmarks/results/tune_int8_run{1,2}_*.json``) and are not shipped: P's exponentials two per
+(``benchmarks/results/h100_2026-11-23/tune_int8_run{1,2}_*.json``) and are not shipped: P's exponentials two per
 instruction in bf16x2 or f16x2 (``ex2.approx``) and P truncated to bf16 by a byte permute were
 0-4% slower than fp32 ``exp2`` with a rounding conversion, in both kernels; a warp-specialized main
 loop (``tl.range(..., warp_specialize=True)``) does not compile on Hopper with Triton 3.6. The
 magic-number int32 -> fp32 conversion (1-3% faster) is shipped.
 
-    python benchmarks/tune_int8.py --shapes wan13b-480p,wan14b-720p --out tune_int8.json
+    python -m benchmarks.tune_int8 --shapes wan13b-480p,wan14b-720p --out tune_int8.json
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ from pathlib import Path
 import torch
 import triton
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8  # noqa: E402
-from fastdit.kernels import triton_common  # noqa: E402
-from fastdit.kernels import int8_attention as int8_module  # noqa: E402
+from fastdit.kernels.triton import triton_common  # noqa: E402
+from fastdit.kernels.triton import int8_attention as int8_module  # noqa: E402
 from fastdit.kernels.quantized import key_mean  # noqa: E402
-from int8_bench import accuracy  # noqa: E402  (cosine and relative L1, fp64 in chunks)
-from kernel_bench import SHAPES  # noqa: E402  (the core kernel benchmark's shapes)
+from benchmarks.harness import SHAPES  # noqa: E402  (the core kernel benchmark's shapes)
+from benchmarks.int8_bench import accuracy  # noqa: E402  (cosine and relative L1, fp64 in chunks)
 
 BLOCK = 128
 HEAD_DIM = 128

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import fastdit
-from fastdit.pipelines.tiny import TINY_DEFAULTS, load_pipeline
+from fastdit.testing.tiny import TINY_DEFAULTS, load_pipeline
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default=None, help="hub id or local folder (default: the tiny model)")

@@ -13,7 +13,7 @@ third-party packages through the entry-point groups ``fastdit.methods`` and ``fa
 """
 
 from . import kernels, layout, methods, pipelines
-from .calibrate import calibrate
+from .methods.paro.calibrate import calibrate
 from .integration import apply, attach, remove, supported_models
 from .kernels import (
     BlockSparsity,

@@ -87,3 +87,37 @@ def test_method_interface_is_not_duck_typed_outside_methods():
             if node.func.id == "isinstance" and len(node.args) == 2 and "Dense" in ast.unparse(node.args[1]):
                 offending.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert not offending, offending
+
+
+def test_the_library_does_not_import_the_command_line_or_the_test_pipelines():
+    """``fastdit.cli`` (the ``fastdit`` command and its tools) and ``fastdit.testing`` (the embedded
+    tiny pipelines) sit on top of the library: nothing else but ``__main__`` imports them, so
+    ``import fastdit`` never loads them."""
+    modules = _modules()
+    above = (["fastdit", "cli"], ["fastdit", "testing"])
+    offending = [
+        f"{name} imports {target}"
+        for name, (path, tree) in modules.items()
+        if name.split(".")[:2] not in above and name != "fastdit.__main__"
+        for target, _ in _imports(name, path, tree, modules)
+        if target.split(".")[:2] in above
+    ]
+    assert not offending, offending
+
+
+def test_benchmarks_share_the_harness_and_import_nothing_through_sys_path():
+    """Benchmark scripts import each other as the package ``benchmarks`` (``python -m
+    benchmarks.<script>``), never by putting a folder on ``sys.path``."""
+    folder = PACKAGE.parent / "benchmarks"
+    scripts = {path.stem for path in folder.glob("*.py")}
+    offending = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.path.insert", "sys.path.append"):
+                offending.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module in scripts:
+                offending.append(f"{path.name}:{node.lineno}: from {node.module} import ...")
+            if isinstance(node, ast.Import):
+                offending += [f"{path.name}:{node.lineno}: import {alias.name}"
+                              for alias in node.names if alias.name in scripts]
+    assert not offending, offending

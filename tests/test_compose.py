@@ -16,7 +16,7 @@ from fastdit.methods import vmoba as vmoba_module
 from fastdit.methods import base as processor_base  # the default Method.attend calls the kernel
 
 diffusers_hooks = pytest.importorskip("diffusers.hooks")
-tiny = pytest.importorskip("fastdit.pipelines.tiny")
+tiny = pytest.importorskip("fastdit.testing.tiny")
 
 # 9 frames of 64 x 128 px -> 3 x 4 x 8 = 96 tokens: two 64-token blocks (AdaSpa can skip one).
 SETTINGS = dict(prompt="a cat", height=64, width=128, num_frames=9, num_inference_steps=6,
@@ -317,13 +317,15 @@ def test_quantize_reaches_the_kernel_for_static_and_per_call_methods(rng, monkey
 # --------------------------------------------------------------------------- command line
 def _compare_setup(*argv):
     from fastdit import cli
+    from fastdit.cli.common import resolve_run_setup
 
     args = cli.build_parser().parse_args(["compare", *argv])
-    return args, cli.resolve_run_setup(args)
+    return args, resolve_run_setup(args)
 
 
 def test_compare_lists_every_combination_as_a_run():
-    from fastdit import cli, compare
+    from fastdit.cli import compare
+    from fastdit.cli.common import UsageError
 
     args, setup = _compare_setup(
         "--methods", "radial,agent", "--cache", "none", "--cache", "f05=fbc:threshold=0.05",
@@ -353,7 +355,7 @@ def test_compare_lists_every_combination_as_a_run():
         (["--quantize", "int8"], "--quantize int8 needs --dtype bfloat16 or float16"),
     ):
         args, setup = _compare_setup(*argv)
-        with pytest.raises(cli.UsageError, match=message):
+        with pytest.raises(UsageError, match=message):
             compare.parse_caches(args, setup)
             compare.parse_quantizations(args, setup)
 
@@ -371,11 +373,12 @@ def test_compare_lists_every_combination_as_a_run():
 def test_bad_cache_and_quantize_options_exit_2_before_loading(argv, needle, tmp_path, capsys,
                                                               monkeypatch):
     from fastdit import cli
+    from fastdit.cli import generate
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the command line must be checked before loading a model")
 
-    monkeypatch.setattr(cli, "load_for_run", no_loading)
+    monkeypatch.setattr(generate, "load_for_run", no_loading)
     if needle is None:  # valid options reach the loading step (its error: one line, exit 1)
         assert cli.main([*argv, "-o", str(tmp_path / "x.mp4")]) == 1
         assert "before loading" in capsys.readouterr().err
@@ -386,7 +389,7 @@ def test_bad_cache_and_quantize_options_exit_2_before_loading(argv, needle, tmp_
 
 
 def test_stock_pipeline_with_a_cache_is_removed_after_the_run(pipe, monkeypatch):
-    from fastdit import runner
+    from fastdit.cli import runner
 
     probe = runner.SpeedProbe(pipe, torch.device("cpu"))
     cache = diffusers_hooks.TaylorSeerCacheConfig(**TAYLORSEER_SKIPS_2_AND_4)
@@ -403,7 +406,7 @@ def test_stock_pipeline_with_a_cache_is_removed_after_the_run(pipe, monkeypatch)
 
 
 def test_report_plots_combinations_and_compares_stock_runs_with_a_cache():
-    from fastdit import report
+    from fastdit.cli import report
 
     def run(label, method, base, cache, psnr):
         summary = dict(run_s=1.0, speedup_e2e=2.0, step_s=0.5, transformer_s=0.8,

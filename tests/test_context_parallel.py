@@ -101,7 +101,7 @@ def run_ranks(world: int, target, *args) -> list:
 def tiny_pipe():
     """The embedded tiny Wan pipeline, built once in the test process (its imports included) and
     inherited by the forked ranks, which swap in their own transformers."""
-    from fastdit.pipelines.tiny import build_tiny_wan_pipeline
+    from fastdit.testing.tiny import build_tiny_wan_pipeline
 
     pipe = build_tiny_wan_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
@@ -109,7 +109,7 @@ def tiny_pipe():
 
 
 def tiny_transformer(seed: int, heads: int = 4):
-    from fastdit.pipelines.tiny import TINY_TRANSFORMER_CONFIG
+    from fastdit.testing.tiny import TINY_TRANSFORMER_CONFIG
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -375,7 +375,8 @@ def test_refusals_and_remove_on_2_ranks(rng):
 def cli_runs(rank: int, world: int, directory: str):
     """``fastdit generate`` and ``fastdit compare`` with ``--ulysses`` as torchrun would start them
     (RANK, WORLD_SIZE, LOCAL_RANK set); which files each rank wrote."""
-    from fastdit import cli, compare, report
+    from fastdit import cli
+    from fastdit.cli import compare, generate, report
 
     written = []
 
@@ -385,7 +386,7 @@ def cli_runs(rank: int, world: int, directory: str):
             return function(*args, **kwargs)
         return wrapper
 
-    cli.write_video = compare.write_video = recording(cli.write_video)
+    generate.write_video = compare.write_video = recording(generate.write_video)
     report.write_report = recording(report.write_report)
     small = ["--height", "64", "--width", "64", "--num-frames", "9", "--steps", "2"]  # 48 tokens
     video = os.path.join(directory, "out.mp4")

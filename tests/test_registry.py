@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import fastdit
-from fastdit import cli, clicommon, compare, plugins
+from fastdit import cli, plugins
+from fastdit.cli import common as clicommon
+from fastdit.cli import compare
 from fastdit.methods import base as methods_base
 from fastdit.pipelines import base as pipelines_base
-from integration_helpers import expand_blocks, run
-from test_wan_integration import inputs, install_reference, tiny_transformer
+from tests.integration_helpers import expand_blocks, run
+from tests.pipelines.test_wan_integration import inputs, install_reference, tiny_transformer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

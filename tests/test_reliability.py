@@ -10,14 +10,16 @@ import pytest
 import torch
 
 import fastdit
-from fastdit import cli, clicommon, natten
+from fastdit import cli, natten
+from fastdit.cli import common as clicommon
+from fastdit.cli import info as cli_info
 from fastdit.files import atomic_path, atomic_write_text
 from fastdit.hooks import HookSet, function_hook
 from fastdit.kernels import BlockSparsity, block_sparse_attention
 from fastdit.layout import LatentGrid, SequenceLayout
 from fastdit.methods.base import PLAN_CACHE_SIZE, PlanCache
-from fastdit.pipelines.tiny import build_tiny_wan_pipeline
-from fastdit.runner import NonFiniteError, SpeedProbe, frames_to_uint8, run_generation
+from fastdit.testing.tiny import build_tiny_wan_pipeline
+from fastdit.cli.runner import NonFiniteError, SpeedProbe, frames_to_uint8, run_generation
 
 SMALL = ["--height", "64", "--width", "64", "--num-frames", "9", "--steps", "2"]
 SMALL_CALL = dict(prompt="a cat", height=64, width=64, num_frames=9, num_inference_steps=2,
@@ -40,7 +42,7 @@ def _no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not be loaded for a bad command line")
 
-    monkeypatch.setattr("fastdit.pipelines.tiny.load_pipeline", refuse)
+    monkeypatch.setattr("fastdit.testing.tiny.load_pipeline", refuse)
 
 
 class NaNFromCall:
@@ -92,7 +94,7 @@ def test_non_finite_frames_are_an_error_not_a_black_video():
 
 
 def test_nan_generation_exits_1_and_keeps_the_previous_video(tmp_path, capsys, monkeypatch):
-    from fastdit.pipelines import tiny
+    from fastdit.testing import tiny
 
     def nan_pipeline(*args, **kwargs):
         pipe = build_tiny_wan_pipeline(seed=0)
@@ -128,7 +130,7 @@ def test_failed_video_write_leaves_the_previous_file_and_no_partial(tmp_path, mo
     monkeypatch.setattr(clicommon, "_write_opencv", _partial_writer(OSError("no codec")))
     frames = np.zeros((3, 16, 16, 3), np.uint8)
     with pytest.raises((OSError, KeyboardInterrupt)):
-        cli.write_video(frames, str(out))
+        clicommon.write_video(frames, str(out))
     assert out.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
 
@@ -136,7 +138,7 @@ def test_failed_video_write_leaves_the_previous_file_and_no_partial(tmp_path, mo
 def test_video_written_whole_replaces_the_previous_file(tmp_path):
     out = tmp_path / "out.mp4"
     out.write_bytes(b"previous")
-    cli.write_video(np.zeros((3, 16, 16, 3), np.uint8), str(out))
+    clicommon.write_video(np.zeros((3, 16, 16, 3), np.uint8), str(out))
     assert out.read_bytes() != b"previous" and out.stat().st_size > 100
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
     assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
@@ -182,9 +184,9 @@ def test_atomic_text_write_interrupted_midway(tmp_path, monkeypatch):
 def test_report_plot_failing_midway_keeps_the_previous_plot(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
-    from test_compare import _synthetic_results
+    from tests.cli.test_compare import _synthetic_results
 
-    from fastdit import report
+    from fastdit.cli import report
 
     plots = tmp_path / "plots"
     plots.mkdir()
@@ -259,7 +261,7 @@ def test_block_sparsity_validates_its_contents():
 def _plan_file(tmp_path, rng, edit):
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from test_paro import make_plan
+    from tests.methods.test_paro import make_plan
 
     path = tmp_path / "plan.safetensors"
     make_plan(rng, SequenceLayout(LatentGrid(2, 6, 10))).save(path)
@@ -353,13 +355,13 @@ def test_calibrate_creates_the_output_folder_before_calibrating(tmp_path, monkey
         assert (tmp_path / "new" / "dir").is_dir()
         raise KeyboardInterrupt  # stop here: the folder existed before the model loaded
 
-    monkeypatch.setattr("fastdit.pipelines.tiny.load_pipeline", check_folder)
+    monkeypatch.setattr("fastdit.testing.tiny.load_pipeline", check_folder)
     assert cli.main(["calibrate", "-o", str(tmp_path / "new" / "dir" / "p.safetensors")]) == 130
     assert list((tmp_path / "new" / "dir").iterdir()) == []
 
 
 def test_method_that_does_not_fit_the_model_exits_2(tmp_path, capsys, rng):
-    from test_paro import make_plan
+    from tests.methods.test_paro import make_plan
 
     out = tmp_path / "x.mp4"
     # SMALL's latent grid is 3 x 4 x 4: a window of 5 frames cannot fit.
@@ -379,17 +381,17 @@ def test_method_that_does_not_fit_the_model_exits_2(tmp_path, capsys, rng):
 
 def test_dense_schedule_covering_every_step_or_layer_is_noted(tiny_pipe):
     call = dict(SMALL_CALL)
-    notes = cli.schedule_notes(fastdit.Schedule(dense_steps=9), tiny_pipe, call, "--attention radial")
+    notes = clicommon.schedule_notes(fastdit.Schedule(dense_steps=9), tiny_pipe, call, "--attention radial")
     assert notes == ["the dense schedule (dense_steps=9, dense_last_steps=0) covers all 2 steps: "
                      "--attention radial never runs, the whole generation is dense"]
-    notes = cli.schedule_notes(fastdit.Schedule(dense_steps=1, dense_last_steps=0.5), tiny_pipe, call, "x")
+    notes = clicommon.schedule_notes(fastdit.Schedule(dense_steps=1, dense_last_steps=0.5), tiny_pipe, call, "x")
     assert len(notes) == 1 and "covers all 2 steps" in notes[0]
-    notes = cli.schedule_notes(fastdit.Schedule(dense_layers=1.0), tiny_pipe, call, "x")
+    notes = clicommon.schedule_notes(fastdit.Schedule(dense_layers=1.0), tiny_pipe, call, "x")
     assert notes == ["dense_layers=1.0 covers all 2 self-attention layers: x never runs, the whole "
                      "generation is dense"]
-    assert cli.schedule_notes(fastdit.Schedule(dense_steps=1, dense_layers=1), tiny_pipe, call, "x") == []
+    assert clicommon.schedule_notes(fastdit.Schedule(dense_steps=1, dense_layers=1), tiny_pipe, call, "x") == []
     del call["num_inference_steps"]  # the pipeline's default (50) applies
-    assert cli.schedule_notes(fastdit.Schedule(dense_steps=9), tiny_pipe, call, "x") == []
+    assert clicommon.schedule_notes(fastdit.Schedule(dense_steps=9), tiny_pipe, call, "x") == []
 
 
 def test_debug_shows_the_traceback_and_unexpected_errors_are_one_line(tmp_path, capsys, monkeypatch):
@@ -398,7 +400,7 @@ def test_debug_shows_the_traceback_and_unexpected_errors_are_one_line(tmp_path, 
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert "Traceback" in err and "--device must be cpu" in err
-    monkeypatch.setattr(cli, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("boom\nsecond line")))
+    monkeypatch.setattr(cli_info, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("boom\nsecond line")))
     assert cli.main(["info"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "error: RuntimeError: boom second line (run with --debug for the traceback)"

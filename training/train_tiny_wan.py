@@ -317,7 +317,7 @@ def train_transformer(pipe, pools, sizes, args, device, log):
 
 
 def export(pipe, out, folder, log):
-    from fastdit.pipelines.tiny import _cast_like_from_pretrained
+    from fastdit.testing.tiny import _cast_like_from_pretrained
 
     # Wan ships bf16 weights (its fp32 modules kept fp32); loading with dtype=float32 upcasts.
     for model in (pipe.transformer, pipe.text_encoder, pipe.vae):
@@ -401,7 +401,7 @@ def write_samples(samples, path):
 
 
 def plot_losses(vae_losses, dit_losses, path):
-    from fastdit.report import agg_pyplot
+    from fastdit.cli.report import agg_pyplot
 
     plt = agg_pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))

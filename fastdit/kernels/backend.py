@@ -1,6 +1,6 @@
 """Kernel backends behind one interface, and the ordered choice among them.
 
-A backend is one module (``flash4.py``, ``triton_backend.py``, ``reference.py``) holding a
+A backend is one module (``flash4.py``, ``triton/backend.py``, ``reference.py``) holding a
 :class:`Backend` subclass: the operations it runs and a ``cannot_run(request)`` check that returns
 ``None`` or the reason it cannot run one call (NATTEN's ``choose_backend``). Every call takes the
 first registered backend that can run it, by ``priority``: ``flash4`` (FlashAttention-4's CuTe

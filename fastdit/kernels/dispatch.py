@@ -20,11 +20,11 @@ from . import ops
 from . import backend as registry
 from . import flash4 as _flash4  # noqa: F401  (registers the backends in their order)
 from . import reference as _reference  # noqa: F401
-from . import triton_backend as _triton_backend  # noqa: F401
+from .triton import backend as _triton_backend  # noqa: F401
 from .backend import MAX_HEAD_DIM, Request
 from .plan import BlockSparsity
 from .quantized import QUANTIZATIONS, QuantizedQK
-from .triton_backend import triton_interpreter_enabled  # noqa: F401  (public helper)
+from .triton.backend import triton_interpreter_enabled  # noqa: F401  (public helper)
 from .window import WindowMask
 
 LAYOUTS = ("bshd", "bhsd")

@@ -18,7 +18,7 @@ channel (:class:`QuantizedV`): ``s_d = max_j |v_jd| / 448`` over the valid keys 
 ``v_q = e4m3(v / s_d)`` (round to nearest even on the GPU; 448 is e4m3's largest finite value).
 The kernel runs ``P @ V`` in FP8 with ``P`` scaled by :data:`P_SCALE` and divides by
 ``P_SCALE`` and multiplies by ``s_d`` once, at the end (see
-:func:`fastdit.kernels.triton_common.fp8_pv`).
+:func:`fastdit.kernels.triton.triton_common.fp8_pv`).
 
 Blocks are the plan's blocks (``q_block_size`` and ``kv_block_size`` tokens), so every tile of the
 kernel lies inside one scale block. Key rows at or past a batch element's valid length are stored

@@ -201,7 +201,7 @@ def quantize_qk_reference(
     smooth_k: bool = True,
 ) -> QuantizedQK:
     """Per-block symmetric INT8 Q and K with K smoothed by its mean over the valid keys (the
-    function :mod:`fastdit.kernels.quantize` computes), in fp32 PyTorch."""
+    function :mod:`fastdit.kernels.triton.quantize` computes), in fp32 PyTorch."""
     qf, kf = _to_bhsd_fp32(q, layout), _to_bhsd_fp32(k, layout)
     seq_kv = kf.shape[2]
     valid = None
@@ -272,7 +272,7 @@ def quantize_v_fp8_reference(
     key_lengths: torch.Tensor | None = None,
     transposed: bool = False,
 ) -> QuantizedV:
-    """Per-channel e4m3 V (the function :func:`fastdit.kernels.quantize.triton_quantize_v_fp8`
+    """Per-channel e4m3 V (the function :func:`fastdit.kernels.triton.quantize.triton_quantize_v_fp8`
     computes), in PyTorch: ``v_q = e4m3(clamp(v * (448 / max|v_d|), -448, 448))``, rounding to
     nearest even (``torch.float8_e4m3fn``), keys past ``key_lengths`` stored 0."""
     absmax = value_absmax(v, layout, key_lengths)
@@ -312,7 +312,7 @@ def int8_fp8_attention_reference(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The INT8+FP8 kernel's function, replayed: for every query block, its plan row's key blocks
     in order, ``block_n`` keys at a time (default: the whole key block, as the interpreter runs
-    it), the online softmax of the kernel (:func:`~fastdit.kernels.triton_common.fold_scores`):
+    it), the online softmax of the kernel (:func:`~fastdit.kernels.triton.triton_common.fold_scores`):
     exact int8 scores times ``q_scale * k_scale`` in fp32, ``p = exp2(s - m)`` against the running
     max ``m``, ``l`` from the fp32 ``p``, and ``acc = acc * alpha + e4m3(448 p) @ v_q`` in fp32;
     then ``out = acc / l * v_scale / 448`` (0 and LSE -inf for a row that saw no key). Output in

@@ -4,8 +4,8 @@ Each module here (one per model family) holds the family's attention processor a
 :class:`ModelAdapter` subclass, which says where Q, K, V and RoPE are, where text sits in the
 sequence, and how the latent grid and the denoising step are learned through diffusers hooks.
 Defining the subclass registers it (see :mod:`.base`); third-party packages add families through
-the entry-point group ``fastdit.pipelines``. ``tiny`` is not an adapter: it builds the embedded
-offline demo pipelines.
+the entry-point group ``fastdit.pipelines``. The embedded offline demo pipelines are built in
+:mod:`fastdit.testing.tiny`.
 """
 
 from . import base

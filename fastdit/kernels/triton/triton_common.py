@@ -1,0 +1,501 @@
+"""What fastdit's Triton kernels share: the online-softmax step, the key-block loops, plan rows,
+bounds handling, window masks, strides, TMA views and the launch fallback.
+
+Device functions (``@triton.jit``) are inlined into the kernels that call them. The key-block
+loops, :func:`attend_kv_blocks` (pointer loads, any bounds mask, the window rule) and
+:func:`attend_kv_blocks_tma` (Hopper tensor-descriptor loads of whole tiles), and
+:func:`attend_plan_row` (a plan row: its unmasked blocks, then its masked suffix) serve both the
+bf16 kernel (:mod:`fastdit.kernels.attention`) and the INT8 one
+(:mod:`fastdit.kernels.int8_attention`): constexpr switches passed by keyword (``USE_TMA``,
+``MASK_KV``, ``INT8_QK``, ``WINDOW``, ``FP8_PV``/``FP8_ACC``/``V_T``) select what each loop
+compiles, so a switched-off feature costs no instruction. The switches are ordinary parameters
+passed by keyword, never keyword-only (``*``): Triton 3.6 binds only positional-or-keyword
+parameters of a device function (a keyword-only constexpr is undefined in its body there, while
+the interpreter accepts it).
+
+Names follow the flash-attention papers: ``m_i`` running max in log2 units, ``l_i`` running sum,
+``acc`` unnormalised output, ``qk_scale = scale * log2(e)`` (exponentials use ``exp2``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..plan import BlockSparsity
+
+try:  # host-side tensor descriptors (TMA), Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+__all__ = [
+    "LOG2E",
+    "TensorDescriptor",
+    "attend_kv_block",
+    "attend_kv_blocks",
+    "attend_kv_blocks_tma",
+    "attend_plan_row",
+    "count_unmasked_blocks",
+    "dot",
+    "e4m3_round",
+    "fold_scores",
+    "fp8_pv",
+    "int8_scores",
+    "launch_with_fallback",
+    "normalized_output",
+    "plan_row",
+    "plan_strides",
+    "scores",
+    "strides",
+    "tma_view",
+    "window_visible",
+    "working_launch_configs",
+]
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------- device functions
+@triton.jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
+    """``acc + a @ b``; ``UPCAST_OPERANDS`` works around the Triton CPU interpreter's wrong
+    results for bf16 ``tl.dot`` (seen with Triton 3.9) and is never set on a GPU (the FP8 path
+    uses it to round to e4m3 before the interpreter's cast, :func:`e4m3_round`)."""
+    if UPCAST_OPERANDS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def int8_scores(q, k):
+    """``q @ k^T`` of int8 tiles as a real int8 x int8 -> int32 MMA, returned in fp32.
+
+    The int32 -> fp32 conversion uses no conversion instruction (those run at a sixteenth of the
+    FMA rate, like the exponentials): ``s + 0x4B400000`` read as fp32 is exactly
+    ``1.5 * 2**23 + s`` for ``|s| < 2**22``, then one subtraction. An int8 dot over head_dim <= 256
+    (``MAX_HEAD_DIM``) is at most ``127 * 127 * 256 < 2**22`` in magnitude, so this is exact; on an
+    H100 it made the INT8 kernel 1-3% faster (``benchmarks/results/tune_int8_run2_*.json``)."""
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    return (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def scores(q, k, INT8_QK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
+    """Raw scores ``q @ k^T`` of one tile: an int8 MMA (:func:`int8_scores`) with ``INT8_QK``."""
+    if INT8_QK:
+        qk = int8_scores(q, k)
+    else:
+        qk = dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
+    return qk
+
+
+@triton.jit
+def e4m3_round(x):
+    """``x`` (fp32, ``|x| <= 448``) rounded to the nearest e4m3 value, ties to even, subnormals
+    kept: what the GPU's ``x.to(tl.float8e4nv)`` does, in fp32 arithmetic. The Triton CPU
+    interpreter's own cast loses the carry into the exponent (7.9 becomes 4, 127 becomes 64, seen
+    with Triton 3.9) and flushes subnormals; kernels round with this first under the interpreter,
+    after which its cast is exact."""
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    ulp_exponent = tl.maximum(exponent, -6) - 3  # 3 mantissa bits; subnormals below 2**-6
+    ulp = ((ulp_exponent + 127) << 23).to(tl.float32, bitcast=True)
+    return ((x / ulp + 12582912.0) - 12582912.0) * ulp  # 1.5 * 2**23: round half to even
+
+
+@triton.jit
+def fp8_pv(acc, p, v, FP8_ACC: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
+    """``acc + (P_SCALE * p) @ v`` as an FP8 e4m3 MMA, fp32 accumulation (the int8-fp8 mode).
+
+    ``p`` is the online softmax's fp32 tile in ``[0, 1]`` (scores minus the running max); times
+    :data:`P_SCALE` (448, e4m3's largest finite value) it spans e4m3's range, so its largest
+    entries keep e4m3's full 3-bit mantissa. ``v`` is e4m3, quantized per channel; the kernel
+    divides by ``P_SCALE`` and applies V's channel scales once, after the loop.
+
+    Hopper's FP8 MMA adds its products with less than fp32 precision. ``FP8_ACC = 0``: two-level
+    accumulation (SageAttention2): the tile's product goes to a fresh fp32 register tile, then one
+    fp32 addition into ``acc`` (Triton never folds that addition into the MMA for fp8 operands on
+    sm_90: its default ``max_num_imprecise_acc`` there is 2**30). ``FP8_ACC = n > 0``: one MMA
+    into ``acc`` with ``max_num_imprecise_acc=n`` (Triton promotes to fp32 every ``n`` products
+    along the keys; ``n`` at most the tile's ``BLOCK_N``). ``FP8_ACC = -1``: one MMA into ``acc``
+    with Triton's default (on sm_90 no promotion at all: fastest, least precise)."""
+    p8 = p * 448.0
+    if UPCAST_OPERANDS:  # the interpreter (see e4m3_round)
+        p8 = e4m3_round(p8)
+    p8 = p8.to(tl.float8e4nv)
+    if FP8_ACC == 0:
+        return acc + tl.dot(p8, v)
+    if FP8_ACC < 0:
+        return tl.dot(p8, v, acc)
+    return tl.dot(p8, v, acc, max_num_imprecise_acc=FP8_ACC)
+
+
+@triton.jit
+def fold_scores(
+    acc, l_i, m_i, qk, v, visible, qk_scale,
+    MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0,
+):
+    """Fold a ``[BLOCK_M, BLOCK_N]`` tile of raw scores ``qk`` (``qk * qk_scale`` in log2 units)
+    and its values into the running softmax state: the online-softmax update shared by every
+    attention kernel (P is cast to V's dtype for ``P @ V``, accumulated in fp32; with ``FP8_PV``
+    V is an e4m3 tile and :func:`fp8_pv` runs ``P @ V`` in FP8). ``visible``
+    (``[1, BLOCK_N]`` or ``[BLOCK_M, BLOCK_N]``) masks scores when ``MASK_KV``."""
+    if MASK_KV:
+        qk = tl.where(visible, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # A row that has seen no valid key keeps m = -inf; subtract 0 instead (no NaN).
+        m_shift = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_shift = m_ij
+    p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if FP8_PV:
+        acc = fp8_pv(acc, p, v, FP8_ACC, UPCAST_OPERANDS)
+    else:
+        acc = dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST_OPERANDS)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _window_dim_ok(start, coord, span, dilation):
+    """``[BLOCK_M, BLOCK_N]``: key coordinate inside the query's window in one dimension."""
+    delta = coord[None, :] - start[:, None]
+    return (delta >= 0) & (delta < span) & (delta % dilation == 0)
+
+
+@triton.jit
+def window_visible(
+    q_start_t, q_start_h, q_start_w, k_coords_ptr, cols, cols_ok,
+    span_t, span_h, span_w, dil_t, dil_h, dil_w,
+):
+    """The factorised window rule of :class:`fastdit.kernels.window.WindowMask` for one tile."""
+    k_t = tl.load(k_coords_ptr + cols * 3, mask=cols_ok, other=0)
+    k_h = tl.load(k_coords_ptr + cols * 3 + 1, mask=cols_ok, other=0)
+    k_w = tl.load(k_coords_ptr + cols * 3 + 2, mask=cols_ok, other=0)
+    inside = _window_dim_ok(q_start_t, k_t, span_t, dil_t)
+    inside = inside & _window_dim_ok(q_start_h, k_h, span_h, dil_h)
+    inside = inside & _window_dim_ok(q_start_w, k_w, span_w, dil_w)
+    inside = inside | (q_start_t < 0)[:, None] | (k_t < 0)[None, :]
+    return inside & cols_ok[None, :]
+
+
+@triton.jit
+def attend_kv_block(
+    acc, l_i, m_i, q,
+    k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+    kv_row_start, kv_len, head_dim, qk_scale,
+    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_KV: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    INT8_QK: tl.constexpr = False, WINDOW: tl.constexpr = False,
+    q_start_t=0, q_start_h=0, q_start_w=0, k_coords_ptr=None,
+    span_t=0, span_h=0, span_w=0, dil_t=1, dil_h=1, dil_w=1,
+    FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
+):
+    """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads.
+
+    ``MASK_KV``: keys at or past ``kv_len`` are masked (the ragged last block, key padding).
+    ``INT8_QK``: Q and K are int8 tiles (the INT8 kernel) and ``q @ k^T`` is an int8 MMA.
+    ``WINDOW``: the window rule of the ``q_start_*``/``k_coords_ptr``/``span_*``/``dil_*``
+    arguments applies (a partial block; needs ``MASK_KV``); they are unused otherwise.
+    ``FP8_PV``/``FP8_ACC``: V is e4m3 and ``P @ V`` runs in FP8 (:func:`fp8_pv`). ``V_T``: V is
+    stored transposed (``[D, S]``, keys contiguous: ``v_tile_offsets`` is ``[BLOCK_D, BLOCK_N]``
+    and ``stride_vs`` is 1), the K-major B operand Hopper's FP8 MMA reads."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
+        # Scalar 64-bit advance, 32-bit offsets inside the tile.
+        row_shift = (kv_row_start + sub).to(tl.int64)
+        k_ptrs = k_base + row_shift * stride_ks + k_tile_offsets
+        v_ptrs = v_base + row_shift * stride_vs + v_tile_offsets
+        cols = kv_row_start + sub + offs_n
+        cols_ok = cols < kv_len
+        if MASK_KV:
+            load_mask = cols_ok[:, None]
+            if not EVEN_D:
+                load_mask = load_mask & (offs_d[None, :] < head_dim)
+            k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+            if V_T:
+                v_mask = cols_ok[None, :]
+                if not EVEN_D:
+                    v_mask = v_mask & (offs_d[:, None] < head_dim)
+                v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            d_ok = offs_d[None, :] < head_dim
+            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+            if V_T:
+                v = tl.load(v_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        if V_T:
+            v = tl.trans(v)
+        qk = scores(q, k, INT8_QK, DOT_PRECISION, UPCAST_OPERANDS)
+        if WINDOW:
+            visible = window_visible(
+                q_start_t, q_start_h, q_start_w, k_coords_ptr, cols, cols_ok,
+                span_t, span_h, span_w, dil_t, dil_h, dil_w,
+            )
+        else:
+            visible = cols_ok[None, :]
+        acc, l_i, m_i = fold_scores(
+            acc, l_i, m_i, qk, v, visible, qk_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS,
+            FP8_PV, FP8_ACC,
+        )
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _kv_block_start(index_ptr, i, qk_scale, k_scale_row, KV_BLOCK: tl.constexpr, INT8_QK: tl.constexpr):
+    """First key row of the ``i``-th key block of a plan row, and the scale of its scores: with
+    ``INT8_QK`` the query block's ``qk_scale`` times the key block's own (from ``k_scale_row``)."""
+    kv_block = tl.load(index_ptr + i)
+    kv_row_start = kv_block * KV_BLOCK
+    block_scale = qk_scale
+    if INT8_QK:
+        block_scale = qk_scale * tl.load(k_scale_row + kv_block)
+    return kv_row_start, block_scale
+
+
+@triton.jit
+def attend_kv_blocks(
+    acc_in, l_in, m_in, q, index_ptr, first, last,
+    k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+    kv_len, head_dim, qk_scale,
+    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_KV: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    INT8_QK: tl.constexpr = False, WINDOW: tl.constexpr = False, k_scale_row=None,
+    q_start_t=0, q_start_h=0, q_start_w=0, k_coords_ptr=None,
+    span_t=0, span_h=0, span_w=0, dil_t=1, dil_h=1, dil_w=1,
+    FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
+):
+    """The key-block loop: entries ``first .. last - 1`` of a plan row (``index_ptr``), each folded
+    in by :func:`attend_kv_block` with pointer loads.
+
+    With ``INT8_QK``, ``qk_scale`` is the query block's scale and each key block's own scale is
+    read from ``k_scale_row`` (the INT8 kernel's per-block dequantization); otherwise
+    ``qk_scale`` is ``scale * log2(e)`` for every block. The other switches are
+    :func:`attend_kv_block`'s."""
+    # The loop carries (m_i, l_i, acc) in this order, as the kernels' own loops did: Triton
+    # orders loop-carried values by first definition, so this keeps the generated code.
+    m_i, l_i, acc = m_in, l_in, acc_in
+    for i in range(first, last):
+        kv_row_start, block_scale = _kv_block_start(
+            index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK
+        )
+        acc, l_i, m_i = attend_kv_block(
+            acc, l_i, m_i, q, k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+            kv_row_start, kv_len, head_dim, block_scale,
+            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=MASK_KV, EVEN_D=EVEN_D,
+            DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK,
+            WINDOW=WINDOW, q_start_t=q_start_t, q_start_h=q_start_h, q_start_w=q_start_w,
+            k_coords_ptr=k_coords_ptr, span_t=span_t, span_h=span_h, span_w=span_w,
+            dil_t=dil_t, dil_h=dil_h, dil_w=dil_w, FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
+        )
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attend_kv_blocks_tma(
+    acc_in, l_in, m_in, q, index_ptr, first, last,
+    k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
+    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, INT8_QK: tl.constexpr = False, k_scale_row=None,
+    FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
+):
+    """The key-block loop with Hopper tensor-descriptor loads (no bounds mask: only blocks that lie
+    entirely below the valid key length). K tiles are read at rows ``k_row + kv row`` of column
+    ``k_col`` of K's 2-D view, V tiles likewise (with ``V_T``, V's view is transposed: its tiles
+    are ``[BLOCK_D, BLOCK_N]`` at row ``v_row``, column ``v_col + kv row``); the switches are
+    :func:`attend_kv_blocks`'s."""
+    # The loop carries (m_i, l_i, acc) in this order, as the kernels' own loops did: Triton
+    # orders loop-carried values by first definition, so this keeps the generated code.
+    m_i, l_i, acc = m_in, l_in, acc_in
+    for i in range(first, last):
+        kv_row_start, block_scale = _kv_block_start(
+            index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK
+        )
+        for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
+            k = k_desc.load([k_row + kv_row_start + sub, k_col])
+            if V_T:
+                v = tl.trans(v_desc.load([v_row, v_col + kv_row_start + sub]))
+            else:
+                v = v_desc.load([v_row + kv_row_start + sub, v_col])
+            qk = scores(q, k, INT8_QK, DOT_PRECISION, UPCAST_OPERANDS)
+            acc, l_i, m_i = fold_scores(
+                acc, l_i, m_i, qk, v, None, block_scale, False, DOT_PRECISION, UPCAST_OPERANDS,
+                FP8_PV, FP8_ACC,
+            )
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attend_plan_row(
+    acc, l_i, m_i, q, index_ptr, num_unmasked, count,
+    k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+    kv_len, head_dim, qk_scale, k_desc, v_desc, k_row, k_col, v_row, v_col,
+    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr, USE_TMA: tl.constexpr,
+    INT8_QK: tl.constexpr = False, k_scale_row=None,
+    FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
+):
+    """All ``count`` key blocks of a plan row: the first ``num_unmasked`` (entirely below the
+    valid key length, :func:`count_unmasked_blocks`) without a bounds mask, by tensor-descriptor
+    loads with ``USE_TMA`` (``k_desc``/``v_desc`` at ``k_row``/``k_col``, ``v_row``/``v_col``)
+    or pointer loads; the rest with the mask. Arguments as in :func:`attend_kv_blocks`."""
+    if USE_TMA:
+        acc, l_i, m_i = attend_kv_blocks_tma(
+            acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
+            k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
+            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK, k_scale_row=k_scale_row,
+            FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
+        )
+    else:
+        acc, l_i, m_i = attend_kv_blocks(
+            acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
+            k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+            kv_len, head_dim, qk_scale,
+            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=False, EVEN_D=EVEN_D,
+            DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK,
+            k_scale_row=k_scale_row, FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
+        )
+    return attend_kv_blocks(
+        acc, l_i, m_i, q, index_ptr, num_unmasked, count,
+        k_base, stride_ks, v_base, stride_vs, k_tile_offsets, v_tile_offsets,
+        kv_len, head_dim, qk_scale,
+        KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASK_KV=True, EVEN_D=EVEN_D,
+        DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK,
+        k_scale_row=k_scale_row, FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
+    )
+
+
+@triton.jit
+def plan_row(
+    kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
+    stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS: tl.constexpr,
+):
+    """The plan's row for ``(batch, head, q_block)``: key-block count, pointer to its sorted
+    key-block indices, and the batch element's valid key length."""
+    # stride_cb / stride_ch are 0 where the plan broadcasts over batch / heads.
+    count = tl.load(kv_counts_ptr + batch * stride_cb + head * stride_ch + q_block)
+    index_ptr = (
+        kv_indices_ptr + batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih
+        + q_block.to(tl.int64) * stride_iq
+    )
+    kv_len = seq_kv
+    if HAS_KEY_LENGTHS:
+        kv_len = tl.minimum(tl.load(key_lengths_ptr + batch).to(tl.int32), seq_kv)
+    return count, index_ptr, kv_len
+
+
+@triton.jit
+def count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK: tl.constexpr, EVEN_KV: tl.constexpr):
+    """How many of the row's ``count`` key blocks lie entirely below ``kv_len``.
+
+    Indices are sorted, so the blocks that reach past ``kv_len`` form a suffix of the row: the
+    first ``num_unmasked`` blocks need no bounds mask.
+    """
+    num_unmasked = count
+    if not EVEN_KV:
+        full_blocks = kv_len // KV_BLOCK
+        last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
+        while last >= full_blocks:
+            num_unmasked -= 1
+            last = tl.load(index_ptr + num_unmasked - 1, mask=num_unmasked > 0, other=-1)
+    return num_unmasked
+
+
+@triton.jit
+def normalized_output(acc, l_i, m_i):
+    """``(acc / l, lse)`` with LSE in natural-log units; a row that visited no valid key gets
+    output 0 and LSE -inf, never 0/0."""
+    no_keys = l_i == 0.0
+    l_safe = tl.where(no_keys, 1.0, l_i)
+    lse = tl.where(no_keys, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    return acc / l_safe[:, None], lse
+
+
+# --------------------------------------------------------------------------- host side
+# Launch key -> the configuration that fitted this GPU at its first launch (see
+# launch_with_fallback). Tuning scripts clear it to measure a configuration afresh.
+working_launch_configs: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def _shrinking(config: tuple[int, int, int, int]):
+    """``config``, then smaller ones: fewer stages, then narrower key tiles, then query tiles."""
+    block_m, block_n, num_warps, num_stages = config
+    yield config
+    for stages in range(num_stages - 1, 0, -1):
+        yield block_m, block_n, num_warps, stages
+    while block_n > 16 or block_m > 16:
+        if block_n > 16:
+            block_n //= 2
+        else:
+            block_m //= 2
+            num_warps = 4
+        yield block_m, block_n, num_warps, 1
+
+
+def launch_with_fallback(key: tuple, config: tuple[int, int, int, int], launch) -> None:
+    """Launch with ``config`` (``(BLOCK_M, BLOCK_N, num_warps, num_stages)``), or the first
+    smaller one that fits this GPU; remember which under ``key``."""
+    if key in working_launch_configs:
+        launch(*working_launch_configs[key])
+        return
+    error = None
+    for candidate in _shrinking(config):
+        try:
+            launch(*candidate)
+        except triton.runtime.errors.OutOfResources as out_of_resources:
+            error = out_of_resources
+            continue
+        working_launch_configs[key] = candidate
+        return
+    raise RuntimeError(f"no launch configuration fits this GPU for {key=}") from error
+
+
+def strides(x: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    """(batch, head, sequence) strides for a 4-D tensor in ``layout``."""
+    if layout == "bshd":
+        return x.stride(0), x.stride(2), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def plan_strides(plan: BlockSparsity) -> tuple[int, int, int, int, int]:
+    """(count batch, count head, index batch, index head, index query-block) strides; 0 where the
+    plan broadcasts over batch or heads."""
+    counts, indices = plan.kv_counts, plan.kv_indices
+    return (
+        counts.stride(0) if counts.shape[0] > 1 else 0,
+        counts.stride(1) if counts.shape[1] > 1 else 0,
+        indices.stride(0) if indices.shape[0] > 1 else 0,
+        indices.stride(1) if indices.shape[1] > 1 else 0,
+        indices.stride(2),
+    )
+
+
+def tma_view(x: torch.Tensor, layout: str, interpret: bool, dtypes=(torch.float16, torch.bfloat16)):
+    """The 2-D view of K or V for tensor-descriptor loads (``[B*S, H*D]`` for bshd, ``[B*H*S, D]``
+    for bhsd), or None where that path does not apply: Hopper or newer, a dtype of ``dtypes``,
+    head_dim 64 or 128, contiguous, 16-byte aligned."""
+    if interpret or TensorDescriptor is None or x.device.type != "cuda":
+        return None
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
+    if x.dtype not in dtypes or x.shape[-1] not in (64, 128):
+        return None
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        return None
+    head_dim = x.shape[-1]
+    width = x.shape[2] * head_dim if layout == "bshd" else head_dim
+    return x.view(-1, width)
