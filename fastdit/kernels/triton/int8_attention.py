@@ -2,7 +2,7 @@
 
 Inputs are a :class:`~fastdit.kernels.quantized.QuantizedQK` (int8 ``Q_q``, ``K_q`` contiguous
 ``(B, H, S, D)``, fp32 per-block scales ``sq`` and ``sk``, K smoothed by its mean ``mu``, see
-:mod:`fastdit.kernels.quantize`) and V in fp16/bf16, ``"bshd"`` or ``"bhsd"``. For every batch
+:mod:`fastdit.kernels.triton.quantize`) and V in fp16/bf16, ``"bshd"`` or ``"bhsd"``. For every batch
 ``b``, head ``h`` and query row ``i`` in query block ``p``, over the key blocks ``c`` of
 ``plan[b, h, p]`` and keys ``j < kv_len``::
 
@@ -18,12 +18,12 @@ max ``m_i`` and sum ``l_i``); P is cast to V's dtype for ``P @ V`` with fp32 acc
 accumulator there caused black frames in SageAttention users' bf16 models).
 
 Plans, bounds handling (the masked suffix of each row), 64-bit offsets, Hopper TMA loads and the
-key-block loops are the bf16 kernel's, shared through :mod:`fastdit.kernels.triton_common`
+key-block loops are the bf16 kernel's, shared through :mod:`fastdit.kernels.triton.triton_common`
 (``INT8_QK=True`` switches the loops to int8 scores and per-key-block scales).
 
 ``quantize="int8-fp8"`` (``FP8_PV=True``): V arrives as a
 :class:`~fastdit.kernels.quantized.QuantizedV` (e4m3, scale ``s_d`` per channel), P·V is an FP8
-MMA of ``e4m3(448 * p)`` and ``v_q`` (:func:`~fastdit.kernels.triton_common.fp8_pv`: two-level
+MMA of ``e4m3(448 * p)`` and ``v_q`` (:func:`~fastdit.kernels.triton.triton_common.fp8_pv`: two-level
 fp32 accumulation with ``FP8_ACC=0``, else Triton's ``max_num_imprecise_acc=FP8_ACC``), and the
 output is ``acc / l * s_d / 448``. ``V_T``: V stored transposed (``[D, S]``, keys contiguous).
 """
@@ -271,7 +271,7 @@ def triton_int8_block_sparse_attention(
 
 def _transposed_tma_view(v_t: torch.Tensor, interpret: bool):
     """The 2-D view ``[B*H*D, S_pad]`` of a transposed e4m3 V for tensor-descriptor loads, or None
-    where that path does not apply (as :func:`~fastdit.kernels.triton_common.tma_view`)."""
+    where that path does not apply (as :func:`~fastdit.kernels.triton.triton_common.tma_view`)."""
     if interpret or TensorDescriptor is None or v_t.device.type != "cuda":
         return None
     if torch.cuda.get_device_capability(v_t.device)[0] < 9 or v_t.shape[2] not in (64, 128):

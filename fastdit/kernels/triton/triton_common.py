@@ -5,8 +5,8 @@ Device functions (``@triton.jit``) are inlined into the kernels that call them. 
 loops, :func:`attend_kv_blocks` (pointer loads, any bounds mask, the window rule) and
 :func:`attend_kv_blocks_tma` (Hopper tensor-descriptor loads of whole tiles), and
 :func:`attend_plan_row` (a plan row: its unmasked blocks, then its masked suffix) serve both the
-bf16 kernel (:mod:`fastdit.kernels.attention`) and the INT8 one
-(:mod:`fastdit.kernels.int8_attention`): constexpr switches passed by keyword (``USE_TMA``,
+bf16 kernel (:mod:`fastdit.kernels.triton.attention`) and the INT8 one
+(:mod:`fastdit.kernels.triton.int8_attention`): constexpr switches passed by keyword (``USE_TMA``,
 ``MASK_KV``, ``INT8_QK``, ``WINDOW``, ``FP8_PV``/``FP8_ACC``/``V_T``) select what each loop
 compiles, so a switched-off feature costs no instruction. The switches are ordinary parameters
 passed by keyword, never keyword-only (``*``): Triton 3.6 binds only positional-or-keyword
@@ -76,7 +76,7 @@ def int8_scores(q, k):
     FMA rate, like the exponentials): ``s + 0x4B400000`` read as fp32 is exactly
     ``1.5 * 2**23 + s`` for ``|s| < 2**22``, then one subtraction. An int8 dot over head_dim <= 256
     (``MAX_HEAD_DIM``) is at most ``127 * 127 * 256 < 2**22`` in magnitude, so this is exact; on an
-    H100 it made the INT8 kernel 1-3% faster (``benchmarks/results/tune_int8_run2_*.json``)."""
+    H100 it made the INT8 kernel 1-3% faster (``benchmarks/results/h100_2026-11-23/tune_int8_run2_*.json``)."""
     s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
     return (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
