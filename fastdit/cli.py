@@ -44,7 +44,6 @@ from .clicommon import (
     DEFAULT_FPS,
     DEFAULT_PROMPT,
     DEFAULT_SEED,
-    TINY_DESCRIPTION,
     RunSetup,
     UsageError,
     build_cache,
@@ -55,6 +54,7 @@ from .clicommon import (
     check_pipeline_sizes,
     check_supported_pipeline,
     check_video_path,
+    default_prompt,
     describe_method,
     describe_schedule,
     format_rank_speeds,
@@ -63,6 +63,7 @@ from .clicommon import (
     load_for_run,
     make_probe,
     method_names,
+    model_description,
     parse_amount,
     parse_attention_opts,
     resolve_device,
@@ -160,9 +161,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cache = build_cache(args.cache, setup)
     check_quantize_option(method, args.quantize, setup)
     pipe, load_time = load_for_run(args, setup)
-    call_kwargs, dropped = pipeline_call_kwargs(
-        pipe, args.prompt, setup.settings, args.negative_prompt
-    )
+    prompt = default_prompt(args.model) if args.prompt is None else args.prompt
+    call_kwargs, dropped = pipeline_call_kwargs(pipe, prompt, setup.settings, args.negative_prompt)
     for name in dropped:
         print(f"note: {type(pipe).__name__} takes no {name}; ignored")
     check_method_fits(pipe, method, call_kwargs, f"--attention {attention}")
@@ -184,11 +184,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     speed = result.speed
     num_frames, height, width = result.frames.shape[:3]
     lines = ["", "fastdit generate"]
-    model_name = TINY_DESCRIPTION if setup.tiny else args.model
+    model_name = model_description(args.model)
     lines.append(f"  model        {model_name} [{type(pipe).__name__}, {setup.device}, "
                  f"{setup.dtype_name}]")
     video = f"{num_frames} frames {height}x{width} px @ {args.fps:g} fps, seed {args.seed}"
     latent = _latent_description(pipe, height, width, num_frames)
+    lines.append(f"  prompt       {prompt!r}")
     lines.append(f"  video        {video}")
     if latent:
         lines.append(f"  grid         {latent}")
@@ -266,27 +267,44 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
+def _help_model() -> str:
+    """The default model the help texts describe (a bad FASTDIT_DEFAULT_MODEL is reported when a
+    command runs, not while the parser is built)."""
+    from .pipelines.embedded import TRAINED_MODEL, default_model
+
+    try:
+        return default_model()
+    except ValueError:
+        return TRAINED_MODEL
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> None:
     """The flags generate and compare share (model, prompt, sizes, device, schedule, GPU options)."""
-    from .pipelines.tiny import TINY_DEFAULTS
+    from .pipelines.embedded import embedded_defaults, embedded_prompt
 
-    tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
+    model = _help_model()
+    defaults = embedded_defaults(model)
+    tiny_note = "default: {} for the embedded " + model + " model, else the pipeline's own default"
+    prompt = embedded_prompt(model, DEFAULT_PROMPT)
     add = parser.add_argument
     add(
         "--model",
         default=None,
-        help="hub id or local diffusers pipeline folder, or 'tiny' (default: the embedded tiny "
-        "offline Wan model with random weights)",
+        help="hub id or local diffusers pipeline folder, 'tiny' (the embedded Wan trained on "
+        "procedural clips) or 'tiny-random' (the embedded Wan with random weights, for plumbing "
+        f"tests) (default: {model}; the FASTDIT_DEFAULT_MODEL environment variable sets it)",
     )
     if compare:
         add("--prompt", action="append", default=None,
-            help=f"text prompt, repeatable (default: {DEFAULT_PROMPT!r} when neither --prompt "
+            help=f"text prompt, repeatable (default: {prompt!r} when neither --prompt "
             "nor --prompts-file is given)")
         add("--prompts-file", default=None, metavar="FILE",
             help="text file with one prompt per line (blank lines and lines starting with # are "
             "skipped), added after the --prompt ones (default: none)")
     else:
-        add("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+        add("--prompt", default=None,
+            help=f"text prompt (default: {prompt!r} for the embedded model, else "
+            f"{DEFAULT_PROMPT!r})")
     add("--negative-prompt", default=None, help="negative prompt (default: the pipeline's own)")
     for flag, key, kind in (
         ("--height", "height", int),
@@ -303,7 +321,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> Non
             "guidance_scale": "classifier-free guidance scale (<= 1 disables it)",
         }[key]
         add(flag, type=kind, default=None, dest=flag[2:].replace("-", "_"),
-            help=f"{text} ({tiny_note.format(TINY_DEFAULTS[key])})")
+            help=f"{text} ({tiny_note.format(defaults[key])})")
     if compare:
         add("--seed", "--seeds", dest="seeds", action="append", type=_seed_list, default=None,
             metavar="SEED[,SEED...]",
@@ -407,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Generate a video with a diffusers pipeline, running attention through fastdit.\n\n"
             "Examples:\n"
-            "  fastdit generate -o out.mp4                     # embedded tiny model, offline\n"
+            "  fastdit generate -o out.mp4                     # embedded trained model, offline\n"
             "  fastdit generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --attention radial \\\n"
             "      --preset wan2.1-14b --prompt 'a cat surfing'\n"
             "  fastdit generate --attention gna --attention-opt window=3,5,5"
@@ -444,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
             "video and frame, speed (end to end, transformer, per step, attention share,\n"
             "density per layer and step, peak memory), report.md, report.html, results.json.\n\n"
             "Examples:\n"
-            "  fastdit compare                                  # tiny model, CPU, ~1 min\n"
+            "  fastdit compare                                  # embedded model, methods vs dense\n"
             "  fastdit compare --methods radial,gna,g3=gna --method-opt gna:window=1,5,5 \\\n"
             "      --method-opt g3:window=3,5,5\n"
             "  fastdit compare --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --methods radial \\\n"
@@ -628,7 +646,10 @@ def _fraction(text: str) -> float:
 
 def _add_calibrate_parser(commands) -> None:
     from .calibrate import DEFAULT_DENSITY
-    from .pipelines.tiny import TINY_DEFAULTS
+    from .pipelines.embedded import embedded_defaults, embedded_prompt
+
+    model = _help_model()
+    TINY_DEFAULTS = embedded_defaults(model)
 
     cal = commands.add_parser(
         "calibrate",
@@ -646,11 +667,14 @@ def _add_calibrate_parser(commands) -> None:
     )
     cal.set_defaults(func=cmd_calibrate)
     add = cal.add_argument
-    tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
+    tiny_note = "default: {} for the embedded " + model + " model, else the pipeline's own default"
     add("--model", default=None,
-        help="hub id or local diffusers pipeline folder, or 'tiny' (default: the embedded tiny model)")
+        help="hub id or local diffusers pipeline folder, 'tiny' or 'tiny-random' (default: "
+        f"{model}; the FASTDIT_DEFAULT_MODEL environment variable sets it)")
     add("--prompt", action="append", default=None,
-        help=f"calibration prompt, repeatable; one generation each (default: {DEFAULT_PROMPT!r})")
+        help=f"calibration prompt, repeatable; one generation each (default: "
+        f"{embedded_prompt(model, DEFAULT_PROMPT)!r} for the embedded model, else "
+        f"{DEFAULT_PROMPT!r})")
     add("--negative-prompt", default=None, help="negative prompt (default: the pipeline's own)")
     add("--height", type=int, default=None, help=f"video height in px ({tiny_note.format(TINY_DEFAULTS['height'])})")
     add("--width", type=int, default=None, help=f"video width in px ({tiny_note.format(TINY_DEFAULTS['width'])})")
@@ -658,7 +682,7 @@ def _add_calibrate_parser(commands) -> None:
         help=f"number of frames, 4k+1 ({tiny_note.format(TINY_DEFAULTS['num_frames'])})")
     add("--steps", type=_positive_int, default=None,
         help=f"denoising steps of the schedule the plan is for (default: {TINY_DEFAULTS['num_inference_steps']} "
-        "for the tiny model, else 50)")
+        f"for the embedded {model} model, else 50)")
     add("--guidance-scale", type=_non_negative_float, default=None,
         help=f"classifier-free guidance scale ({tiny_note.format(TINY_DEFAULTS['guidance_scale'])})")
     target = cal.add_mutually_exclusive_group()
@@ -688,10 +712,12 @@ def _size(num_bytes: int) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``fastdit calibrate``: dense runs -> PARO plan file."""
-    from .pipelines.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
+    from .pipelines.embedded import embedded_defaults
+    from .pipelines.tiny import is_tiny, load_pipeline
 
     tiny = is_tiny(args.model)
     validate_sizes(args.height, args.width, args.num_frames if tiny else None)
+    TINY_DEFAULTS = embedded_defaults(args.model) if tiny else {}
     steps = args.steps or (TINY_DEFAULTS["num_inference_steps"] if tiny else 50)
     if args.buckets > steps:
         raise UsageError(f"--buckets must be <= --steps, got buckets={args.buckets} for steps={steps}")
@@ -729,13 +755,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_pipeline_sizes(pipe, args.height, args.width, args.num_frames)
     load_time = time.perf_counter() - start
     plan = fastdit.calibrate(
-        pipe, args.prompt or [DEFAULT_PROMPT], steps, density=args.density, recall=args.recall,
+        pipe, args.prompt or [default_prompt(args.model)], steps, density=args.density, recall=args.recall,
         num_buckets=args.buckets, block_size=args.block_size, output=args.output, seed=args.seed,
         calibration_steps=calibration_steps,
         **{k: v for k, v in settings.items() if v is not None},
     )
     size = os.path.getsize(args.output)
-    model_name = "tiny (embedded, random weights, offline)" if tiny else args.model
+    model_name = model_description(args.model)
     lines = [
         "", "fastdit calibrate",
         f"  model        {model_name} [{type(pipe).__name__}, {device}, {dtype_name}]",
