@@ -6,8 +6,9 @@ checker's reading of each video against its caption.
     python benchmarks/quality_table.py --rows dense,radial,gna-3x9x9 --captions 1
 
 For each held-out caption (``fastdit.quality.heldout_specs``: combinations the model never saw in
-training; the first ``--captions`` of them) and one seed, the model generates at its defaults (33
-frames of 256x256 px, 9 x 16 x 16 = 2,304 video tokens, 20 steps, guidance 5.0):
+training; the first ``--captions`` of them) and one seed, the model generates at its defaults (its
+``fastdit_defaults.json``; the full model: 33 frames of 256x256 px, 9 x 16 x 16 = 2,304 video
+tokens, 20 steps, guidance 5.0):
 
 - ``dense``: diffusers' stock attention, fp32: the reference of every PSNR/SSIM;
 - every method at its defaults and at two or three densities (Radial decays, GNA windows, VMoBA
@@ -30,8 +31,11 @@ Writes to ``--out`` (default ``benchmarks/results/quality_table``): ``quality_ta
 ``quality_table.json``, ``quality_table.md`` and ``side_by_side.png`` (the first caption: four
 frames of every row, dense first), plus ``paro_d*.safetensors`` (the calibrated PARO plans).
 
-Runtime on a 2-core CPU: about ``rows x captions`` generations of 10-40 s each (sparse methods run
-on the PyTorch reference path, slower than dense SDPA); ``--captions 2`` takes about 25 minutes.
+Runtime on a 2-core CPU: ``rows x captions`` generations (25 rows), each as long as one
+``fastdit generate`` at the model's defaults or longer (sparse methods run on the PyTorch
+reference path, slower than dense SDPA there). ``--smoke`` takes about 1.5 minutes; the full-size
+model takes over an hour with ``--captions 2`` (``--captions 1``, ``--rows`` or a machine with
+more cores shorten it).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fastdit  # noqa: E402
 from fastdit.compose import build_cache_config  # noqa: E402
 from fastdit.metrics import compare_videos  # noqa: E402
-from fastdit.pipelines.embedded import TRAINED_DEFAULTS  # noqa: E402
+from fastdit.pipelines.embedded import trained_settings  # noqa: E402
 from fastdit.pipelines.tiny import load_pipeline  # noqa: E402
 from fastdit.quality import heldout_specs, score  # noqa: E402
 from fastdit.quality.controls import RandomBlocks  # noqa: E402
@@ -221,11 +225,11 @@ def main(argv=None):
     parser.add_argument("--captions", type=int, default=2,
                         help="the first N held-out captions (default: 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=TRAINED_DEFAULTS["num_inference_steps"])
-    parser.add_argument("--height", type=int, default=TRAINED_DEFAULTS["height"])
-    parser.add_argument("--width", type=int, default=TRAINED_DEFAULTS["width"])
-    parser.add_argument("--num-frames", type=int, default=TRAINED_DEFAULTS["num_frames"])
-    parser.add_argument("--guidance-scale", type=float, default=TRAINED_DEFAULTS["guidance_scale"])
+    parser.add_argument("--steps", type=int, default=trained_settings()["num_inference_steps"])
+    parser.add_argument("--height", type=int, default=trained_settings()["height"])
+    parser.add_argument("--width", type=int, default=trained_settings()["width"])
+    parser.add_argument("--num-frames", type=int, default=trained_settings()["num_frames"])
+    parser.add_argument("--guidance-scale", type=float, default=trained_settings()["guidance_scale"])
     parser.add_argument("--rows", default=None, help="comma list of row labels (default: all)")
     parser.add_argument("--paro-densities", default="0.3,0.5",
                         help="PARO calibration densities, one row each (default: 0.3,0.5)")

@@ -446,7 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output", "-o", default=DEFAULT_OUTPUT,
         help=f"output mp4 path (default: {DEFAULT_OUTPUT})")
 
-    from .compare import DEFAULT_METHOD_OPTIONS, DEFAULT_METHODS, DEFAULT_OUTPUT_DIR, DEFAULT_WARMUP
+    from .compare import (
+        DEFAULT_METHOD_OPTIONS,
+        DEFAULT_METHODS,
+        DEFAULT_OUTPUT_DIR,
+        DEFAULT_WARMUP,
+        TRAINED_DEFAULT_METHODS,
+    )
 
     default_opts = " ".join(
         f"{label}:{key}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
@@ -480,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--methods", default=None, metavar="ENTRY[,ENTRY...]",
         help=f"methods compared with dense, comma list of NAME or LABEL=NAME with NAME one of "
         f"{', '.join(method_names())} ('dense' is fastdit's own dense kernel) (default: "
-        f"{DEFAULT_METHODS}, with {default_opts} unless --config is given)")
+        f"{DEFAULT_METHODS}, with {default_opts} unless --config is given; on the embedded "
+        f"trained model {TRAINED_DEFAULT_METHODS}, GNA's window fitted to the grid)")
     add("--method-opt", action="append", default=None, metavar="[LABEL:]KEY=VALUE",
         help="option of one method entry, repeatable, e.g. gna:window=3,5,5 or "
         "radial:decay=0.5; LABEL may be left out when one method is compared (default: the "
@@ -498,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder of an earlier report (default: none)")
     add("--warmup", type=int, default=None, metavar="N",
         help="untimed generations per method before the timed ones (Triton compilation, "
-        f"autotuning, lazy initialisation) (default: {DEFAULT_WARMUP})")
+        f"autotuning, lazy initialisation) (default: {DEFAULT_WARMUP} on a GPU, 0 on the CPU)")
     add("--no-lpips", action="store_true",
         help="skip LPIPS even when the lpips package and its weights are available locally "
         "(default: LPIPS when available, skipped with a notice otherwise)")

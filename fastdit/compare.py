@@ -153,6 +153,9 @@ DEFAULT_METHODS = "radial,gna"
 # has no default window; (1, 5, 5) is a valid neighbourhood on the tiny model's 5 x 6 x 10 grid
 # and on real ones.
 DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"gna": {"window": (1, 5, 5)}}
+# On the embedded trained model (the default model when its files are packaged): the methods that
+# plan from the data too, GNA's window fitted to the run's latent grid.
+TRAINED_DEFAULT_METHODS = "radial,gna,vmoba,adaspa"
 DEFAULT_OUTPUT_DIR = "compare-report"
 REFERENCE_LABEL = "dense"
 # One untimed generation per method before the timed ones: Triton compilation and autotuning on
@@ -294,6 +297,21 @@ def _target(entries: list[MethodEntry], prefix: str | None, flag: str, item: str
     raise UsageError(f"{flag} {item!r}: no method labelled {prefix!r}; labels: {', '.join(labels)}")
 
 
+def _trained_grid(args: argparse.Namespace) -> tuple[int, int, int] | None:
+    """The token grid of a run on the embedded trained model (``None`` for any other model)."""
+    from .pipelines.embedded import embedded_defaults, is_trained
+
+    try:
+        if not is_trained(args.model):
+            return None
+    except ValueError:  # a bad FASTDIT_DEFAULT_MODEL: reported when the run is set up
+        return None
+    defaults = embedded_defaults(args.model)
+    frames = args.num_frames or defaults["num_frames"]
+    height, width = args.height or defaults["height"], args.width or defaults["width"]
+    return (max(1, (frames - 1) // 4 + 1), max(1, height // 16), max(1, width // 16))
+
+
 def parse_method_entries(args: argparse.Namespace) -> list[MethodEntry]:
     """Method entries of a compare command line, each with its method config and schedule built.
 
@@ -306,9 +324,15 @@ def parse_method_entries(args: argparse.Namespace) -> list[MethodEntry]:
     if args.methods is not None:
         entries += _entries_from_methods(args.methods)
     elif not args.config:
-        entries = _entries_from_methods(DEFAULT_METHODS)
+        trained = _trained_grid(args)
+        entries = _entries_from_methods(DEFAULT_METHODS if trained is None
+                                        else TRAINED_DEFAULT_METHODS)
         for entry in entries:
-            entry.options.update(DEFAULT_METHOD_OPTIONS.get(entry.label, {}))
+            options = dict(DEFAULT_METHOD_OPTIONS.get(entry.label, {}))
+            if trained is not None and "window" in options:  # odd, at most the grid's size
+                options["window"] = tuple(min(w, g if g % 2 else g - 1)
+                                          for w, g in zip(options["window"], trained))
+            entry.options.update(options)
     seen: set[str] = set()
     for entry in entries:
         if entry.label in seen:
@@ -794,7 +818,10 @@ def run_compare(args: argparse.Namespace) -> int:
                          f"GPU), got --device {setup.device}")
     if args.warmup is not None and args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
-    warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
+    # Warm-up keeps GPU first-call costs (compilation, autotuning) out of the timings; CPU timings
+    # are not speed measurements, so a CPU run skips it unless asked.
+    default_warmup = DEFAULT_WARMUP if setup.device.type == "cuda" else 0
+    warmup = default_warmup if args.warmup is None else args.warmup
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output-dir {out_dir} exists and is not a directory")
@@ -843,7 +870,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if setup.device.type != "cuda":
         notices.append("device: CPU; timings say nothing about GPU speed (fastdit's kernels "
                        "run on the PyTorch reference path or Triton's interpreter here)")
-    if warmup == 0:
+    if warmup == 0 and args.warmup is not None:
         notices.append("--warmup 0: first-call costs (Triton compilation and autotuning on the "
                        "GPU, lazy initialisation) are timed, the dense reference's included")
 
