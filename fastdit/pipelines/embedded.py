@@ -31,6 +31,7 @@ from pathlib import Path
 __all__ = [
     "DEFAULT_MODEL_ENV",
     "EMBEDDED_MODEL_DIR",
+    "RANDOM_DEFAULTS",
     "RANDOM_MODEL",
     "TRAINED_DEFAULTS",
     "TRAINED_MODEL",
@@ -51,6 +52,11 @@ RANDOM_MODEL = "tiny-random"
 DEFAULT_MODEL_ENV = "FASTDIT_DEFAULT_MODEL"
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_wan"
 
+# The random-weight pipeline (fastdit.pipelines.tiny, TINY_DEFAULTS there): 17 frames of 96x160 px
+# -> latent 5x12x20 -> patchified 5x6x10 = 300 video tokens: small, but more than two 128-token
+# blocks, with several frames, so block-sparse plans are not trivial.
+RANDOM_DEFAULTS = dict(height=96, width=160, num_frames=17, num_inference_steps=4,
+                       guidance_scale=5.0)
 # Used when the packaged folder has no fastdit_defaults.json: the size the full model trains at
 # (33 frames of 256x256 px: latent 9x32x32, 9x16x16 = 2,304 video tokens) and the sampling
 # settings of the training script's evaluation (20 UniPC steps, guidance 5.0).
@@ -109,13 +115,11 @@ def is_trained(model: str | None) -> bool:
 
 def embedded_defaults(model: str | None) -> dict:
     """Height, width, frames, steps and guidance of an embedded model."""
-    from .tiny import TINY_DEFAULTS
-
     if not is_embedded(model):
         raise ValueError(f"model {model!r} is not an embedded model ({TRAINED_MODEL!r}, "
                          f"{RANDOM_MODEL!r})")
     if not is_trained(model):
-        return dict(TINY_DEFAULTS)
+        return dict(RANDOM_DEFAULTS)
     settings = trained_settings()
     return {key: settings[key] for key in TRAINED_DEFAULTS}
 
@@ -145,8 +149,6 @@ def load_trained_pipeline(dtype=None, device="cpu"):
     import torch
     from diffusers import WanPipeline
 
-    from .tiny import _dtype_keyword
-
     if not trained_available():
         raise OSError(
             f"the embedded model's files are missing from the installed package "
@@ -154,8 +156,6 @@ def load_trained_pipeline(dtype=None, device="cpu"):
             f"(pip install .), or use --model {RANDOM_MODEL} (random weights)"
         )
     pipe = WanPipeline.from_pretrained(
-        str(EMBEDDED_MODEL_DIR), local_files_only=True,
-        **{_dtype_keyword(): dtype or torch.float32},
-    )
+        str(EMBEDDED_MODEL_DIR), local_files_only=True, dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=None)
     return pipe.to(device)

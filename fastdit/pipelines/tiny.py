@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from .embedded import RANDOM_DEFAULTS, is_trained, load_trained_pipeline
+
 __all__ = [
     "TINY_DEFAULTS",
     "TINY_MODEL_NAMES",
@@ -38,9 +40,9 @@ __all__ = [
     "load_pipeline",
 ]
 
-# 17 frames of 96x160 px -> latent 5x12x20 -> patchified 5x6x10 = 300 video tokens: small, but
-# more than two 128-token blocks, with several frames, so block-sparse plans are not trivial.
-TINY_DEFAULTS = dict(height=96, width=160, num_frames=17, num_inference_steps=4, guidance_scale=5.0)
+# 17 frames of 96x160 px -> latent 5x12x20 -> patchified 5x6x10 = 300 video tokens (defined with
+# the other embedded model's settings in fastdit.pipelines.embedded).
+TINY_DEFAULTS = RANDOM_DEFAULTS
 
 # Values of --model (and load_pipeline's ``model``) that select an embedded pipeline: the trained
 # one ("tiny") or this module's random-weight one ("tiny-random"); None is the default model
@@ -284,8 +286,6 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, 
             and the underlying reason, e.g. offline mode or a missing ``model_index.json``).
     """
     if is_tiny(model):
-        from .embedded import is_trained, load_trained_pipeline
-
         if is_trained(model):
             return load_trained_pipeline(dtype=dtype, device=device)
         return build_tiny_wan_pipeline(dtype=dtype, device=device)
