@@ -5,6 +5,9 @@ import torch
 
 # Kernel tests run the Triton kernels on CPU tensors through Triton's interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Commands without --model run the random-weight embedded pipeline (toy sizes, seconds): the
+# plumbing tests. The trained default model is tested with --model tiny (test_quality_trained.py).
+os.environ["FASTDIT_DEFAULT_MODEL"] = "tiny-random"
 
 # Triton fixes interpreter mode when it is imported and each @triton.jit when it is defined: import
 # it and every kernel module now, so a test that sets TRITON_INTERPRET=0 for a while (to take the

@@ -25,8 +25,10 @@ Stages (each time-budgeted where it matters, all seeded by ``--seed``):
    held-out captions (combinations never trained on), a few training captions and a few long
    videos; :func:`fastdit.quality.score` reads colour, shape and motion from each.
 
-Writes to ``--out``: ``tiny_wan/`` (the pipeline), ``tiny_wan.tar``, ``loss.png``,
-``metrics.json``, ``samples.png`` and ``train.log``.
+Writes to ``--out``: ``tiny_wan/`` (the pipeline, with ``fastdit_defaults.json``: the size, steps,
+guidance and demo prompt ``fastdit generate`` uses for it), ``tiny_wan.tar``, ``loss.png``,
+``metrics.json``, ``samples.png`` and ``train.log``. Copy ``tiny_wan/`` to
+``fastdit/assets/tiny_wan/`` to make it the embedded default model.
 """
 
 from __future__ import annotations
@@ -384,6 +386,22 @@ def evaluate(folder, sizes, args, device, log):
     return results, samples
 
 
+def write_defaults(folder, sizes, args, results):
+    """``fastdit_defaults.json`` in the pipeline folder: what ``fastdit generate`` runs the model
+    at (the evaluation's size, steps and guidance) and its demo prompt: the first training
+    caption the checker read right (a combination the model knows), else the first one."""
+    rows = results.get("train", {}).get("rows", [])
+    right = [row["caption"] for row in rows if row["colour"] and row["shape"] and row["motion"]]
+    prompt = (right or [row["caption"] for row in rows] or [sample_specs(1, seed=args.seed)[0].caption])[0]
+    defaults = dict(height=sizes.height, width=sizes.width, num_frames=sizes.frames,
+                    num_inference_steps=args.eval_steps, guidance_scale=args.guidance,
+                    prompt=prompt, smoke=bool(args.smoke),
+                    heldout_accuracy=results.get("heldout", {}).get("accuracy"))
+    with open(os.path.join(folder, "fastdit_defaults.json"), "w") as f:
+        json.dump(defaults, f, indent=1)
+    return defaults
+
+
 def write_samples(samples, path):
     """One row of 6 frames per sample video."""
     rows = []
@@ -569,6 +587,10 @@ def main(argv=None):
     results, samples = evaluate(folder, sizes, args, device, log)
     timings["eval"] = time.time() - t0
     write_samples(samples, os.path.join(args.out, "samples.png"))
+    defaults = write_defaults(folder, sizes, args, results)
+    with tarfile.open(os.path.join(args.out, "tiny_wan.tar"), "w") as tar:
+        tar.add(folder, arcname="tiny_wan")
+    log(f"defaults for fastdit generate: {defaults}")
     total = time.time() - log.start
     metrics = dict(
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),

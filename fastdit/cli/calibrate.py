@@ -9,12 +9,13 @@ import os
 import time
 
 from .common import (
-    DEFAULT_PROMPT,
     UsageError,
     check_model_path,
     check_pipeline_sizes,
     check_supported_pipeline,
+    default_prompt,
     format_seconds,
+    model_description,
     resolve_device_dtype,
     validate_sizes,
 )
@@ -30,9 +31,11 @@ def _size(num_bytes: int) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``fastdit calibrate``: dense runs -> PARO plan file."""
-    from ..testing.tiny import TINY_DEFAULTS, is_tiny, load_pipeline
+    from ..testing.embedded import embedded_defaults
+    from ..testing.tiny import is_tiny, load_pipeline
 
     tiny = is_tiny(args.model)
+    TINY_DEFAULTS = embedded_defaults(args.model) if tiny else {}
     validate_sizes(args.height, args.width, args.num_frames if tiny else None)
     steps = args.steps or (TINY_DEFAULTS["num_inference_steps"] if tiny else 50)
     if args.buckets > steps:
@@ -71,13 +74,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_pipeline_sizes(pipe, args.height, args.width, args.num_frames)
     load_time = time.perf_counter() - start
     plan = fastdit.calibrate(
-        pipe, args.prompt or [DEFAULT_PROMPT], steps, density=args.density, recall=args.recall,
+        pipe, args.prompt or [default_prompt(args.model)], steps, density=args.density, recall=args.recall,
         num_buckets=args.buckets, block_size=args.block_size, output=args.output, seed=args.seed,
         calibration_steps=calibration_steps,
         **{k: v for k, v in settings.items() if v is not None},
     )
     size = os.path.getsize(args.output)
-    model_name = "tiny (embedded, random weights, offline)" if tiny else args.model
+    model_name = model_description(args.model)
     lines = [
         "", "fastdit calibrate",
         f"  model        {model_name} [{type(pipe).__name__}, {device}, {dtype_name}]",

@@ -27,6 +27,8 @@ __all__ = [
     "DEFAULT_PROMPT",
     "DEFAULT_SEED",
     "TINY_DESCRIPTION",
+    "default_prompt",
+    "model_description",
     "RunSetup",
     "UsageError",
     "build_method",
@@ -64,6 +66,21 @@ DEFAULT_PROMPT = "A red fox runs through a snowy forest at sunrise, cinematic ca
 DEFAULT_FPS = 16
 DEFAULT_SEED = 0
 TINY_DESCRIPTION = "tiny (embedded, random weights, offline)"
+
+
+def default_prompt(model: str | None) -> str:
+    """The prompt of a run without one: a caption the embedded trained model knows, else
+    ``DEFAULT_PROMPT``."""
+    from ..testing.embedded import embedded_prompt
+
+    return embedded_prompt(model, DEFAULT_PROMPT)
+
+
+def model_description(model: str | None) -> str:
+    """How summaries and reports name ``--model`` (the embedded models by what they are)."""
+    from ..testing.embedded import describe_model
+
+    return describe_model(model)
 
 
 class UsageError(ValueError):
@@ -371,7 +388,8 @@ def check_model_path(model: str | None) -> None:
 
 def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
     """Everything that can be checked without a model, checked before loading one."""
-    from ..testing.tiny import TINY_DEFAULTS, is_tiny
+    from ..testing.embedded import embedded_defaults
+    from ..testing.tiny import is_tiny
 
     tiny = is_tiny(args.model)
     # Frame rules differ by family (Wan 4k+1, LTX 8k+1, Mochi 6k+1): checked here for the embedded
@@ -391,7 +409,8 @@ def resolve_run_setup(args: argparse.Namespace) -> RunSetup:
         "guidance_scale": args.guidance_scale,
     }
     if tiny:
-        settings = {k: (TINY_DEFAULTS[k] if v is None else v) for k, v in settings.items()}
+        defaults = embedded_defaults(args.model)
+        settings = {k: (defaults[k] if v is None else v) for k, v in settings.items()}
     return RunSetup(device, dtype_name, dtype, tiny, settings, parallel)
 
 

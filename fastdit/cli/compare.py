@@ -39,7 +39,8 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
       "created": "2026-01-01T12:00:00",            # local time, ISO 8601
       "environment": {"fastdit", "python", "torch", "triton", "diffusers": version strings,
                       "device": "cuda:0" | "cpu", "gpu": name | null, "cuda": version | null},
-      "settings": {"model": str | null (null: the embedded tiny model), "tiny": bool,
+      "settings": {"model": str | null (null: an embedded model), "tiny": bool,
+                   "model_description": str,
                    "pipeline": class name, "transformer": class name, "dtype": str,
                    "height", "width", "num_frames", "num_inference_steps": int | null,
                    "guidance_scale": float | null (null: the pipeline's default),
@@ -71,7 +72,9 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
             "densities": [[layer, step, density], ...],   # fastdit's record; [] for dense
             "ranks": null | [{"rank", "device", "run_s", "denoise_s", "transformer_s",
                               "peak_memory_bytes"}],  # every rank's, under --ulysses N
-            "extra": JSON | null}                 # the method runtime's ``records``, if any
+            "extra": JSON | null,                 # the method runtime's ``records``, if any
+            "checker": {"colour", "shape", "motion": bool} | null}  # fastdit.quality.score
+                                                  # (embedded trained model, caption prompts)
          ],
          "summary": {"run_s", "denoise_s", "step_s", "transformer_s": means over videos,
                      "self_attention_share", "attention_share": means,
@@ -81,6 +84,7 @@ NaN is ``"nan"``; unknown or not measured is ``null``::
                      "psnr", "ssim", "lpips": means over videos (PSNR "inf" if any is),
                      "psnr_vs_reference_dir", "ssim_vs_reference_dir": means | null,
                      "mean_density": mean over layers and steps | null,
+                     "checker": {"colour", "shape", "motion": share of videos right} | null,
                      "density": {"layers": [int], "steps": [int | null],
                                  "values": [[mean over videos, per layer, per step] | null]}}}
       ],
@@ -110,13 +114,13 @@ import numpy as np
 from .common import (
     DEFAULT_PROMPT,
     DEFAULT_SEED,
-    TINY_DESCRIPTION,
     UsageError,
     build_cache,
     build_method,
     build_schedule,
     check_method_fits,
     compile_transformers,
+    default_prompt,
     describe_method,
     describe_schedule,
     format_seconds,
@@ -124,6 +128,7 @@ from .common import (
     load_for_run,
     make_probe,
     method_names,
+    model_description,
     parse_value,
     resolve_run_setup,
     schedule_notes,
@@ -148,6 +153,9 @@ DEFAULT_METHODS = "radial,gna"
 # has no default window; (1, 5, 5) is a valid neighbourhood on the tiny model's 5 x 6 x 10 grid
 # and on real ones.
 DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"gna": {"window": (1, 5, 5)}}
+# On the embedded trained model (the default model when its files are packaged): the methods that
+# plan from the data too, GNA's window fitted to the run's latent grid.
+TRAINED_DEFAULT_METHODS = "radial,gna,vmoba,adaspa"
 DEFAULT_OUTPUT_DIR = "compare-report"
 REFERENCE_LABEL = "dense"
 # One untimed generation per method before the timed ones: Triton compilation and autotuning on
@@ -289,6 +297,21 @@ def _target(entries: list[MethodEntry], prefix: str | None, flag: str, item: str
     raise UsageError(f"{flag} {item!r}: no method labelled {prefix!r}; labels: {', '.join(labels)}")
 
 
+def _trained_grid(args: argparse.Namespace) -> tuple[int, int, int] | None:
+    """The token grid of a run on the embedded trained model (``None`` for any other model)."""
+    from ..testing.embedded import embedded_defaults, is_trained
+
+    try:
+        if not is_trained(args.model):
+            return None
+    except ValueError:  # a bad FASTDIT_DEFAULT_MODEL: reported when the run is set up
+        return None
+    defaults = embedded_defaults(args.model)
+    frames = args.num_frames or defaults["num_frames"]
+    height, width = args.height or defaults["height"], args.width or defaults["width"]
+    return (max(1, (frames - 1) // 4 + 1), max(1, height // 16), max(1, width // 16))
+
+
 def parse_method_entries(args: argparse.Namespace) -> list[MethodEntry]:
     """Method entries of a compare command line, each with its method config and schedule built.
 
@@ -301,9 +324,15 @@ def parse_method_entries(args: argparse.Namespace) -> list[MethodEntry]:
     if args.methods is not None:
         entries += _entries_from_methods(args.methods)
     elif not args.config:
-        entries = _entries_from_methods(DEFAULT_METHODS)
+        trained = _trained_grid(args)
+        entries = _entries_from_methods(DEFAULT_METHODS if trained is None
+                                        else TRAINED_DEFAULT_METHODS)
         for entry in entries:
-            entry.options.update(DEFAULT_METHOD_OPTIONS.get(entry.label, {}))
+            options = dict(DEFAULT_METHOD_OPTIONS.get(entry.label, {}))
+            if trained is not None and "window" in options:  # odd, at most the grid's size
+                options["window"] = tuple(min(w, g if g % 2 else g - 1)
+                                          for w, g in zip(options["window"], trained))
+            entry.options.update(options)
     seen: set[str] = set()
     for entry in entries:
         if entry.label in seen:
@@ -373,7 +402,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         prompts += from_file
     if args.prompt is not None and not prompts:
         raise UsageError("--prompt must not be empty")
-    return prompts or [DEFAULT_PROMPT]
+    return prompts or [default_prompt(args.model)]
 
 
 def _seeds(args: argparse.Namespace) -> list[int]:
@@ -651,6 +680,7 @@ class _Run:
     qualities: list = field(default_factory=list)
     reference_qualities: list = field(default_factory=list)
     densities: list[dict] = field(default_factory=list)
+    checker: list = field(default_factory=list)  # fastdit.quality.score per video, or None
 
 
 def _environment(device) -> dict:
@@ -728,6 +758,9 @@ def _summary(run: _Run, reference: _Run | None) -> dict:
     flat = [v for row in (density or {}).get("values", []) for v in row if v is not None]
     summary["mean_density"] = sum(flat) / len(flat) if flat else None
     summary["density"] = density
+    scored = [c for c in run.checker if c is not None]
+    summary["checker"] = ({key: sum(bool(c[key]) for c in scored) / len(scored)
+                           for key in ("colour", "shape", "motion")} if scored else None)
     return summary
 
 
@@ -741,6 +774,28 @@ def _records(result) -> tuple[Any, str | None]:
     except (TypeError, ValueError) as exc:
         return None, f"records of type {type(records).__name__} are not JSON-serializable ({exc})"
     return safe, None
+
+
+def _checker_enabled(model, prompts) -> bool:
+    """Whether videos are scored by :func:`fastdit.quality.score`: on the embedded trained model,
+    when every prompt is a caption of its grammar."""
+    from ..testing.embedded import is_trained
+    from ..quality import parse_caption
+
+    if not is_trained(model):
+        return False
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def _checker_score(frames: np.ndarray, prompt: str) -> dict:
+    from ..quality import score
+
+    return {key: bool(value) for key, value in score(frames, prompt).items()}
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -765,7 +820,10 @@ def run_compare(args: argparse.Namespace) -> int:
                          f"GPU), got --device {setup.device}")
     if args.warmup is not None and args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
-    warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
+    # Warm-up keeps GPU first-call costs (compilation, autotuning) out of the timings; CPU timings
+    # are not speed measurements, so a CPU run skips it unless asked.
+    default_warmup = DEFAULT_WARMUP if setup.device.type == "cuda" else 0
+    warmup = default_warmup if args.warmup is None else args.warmup
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output-dir {out_dir} exists and is not a directory")
@@ -804,7 +862,8 @@ def run_compare(args: argparse.Namespace) -> int:
         lpips_scorer, lpips_reason = load_lpips(setup.device)
     if lpips_scorer is None:
         notices.append(f"LPIPS skipped: {lpips_reason}")
-    if setup.tiny:
+    checked = _checker_enabled(args.model, prompts)
+    if setup.tiny and not checked:
         notices.append(
             "model: the embedded tiny Wan pipeline with random weights; its videos are noise, so "
             "the quality numbers only show that the plumbing works. Quality numbers need real "
@@ -813,11 +872,16 @@ def run_compare(args: argparse.Namespace) -> int:
     if setup.device.type != "cuda":
         notices.append("device: CPU; timings say nothing about GPU speed (fastdit's kernels "
                        "run on the PyTorch reference path or Triton's interpreter here)")
-    if warmup == 0:
+    if warmup == 0 and args.warmup is not None:
         notices.append("--warmup 0: first-call costs (Triton compilation and autotuning on the "
                        "GPU, lazy initialisation) are timed, the dense reference's included")
 
-    model_name = TINY_DESCRIPTION if setup.tiny else args.model
+    if checked:
+        notices.append(
+            "model: the embedded Wan trained on procedural clips; \"checker\" is "
+            "fastdit.quality.score's reading of each video against its caption (colour, shape, "
+            "motion), the dense reference's included")
+    model_name = model_description(args.model)
     if setup.parallel is not None:
         notices.append(f"--ulysses {setup.parallel.degree}: every run on {setup.parallel.degree} "
                        "ranks (diffusers' Ulysses context parallelism); times and memory per rank "
@@ -883,6 +947,8 @@ def run_compare(args: argparse.Namespace) -> int:
                         reference_quality = compare_videos(
                             expected, result.frames, data_range=255, device=setup.device,
                             lpips_scorer=lpips_scorer)
+                    checker = (_checker_score(result.frames, prompts[index]) if checked
+                               else None)
                     extra, extra_note = _records(result)
                     if extra_note and f"{run.label}: {extra_note}" not in notices:
                         notices.append(f"{run.label}: {extra_note}")
@@ -890,6 +956,7 @@ def run_compare(args: argparse.Namespace) -> int:
                     run.qualities.append(quality)
                     run.reference_qualities.append(reference_quality)
                     run.densities.append(result.densities)
+                    run.checker.append(checker)
                     frames, height, width = result.frames.shape[:3]
                     run.videos.append({
                         "prompt_index": index, "prompt": prompts[index], "seed": seed,
@@ -904,8 +971,9 @@ def run_compare(args: argparse.Namespace) -> int:
                                                 key=lambda kv: (kv[0][0], kv[0][1] or 0))],
                         "ranks": ranks,
                         "extra": extra,
+                        "checker": checker,
                     })
-                    _print_progress(run.label, index, seed, result, quality, ranks)
+                    _print_progress(run.label, index, seed, result, quality, ranks, checker)
     finally:
         probe.remove()
     if not setup.is_main:
@@ -938,6 +1006,7 @@ def run_compare(args: argparse.Namespace) -> int:
         "settings": {
             "model": None if setup.tiny else args.model,
             "tiny": setup.tiny,
+            "model_description": model_name,
             "pipeline": type(pipe).__name__,
             "transformer": type(getattr(pipe, "transformer", None)).__name__,
             "dtype": setup.dtype_name,
@@ -999,7 +1068,8 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_progress(label: str, index: int, seed: int, result, quality, ranks=None) -> None:
+def _print_progress(label: str, index: int, seed: int, result, quality, ranks=None,
+                    checker=None) -> None:
     speed = result.speed
     parts = [f"[{label}] prompt {index} seed {seed}: {format_seconds(speed.run_s)}"]
     if speed.step_s:
@@ -1010,6 +1080,9 @@ def _print_progress(label: str, index: int, seed: int, result, quality, ranks=No
     if result.densities:
         values = list(result.densities.values())
         parts.append(f"density {sum(values) / len(values):.3f}")
+    if checker is not None:
+        parts.append("checker " + " ".join(
+            f"{key} {'ok' if checker[key] else 'WRONG'}" for key in ("colour", "shape", "motion")))
     for entry in ranks or ():
         memory = entry["peak_memory_bytes"]
         parts.append(f"rank {entry['rank']} {format_seconds(entry['run_s'])}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 
 from .common import (
-    TINY_DESCRIPTION,
     RunSetup,
     UsageError,
     build_cache,
@@ -15,6 +14,7 @@ from .common import (
     build_schedule,
     check_method_fits,
     check_video_path,
+    default_prompt,
     describe_method,
     describe_schedule,
     format_rank_speeds,
@@ -22,6 +22,7 @@ from .common import (
     gather_rank_speeds,
     load_for_run,
     make_probe,
+    model_description,
     parse_attention_opts,
     resolve_run_setup,
     schedule_notes,
@@ -66,9 +67,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cache = build_cache(args.cache, setup)
     check_quantize_option(method, args.quantize, setup)
     pipe, load_time = load_for_run(args, setup)
-    call_kwargs, dropped = pipeline_call_kwargs(
-        pipe, args.prompt, setup.settings, args.negative_prompt
-    )
+    prompt = default_prompt(args.model) if args.prompt is None else args.prompt
+    call_kwargs, dropped = pipeline_call_kwargs(pipe, prompt, setup.settings, args.negative_prompt)
     for name in dropped:
         print(f"note: {type(pipe).__name__} takes no {name}; ignored")
     check_method_fits(pipe, method, call_kwargs, f"--attention {attention}")
@@ -90,11 +90,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     speed = result.speed
     num_frames, height, width = result.frames.shape[:3]
     lines = ["", "fastdit generate"]
-    model_name = TINY_DESCRIPTION if setup.tiny else args.model
+    model_name = model_description(args.model)
     lines.append(f"  model        {model_name} [{type(pipe).__name__}, {setup.device}, "
                  f"{setup.dtype_name}]")
     video = f"{num_frames} frames {height}x{width} px @ {args.fps:g} fps, seed {args.seed}"
     latent = _latent_description(pipe, height, width, num_frames)
+    lines.append(f"  prompt       {prompt!r}")
     lines.append(f"  video        {video}")
     if latent:
         lines.append(f"  grid         {latent}")

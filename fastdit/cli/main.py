@@ -44,6 +44,7 @@ from .common import (
     DEFAULT_SEED,
     UsageError,
     method_names,
+    model_description,
     parse_amount,
 )
 
@@ -120,27 +121,44 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
+def _help_model() -> str:
+    """The default model the help texts describe (a bad FASTDIT_DEFAULT_MODEL is reported when a
+    command runs, not while the parser is built)."""
+    from ..testing.embedded import TRAINED_MODEL, default_model
+
+    try:
+        return default_model()
+    except ValueError:
+        return TRAINED_MODEL
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> None:
     """The flags generate and compare share (model, prompt, sizes, device, schedule, GPU options)."""
-    from ..testing.tiny import TINY_DEFAULTS
+    from ..testing.embedded import embedded_defaults, embedded_prompt
 
-    tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
+    model = _help_model()
+    defaults = embedded_defaults(model)
+    tiny_note = "default: {} for the embedded " + model + " model, else the pipeline's own default"
+    prompt = embedded_prompt(model, DEFAULT_PROMPT)
     add = parser.add_argument
     add(
         "--model",
         default=None,
-        help="hub id or local diffusers pipeline folder, or 'tiny' (default: the embedded tiny "
-        "offline Wan model with random weights)",
+        help="hub id or local diffusers pipeline folder, 'tiny' (the embedded Wan trained on "
+        "procedural clips) or 'tiny-random' (the embedded Wan with random weights, for plumbing "
+        f"tests) (default: {model}; the FASTDIT_DEFAULT_MODEL environment variable sets it)",
     )
     if compare:
         add("--prompt", action="append", default=None,
-            help=f"text prompt, repeatable (default: {DEFAULT_PROMPT!r} when neither --prompt "
+            help=f"text prompt, repeatable (default: {prompt!r} when neither --prompt "
             "nor --prompts-file is given)")
         add("--prompts-file", default=None, metavar="FILE",
             help="text file with one prompt per line (blank lines and lines starting with # are "
             "skipped), added after the --prompt ones (default: none)")
     else:
-        add("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+        add("--prompt", default=None,
+            help=f"text prompt (default: {prompt!r} for the embedded model, else "
+            f"{DEFAULT_PROMPT!r})")
     add("--negative-prompt", default=None, help="negative prompt (default: the pipeline's own)")
     for flag, key, kind in (
         ("--height", "height", int),
@@ -157,7 +175,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, compare: bool) -> Non
             "guidance_scale": "classifier-free guidance scale (<= 1 disables it)",
         }[key]
         add(flag, type=kind, default=None, dest=flag[2:].replace("-", "_"),
-            help=f"{text} ({tiny_note.format(TINY_DEFAULTS[key])})")
+            help=f"{text} ({tiny_note.format(defaults[key])})")
     if compare:
         add("--seed", "--seeds", dest="seeds", action="append", type=_seed_list, default=None,
             metavar="SEED[,SEED...]",
@@ -246,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Generate a video with a diffusers pipeline, running attention through fastdit.\n\n"
             "Examples:\n"
-            "  fastdit generate -o out.mp4                     # embedded tiny model, offline\n"
+            "  fastdit generate -o out.mp4                     # embedded trained model, offline\n"
             "  fastdit generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --attention radial \\\n"
             "      --preset wan2.1-14b --prompt 'a cat surfing'\n"
             "  fastdit generate --attention gna --attention-opt window=3,5,5"
@@ -267,7 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output", "-o", default=DEFAULT_OUTPUT,
         help=f"output mp4 path (default: {DEFAULT_OUTPUT})")
 
-    from .compare import DEFAULT_METHOD_OPTIONS, DEFAULT_METHODS, DEFAULT_OUTPUT_DIR, DEFAULT_WARMUP
+    from .compare import (
+        DEFAULT_METHOD_OPTIONS,
+        DEFAULT_METHODS,
+        DEFAULT_OUTPUT_DIR,
+        DEFAULT_WARMUP,
+        TRAINED_DEFAULT_METHODS,
+    )
 
     default_opts = " ".join(
         f"{label}:{key}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
@@ -283,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
             "video and frame, speed (end to end, transformer, per step, attention share,\n"
             "density per layer and step, peak memory), report.md, report.html, results.json.\n\n"
             "Examples:\n"
-            "  fastdit compare                                  # tiny model, CPU, ~1 min\n"
+            "  fastdit compare                                  # embedded model, methods vs dense\n"
             "  fastdit compare --methods radial,gna,g3=gna --method-opt gna:window=1,5,5 \\\n"
             "      --method-opt g3:window=3,5,5\n"
             "  fastdit compare --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --methods radial \\\n"
@@ -301,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--methods", default=None, metavar="ENTRY[,ENTRY...]",
         help=f"methods compared with dense, comma list of NAME or LABEL=NAME with NAME one of "
         f"{', '.join(method_names())} ('dense' is fastdit's own dense kernel) (default: "
-        f"{DEFAULT_METHODS}, with {default_opts} unless --config is given)")
+        f"{DEFAULT_METHODS}, with {default_opts} unless --config is given; on the embedded "
+        f"trained model {TRAINED_DEFAULT_METHODS}, GNA's window fitted to the grid)")
     add("--method-opt", action="append", default=None, metavar="[LABEL:]KEY=VALUE",
         help="option of one method entry, repeatable, e.g. gna:window=3,5,5 or "
         "radial:decay=0.5; LABEL may be left out when one method is compared (default: the "
@@ -319,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder of an earlier report (default: none)")
     add("--warmup", type=int, default=None, metavar="N",
         help="untimed generations per method before the timed ones (Triton compilation, "
-        f"autotuning, lazy initialisation) (default: {DEFAULT_WARMUP})")
+        f"autotuning, lazy initialisation) (default: {DEFAULT_WARMUP} on a GPU, 0 on the CPU)")
     add("--no-lpips", action="store_true",
         help="skip LPIPS even when the lpips package and its weights are available locally "
         "(default: LPIPS when available, skipped with a notice otherwise)")
@@ -364,7 +389,10 @@ def _fraction(text: str) -> float:
 
 def _add_calibrate_parser(commands) -> None:
     from ..methods.paro.calibrate import DEFAULT_DENSITY
-    from ..testing.tiny import TINY_DEFAULTS
+    from ..testing.embedded import embedded_defaults, embedded_prompt
+
+    model = _help_model()
+    TINY_DEFAULTS = embedded_defaults(model)
 
     cal = commands.add_parser(
         "calibrate",
@@ -382,11 +410,14 @@ def _add_calibrate_parser(commands) -> None:
     )
     cal.set_defaults(func=calibrate.cmd_calibrate)
     add = cal.add_argument
-    tiny_note = "default: {} for the embedded tiny model, else the pipeline's own default"
+    tiny_note = "default: {} for the embedded " + model + " model, else the pipeline's own default"
     add("--model", default=None,
-        help="hub id or local diffusers pipeline folder, or 'tiny' (default: the embedded tiny model)")
+        help="hub id or local diffusers pipeline folder, 'tiny' or 'tiny-random' (default: "
+        f"{model}; the FASTDIT_DEFAULT_MODEL environment variable sets it)")
     add("--prompt", action="append", default=None,
-        help=f"calibration prompt, repeatable; one generation each (default: {DEFAULT_PROMPT!r})")
+        help=f"calibration prompt, repeatable; one generation each (default: "
+        f"{embedded_prompt(model, DEFAULT_PROMPT)!r} for the embedded model, else "
+        f"{DEFAULT_PROMPT!r})")
     add("--negative-prompt", default=None, help="negative prompt (default: the pipeline's own)")
     add("--height", type=int, default=None, help=f"video height in px ({tiny_note.format(TINY_DEFAULTS['height'])})")
     add("--width", type=int, default=None, help=f"video width in px ({tiny_note.format(TINY_DEFAULTS['width'])})")
@@ -394,7 +425,7 @@ def _add_calibrate_parser(commands) -> None:
         help=f"number of frames, 4k+1 ({tiny_note.format(TINY_DEFAULTS['num_frames'])})")
     add("--steps", type=_positive_int, default=None,
         help=f"denoising steps of the schedule the plan is for (default: {TINY_DEFAULTS['num_inference_steps']} "
-        "for the tiny model, else 50)")
+        f"for the embedded {model} model, else 50)")
     add("--guidance-scale", type=_non_negative_float, default=None,
         help=f"classifier-free guidance scale ({tiny_note.format(TINY_DEFAULTS['guidance_scale'])})")
     target = cal.add_mutually_exclusive_group()

@@ -77,11 +77,26 @@ SUMMARY_COLUMNS = (
 )
 
 
+def summary_columns(results: dict) -> tuple[str, ...]:
+    """``SUMMARY_COLUMNS``, with the checker's column when the videos were scored against their
+    captions (``fastdit compare`` on the embedded trained model)."""
+    if any((run["summary"].get("checker") is not None) for run in results["runs"]):
+        return (*SUMMARY_COLUMNS, "checker colour/shape/motion")
+    return SUMMARY_COLUMNS
+
+
+def _fmt_checker(value) -> str:
+    if not value:
+        return "-"
+    return " / ".join(f"{value[key]:.0%}" for key in ("colour", "shape", "motion"))
+
+
 def _is_reference(results: dict, run: dict) -> bool:
     return run["label"] == results.get("reference", "dense")
 
 
 def summary_rows(results: dict) -> list[list[str]]:
+    checker = len(summary_columns(results)) > len(SUMMARY_COLUMNS)
     rows = []
     for run in results["runs"]:
         s = run["summary"]
@@ -100,7 +115,7 @@ def summary_rows(results: dict) -> list[list[str]]:
             "ref" if reference else _fmt(s["psnr"], ".2f"),
             "ref" if reference else _fmt(s["ssim"], ".4f"),
             "ref" if reference else _fmt(s["lpips"], ".4f"),
-        ])
+        ] + ([_fmt_checker(s.get("checker"))] if checker else []))
     return rows
 
 
@@ -134,8 +149,9 @@ def video_columns(results: dict) -> list[str]:
 
 def format_summary_table(results: dict) -> str:
     """Fixed-width console table of the per-run summary."""
-    rows = [list(SUMMARY_COLUMNS)] + summary_rows(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_COLUMNS))]
+    columns = summary_columns(results)
+    rows = [list(columns)] + summary_rows(results)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -355,7 +371,8 @@ _MEASUREMENT_NOTES = [
 
 def _settings_lines(results: dict) -> list[tuple[str, str]]:
     settings, env = results["settings"], results["environment"]
-    model = settings["model"] or "tiny (embedded, random weights)"
+    model = (settings.get("model_description") or settings["model"]
+             or "tiny (embedded, random weights)")
     size = (f"{settings['num_frames']} frames, {settings['height']}x{settings['width']} px, "
             f"{settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}")
     device = env["gpu"] or env["device"]
@@ -378,7 +395,7 @@ def render_markdown(results: dict, plot_paths: list[str]) -> str:
     lines += [f"- **{name}**: {value}" for name, value in _settings_lines(results)]
     if results["notices"]:
         lines += ["", "## Notices", ""] + [f"- {notice}" for notice in results["notices"]]
-    lines += ["", "## Summary", "", _markdown_table(SUMMARY_COLUMNS, summary_rows(results)), ""]
+    lines += ["", "## Summary", "", _markdown_table(summary_columns(results), summary_rows(results)), ""]
     lines += ["Methods:", ""]
     lines += [f"- `{run['label']}`: {run['description']}" for run in results["runs"]]
     lines += ["", "## Plots", ""]
@@ -422,7 +439,7 @@ def render_html(results: dict, plots: dict[str, bytes]) -> str:
     if results["notices"]:
         parts.append("<h2>Notices</h2>")
         parts += [f"<div class='notice'>{html.escape(n)}</div>" for n in results["notices"]]
-    parts += ["<h2>Summary</h2>", _html_table(SUMMARY_COLUMNS, summary_rows(results)), "<ul>"]
+    parts += ["<h2>Summary</h2>", _html_table(summary_columns(results), summary_rows(results)), "<ul>"]
     parts += [f"<li><code>{html.escape(r['label'])}</code>: {html.escape(r['description'])}</li>"
               for r in results["runs"]]
     parts += ["</ul>", "<h2>Plots</h2>"]

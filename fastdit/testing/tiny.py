@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from .embedded import RANDOM_DEFAULTS, is_trained, load_trained_pipeline
+
 __all__ = [
     "TINY_DEFAULTS",
     "TINY_MODEL_NAMES",
@@ -38,12 +40,14 @@ __all__ = [
     "load_pipeline",
 ]
 
-# 17 frames of 96x160 px -> latent 5x12x20 -> patchified 5x6x10 = 300 video tokens: small, but
-# more than two 128-token blocks, with several frames, so block-sparse plans are not trivial.
-TINY_DEFAULTS = dict(height=96, width=160, num_frames=17, num_inference_steps=4, guidance_scale=5.0)
+# 17 frames of 96x160 px -> latent 5x12x20 -> patchified 5x6x10 = 300 video tokens (defined with
+# the other embedded model's settings in fastdit.testing.embedded).
+TINY_DEFAULTS = RANDOM_DEFAULTS
 
-# Values of --model (and load_pipeline's ``model``) that select the embedded pipeline.
-TINY_MODEL_NAMES = (None, "tiny")
+# Values of --model (and load_pipeline's ``model``) that select an embedded pipeline: the trained
+# one ("tiny") or this module's random-weight one ("tiny-random"); None is the default model
+# (fastdit.testing.embedded.default_model).
+TINY_MODEL_NAMES = (None, "tiny", "tiny-random")
 
 TINY_TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
@@ -249,7 +253,7 @@ def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> No
 
 
 def is_tiny(model: str | None) -> bool:
-    """Whether ``model`` names the embedded pipeline (``None`` or ``"tiny"``)."""
+    """Whether ``model`` names an embedded pipeline (``None``, ``"tiny"`` or ``"tiny-random"``)."""
     return model in TINY_MODEL_NAMES
 
 
@@ -272,8 +276,9 @@ def _dtype_keyword() -> str:
 
 
 def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
-    """The tiny pipeline for ``None``/``"tiny"``, else ``DiffusionPipeline.from_pretrained(model)``
-    moved to ``device``.
+    """The embedded trained pipeline for ``"tiny"``, the random-weight one for ``"tiny-random"``
+    (``None``: the default model, :func:`fastdit.testing.embedded.default_model`), else
+    ``DiffusionPipeline.from_pretrained(model)`` moved to ``device``.
 
     Raises:
         FileNotFoundError: ``model`` looks like a local path and does not exist.
@@ -281,6 +286,8 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype = torch.float32, 
             and the underlying reason, e.g. offline mode or a missing ``model_index.json``).
     """
     if is_tiny(model):
+        if is_trained(model):
+            return load_trained_pipeline(dtype=dtype, device=device)
         return build_tiny_wan_pipeline(dtype=dtype, device=device)
     if not isinstance(model, str) or not model:
         raise ValueError(f"model must be a hub id, a local path or 'tiny', got model={model!r}")

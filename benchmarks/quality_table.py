@@ -1,0 +1,337 @@
+"""Quality of every method on the embedded trained model: density, PSNR/SSIM against dense, and the
+checker's reading of each video against its caption.
+
+    python -m benchmarks.quality_table                 # the table in the README (CPU, see below)
+    python -m benchmarks.quality_table --smoke         # tiny sizes and 2 steps: the plumbing
+    python -m benchmarks.quality_table --rows dense,radial,gna-3x9x9 --captions 1
+
+For each held-out caption (``fastdit.quality.heldout_specs``: combinations the model never saw in
+training; the first ``--captions`` of them) and one seed, the model generates at its defaults (its
+``fastdit_defaults.json``; the full model: 33 frames of 256x256 px, 9 x 16 x 16 = 2,304 video
+tokens, 20 steps, guidance 5.0):
+
+- ``dense``: diffusers' stock attention, fp32: the reference of every PSNR/SSIM;
+- every method at its defaults and at two or three densities (Radial decays, GNA windows, VMoBA
+  tau, AdaSpa sparsity, PARO calibrated on this model at two densities, Agent);
+- INT8 attention (``quantize="int8"``, which needs a bf16 pipeline: those rows run the bf16
+  pipeline, next to its own stock ``dense-bf16`` row that shows what bf16 alone costs);
+- composed with a diffusers step cache (FirstBlockCache through fastdit's ``cache=``), with and
+  without sparsity and INT8 (issue 20);
+- controls: random block plans at the density Radial and GNA ran at
+  (:class:`fastdit.quality.controls.RandomBlocks`): what keeping the wrong blocks costs.
+
+Per row: mean density (fastdit's per-layer record over layers and steps; 1 for stock runs),
+PSNR/SSIM against the fp32 dense video of the same caption and seed (means over captions), and
+the checker's share of videos with the caption's colour, shape and motion. GPU speed is not
+measured here (the CPU runs fastdit's PyTorch reference path); the speed of the same
+configurations on a full-size Wan is in the GPU benchmark files (``e2e_bench``,
+``compose_bench``).
+
+Writes to ``--out`` (default ``benchmarks/results/<gpu>_<date>/quality_table``): ``quality_table.csv``,
+``quality_table.json``, ``quality_table.md`` and ``side_by_side.png`` (the first caption: four
+frames of every row, dense first), plus ``paro_d*.safetensors`` (the calibrated PARO plans).
+
+Runtime on a 2-core CPU: ``rows x captions`` generations (25 rows), each as long as one
+``fastdit generate`` at the model's defaults or longer (sparse methods run on the PyTorch
+reference path, slower than dense SDPA there). ``--smoke`` takes about 1.5 minutes; the full-size
+model takes over an hour with ``--captions 2`` (``--captions 1``, ``--rows`` or a machine with
+more cores shorten it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{os.path.splitext(os.path.basename(__file__))[0]}")
+
+import fastdit  # noqa: E402
+from benchmarks.harness import default_out  # noqa: E402
+from fastdit.compose import build_cache_config  # noqa: E402
+from fastdit.cli.metrics import compare_videos  # noqa: E402
+from fastdit.testing.embedded import trained_settings  # noqa: E402
+from fastdit.testing.tiny import load_pipeline  # noqa: E402
+from fastdit.quality import heldout_specs, score  # noqa: E402
+from fastdit.quality.controls import RandomBlocks  # noqa: E402
+from fastdit.cli.runner import SpeedProbe, pipeline_call_kwargs, run_generation  # noqa: E402
+
+DEFAULT_OUT = str(default_out() / "quality_table")
+PARO_PROMPTS = [  # training captions (not held out) for PARO's calibration
+    "a red square moves left over a plain gray background",
+    "a green circle bounces over blue stripes",
+]
+
+
+@dataclass
+class Row:
+    label: str
+    group: str
+    method: object = None  # a fastdit Method, a callable building one, or None (stock)
+    quantize: str | None = None
+    cache: str | None = None  # "fbc"
+    bf16: bool = False
+    control_of: str | None = None  # RandomBlocks at this row's density
+    note: str = ""
+    results: list = field(default_factory=list)
+
+
+def build_rows(paro_plans: dict[str, str], smoke: bool) -> list[Row]:
+    """Every configuration of the table, dense first."""
+    R, G, V, A = fastdit.Radial, fastdit.GNA, fastdit.VMoBA, fastdit.AdaSpa
+    block = 64 if smoke else 128
+    gna_windows = [(1, 3, 3), (3, 3, 3)] if smoke else [(1, 5, 5), (3, 9, 9), (5, 11, 11)]
+    rows = [
+        Row("dense", "reference", note="diffusers' stock attention, fp32"),
+        Row("radial", "radial", R(block_size=block) if smoke else R(), note="defaults: decay 0.2"),
+        Row("radial-d0.1", "radial", R(decay=0.1, block_size=block)),
+        Row("radial-d1.0", "radial", R(decay=1.0, block_size=block)),
+    ]
+    rows += [Row("gna-" + "x".join(map(str, w)), "gna", G(window=w, block_size=block))
+             for w in gna_windows]
+    rows += [
+        Row("vmoba", "vmoba", V(block_size=block) if smoke else V(),
+            note="defaults: tau 0.25, first 25% of steps dense"),
+        Row("vmoba-tau0.1", "vmoba", V(tau=0.1, block_size=block)),
+        Row("vmoba-tau0.5", "vmoba", V(tau=0.5, block_size=block)),
+        Row("adaspa", "adaspa", A(), note="defaults: sparsity 0.8"),
+        Row("adaspa-s0.5", "adaspa", A(sparsity=0.5)),
+        Row("adaspa-s0.95", "adaspa", A(sparsity=0.95)),
+    ]
+    for label, path in paro_plans.items():
+        rows.append(Row(label, "paro", fastdit.PARO(plan=path, quantize=None),
+                        note="calibrated on 2 training captions; 16-bit kernel"))
+    rows += [
+        Row("agent", "agent", fastdit.Agent(), note="defaults: last 60% of steps dense"),
+        Row("dense-bf16", "int8", bf16=True, note="stock attention, bf16 pipeline"),
+        Row("fastdit-dense+int8", "int8", fastdit.Dense(), quantize="int8", bf16=True),
+        Row("radial+int8", "int8", R(block_size=block) if smoke else R(), quantize="int8",
+            bf16=True),
+    ]
+    if paro_plans:
+        first = next(iter(paro_plans))
+        rows.append(Row(f"{first}+int8", "int8", fastdit.PARO(plan=paro_plans[first]), bf16=True,
+                        note="PARO as published: INT8"))
+    rows += [
+        Row("dense+fbc", "cache", cache="fbc", note="stock attention + FirstBlockCache"),
+        Row("radial+fbc", "cache", R(block_size=block) if smoke else R(), cache="fbc"),
+        Row("radial+fbc+int8", "cache", R(block_size=block) if smoke else R(), cache="fbc",
+            quantize="int8", bf16=True),
+        Row("random@radial", "control", control_of="radial",
+            note="random blocks at radial's density"),
+        Row(f"random@gna-{'x'.join(map(str, gna_windows[1]))}", "control",
+            control_of=f"gna-{'x'.join(map(str, gna_windows[1]))}",
+            note="random blocks at that GNA window's density"),
+    ]
+    return rows
+
+
+def mean_density(densities: dict) -> float:
+    return float(np.mean(list(densities.values()))) if densities else 1.0
+
+
+def _block_size(method) -> int:
+    return int(getattr(method, "block_size", 128))
+
+
+def side_by_side(labels, videos, path, frames=4, side=128):
+    """One row per configuration: its label, then ``frames`` evenly spaced frames."""
+    import cv2
+
+    rows = []
+    for label, video in zip(labels, videos):
+        picks = np.linspace(0, len(video) - 1, frames).round().astype(int)
+        tiles = [cv2.resize(video[i], (side, side), interpolation=cv2.INTER_AREA) for i in picks]
+        name = np.full((side, 190, 3), 255, np.uint8)
+        for line, text in enumerate(_wrap(label, 18)):
+            cv2.putText(name, text, (6, 22 + 20 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                        (0, 0, 0), 1, cv2.LINE_AA)
+        rows.append(np.concatenate([name, *tiles], axis=1))
+    image = np.concatenate(rows, axis=0)
+    import imageio.v2 as imageio
+
+    imageio.imwrite(path, image)
+
+
+def _wrap(text, width):
+    return [text[i:i + width] for i in range(0, len(text), width)] or [""]
+
+
+def _fmt(value, spec):
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def write_tables(rows: list[Row], settings: dict, out: str) -> dict:
+    table = []
+    for row in rows:
+        runs = row.results
+        if not runs:
+            continue
+        psnr = [r["psnr"] for r in runs if r["psnr"] is not None]
+        ssim = [r["ssim"] for r in runs if r["ssim"] is not None]
+        entry = dict(
+            label=row.label, group=row.group, note=row.note, quantize=row.quantize,
+            cache=row.cache, bf16=row.bf16, videos=len(runs),
+            density=float(np.mean([r["density"] for r in runs])),
+            psnr=(math.inf if any(math.isinf(p) for p in psnr) else float(np.mean(psnr)))
+            if psnr else None,
+            ssim=float(np.mean(ssim)) if ssim else None,
+            colour=float(np.mean([r["checker"]["colour"] for r in runs])),
+            shape=float(np.mean([r["checker"]["shape"] for r in runs])),
+            motion=float(np.mean([r["checker"]["motion"] for r in runs])),
+            seconds=float(np.mean([r["seconds"] for r in runs])),
+            method=repr(runs[0]["method"]),
+        )
+        table.append(entry)
+    with open(os.path.join(out, "quality_table.json"), "w") as handle:
+        json.dump(dict(settings=settings, rows=table,
+                       videos={row.label: row.results for row in rows if row.results}),
+                  handle, indent=1, default=str)
+    columns = ["label", "group", "density", "psnr", "ssim", "colour", "shape", "motion",
+               "seconds", "quantize", "cache", "bf16", "videos", "note", "method"]
+    with open(os.path.join(out, "quality_table.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for entry in table:
+            writer.writerow({key: entry[key] for key in columns})
+    lines = ["| configuration | density | PSNR dB vs dense | SSIM vs dense | checker colour / shape "
+             "/ motion | CPU s / video | notes |", "|---|---|---|---|---|---|---|"]
+    for entry in table:
+        reference = entry["label"] == "dense"
+        psnr = "ref" if reference else ("identical" if entry["psnr"] == math.inf
+                                        else _fmt(entry["psnr"], ".2f"))
+        lines.append(
+            f"| {entry['label']} | {entry['density']:.3f} | {psnr} | "
+            f"{'ref' if reference else _fmt(entry['ssim'], '.4f')} | "
+            f"{entry['colour']:.0%} / {entry['shape']:.0%} / {entry['motion']:.0%} | "
+            f"{entry['seconds']:.0f} | {entry['note']} |")
+    with open(os.path.join(out, "quality_table.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return dict(rows=table, markdown="\n".join(lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny",
+                        help="'tiny' (the embedded trained model) or a pipeline folder of it")
+    parser.add_argument("--captions", type=int, default=2,
+                        help="the first N held-out captions (default: 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=trained_settings()["num_inference_steps"])
+    parser.add_argument("--height", type=int, default=trained_settings()["height"])
+    parser.add_argument("--width", type=int, default=trained_settings()["width"])
+    parser.add_argument("--num-frames", type=int, default=trained_settings()["num_frames"])
+    parser.add_argument("--guidance-scale", type=float, default=trained_settings()["guidance_scale"])
+    parser.add_argument("--rows", default=None, help="comma list of row labels (default: all)")
+    parser.add_argument("--paro-densities", default="0.3,0.5",
+                        help="PARO calibration densities, one row each (default: 0.3,0.5)")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--smoke", action="store_true",
+                        help="64x64 px, 9 frames, 3 steps, 1 caption: checks the plumbing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.height = args.width = 64
+        args.num_frames, args.steps, args.captions = 9, 3, 1
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.time()
+
+    size = dict(height=args.height, width=args.width, num_frames=args.num_frames,
+                num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    pipes = {False: load_pipeline(args.model, dtype=torch.float32)}
+    pipes[False].set_progress_bar_config(disable=True)
+    captions = [spec.caption for spec in heldout_specs(0)][: args.captions]
+    wanted = None if args.rows is None else set(args.rows.split(","))
+
+    paro_plans = {}
+    for density in [float(d) for d in args.paro_densities.split(",") if d]:
+        label = f"paro-d{density:g}"
+        if wanted is not None and label not in wanted and f"{label}+int8" not in wanted:
+            continue
+        path = os.path.join(args.out, f"paro_d{density:g}.safetensors")
+        t0 = time.time()
+        fastdit.calibrate(pipes[False], PARO_PROMPTS, args.steps, density=density,
+                          num_buckets=min(4, args.steps), block_size=64 if args.smoke else 128,
+                          output=path, seed=args.seed, height=args.height, width=args.width,
+                          num_frames=args.num_frames, guidance_scale=args.guidance_scale)
+        print(f"calibrated {label} in {time.time() - t0:.0f} s", flush=True)
+        paro_plans[label] = path
+
+    rows = build_rows(paro_plans, args.smoke)
+    if wanted is not None:
+        unknown = wanted - {row.label for row in rows}
+        if unknown:
+            raise SystemExit(f"--rows: unknown label(s) {sorted(unknown)}; valid: "
+                             f"{[row.label for row in rows]}")
+        rows = [row for row in rows if row.label in wanted or row.label == "dense"]
+        for row in rows:  # a control needs its method's density
+            if row.control_of and not any(r.label == row.control_of for r in rows):
+                raise SystemExit(f"--rows: {row.label} needs {row.control_of}")
+    if any(row.bf16 for row in rows):
+        pipes[True] = load_pipeline(args.model, dtype=torch.bfloat16)
+        pipes[True].set_progress_bar_config(disable=True)
+    probes = {key: SpeedProbe(pipe, torch.device("cpu")) for key, pipe in pipes.items()}
+
+    references, first_videos = {}, {}
+    by_label = {row.label: row for row in rows}
+    try:
+        for row in rows:
+            pipe = pipes[row.bf16]
+            method = row.method
+            if row.control_of is not None:
+                target = by_label[row.control_of]
+                density = float(np.mean([r["density"] for r in target.results]))
+                method = RandomBlocks(density=density, block_size=_block_size(target.method),
+                                      seed=args.seed)
+            cache = build_cache_config(row.cache, {}) if row.cache else None
+            for index, caption in enumerate(captions):
+                kwargs, _ = pipeline_call_kwargs(pipe, caption, size, None)
+                t0 = time.time()
+                result = run_generation(pipe, kwargs, probes[row.bf16], args.seed, method, None,
+                                        cache=cache, quantize=row.quantize)
+                seconds = time.time() - t0
+                frames = result.frames
+                if row.label == "dense":
+                    references[index] = frames
+                    psnr = ssim = None
+                else:
+                    quality = compare_videos(references[index], frames, data_range=255)
+                    psnr, ssim = float(quality.psnr), float(quality.ssim)
+                checker = {k: bool(v) for k, v in score(frames, caption).items()}
+                density = 1.0 if method is None else mean_density(result.densities)
+                row.results.append(dict(caption=caption, seed=args.seed, density=density,
+                                        psnr=psnr, ssim=ssim, checker=checker, seconds=seconds,
+                                        method=method))
+                if index == 0:
+                    first_videos[row.label] = frames
+                print(f"[{row.label}] caption {index}: density {density:.3f}, PSNR "
+                      f"{_fmt(psnr, '.2f')}, SSIM {_fmt(ssim, '.4f')}, checker {checker}, "
+                      f"{seconds:.1f} s", flush=True)
+    finally:
+        for probe in probes.values():
+            probe.remove()
+
+    settings = dict(model=args.model, captions=captions, seed=args.seed, **size,
+                    device="cpu", threads=torch.get_num_threads(),
+                    wall_seconds=round(time.time() - start, 1), paro_prompts=PARO_PROMPTS)
+    tables = write_tables(rows, settings, args.out)
+    labels = [row.label for row in rows if row.label in first_videos]
+    side_by_side(labels, [first_videos[label] for label in labels],
+                 os.path.join(args.out, "side_by_side.png"))
+    print(tables["markdown"])
+    print(f"wrote {args.out}/quality_table.{{csv,json,md}} and side_by_side.png "
+          f"({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
