@@ -30,7 +30,7 @@ from fastdit.kernels.reference import (
     quantize_v_fp8_reference,
 )
 from fastdit.kernels.triton.triton_common import e4m3_round
-from tests.kernels.test_int8_attention import cosine_and_rel_l1, lse_gap, make
+from tests.kernels.test_int8_attention import accuracy_case, cosine_and_rel_l1, lse_gap, make
 
 
 @triton.jit
@@ -153,12 +153,7 @@ def test_accuracy_against_bf16_kernel(rng, offset):
     # about 3.7%, not <= 3%: e4m3 keeps 3 mantissa bits, a relative rounding error of about 2.7%
     # rms on every P and on every V value, and on these flat random attention rows each adds about
     # 2.7-2.9% on its own (INT8 Q.K alone: 1.3%). The bound asserted is what the format allows.
-    batch, seq, heads, head_dim = 1, 384, 2, 128
-    q = make(rng, (batch, seq, heads, head_dim), torch.bfloat16)
-    k = make(rng, (batch, seq, heads, head_dim), torch.bfloat16, offset, (heads, head_dim))
-    v = make(rng, (batch, seq, heads, head_dim), torch.bfloat16)
-    plan = BlockSparsity.from_block_map(torch.rand(1, heads, 3, 3, generator=rng) < 0.75)
-    plan = BlockSparsity.from_block_map(plan.to_block_map() | torch.eye(3, dtype=torch.bool))
+    q, k, v, plan = accuracy_case(rng, offset)
     ref, ref_lse = block_sparse_attention(q, k, v, plan, return_lse=True)
     out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, quantize="int8-fp8")
     cosine, rel_l1 = cosine_and_rel_l1(out, ref)

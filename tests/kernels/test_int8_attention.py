@@ -137,17 +137,24 @@ def test_int8_bhsd_layout_and_block_64(rng):
     assert lse_gap(lse, ref_lse) <= 5e-3
 
 
-@pytest.mark.parametrize("offset", [0.0, 20.0], ids=["unit", "offset20"])
-def test_int8_accuracy_against_bf16_kernel(rng, offset):
-    # PARO's acceptance: cosine >= 0.999 and relative L1 <= 2% to the bf16 kernel at the same
-    # plan, on unit-variance inputs and on keys sharing a large per-head offset, where smoothing
-    # is what keeps the INT8 range for the part of K that matters.
+def accuracy_case(rng, offset):
+    """The quantized kernels' accuracy inputs: unit-variance bf16 Q, K, V (B=1, S=384, H=2, D=128),
+    K with a per-head offset of ``offset``, a random 3x3 block plan with its diagonal kept."""
     batch, seq, heads, head_dim = 1, 384, 2, 128
     q = make(rng, (batch, seq, heads, head_dim), torch.bfloat16)
     k = make(rng, (batch, seq, heads, head_dim), torch.bfloat16, offset, (heads, head_dim))
     v = make(rng, (batch, seq, heads, head_dim), torch.bfloat16)
     plan = BlockSparsity.from_block_map(torch.rand(1, heads, 3, 3, generator=rng) < 0.75)
     plan = BlockSparsity.from_block_map(plan.to_block_map() | torch.eye(3, dtype=torch.bool))
+    return q, k, v, plan
+
+
+@pytest.mark.parametrize("offset", [0.0, 20.0], ids=["unit", "offset20"])
+def test_int8_accuracy_against_bf16_kernel(rng, offset):
+    # PARO's acceptance: cosine >= 0.999 and relative L1 <= 2% to the bf16 kernel at the same
+    # plan, on unit-variance inputs and on keys sharing a large per-head offset, where smoothing
+    # is what keeps the INT8 range for the part of K that matters.
+    q, k, v, plan = accuracy_case(rng, offset)
     ref, ref_lse = block_sparse_attention(q, k, v, plan, return_lse=True)
     out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, quantize="int8")
     cosine, rel_l1 = cosine_and_rel_l1(out, ref)
