@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
 #   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
-# Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families,
-# custom:<command>. Each step's output goes to
+# Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families, fp8check,
+# fp8bench, fp8e2e, compose14, agent, train, remeasure:<old checkout>, custom:<command>.
+# Each step's output goes to
 # RESULTS_DIR/<step>.log (and its files under RESULTS_DIR/<step>/); at exit the folder is packed into
 # RESULTS_DIR.tgz, so a step that runs out of time still leaves what the others wrote.
 # Expects PYTHONPATH to hold the packages the GPU image lacks (diffusers; FA4 for the peers).
@@ -36,6 +37,28 @@ for s in "$@"; do
     families) step families 150 python3 -m benchmarks.families_bench --layers 1 --repeat 1 \
              --families "${FAMILIES:-hunyuanvideo15-480p,ltx-video-704p,cogvideox-5b,flux-1mp}" \
              --out "$out/families" ;;
+    fp8check) step fp8check 200 env OUT="$out" python3 -m benchmarks.gpu_check --sections fp8 ;;
+    fp8bench) step fp8bench 240 python3 -m benchmarks.fp8_bench --out "$out/fp8bench" ;;
+    fp8e2e) step fp8e2e 120 python3 -m benchmarks.fp8_bench --e2e --out "$out/fp8bench" ;;
+    compose14) step compose14 560 python3 -m benchmarks.compose_bench --models wan14b-720p \
+             --budget-s 500 --out "$out/compose14" ;;
+    agent) step agent 300 python3 -m benchmarks.agent_bench --out "$out/agent" ;;
+    # The trained model (issue 19): its folder and tar go beside RESULTS_DIR, not into the archive
+    # (a returned file is at most 16 MiB: the tar comes back split in 15 MB parts).
+    train) step train 590 bash -c "python3 training/train_tiny_wan.py --out '$out-train' \
+             --pipeline-dir /tmp/tiny_wan --device cuda && split -b 15M '$out-train/tiny_wan.tar' \
+             '$out-train/tiny_wan.tar.part' && rm '$out-train/tiny_wan.tar'" ;;
+    # Issue 14's "within 3% of before the move": the 1.3B kernel maps and Dense/Radial end to end,
+    # from an older checkout (carried into the repository, e.g. .old/) and from this one, in turn.
+    remeasure:*) old=${s#remeasure:}
+      step kernel-old 150 bash -c "cd '$old' && python3 benchmarks/kernel_bench.py --shapes wan13b-480p \
+             --backends fastdit,fastdit-triton,fa4 --out '$out/kernel-old'"
+      step kernel-new 150 python3 -m benchmarks.kernel_bench --shapes wan13b-480p \
+             --backends fastdit,fastdit-triton,fa4 --out "$out/kernel-new"
+      step e2e13-old 150 bash -c "cd '$old' && python3 benchmarks/e2e_bench.py --models wan13b-480p \
+             --methods stock-cudnn,dense,radial --out '$out/e2e13-old'"
+      step e2e13-new 150 python3 -m benchmarks.e2e_bench --models wan13b-480p \
+             --methods stock-cudnn,dense,radial --out "$out/e2e13-new" ;;
     custom:*) step custom 560 bash -c "${s#custom:}" ;;
     *) echo "unknown step $s" ;;
   esac
