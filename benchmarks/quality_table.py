@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -58,6 +59,7 @@ if not __package__:  # run as a file: the imports below need the package (see be
 import fastdit  # noqa: E402
 from benchmarks.harness import default_out  # noqa: E402
 from fastdit.compose import build_cache_config  # noqa: E402
+from fastdit.files import atomic_path, atomic_write_text  # noqa: E402
 from fastdit.cli.metrics import compare_videos  # noqa: E402
 from fastdit.testing.embedded import trained_settings  # noqa: E402
 from fastdit.testing.tiny import load_pipeline  # noqa: E402
@@ -159,7 +161,8 @@ def side_by_side(labels, videos, path, frames=4, side=128):
     image = np.concatenate(rows, axis=0)
     import imageio.v2 as imageio
 
-    imageio.imwrite(path, image)
+    with atomic_path(path) as temporary:
+        imageio.imwrite(temporary, image)
 
 
 def _wrap(text, width):
@@ -192,17 +195,18 @@ def write_tables(rows: list[Row], settings: dict, out: str) -> dict:
             method=repr(runs[0]["method"]),
         )
         table.append(entry)
-    with open(os.path.join(out, "quality_table.json"), "w") as handle:
-        json.dump(dict(settings=settings, rows=table,
-                       videos={row.label: row.results for row in rows if row.results}),
-                  handle, indent=1, default=str)
+    atomic_write_text(os.path.join(out, "quality_table.json"), json.dumps(
+        dict(settings=settings, rows=table,
+             videos={row.label: row.results for row in rows if row.results}),
+        indent=1, default=str))
     columns = ["label", "group", "density", "psnr", "ssim", "colour", "shape", "motion",
                "seconds", "quantize", "cache", "bf16", "videos", "note", "method"]
-    with open(os.path.join(out, "quality_table.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for entry in table:
-            writer.writerow({key: entry[key] for key in columns})
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for entry in table:
+        writer.writerow({key: entry[key] for key in columns})
+    atomic_write_text(os.path.join(out, "quality_table.csv"), buffer.getvalue())
     lines = ["| configuration | density | PSNR dB vs dense | SSIM vs dense | checker colour / shape "
              "/ motion | CPU s / video | notes |", "|---|---|---|---|---|---|---|"]
     for entry in table:
@@ -214,8 +218,7 @@ def write_tables(rows: list[Row], settings: dict, out: str) -> dict:
             f"{'ref' if reference else _fmt(entry['ssim'], '.4f')} | "
             f"{entry['colour']:.0%} / {entry['shape']:.0%} / {entry['motion']:.0%} | "
             f"{entry['seconds']:.0f} | {entry['note']} |")
-    with open(os.path.join(out, "quality_table.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(out, "quality_table.md"), "\n".join(lines) + "\n")
     return dict(rows=table, markdown="\n".join(lines))
 
 
