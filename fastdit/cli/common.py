@@ -26,7 +26,6 @@ __all__ = [
     "DEFAULT_FPS",
     "DEFAULT_PROMPT",
     "DEFAULT_SEED",
-    "TINY_DESCRIPTION",
     "default_prompt",
     "model_description",
     "RunSetup",
@@ -65,7 +64,6 @@ __all__ = [
 DEFAULT_PROMPT = "A red fox runs through a snowy forest at sunrise, cinematic camera pan."
 DEFAULT_FPS = 16
 DEFAULT_SEED = 0
-TINY_DESCRIPTION = "tiny (embedded, random weights, offline)"
 
 
 def default_prompt(model: str | None) -> str:

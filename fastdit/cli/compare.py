@@ -112,7 +112,6 @@ from typing import Any
 import numpy as np
 
 from .common import (
-    DEFAULT_PROMPT,
     DEFAULT_SEED,
     UsageError,
     build_cache,

@@ -44,7 +44,6 @@ from .common import (
     DEFAULT_SEED,
     UsageError,
     method_names,
-    model_description,
     parse_amount,
 )
 
