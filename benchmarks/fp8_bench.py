@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"fp8_{'e2e' if args.e2e else 'bench'}_{slug}_{datetime.date.today().isoformat()}"
     if args.smoke:
         stem += "_smoke"
-    out_dir = Path(os.environ.get("OUT", args.out))
+    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, elapsed_s=elapsed, rows=rows,
