@@ -39,7 +39,7 @@ for s in "$@"; do
              --out "$out/families" ;;
     fp8check) step fp8check 200 env OUT="$out" python3 -m benchmarks.gpu_check --sections fp8 ;;
     fp8bench) step fp8bench 240 python3 -m benchmarks.fp8_bench --out "$out/fp8bench" ;;
-    fp8e2e) step fp8e2e 120 python3 -m benchmarks.fp8_bench --e2e --out "$out/fp8bench" ;;
+    fp8e2e) step fp8e2e 240 python3 -m benchmarks.fp8_bench --e2e --out "$out/fp8bench" ;;
     compose14) step compose14 560 python3 -m benchmarks.compose_bench --models wan14b-720p \
              --budget-s 500 --out "$out/compose14" ;;
     agent) step agent 300 python3 -m benchmarks.agent_bench --out "$out/agent" ;;
