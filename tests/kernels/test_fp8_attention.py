@@ -150,9 +150,10 @@ def test_block_64_layouts_and_lse_through_dispatch(rng, layout):
 def test_accuracy_against_bf16_kernel(rng, offset):
     # Issue 13's criterion against the bf16 kernel at the same plan, unit-variance inputs, and
     # keys sharing a per-head offset of 20: cosine >= 0.999 holds (about 0.9993); relative L1 is
-    # about 3.7%, not <= 3%: e4m3 keeps 3 mantissa bits, a relative rounding error of about 2.7%
-    # rms on every P and on every V value, and on these flat random attention rows each adds about
-    # 2.7-2.9% on its own (INT8 Q.K alone: 1.3%). The bound asserted is what the format allows.
+    # about 3.7%, not <= 3%: e4m3 keeps 3 mantissa bits, and on these flat random attention rows
+    # e4m3 P alone adds 2.5%, e4m3 V alone 2.65%, INT8 Q.K alone 1.35%, independent errors that
+    # add in quadrature to the 3.9% measured (benchmarks/fp8_error_budget.py, S=4096; scaling P
+    # or V differently does not change it). The bound asserted is what the format allows.
     q, k, v, plan = accuracy_case(rng, offset)
     ref, ref_lse = block_sparse_attention(q, k, v, plan, return_lse=True)
     out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, quantize="int8-fp8")
