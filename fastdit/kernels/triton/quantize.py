@@ -15,6 +15,16 @@ INT8 attention kernel reads. One program per (block, batch * head): one read of 
 write. The mean itself is a PyTorch reduction (:func:`fastdit.kernels.quantized.key_mean`) before
 this kernel, so quantizing K reads K twice; both passes count in every timing fastdit reports.
 
+Why K is not read once (issue 13 asks for mean and quantization fused): every block's int8 values
+and scale depend on ``mu``, the mean over *all* valid keys of the (batch, head), so no block can
+be quantized before every block has been read. One read would need a grid-wide barrier (programs
+holding their blocks until all partial sums are in): Triton has none, a spin-wait barrier needs
+every program resident at once and deadlocks the CPU interpreter, which runs programs one after
+another. What the second read costs is K's size over HBM bandwidth: 100 MB at Wan2.1-1.3B 480p
+(32,760 x 12 x 128 bf16), about 0.02 ms at the H200's 4.8 TB/s against 10.9 ms for the
+``int8-fp8`` attention (0.2%); 774 MB at 14B 720p, about 0.16 ms against 184 ms (0.09%).
+``benchmarks/fp8_tune.py`` times the quantization passes on their own.
+
 For ``quantize="int8-fp8"`` V goes to FP8 e4m3 per channel (:func:`triton_quantize_v_fp8`): its
 per-channel ``max |v|`` is one PyTorch reduction (``aminmax``), then one launch writes
 ``v_q = e4m3(clamp(v * 448 / max|v_d|, -448, 448))``, ``[B, H, S, D]`` or transposed.
