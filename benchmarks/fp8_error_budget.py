@@ -14,6 +14,9 @@ the kernels in PyTorch on the CPU (no GPU, no interpreter), turning on one quant
 * P and V in e4m3; all three together (``int8-fp8`` as shipped; checked against fastdit's own
   tile-by-tile reference, :func:`fastdit.kernels.reference.int8_fp8_attention_reference`).
 
+Last, the FP8 Q.K^T variant (``quantize="fp8"``): e4m3 Q and K with the same per-block scales and
+K smoothing, alone and with FP8 P.V.
+
 Then cheap variants of the shipped mode, none of which adds MMA work: P scaled to 240 or 256
 instead of 448 (e4m3's relative precision does not depend on scale, so this should not matter),
 the softmax denominator summed from the rounded P (``l = sum e4m3(p)``: the rounding errors of P
@@ -68,7 +71,8 @@ CASES = {"unit": (0.0, 0.0), "offset20": (20.0, 0.0), "v-offset": (0.0, 2.0)}  #
 class Model:
     """One configuration of the modelled kernel.
 
-    qk: "exact" (fp32 scores of the bf16 inputs) or "int8" (fastdit's per-block INT8, K smoothed).
+    qk: "exact" (fp32 scores of the bf16 inputs), "int8" (fastdit's per-block INT8, K smoothed)
+        or "fp8" (the same in e4m3: ``quantize="fp8"``).
     p: "bf16" (P cast to bf16 for P.V) or "e4m3" (``e4m3(p_scale * p)``).
     l_rounded: the softmax denominator sums the rounded P (else the fp32 P, as the kernels do).
     v: "bf16" (V as given) or "e4m3" with ``v_scale`` "channel" (per head and channel),
@@ -101,6 +105,8 @@ VARIANTS = {
     "shipped, V scale per head": replace(SHIPPED, v_scale="head"),
     "shipped, V mean-smoothed": replace(SHIPPED, v_smooth=True),
     "shipped, V smoothed + l rounded": replace(SHIPPED, v_smooth=True, l_rounded=True),
+    "e4m3 Q.K alone (quantize=fp8's)": Model(qk="fp8"),
+    "quantize=fp8 (e4m3 Q.K, P, V)": replace(SHIPPED, qk="fp8"),
 }
 
 
@@ -133,7 +139,7 @@ def scores_log2(q: torch.Tensor, k: torch.Tensor, model: Model) -> torch.Tensor:
     if model.qk == "exact":
         return (q.double() @ k.double().transpose(1, 2) * (head_dim**-0.5 * LOG2E)).float()
     quantized = quantize_qk_reference(q[None], k[None], q_block_size=TILE, kv_block_size=TILE,
-                                      scale=head_dim**-0.5, layout="bhsd")
+                                      scale=head_dim**-0.5, layout="bhsd", fp8=model.qk == "fp8")
     rows = torch.arange(q.shape[1]) // TILE
     q_deq = quantized.q[0].float() * quantized.q_scale[0][:, rows, None]
     k_deq = quantized.k[0].float() * quantized.k_scale[0][:, rows, None]
