@@ -12,6 +12,7 @@ B=1, bf16, (B, S, H, D) inputs, for a dense plan and random per-head plans of 25
 * ``int8-fp8/<variant>``: ``quantize="int8-fp8"`` with each accumulation switch and V layout:
   ``acc0-vt`` (two-level accumulation, V transposed: the default), ``acc0-v`` (V untransposed),
   ``acc64-vt`` (``max_num_imprecise_acc=64``), ``accdef-vt`` (Triton's default: no promotion);
+* ``fp8``: ``quantize="fp8"`` (e4m3 Q.K^T with the same scales, FP8 P.V as ``acc0-vt``);
 * dense plan only: ``sage`` (``sageattention.sageattn``, if installed) and ``cudnn`` (SDPA).
 
 Quantization is inside every quantized timing (the whole ``block_sparse_attention`` call). It
@@ -26,7 +27,7 @@ inputs; the default variant also with keys sharing a per-head offset of 20). Tar
 first after its 12 dense steps, layer 0 on the stock path) and ``paro`` (a plan calibrated in
 process on this model: one forward with PARO's block-mass collector, density ``--paro-density``,
 one timestep bucket; step 20), each in bf16 on the fastest backend (``backend`` auto: FA4 where
-it runs the call; the row names the backend), ``int8`` and ``int8-fp8``. Every row warms up
+it runs the call; the row names the backend), ``int8``, ``int8-fp8`` and ``fp8``. Every row warms up
 (``--warmup`` forwards: Triton and FA4 compile there), then takes the median of ``--repeat``
 forwards, each between CUDA synchronizations; it reports the forward time, the time inside the
 self-attention modules (QKV/out projections included), the speedup of both over the method's
@@ -34,7 +35,7 @@ bf16 row, and the output's relative L2/L1 error and cosine against the method's 
 Whatever stays on diffusers' stock path (cross-attention, Radial's dense layer) runs on cuDNN.
 
     python -m benchmarks.fp8_bench                 # kernels, both shapes (about 3 min on an H200)
-    python -m benchmarks.fp8_bench --e2e           # Wan2.1-1.3B, 9 rows (about 1-1.5 min)
+    python -m benchmarks.fp8_bench --e2e           # Wan2.1-1.3B, 12 rows (about 1.5-2 min)
     python -m benchmarks.fp8_bench --smoke         # tiny shapes on the CPU (interpreter)
     python -m benchmarks.fp8_bench --e2e --smoke   # tiny Wan, the whole path (about 1.5 min)
 
@@ -160,6 +161,8 @@ def run_kernels(args, device: torch.device) -> list[dict]:
                     lambda: block_sparse_attention(q, k, v, plan, backend=backend, quantize="int8-fp8"),
                     (accumulation, transposed),
                 )
+            calls["fp8"] = (lambda: block_sparse_attention(q, k, v, plan, backend=backend, quantize="fp8"),
+                            None)
             if density == 1.0:
                 calls.update({name: (call, None) for name, call in peer_calls(q, k, v, device).items()})
             reference = block_sparse_attention(q, k, v, plan, backend=backend)
@@ -178,12 +181,12 @@ def run_kernels(args, device: torch.device) -> list[dict]:
                     with context:
                         ms = benchmark_ms(call, device, timing)
                         row.update(status="ok", ms=ms, tflops=flop / ms / 1e9)
-                        if method.startswith("int8"):
+                        if method.startswith("int8") or method == "fp8":
                             row["cosine"], row["rel_l1"] = accuracy(call(), reference)
-                        if method in ("int8", "int8-fp8/acc0-vt"):
+                        if method in ("int8", "int8-fp8/acc0-vt", "fp8"):
                             if reference_offset is None:
                                 reference_offset = block_sparse_attention(q, k_offset, v, plan, backend=backend)
-                            quantize = "int8" if method == "int8" else "int8-fp8"
+                            quantize = method.split("/")[0]
                             out = block_sparse_attention(q, k_offset, v, plan, backend=backend, quantize=quantize)
                             row["cosine_offset20"], row["rel_l1_offset20"] = accuracy(out, reference_offset)
                 except Exception as exc:  # noqa: BLE001 - one failing row must not end the run
@@ -216,11 +219,12 @@ def format_row(row: dict) -> str:
 
 def verdicts(rows: list[dict], smoke: bool) -> list[str]:
     lines = []
-    for row in rows:
-        if row["method"] != "int8-fp8/acc0-vt" or row["status"] != "ok":
+    for row in rows:  # int8-fp8 (its best variant), and fp8
+        if row["method"] not in ("int8-fp8/acc0-vt", "fp8") or row["status"] != "ok":
             continue
+        family = row["method"].split("/")[0]
         best = max((r for r in rows if r["shape"] == row["shape"] and r["density"] == row["density"]
-                    and r["method"].startswith("int8-fp8/") and r.get("vs_fa4")),
+                    and r["method"].split("/")[0] == family and r.get("vs_fa4")),
                    key=lambda r: r["vs_fa4"], default=None)
         speed = "no FA4 row" if best is None else (
             f"best variant {best['method']} x{best['vs_fa4']:.2f} FA4 (target x{SPEEDUP_TARGET})")
@@ -228,14 +232,14 @@ def verdicts(rows: list[dict], smoke: bool) -> list[str]:
                     and row.get("cosine_offset20", 0) >= 0.999 and row.get("rel_l1_offset20", 1) <= 0.03)
         met = best is not None and best["vs_fa4"] >= SPEEDUP_TARGET and accurate
         verdict = "N/A " if smoke else ("PASS" if met else "MISS")
-        lines.append(f"{verdict} {row['shape']} density {row['density']}: {speed}; cosine "
+        lines.append(f"{verdict} {family} {row['shape']} density {row['density']}: {speed}; cosine "
                      f"{row['cosine']:.5f}/{row.get('cosine_offset20', float('nan')):.5f}, rel L1 "
                      f"{row['rel_l1']:.4f}/{row.get('rel_l1_offset20', float('nan')):.4f} (unit/offset-20 K)")
     return lines
 
 
 # --------------------------------------------------------------------------- end to end
-E2E_MODES = (None, "int8", "int8-fp8")
+E2E_MODES = (None, "int8", "int8-fp8", "fp8")
 E2E_METHODS = ("dense", "radial", "paro")
 PARO_DENSITY = 0.3  # fastdit's calibration default (PAROAttention's lossless 20-30%, upper end)
 DENSE_STEP = 20  # the step index of the Dense and PARO rows (every step of theirs runs sparse)
@@ -321,7 +325,7 @@ def run_e2e(args, device: torch.device) -> list[dict]:
     """Wan2.1-1.3B 480p (random weights), one cond forward per timing: Dense (step 20), Radial's
     sparse step (the preset's first step after its dense ones) and PARO (a plan calibrated in
     process, step 20), each in bf16 on the fastest backend (``backend`` auto: FA4 where it runs
-    the call), ``int8`` and ``int8-fp8``. Each row: warm-up forwards, then the median of timed
+    the call), ``int8``, ``int8-fp8`` and ``fp8``. Each row: warm-up forwards, then the median of timed
     forwards; output error against the same method's bf16 output."""
     import tempfile
 
