@@ -2,7 +2,8 @@
 # One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
 #   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
 # Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families, fp8check,
-# fp8bench, fp8e2e, compose14, agent, trainvae, traindit, remeasure:<old checkout>, custom:<command>.
+# fp8bench, fp8e2e, fp8tune, compose14, agent, trainvae, traindit, remeasure:<old checkout>,
+# custom:<command>.
 # Each step's output goes to
 # RESULTS_DIR/<step>.log (and its files under RESULTS_DIR/<step>/); at exit the folder is packed into
 # RESULTS_DIR.tgz, so a step that runs out of time still leaves what the others wrote.
@@ -38,8 +39,9 @@ for s in "$@"; do
              --families "${FAMILIES:-hunyuanvideo15-480p,ltx-video-704p,cogvideox-5b,flux-1mp}" \
              --out "$out/families" ;;
     fp8check) step fp8check 200 env OUT="$out" python3 -m benchmarks.gpu_check --sections fp8 ;;
-    fp8bench) step fp8bench 240 python3 -m benchmarks.fp8_bench --out "$out/fp8bench" ;;
-    fp8e2e) step fp8e2e 120 python3 -m benchmarks.fp8_bench --e2e --out "$out/fp8bench" ;;
+    fp8bench) step fp8bench 300 python3 -m benchmarks.fp8_bench --out "$out/fp8bench" ;;
+    fp8tune) step fp8tune 240 python3 -m benchmarks.fp8_tune --out "$out/fp8tune" ;;
+    fp8e2e) step fp8e2e 240 python3 -m benchmarks.fp8_bench --e2e --out "$out/fp8bench" ;;
     compose14) step compose14 560 python3 -m benchmarks.compose_bench --models wan14b-720p \
              --budget-s 500 --out "$out/compose14" ;;
     agent) step agent 300 python3 -m benchmarks.agent_bench --out "$out/agent" ;;

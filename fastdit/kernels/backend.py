@@ -41,7 +41,7 @@ class Request:
         return_lse: the call asks for the log-sum-exp too.
         key_padding: the call has per-batch valid key lengths.
         window_mask: the call has window-mask partial blocks (token-level rule).
-        quantize: ``None`` or the quantized mode (``"int8"``, ``"int8-fp8"``).
+        quantize: ``None`` or the quantized mode (``"int8"``, ``"int8-fp8"``, ``"fp8"``).
     """
 
     operation: str
@@ -181,6 +181,7 @@ EXPLAINED_CALLS = {
     "attention + window mask (GNA)": dict(operation="attention", window_mask=True),
     "INT8 attention": dict(operation="attention", quantize="int8"),
     "INT8 Q.K + FP8 P.V attention": dict(operation="attention", quantize="int8-fp8"),
+    "FP8 Q.K + FP8 P.V attention": dict(operation="attention", quantize="fp8"),
     "block mass": dict(operation="block_mass"),
     "pooling": dict(operation="block_mean_pool"),
     "INT8 quantization": dict(operation="quantize_qk"),
@@ -196,9 +197,9 @@ def explain_calls(
 
 
 def runnable_quantize(quantize: str | None, device: torch.device) -> str | None:
-    """The quantized mode a call runs: ``quantize``, except ``"int8-fp8"`` on a GPU without FP8
+    """The quantized mode a call runs: ``quantize``, except an FP8 mode on a GPU without FP8
     tensor cores (compute capability < 8.9), which runs ``"int8"`` (logged once, with the reason
-    :func:`explain_backends` gives for ``quantize="int8-fp8"`` there)."""
+    :func:`explain_backends` gives for the FP8 modes there)."""
     from .quantized import FP8_QUANTIZATIONS, fp8_unsupported
 
     if quantize not in FP8_QUANTIZATIONS:

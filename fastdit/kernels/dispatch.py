@@ -192,7 +192,8 @@ def block_sparse_attention(
         quantize: ``None`` (fp16/bf16/fp32 throughout), ``"int8"``: Q and K quantized to INT8
             with per-block scales and K smoothed by its mean, P.V in 16 bits, or ``"int8-fp8"``:
             the same INT8 Q.K^T with P.V in FP8 e4m3 (V per channel; compute capability >= 8.9,
-            older GPUs run ``"int8"``); fp16/bf16 inputs only; see
+            older GPUs run ``"int8"``), or ``"fp8"``: Q.K^T in e4m3 too (same scales, less
+            precise scores); fp16/bf16 inputs only; see
             :mod:`fastdit.kernels.quantized`. The quantization pass is part of this call.
 
     Returns:

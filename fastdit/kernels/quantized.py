@@ -20,6 +20,12 @@ The kernel runs ``P @ V`` in FP8 with ``P`` scaled by :data:`P_SCALE` and divide
 ``P_SCALE`` and multiplies by ``s_d`` once, at the end (see
 :func:`fastdit.kernels.triton.triton_common.fp8_pv`).
 
+``quantize="fp8"`` (issue 13's FP8 Q.K^T variant) quantizes Q and K to e4m3 instead of INT8,
+with the same per-block scales and K smoothing (``s = max|x| / 448``, ``x_q = e4m3(x / s)``, round
+to nearest even), so that Q.K^T is an FP8 MMA with an fp32 result (no int32 -> fp32 conversion in
+the kernel); P.V is FP8 as in ``"int8-fp8"``. e4m3 keeps 3 mantissa bits against INT8's ~7 at a
+block's largest values, so its scores are less precise (``benchmarks/fp8_error_budget.py``).
+
 Blocks are the plan's blocks (``q_block_size`` and ``kv_block_size`` tokens), so every tile of the
 kernel lies inside one scale block. Key rows at or past a batch element's valid length are stored
 as 0 and do not enter the mean or the scales (they may hold anything, even NaN).
@@ -31,10 +37,12 @@ from dataclasses import dataclass
 
 import torch
 
-# "int8": INT8 Q.K^T, P.V in V's 16-bit dtype. "int8-fp8": INT8 Q.K^T, FP8 e4m3 P.V (compute
-# capability >= 8.9; older GPUs run "int8" instead, see FP8_MIN_CAPABILITY).
-QUANTIZATIONS = ("int8", "int8-fp8")
-FP8_QUANTIZATIONS = ("int8-fp8",)
+# "int8": INT8 Q.K^T, P.V in V's 16-bit dtype. "int8-fp8": INT8 Q.K^T, FP8 e4m3 P.V. "fp8": FP8
+# e4m3 Q.K^T and P.V. The FP8 modes need compute capability >= 8.9; older GPUs run "int8"
+# instead (see FP8_MIN_CAPABILITY).
+QUANTIZATIONS = ("int8", "int8-fp8", "fp8")
+FP8_QUANTIZATIONS = ("int8-fp8", "fp8")
+FP8_QK_QUANTIZATIONS = ("fp8",)
 FP8_MIN_CAPABILITY = (8, 9)
 FP8_E4M3_MAX = 448.0
 # P (in [0, 1]) times this before the e4m3 cast: its largest entries use e4m3's whole range.
@@ -43,13 +51,16 @@ P_SCALE = FP8_E4M3_MAX
 
 @dataclass(frozen=True, eq=False)
 class QuantizedQK:
-    """INT8 Q and K with their per-block scales, contiguous ``(B, H, S, D)``.
+    """INT8 (or, for ``quantize="fp8"``, e4m3) Q and K with their per-block scales, contiguous
+    ``(B, H, S, D)``.
 
     Attributes:
-        q: int8 ``[B, H, S_q, D]``.
-        q_scale: fp32 ``[B, H, ceil(S_q / q_block_size)]``: ``max|q| / 127 * scale * log2(e)``.
-        k: int8 ``[B, H, S_kv, D]`` of the smoothed keys.
-        k_scale: fp32 ``[B, H, ceil(S_kv / kv_block_size)]``: ``max|k - k_mean| / 127``.
+        q: int8 ``[B, H, S_q, D]`` (or ``torch.float8_e4m3fn``).
+        q_scale: fp32 ``[B, H, ceil(S_q / q_block_size)]``: ``max|q| / 127 * scale * log2(e)``
+            (``/ 448`` for e4m3).
+        k: int8 ``[B, H, S_kv, D]`` of the smoothed keys (or ``torch.float8_e4m3fn``).
+        k_scale: fp32 ``[B, H, ceil(S_kv / kv_block_size)]``: ``max|k - k_mean| / 127``
+            (``/ 448`` for e4m3).
         k_mean: fp32 ``[B, H, D]``: the smoothing vector subtracted from every key.
         lse_shift: fp32 ``[B, H, S_q]``: ``scale * q_i . k_mean`` (add it to the smoothed LSE),
             or ``None`` when not requested.
@@ -90,7 +101,7 @@ def key_mean(k: torch.Tensor, layout: str, key_lengths: torch.Tensor | None, smo
 
 @dataclass(frozen=True, eq=False)
 class QuantizedV:
-    """V in FP8 e4m3 with one scale per (batch, head, channel), for ``quantize="int8-fp8"``.
+    """V in FP8 e4m3 with one scale per (batch, head, channel), for the FP8 modes.
 
     Attributes:
         v: ``torch.float8_e4m3fn``, ``[B, H, S_kv, D]`` contiguous, or with ``transposed``
@@ -115,7 +126,7 @@ def fp8_unsupported(device: torch.device) -> str | None:
     if (major, minor) < FP8_MIN_CAPABILITY:
         return (
             f"FP8 P.V needs compute capability >= 8.9 (Ada, Hopper), got {major}.{minor}: "
-            "quantize='int8-fp8' calls run quantize='int8' there"
+            "quantize='int8-fp8' and 'fp8' calls run quantize='int8' there"
         )
     return None
 

@@ -17,6 +17,7 @@ from .plan import BlockSparsity
 from .window import WindowMask
 from .quantized import (
     FP8_E4M3_MAX,
+    FP8_QK_QUANTIZATIONS,
     FP8_QUANTIZATIONS,
     P_SCALE,
     QuantizedQK,
@@ -199,9 +200,11 @@ def quantize_qk_reference(
     key_lengths: torch.Tensor | None = None,
     lse_shift: bool = False,
     smooth_k: bool = True,
+    fp8: bool = False,
 ) -> QuantizedQK:
     """Per-block symmetric INT8 Q and K with K smoothed by its mean over the valid keys (the
-    function :mod:`fastdit.kernels.triton.quantize` computes), in fp32 PyTorch."""
+    function :mod:`fastdit.kernels.triton.quantize` computes), in fp32 PyTorch; ``fp8``: e4m3
+    (``quantize="fp8"``: ``e4m3(x * 448 / max|x|)`` per block, round to nearest even)."""
     qf, kf = _to_bhsd_fp32(q, layout), _to_bhsd_fp32(k, layout)
     seq_kv = kf.shape[2]
     valid = None
@@ -218,13 +221,14 @@ def quantize_qk_reference(
     k_smoothed = kf - mean[:, :, None, :]
     if valid is not None:
         k_smoothed = torch.where(valid, k_smoothed, 0.0)
-    k_q, k_scale = _quantize_blocks_reference(k_smoothed, kv_block_size, 1.0)
-    q_q, q_scale = _quantize_blocks_reference(qf, q_block_size, scale * LOG2E)
+    k_q, k_scale = _quantize_blocks_reference(k_smoothed, kv_block_size, 1.0, fp8)
+    q_q, q_scale = _quantize_blocks_reference(qf, q_block_size, scale * LOG2E, fp8)
     return QuantizedQK(q_q, q_scale, k_q, k_scale, mean, shift, q_block_size, kv_block_size, scale)
 
 
-def _quantize_blocks_reference(x: torch.Tensor, block: int, multiplier: float):
-    """int8 ``[B, H, S, D]`` and fp32 scales ``[B, H, ceil(S/block)]`` of an fp32 ``[B, H, S, D]``."""
+def _quantize_blocks_reference(x: torch.Tensor, block: int, multiplier: float, fp8: bool = False):
+    """int8 (or e4m3) ``[B, H, S, D]`` and fp32 scales ``[B, H, ceil(S/block)]`` of an fp32
+    ``[B, H, S, D]``."""
     batch, heads, seq_len, head_dim = x.shape
     num_blocks = -(-seq_len // block)
     padded = torch.zeros((batch, heads, num_blocks * block, head_dim), dtype=torch.float32, device=x.device)
@@ -232,6 +236,10 @@ def _quantize_blocks_reference(x: torch.Tensor, block: int, multiplier: float):
     blocks = padded.view(batch, heads, num_blocks, block, head_dim)
     absmax = blocks.abs().amax(dim=(-1, -2))
     absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # all-zero block: scale 1/127
+    if fp8:
+        y = (blocks * FP8_E4M3_MAX / absmax[..., None, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+        x_q = y.to(torch.float8_e4m3fn).view(batch, heads, -1, head_dim)[:, :, :seq_len]
+        return x_q.contiguous(), absmax / FP8_E4M3_MAX * multiplier
     y = blocks * (127.0 / absmax)[..., None, None]
     y = y + torch.where(y >= 0, 0.5, -0.5)
     x_q = y.clamp(-127.0, 127.0).trunc().to(torch.int8).view(batch, heads, -1, head_dim)[:, :, :seq_len]
@@ -388,12 +396,12 @@ class ReferenceBackend(Backend):
 
     def attention(self, q, k, v, plan, *, scale, layout, return_lse, key_lengths, window, quantize, dense):
         if quantize is not None:
-            quantized = self.quantize_qk(
+            quantized = quantize_qk_reference(
                 q, k, q_block_size=plan.q_block_size, kv_block_size=plan.kv_block_size,
                 scale=scale, layout=layout, key_lengths=key_lengths, lse_shift=return_lse,
-                smooth_k=True,
+                smooth_k=True, fp8=quantize in FP8_QK_QUANTIZATIONS,
             )
-            if quantize == "int8-fp8":
+            if quantize in FP8_QUANTIZATIONS:
                 quantized_v = quantize_v_fp8_reference(v, layout=layout, key_lengths=key_lengths)
                 return int8_fp8_attention_reference(
                     quantized, quantized_v, plan, dtype=v.dtype, layout=layout,

@@ -1,4 +1,5 @@
-"""INT8 Q.K + FP8 P.V attention (``quantize="int8-fp8"``) on the CPU interpreter.
+"""INT8 Q.K + FP8 P.V attention (``quantize="int8-fp8"``) and FP8 Q.K + FP8 P.V (``"fp8"``) on the
+CPU interpreter.
 
 What runs here: the V quantization kernel against its PyTorch model (bit-exact e4m3 values), the
 kernel (both accumulation switches, both V layouts) against a tile-by-tile PyTorch replay of its
@@ -8,7 +9,9 @@ kernel (issue 13: cosine >= 0.999, relative L1 <= 3%). What only the GPU checks
 (``benchmarks/gpu_check.py``): the real FP8 MMA (the interpreter upcasts fp8 to fp32 and
 accumulates exactly, so the two accumulation switches give identical results here), Triton's
 hardware fp32 -> e4m3 conversion (here: :func:`e4m3_round`, then the interpreter's cast), the
-tensor-descriptor loads of V (transposed or not) and the launch configurations.
+tensor-descriptor loads of V (transposed or not) and the launch configurations. ``"fp8"``: its e4m3
+Q and K quantization against the PyTorch model (value for value), the kernel against the same tile
+model, dispatch and accuracy; ``FP8_LAUNCH_CONFIG`` (tiles as given, and its validation).
 """
 
 import logging
@@ -150,9 +153,10 @@ def test_block_64_layouts_and_lse_through_dispatch(rng, layout):
 def test_accuracy_against_bf16_kernel(rng, offset):
     # Issue 13's criterion against the bf16 kernel at the same plan, unit-variance inputs, and
     # keys sharing a per-head offset of 20: cosine >= 0.999 holds (about 0.9993); relative L1 is
-    # about 3.7%, not <= 3%: e4m3 keeps 3 mantissa bits, a relative rounding error of about 2.7%
-    # rms on every P and on every V value, and on these flat random attention rows each adds about
-    # 2.7-2.9% on its own (INT8 Q.K alone: 1.3%). The bound asserted is what the format allows.
+    # about 3.7%, not <= 3%: e4m3 keeps 3 mantissa bits, and on these flat random attention rows
+    # e4m3 P alone adds 2.5%, e4m3 V alone 2.65%, INT8 Q.K alone 1.35%, independent errors that
+    # add in quadrature to the 3.9% measured (benchmarks/fp8_error_budget.py, S=4096; scaling P
+    # or V differently does not change it). The bound asserted is what the format allows.
     q, k, v, plan = accuracy_case(rng, offset)
     ref, ref_lse = block_sparse_attention(q, k, v, plan, return_lse=True)
     out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, quantize="int8-fp8")
@@ -182,6 +186,7 @@ def test_fp8_fallback_below_compute_capability_89(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="fastdit"):
         assert registry.runnable_quantize("int8-fp8", cuda) == "int8"
         assert registry.runnable_quantize("int8-fp8", cuda) == "int8"
+        assert registry.runnable_quantize("fp8", cuda) == "int8"
     assert [r.getMessage() for r in caplog.records].count(f"fastdit: {reason}") == 1
     assert registry.runnable_quantize("int8", cuda) == "int8"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -202,3 +207,118 @@ def test_int8_fp8_validation(rng):
             quantized, q.half(), plan, layout="bshd", return_lse=False, key_lengths=None,
             interpret=True, quantized_v=quantize_v_fp8_reference(q.half()), fp8_accumulation=-2,
         )
+
+
+# --------------------------------------------------------------------------- quantize="fp8"
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_fp8_qk_quantization_matches_model(rng, layout):
+    # e4m3 Q and K (quantize="fp8"): ragged length, a shared key offset, key padding with NaN
+    # past the valid length, against the PyTorch model, value for value.
+    from fastdit.kernels.reference import quantize_qk_reference
+    from fastdit.kernels.triton.quantize import triton_quantize_qk
+
+    batch, seq_q, seq_kv, heads, head_dim = 2, 200, 150, 2, 64
+    shape = lambda s: (batch, s, heads, head_dim) if layout == "bshd" else (batch, heads, s, head_dim)  # noqa: E731
+    offset_shape = (heads, head_dim) if layout == "bshd" else (heads, 1, head_dim)
+    q = make(rng, shape(seq_q), torch.bfloat16)
+    k = make(rng, shape(seq_kv), torch.bfloat16, offset=6.0, offset_shape=offset_shape)
+    if layout == "bshd":
+        k[1, 90:] = float("nan")
+    else:
+        k[1, :, 90:] = float("nan")
+    lengths = torch.tensor([seq_kv, 90], dtype=torch.int32)
+    kwargs = dict(q_block_size=128, kv_block_size=64, scale=head_dim**-0.5, layout=layout,
+                  key_lengths=lengths, lse_shift=True, fp8=True)
+    got, want = triton_quantize_qk(q, k, **kwargs), quantize_qk_reference(q, k, **kwargs)
+    assert got.q.dtype == got.k.dtype == torch.float8_e4m3fn and got.q.is_contiguous()
+    assert torch.equal(got.q.float(), want.q.float())  # x * 448 is exact, the division rounded
+    # K: equal up to a rounding tie moved by K's mean (summed in another order).
+    k_diff = got.k.float() != want.k.float()
+    assert k_diff.float().mean() < 1e-3
+    assert torch.allclose(got.q_scale, want.q_scale, rtol=1e-6, atol=0)
+    assert torch.allclose(got.k_scale, want.k_scale, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(got.lse_shift, want.lse_shift, rtol=1e-4, atol=1e-4)
+    # The definition: scale = max|x| / 448 per block (Q's times scale * log2(e)), the block's
+    # largest value is +-448, padded keys are 0.
+    q_bhsd = (q.transpose(1, 2) if layout == "bshd" else q).float()
+    first = q_bhsd[0, 1, :128].abs().max() / 448 * head_dim**-0.5 * 1.4426950408889634
+    assert torch.allclose(got.q_scale[0, 1, 0], first, rtol=1e-6)
+    assert got.q[0, 1, :128].float().abs().max() == 448
+    assert not got.k[1, :, 90:].float().any()
+
+
+def test_fp8_kernel_matches_tile_model(rng):
+    # e4m3 Q and K into the FP8 kernel (Q.K an FP8 MMA with an fp32 result): ragged cross
+    # attention, per-batch-and-head plans, key padding, an empty query block, against the tile
+    # model on the same quantized inputs.
+    from fastdit.kernels.reference import quantize_qk_reference
+
+    batch, seq_q, seq_kv, heads, head_dim = 2, 300, 200, 2, 64
+    q = make(rng, (batch, seq_q, heads, head_dim), torch.bfloat16)
+    k = make(rng, (batch, seq_kv, heads, head_dim), torch.bfloat16, offset=3.0, offset_shape=(head_dim,))
+    v = make(rng, (batch, seq_kv, heads, head_dim), torch.bfloat16)
+    block_map = torch.rand(batch, heads, 3, 2, generator=rng) < 0.6
+    block_map[0, 0, 1] = False
+    plan = BlockSparsity.from_block_map(block_map)
+    lengths = torch.tensor([seq_kv, 77], dtype=torch.int32)
+    quantized = quantize_qk_reference(q, k, q_block_size=128, kv_block_size=128, scale=head_dim**-0.5,
+                                      key_lengths=lengths, lse_shift=True, fp8=True)
+    quantized_v = quantize_v_fp8_reference(v, key_lengths=lengths, transposed=True)
+    out, lse = triton_int8_block_sparse_attention(
+        quantized, v, plan, layout="bshd", return_lse=True, key_lengths=lengths, interpret=True,
+        quantized_v=quantized_v,
+    )
+    ref, ref_lse = int8_fp8_attention_reference(
+        quantized, quantized_v, plan, dtype=v.dtype, return_lse=True, key_lengths=lengths
+    )
+    assert out.shape == q.shape and not out.isnan().any()
+    gap = (out.double() - ref.double()).abs() - 2**-7 * ref.double().abs()
+    assert gap.max() <= 4e-3, gap.max()
+    assert lse_gap(lse, ref_lse) <= 1e-4 * max(1.0, ref_lse[torch.isfinite(ref_lse)].abs().max())
+    assert torch.equal(out[0, 128:256, 0], torch.zeros_like(out[0, 128:256, 0]))
+    with pytest.raises(ValueError, match="quantized_v"):
+        triton_int8_block_sparse_attention(quantized, v, plan, layout="bshd", return_lse=False,
+                                           key_lengths=lengths, interpret=True)
+
+
+def test_fp8_through_dispatch_and_its_accuracy(rng):
+    # quantize="fp8" through the public entry point (triton against the reference backend, each
+    # quantizing on its own), and its accuracy against the bf16 kernel: e4m3 Q.K costs more than
+    # INT8 (benchmarks/fp8_error_budget.py: cosine ~0.9987, relative L1 ~5%, vs int8-fp8's
+    # 0.9992 and 3.9%), which is why it is not the default.
+    q, k, v, plan = accuracy_case(rng, 20.0)
+    out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, quantize="fp8")
+    ref, ref_lse = block_sparse_attention(q, k, v, plan, return_lse=True, quantize="fp8", backend="reference")
+    diff = (out.double() - ref.double()).abs()
+    assert diff.sum() / ref.double().abs().sum() <= 1e-2 and lse_gap(lse, ref_lse) <= 2e-2
+    exact, exact_lse = block_sparse_attention(q, k, v, plan, return_lse=True)
+    cosine, rel_l1 = cosine_and_rel_l1(out, exact)
+    # Over 60 seeded runs: cosine >= 0.9986, relative L1 <= 0.052, LSE gap <= 0.054.
+    assert cosine >= 0.997 and rel_l1 <= 0.065, (cosine, rel_l1)
+    assert lse_gap(lse, exact_lse) <= 0.12
+
+
+def test_fp8_launch_config_override(rng, monkeypatch):
+    # FP8_LAUNCH_CONFIG launches with its tiles: 64-key tiles run the online softmax in two steps
+    # per key block, which the tile model replays with block_n=64; bad tuples name the rule.
+    from fastdit.kernels.triton import int8_attention
+
+    q, k, v = (make(rng, (1, 256, 2, 64), torch.bfloat16) for _ in range(3))
+    plan = BlockSparsity.dense(256, 256)
+    quantized = quantize_qk_int8(q, k, backend="reference")
+    quantized_v = quantize_v_fp8_reference(v, transposed=True)
+    monkeypatch.setattr(int8_attention, "FP8_LAUNCH_CONFIG", (64, 64, 4, 3))
+    out, _ = triton_int8_block_sparse_attention(
+        quantized, v, plan, layout="bshd", return_lse=False, key_lengths=None, interpret=True,
+        quantized_v=quantized_v,
+    )
+    ref, _ = int8_fp8_attention_reference(quantized, quantized_v, plan, dtype=v.dtype, block_n=64)
+    gap = (out.double() - ref.double()).abs() - 2**-7 * ref.double().abs()
+    assert gap.max() <= 4e-3, gap.max()
+    for config, needle in (((96, 64, 4, 2), "BLOCK_M must be a power of two >= 16 dividing the plan's query block 128, got BLOCK_M=96"),
+                           ((64, 256, 4, 2), "BLOCK_N must be .* key block 128, got BLOCK_N=256"),
+                           ((64, 64, 3, 2), "num_warps must be 1, 2, 4, 8 or 16"),
+                           ((64, 64), r"\(BLOCK_M, BLOCK_N, num_warps, num_stages\), got \(64, 64\)")):
+        monkeypatch.setattr(int8_attention, "FP8_LAUNCH_CONFIG", config)
+        with pytest.raises(ValueError, match=needle):
+            block_sparse_attention(q, k, v, plan, quantize="int8-fp8")

@@ -1,7 +1,8 @@
 """The ``triton`` backend: fastdit's own Triton kernels, which run every plan.
 
 Any block size (64/128), window-mask partial blocks, INT8 Q.K^T (P.V in 16 bits, or in FP8 e4m3
-with ``quantize="int8-fp8"`` on compute capability >= 8.9), fp32 for tests, key padding, LSE; on
+with ``quantize="int8-fp8"`` on compute capability >= 8.9), FP8 Q.K^T and P.V (``"fp8"``), fp32
+for tests, key padding, LSE; on
 Ampere or newer GPUs, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
@@ -13,7 +14,7 @@ import os
 import torch
 
 from ..backend import Backend, Request, register_backend
-from ..quantized import FP8_QUANTIZATIONS, fp8_unsupported
+from ..quantized import FP8_QK_QUANTIZATIONS, FP8_QUANTIZATIONS, fp8_unsupported
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -48,14 +49,15 @@ class TritonBackend(Backend):
         interpret = q.device.type == "cpu"
         if quantize is not None:
             from .int8_attention import triton_int8_block_sparse_attention
+            from .quantize import triton_quantize_qk
 
-            quantized = self.quantize_qk(
+            quantized = triton_quantize_qk(
                 q, k, q_block_size=plan.q_block_size, kv_block_size=plan.kv_block_size,
                 scale=scale, layout=layout, key_lengths=key_lengths, lse_shift=return_lse,
-                smooth_k=True,
+                smooth_k=True, fp8=quantize in FP8_QK_QUANTIZATIONS,
             )
             quantized_v = None
-            if quantize == "int8-fp8":
+            if quantize in FP8_QUANTIZATIONS:
                 from .int8_attention import V_TRANSPOSED
                 from .quantize import triton_quantize_v_fp8
 

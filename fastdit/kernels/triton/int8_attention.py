@@ -21,6 +21,10 @@ Plans, bounds handling (the masked suffix of each row), 64-bit offsets, Hopper T
 key-block loops are the bf16 kernel's, shared through :mod:`fastdit.kernels.triton.triton_common`
 (``INT8_QK=True`` switches the loops to int8 scores and per-key-block scales).
 
+``quantize="fp8"``: Q and K arrive in e4m3 (same per-block scales over 448 instead of 127) and
+``Q_q . K_q`` is an FP8 MMA with an fp32 result (:func:`~fastdit.kernels.triton.triton_common.scores`
+picks the MMA by the tiles' dtype); everything else is ``"int8-fp8"``'s.
+
 ``quantize="int8-fp8"`` (``FP8_PV=True``): V arrives as a
 :class:`~fastdit.kernels.quantized.QuantizedV` (e4m3, scale ``s_d`` per channel), P·V is an FP8
 MMA of ``e4m3(448 * p)`` and ``v_q`` (:func:`~fastdit.kernels.triton.triton_common.fp8_pv`: two-level
@@ -83,7 +87,7 @@ def _int8_block_sparse_attn_fwd(
         Qq + (pid_bh.to(tl.int64) * seq_q + q_row_start) * head_dim
         + offs_m[:, None] * head_dim + offs_d[None, :]
     )
-    q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0)
+    q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
     q_scale = tl.load(QScale + pid_bh.to(tl.int64) * num_q_blocks + q_block)
 
     k_base = Kq + pid_bh.to(tl.int64) * seq_kv * head_dim
@@ -170,9 +174,39 @@ def _int8_launch_config(block_d: int, q_block: int, kv_block: int, interpret: bo
 # FP8 P.V defaults of quantize="int8-fp8" (benchmarks/fp8_bench.py measures the alternatives):
 # FP8_ACCUMULATION 0 is two-level accumulation, n > 0 Triton's max_num_imprecise_acc=n, -1 its
 # default (no promotion on sm_90);
-# V_TRANSPOSED stores V as [D, S] (the K-major B operand of Hopper's FP8 MMA).
+# V_TRANSPOSED stores V as [D, S] (the K-major B operand of Hopper's FP8 MMA);
+# FP8_LAUNCH_CONFIG: None launches the FP8 modes with the INT8 kernel's table (_INT8_CONFIGS,
+# not tuned for FP8 P.V yet); a tuple (BLOCK_M, BLOCK_N, num_warps, num_stages) launches every
+# FP8 call with it instead (benchmarks/fp8_tune.py sweeps it). BLOCK_M must divide the plan's
+# query block and BLOCK_N its key block (powers of two >= 16); the configuration is used as
+# given, never shrunk: one that does not fit the GPU raises Triton's OutOfResources.
 FP8_ACCUMULATION = 0
 V_TRANSPOSED = True
+FP8_LAUNCH_CONFIG: tuple[int, int, int, int] | None = None
+
+
+def check_launch_config(config, q_block: int, kv_block: int) -> tuple[int, int, int, int]:
+    """``config`` as a ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuple of ints, or a
+    ``ValueError`` naming the constraint it breaks for this plan's blocks."""
+    try:
+        block_m, block_n, num_warps, num_stages = (int(x) for x in config)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"FP8_LAUNCH_CONFIG must be None or (BLOCK_M, BLOCK_N, num_warps, num_stages), got {config!r}"
+        ) from None
+    for name, value, block in (("BLOCK_M", block_m, q_block), ("BLOCK_N", block_n, kv_block)):
+        if value < 16 or value & (value - 1) or block % value:
+            kind = "query" if name == "BLOCK_M" else "key"
+            raise ValueError(
+                f"FP8_LAUNCH_CONFIG: {name} must be a power of two >= 16 dividing the plan's {kind} "
+                f"block {block}, got {name}={value}"
+            )
+    if num_warps not in (1, 2, 4, 8, 16) or num_stages < 1:
+        raise ValueError(
+            "FP8_LAUNCH_CONFIG: num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, got "
+            f"num_warps={num_warps}, num_stages={num_stages}"
+        )
+    return block_m, block_n, num_warps, num_stages
 
 
 def triton_int8_block_sparse_attention(
@@ -199,6 +233,8 @@ def triton_int8_block_sparse_attention(
     if return_lse and quantized.lse_shift is None:
         raise ValueError("return_lse needs a QuantizedQK made with lse_shift=True")
     fp8 = quantized_v is not None
+    if quantized.q.dtype == torch.float8_e4m3fn and not fp8:
+        raise ValueError("e4m3 Q and K (quantize='fp8') run with FP8 P.V: pass quantized_v")
     fp8_acc = FP8_ACCUMULATION if fp8_accumulation is None else int(fp8_accumulation)
     if fp8_acc < -1:
         raise ValueError(
@@ -214,7 +250,7 @@ def triton_int8_block_sparse_attention(
     )
     # int8 MMA needs a reduction dim of at least 32.
     block_d = max(32, triton.next_power_of_2(head_dim))
-    k_view = tma_view(quantized.k, "bhsd", interpret, dtypes=(torch.int8,))
+    k_view = tma_view(quantized.k, "bhsd", interpret, dtypes=(torch.int8, torch.float8_e4m3fn))
     if fp8:
         v_data = quantized_v.v
         v_transposed = quantized_v.transposed
@@ -259,12 +295,16 @@ def triton_int8_block_sparse_attention(
             num_warps=num_warps, num_stages=num_stages,
         )
 
+    override = FP8_LAUNCH_CONFIG if fp8 else None
+    if override is not None:  # as given, on the interpreter too (which ignores warps and stages)
+        launch(*check_launch_config(override, plan.q_block_size, plan.kv_block_size))
+        return out, (lse if return_lse else None)
     config = _int8_launch_config(block_d, plan.q_block_size, plan.kv_block_size, interpret)
     if interpret:
         launch(*config)
         return out, (lse if return_lse else None)
     key = ("int8", block_d, plan.q_block_size, plan.kv_block_size, v.dtype, use_tma, v.device.index,
-           fp8, fp8_acc if fp8 else 0, v_transposed)
+           fp8, fp8_acc if fp8 else 0, v_transposed, quantized.q.dtype)
     launch_with_fallback(key, config, launch)
     return out, (lse if return_lse else None)
 

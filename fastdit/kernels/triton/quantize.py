@@ -11,9 +11,20 @@ the sequence length (and, for K, below the batch element's valid key length)::
     shift[i]   = shift_multiplier * x_i . dot_vector       (optional: Q's LSE correction q . k_mean)
 
 ``x_q`` is written int8, contiguous ``(B, H, S, D)``, whatever the input layout, which is what the
-INT8 attention kernel reads. One program per (block, batch * head): one read of ``x``, one int8
+INT8 attention kernel reads. With ``FP8`` (``quantize="fp8"``) 448 takes 127's place and ``x_q`` is
+``e4m3(y_i * (448 / max|y|))`` (round to nearest even), written ``torch.float8_e4m3fn``. One program per (block, batch * head): one read of ``x``, one int8
 write. The mean itself is a PyTorch reduction (:func:`fastdit.kernels.quantized.key_mean`) before
 this kernel, so quantizing K reads K twice; both passes count in every timing fastdit reports.
+
+Why K is not read once (issue 13 asks for mean and quantization fused): every block's int8 values
+and scale depend on ``mu``, the mean over *all* valid keys of the (batch, head), so no block can
+be quantized before every block has been read. One read would need a grid-wide barrier (programs
+holding their blocks until all partial sums are in): Triton has none, a spin-wait barrier needs
+every program resident at once and deadlocks the CPU interpreter, which runs programs one after
+another. What the second read costs is K's size over HBM bandwidth: 100 MB at Wan2.1-1.3B 480p
+(32,760 x 12 x 128 bf16), about 0.02 ms at the H200's 4.8 TB/s against 10.9 ms for the
+``int8-fp8`` attention (0.2%); 774 MB at 14B 720p, about 0.16 ms against 184 ms (0.09%).
+``benchmarks/fp8_tune.py`` times the quantization passes on their own.
 
 For ``quantize="int8-fp8"`` V goes to FP8 e4m3 per channel (:func:`triton_quantize_v_fp8`): its
 per-channel ``max |v|`` is one PyTorch reduction (``aminmax``), then one launch writes
@@ -37,6 +48,7 @@ def _quantize_blocks_kernel(
     num_heads, seq_len, head_dim, num_blocks, scale_multiplier, shift_multiplier,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     SUBTRACT_MU: tl.constexpr, WRITE_SHIFT: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    FP8: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
     block = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -69,15 +81,25 @@ def _quantize_blocks_kernel(
     # values are 0 either way, and a zero scale would turn the kernel's masked -inf scores to NaN.
     absmax = tl.max(tl.max(tl.abs(x), 1), 0)
     absmax = tl.where(absmax > 0.0, absmax, 1.0)
-    y = x * (127.0 / absmax)
-    y = y + tl.where(y >= 0.0, 0.5, -0.5)
-    x_q = tl.minimum(tl.maximum(y, -127.0), 127.0).to(tl.int8)  # float -> int truncates toward 0
+    if FP8:
+        # (x * 448) is exact (bf16/fp16 inputs) and div_rn rounds correctly: the same fp32 value
+        # as the PyTorch reference's, on the GPU (where "/" is approximate) and the interpreter.
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x * 448.0, absmax), -448.0), 448.0)
+        if INTERPRET:  # the CPU interpreter's fp8 cast rounds wrongly (see e4m3_round)
+            y = e4m3_round(y)
+        x_q = y.to(tl.float8e4nv)
+        range_max = 448.0
+    else:
+        y = x * (127.0 / absmax)
+        y = y + tl.where(y >= 0.0, 0.5, -0.5)
+        x_q = tl.minimum(tl.maximum(y, -127.0), 127.0).to(tl.int8)  # float -> int truncates toward 0
+        range_max = 127.0
     xq_ptrs = (
         Xq + pid_bh.to(tl.int64) * seq_len * head_dim
         + rows.to(tl.int64)[:, None] * head_dim + offs_d[None, :]
     )
     tl.store(xq_ptrs, x_q, mask=rows_in[:, None] & d_ok[None, :])
-    tl.store(Scale + pid_bh.to(tl.int64) * num_blocks + block, absmax / 127.0 * scale_multiplier)
+    tl.store(Scale + pid_bh.to(tl.int64) * num_blocks + block, absmax / range_max * scale_multiplier)
 
 
 def _quantize(
@@ -90,13 +112,15 @@ def _quantize(
     scale_multiplier: float,
     shift_multiplier: float,
     key_lengths: torch.Tensor | None,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     if layout == "bshd":
         batch, seq_len, heads, head_dim = x.shape
     else:
         batch, heads, seq_len, head_dim = x.shape
     num_blocks = triton.cdiv(seq_len, block)
-    x_q = torch.empty((batch, heads, seq_len, head_dim), dtype=torch.int8, device=x.device)
+    x_q = torch.empty((batch, heads, seq_len, head_dim),
+                      dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     scale = torch.empty((batch, heads, num_blocks), dtype=torch.float32, device=x.device)
     shift = (
         torch.empty((batch, heads, seq_len), dtype=torch.float32, device=x.device)
@@ -115,7 +139,7 @@ def _quantize(
         heads, seq_len, head_dim, num_blocks, scale_multiplier, shift_multiplier,
         BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         SUBTRACT_MU=mu is not None, WRITE_SHIFT=dot_vector is not None,
-        HAS_KEY_LENGTHS=key_lengths is not None,
+        HAS_KEY_LENGTHS=key_lengths is not None, FP8=fp8, INTERPRET=x.device.type == "cpu",
         num_warps=8 if block * head_dim >= 128 * 128 else 4,
     )
     return x_q, scale, shift
@@ -132,17 +156,19 @@ def triton_quantize_qk(
     key_lengths: torch.Tensor | None,
     lse_shift: bool,
     smooth_k: bool = True,
+    fp8: bool = False,
 ) -> QuantizedQK:
     """Quantize validated Q and K (see ``fastdit.kernels.quantize_qk_int8``): K's mean, then one
-    launch for K (smoothing fused) and one for Q (``scale * log2(e)`` folded in, LSE shift)."""
+    launch for K (smoothing fused) and one for Q (``scale * log2(e)`` folded in, LSE shift);
+    ``fp8``: to e4m3 instead of INT8 (``quantize="fp8"``)."""
     mean = key_mean(k, layout, key_lengths, smooth_k).contiguous()
     k_q, k_scale, _ = _quantize(
         k, kv_block_size, layout, mu=mean if smooth_k else None, dot_vector=None,
-        scale_multiplier=1.0, shift_multiplier=0.0, key_lengths=key_lengths,
+        scale_multiplier=1.0, shift_multiplier=0.0, key_lengths=key_lengths, fp8=fp8,
     )
     q_q, q_scale, shift = _quantize(
         q, q_block_size, layout, mu=None, dot_vector=mean if lse_shift else None,
-        scale_multiplier=scale * LOG2E, shift_multiplier=scale, key_lengths=None,
+        scale_multiplier=scale * LOG2E, shift_multiplier=scale, key_lengths=None, fp8=fp8,
     )
     return QuantizedQK(q_q, q_scale, k_q, k_scale, mean, shift, q_block_size, kv_block_size, scale)
 

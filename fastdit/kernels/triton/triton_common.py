@@ -83,9 +83,16 @@ def int8_scores(q, k):
 
 @triton.jit
 def scores(q, k, INT8_QK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
-    """Raw scores ``q @ k^T`` of one tile: an int8 MMA (:func:`int8_scores`) with ``INT8_QK``."""
+    """Raw scores ``q @ k^T`` of one tile. ``INT8_QK`` (the quantized kernel: per-block scales):
+    an int8 MMA (:func:`int8_scores`) for int8 tiles, an FP8 MMA with an fp32 result for e4m3
+    tiles (``quantize="fp8"``; the tiles' dtype picks, at compile time)."""
     if INT8_QK:
-        qk = int8_scores(q, k)
+        if q.dtype == tl.int8:
+            qk = int8_scores(q, k)
+        elif UPCAST_OPERANDS:  # the interpreter: e4m3 -> fp32 is exact there, fp32 products
+            qk = tl.dot(q.to(tl.float32), tl.trans(k).to(tl.float32), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
     else:
         qk = dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_OPERANDS)
     return qk

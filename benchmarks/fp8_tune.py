@@ -1,0 +1,306 @@
+"""Launch-configuration sweep of fastdit's FP8 attention kernel (issue 13), against FA4.
+
+At Wan2.1-14B 720p (75,600 tokens x 40 heads x 128, B=1, bf16, (B, S, H, D)), for a dense plan
+and a random 25% plan (128-token blocks, diagonal kept, the same plan for every row), it times:
+
+* FA4 bf16 through fastdit's ``flash4`` backend (dense or block-sparse): the reference;
+* the quantization passes on their own (K's mean alone, INT8 and e4m3 Q/K quantization, V to
+  e4m3 transposed), and their share of the ``int8-fp8`` attention call;
+* ``quantize="int8-fp8"`` (two-level accumulation, V transposed) under every launch
+  configuration of :data:`CONFIGS` (``int8_attention.FP8_LAUNCH_CONFIG``: BLOCK_M, BLOCK_N,
+  num_warps, num_stages), then with Triton's default accumulation (``FP8_ACCUMULATION=-1``)
+  under the 3 fastest, then ``quantize="fp8"`` (e4m3 Q.K^T) under the 4 fastest and the default.
+
+Every timing is a whole ``block_sparse_attention`` call (quantization included), the median of
+``triton.testing.do_bench``; TFLOP/s on computed blocks (``4 * pairs * D``) and the ratio to FA4
+at the same plan (issue 13's target: >= 1.25x). Configurations that do not fit the GPU are
+recorded as errors. ``--budget-s`` stops starting new configurations once exceeded (each costs a
+Triton compile, a few seconds); what ran is written either way. The best configuration per mode
+goes into ``int8_attention`` by hand (``FP8_LAUNCH_CONFIG`` or a table of its own).
+
+    python -m benchmarks.fp8_tune                  # ~200 s on an H200 (about 20 compiles)
+    python -m benchmarks.fp8_tune --densities 1.0 --budget-s 120
+    python -m benchmarks.fp8_tune --smoke          # tiny shape on the CPU (interpreter), seconds
+
+Writes ``fp8_tune_<gpu>_<date>.json`` into ``--out`` (default ``benchmarks/results/<gpu>_<date>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # before Triton is imported: the interpreter decides at decoration
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
+
+from benchmarks.harness import (  # noqa: E402
+    SHAPES,
+    Shape,
+    Timing,
+    add_out_argument,
+    benchmark_ms,
+    device_slug,
+    random_block_map,
+)
+from fastdit.kernels import BlockSparsity, block_sparse_attention, explain_backends  # noqa: E402
+from fastdit.kernels.quantized import key_mean  # noqa: E402
+from fastdit.kernels.triton import int8_attention  # noqa: E402
+from fastdit.kernels.triton.quantize import triton_quantize_qk, triton_quantize_v_fp8  # noqa: E402
+
+SHAPE = "wan14b-720p"
+DENSITIES = (1.0, 0.25)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). 64-row tiles on one warpgroup (the INT8 kernel's
+# tuned choice, the default here), 128-row tiles on two warpgroups (FA3's split), 64- and 128-key
+# tiles, 2-4 stages; a few mixed ones.
+CONFIGS = (
+    (64, 128, 4, 2), (64, 128, 4, 3), (64, 128, 4, 4),
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+    (128, 128, 8, 2), (128, 128, 8, 3),
+    (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
+    (128, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 3),
+)
+SMOKE_CONFIGS = ((64, 64, 4, 2), (128, 128, 4, 1))
+SMOKE_SHAPE = Shape("smoke-256", seq_len=256, heads=2, head_dim=64)
+SPEEDUP_TARGET = 1.25
+
+
+@contextlib.contextmanager
+def fp8_settings(config, accumulation: int = 0):
+    saved = int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION
+    int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION = config, accumulation
+    try:
+        yield
+    finally:
+        int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION = saved
+
+
+def describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+class Sweep:
+    def __init__(self, args, device: torch.device) -> None:
+        self.args, self.device = args, device
+        self.shape = SMOKE_SHAPE if args.smoke else SHAPES[args.shape]
+        self.timing = Timing(1.0, 3.0, 2, 1) if args.smoke else Timing(10.0, 50.0, 3, 1)
+        self.start = time.perf_counter()
+        self.rows: list[dict] = []
+        shape = self.shape
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        dims = (1, shape.seq_len, shape.heads, shape.head_dim)
+        self.q, self.k, self.v = (
+            torch.randn(*dims, device=device, dtype=torch.bfloat16, generator=generator) for _ in range(3))
+        num_blocks = math.ceil(shape.seq_len / 128)
+        self.plans = {}
+        for density in args.densities:
+            if density == 1.0:
+                plan = BlockSparsity.dense(shape.seq_len, shape.seq_len, 128, device=device)
+            else:
+                plan = BlockSparsity.from_block_map(
+                    random_block_map(shape.heads, num_blocks, density, generator, device), 128)
+            pairs = (plan.computed_pairs(shape.seq_len, shape.seq_len)
+                     * (shape.heads // plan.kv_counts.shape[1]))
+            self.plans[density] = (plan, 4.0 * pairs * shape.head_dim)
+        self.fa4_ms: dict[float, float] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def over_budget(self) -> bool:
+        return self.elapsed() > self.args.budget_s
+
+    def row(self, **fields) -> dict:
+        row = dict(shape=self.shape.name, **fields)
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+        return row
+
+    def time_call(self, call) -> float:
+        return benchmark_ms(call, self.device, self.timing)
+
+    def fa4(self) -> None:
+        reason = explain_backends(self.device, torch.bfloat16, self.shape.head_dim)["flash4"]
+        for density, (plan, flop) in self.plans.items():
+            if reason is not None:
+                self.row(kind="fa4", mode="fa4-bf16", density=density, status="skipped",
+                         error=reason)
+                continue
+            try:
+                ms = self.time_call(
+                    lambda: block_sparse_attention(self.q, self.k, self.v, plan, backend="flash4"))
+            except Exception as exc:  # noqa: BLE001 - the sweep goes on without a ratio
+                self.row(kind="fa4", mode="fa4-bf16", density=density, status="error",
+                         error=describe(exc))
+                continue
+            self.fa4_ms[density] = ms
+            self.row(kind="fa4", mode="fa4-bf16", density=density, status="ok", ms=ms,
+                     tflops=flop / ms / 1e9, vs_fa4=1.0)
+
+    def quantization_passes(self) -> None:
+        """The quantization passes alone (they are inside every attention timing too)."""
+        q, k, v = self.q, self.k, self.v
+        common = dict(q_block_size=128, kv_block_size=128, scale=self.shape.head_dim**-0.5,
+                      layout="bshd", key_lengths=None, lse_shift=False)
+        passes = {
+            "K mean (PyTorch reduction)": lambda: key_mean(k, "bshd", None),
+            "Q and K to INT8 (mean included)": lambda: triton_quantize_qk(q, k, **common),
+            "Q and K to e4m3 (mean included)": lambda: triton_quantize_qk(q, k, fp8=True, **common),
+            "V to e4m3, transposed": lambda: triton_quantize_v_fp8(
+                v, layout="bshd", key_lengths=None, transposed=True),
+        }
+        for name, call in passes.items():
+            try:
+                ms = self.time_call(call)
+            except Exception as exc:  # noqa: BLE001
+                self.row(kind="quantization", mode=name, status="error", error=describe(exc))
+                continue
+            self.row(kind="quantization", mode=name, status="ok", ms=ms)
+
+    def attention(self, mode: str, config, accumulation: int = 0) -> list[dict]:
+        rows = []
+        for density, (plan, flop) in self.plans.items():
+            def call():
+                return block_sparse_attention(self.q, self.k, self.v, plan, backend="triton",
+                                              quantize=mode)
+
+            fields = dict(kind="attention", mode=mode, accumulation=accumulation,
+                          config=list(config) if config else "default", density=round(plan.density, 4))
+            try:
+                with fp8_settings(config, accumulation):
+                    ms = self.time_call(call)
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result
+                rows.append(self.row(**fields, status="error", error=describe(exc)))
+                break  # the same compiled kernel serves every density
+            fa4 = self.fa4_ms.get(density)
+            rows.append(self.row(**fields, status="ok", ms=ms, tflops=flop / ms / 1e9,
+                                 vs_fa4=fa4 / ms if fa4 else None))
+        return rows
+
+    def sweep(self, mode: str, configs, accumulation: int = 0) -> None:
+        for config in configs:
+            if self.over_budget():
+                self.row(kind="attention", mode=mode, accumulation=accumulation, config=list(config),
+                         status="skipped", error=f"over --budget-s {self.args.budget_s}")
+                continue
+            self.attention(mode, config, accumulation)
+
+    def fastest(self, mode: str, accumulation: int, count: int) -> list[tuple]:
+        """The ``count`` configurations of ``mode`` fastest on the densest plan."""
+        densest = max(self.plans)
+        timed = [r for r in self.rows if r["kind"] == "attention" and r["mode"] == mode
+                 and r.get("accumulation") == accumulation and r["status"] == "ok"
+                 and r["density"] == round(self.plans[densest][0].density, 4)
+                 and r["config"] != "default"]
+        return [tuple(r["config"]) for r in sorted(timed, key=lambda r: r["ms"])[:count]]
+
+    def run(self) -> list[dict]:
+        configs = SMOKE_CONFIGS if self.args.smoke else CONFIGS
+        self.fa4()
+        self.quantization_passes()
+        if "int8-fp8" in self.args.modes:
+            self.sweep("int8-fp8", configs)
+            self.sweep("int8-fp8", self.fastest("int8-fp8", 0, 3), accumulation=-1)
+        if "fp8" in self.args.modes:
+            self.attention("fp8", None)  # the default launch table
+            best = self.fastest("int8-fp8", 0, 4) or list(configs[:4])
+            self.sweep("fp8", best)
+        return self.rows
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_row(row: dict) -> str:
+    if row["kind"] == "quantization":
+        return (f"{row['shape']:>12} quantization {row['mode']:<34} {row['status']:>7} "
+                f"{fmt(row.get('ms'), '9.3f')} ms {row.get('error', '')}")
+    config = row.get("config", "-")
+    config = "x".join(map(str, config)) if isinstance(config, list) else config
+    return (f"{row['shape']:>12} {row['mode']:>9} acc {fmt(row.get('accumulation'), 'd'):>2} "
+            f"{config:>12} density {fmt(row.get('density'), '<6')} {row['status']:>7} "
+            f"{fmt(row.get('ms'), '9.3f')} ms {fmt(row.get('tflops'), '7.1f')} TFLOP/s "
+            f"x{fmt(row.get('vs_fa4'), '.3f')} FA4 {row.get('error', '')}")
+
+
+def summary(rows: list[dict]) -> list[str]:
+    lines = []
+    timed = [r for r in rows if r["kind"] == "attention" and r["status"] == "ok"]
+    densest = max((r["density"] for r in timed), default=None)
+    fastest = min((r["ms"] for r in timed if r["mode"] == "int8-fp8" and r["density"] == densest),
+                  default=None)
+    for r in rows:
+        if r["kind"] == "quantization" and r["status"] == "ok" and fastest is not None:
+            lines.append(f"{r['mode']}: {r['ms']:.3f} ms = {100 * r['ms'] / fastest:.2f}% of the "
+                         f"fastest int8-fp8 call at density {densest}")
+    for mode, density in sorted({(r["mode"], r["density"]) for r in timed}):
+        best = min((r for r in timed if r["mode"] == mode and r["density"] == density),
+                   key=lambda r: r["ms"])
+        config = best["config"]
+        config = "x".join(map(str, config)) if isinstance(config, list) else config
+        ratio = best.get("vs_fa4")
+        verdict = "" if ratio is None else (
+            f" {'PASS' if ratio >= SPEEDUP_TARGET else 'MISS'} (target x{SPEEDUP_TARGET})")
+        lines.append(f"best {mode} at density {density}: {config} acc {best['accumulation']}, "
+                     f"{best['ms']:.3f} ms, {best['tflops']:.1f} TFLOP/s, x{fmt(ratio, '.3f')} FA4"
+                     f"{verdict}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default=SHAPE, choices=list(SHAPES))
+    parser.add_argument("--densities", default=",".join(map(str, DENSITIES)))
+    parser.add_argument("--modes", default="int8-fp8,fp8", help="subset of int8-fp8,fp8")
+    parser.add_argument("--budget-s", type=float, default=190.0,
+                        help="start no new configuration after this many seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny shape on the CPU under TRITON_INTERPRET=1")
+    add_out_argument(parser)
+    args = parser.parse_args(argv)
+    args.densities = [float(d) for d in args.densities.split(",") if d]
+    args.modes = [m for m in args.modes.split(",") if m]
+    if not args.densities or not all(0 < d <= 1 for d in args.densities):
+        parser.error(f"--densities must be values in (0, 1], got {args.densities}")
+    if not args.modes or not set(args.modes) <= {"int8-fp8", "fp8"}:
+        parser.error(f"--modes must be a subset of int8-fp8,fp8, got {args.modes}")
+    if args.smoke:
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        parser.error("needs a CUDA device (or --smoke for the CPU interpreter)")
+    else:
+        device = torch.device("cuda")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    print(f"device {gpu or 'cpu'}, torch {torch.__version__}", flush=True)
+    sweep = Sweep(args, device)
+    try:
+        rows = sweep.run()
+    finally:
+        lines = summary(sweep.rows)
+        print("\n" + "\n".join(lines))
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{device_slug(gpu)}{'-smoke' if args.smoke else ''}_{datetime.date.today().isoformat()}"
+        path = out_dir / f"fp8_tune_{name}.json"
+        path.write_text(json.dumps(dict(
+            gpu=gpu or "cpu", torch=torch.__version__, shape=sweep.shape.name,
+            elapsed_s=round(sweep.elapsed(), 1), rows=sweep.rows, summary=lines), indent=1))
+        print(f"elapsed {sweep.elapsed():.1f} s; wrote {path}")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
