@@ -45,16 +45,19 @@ for s in "$@"; do
     compose14) step compose14 560 python3 -m benchmarks.compose_bench --models wan14b-720p \
              --budget-s 500 --out "$out/compose14" ;;
     agent) step agent 300 python3 -m benchmarks.agent_bench --out "$out/agent" ;;
-    # The trained model (issue 19), in two calls: trainvae (~8.7 min) keeps its folder in
-    # /tmp/train_stage for traindit (~8 min) on the same warm machine. The pipeline's tar goes
-    # beside RESULTS_DIR, split in 15 MB parts (a returned file is at most 16 MiB).
+    # The trained model (issue 19), in two calls: trainvae (~9 min) keeps its folder in
+    # /tmp/train_stage for traindit (~8.5 min) on the same warm machine. If the machine was given
+    # back in between, put the returned RESULTS_DIR-train folder into the working tree (untracked,
+    # not ignored, so it travels) and run traindit with TRAIN_STAGE=<that folder>. The pipeline's
+    # tar goes beside RESULTS_DIR, split in 15 MB parts (a returned file is at most 16 MiB).
     trainvae) step trainvae 590 bash -c "python3 training/train_tiny_wan.py --stage vae \
              --out '$out-train' --device cuda; rc=\$?; rm -rf /tmp/train_stage; \
              cp -r '$out-train' /tmp/train_stage; exit \$rc" ;;
-    traindit) step traindit 590 bash -c "mkdir -p '$out-train' && cp /tmp/train_stage/train.log \
-             '$out-train/' && python3 training/train_tiny_wan.py --stage dit \
-             --vae-from /tmp/train_stage/vae --out '$out-train' --pipeline-dir /tmp/tiny_wan \
-             --device cuda && split -b 15M '$out-train/tiny_wan.tar' '$out-train/tiny_wan.tar.part' \
+    traindit) stage=${TRAIN_STAGE:-/tmp/train_stage}
+      step traindit 590 bash -c "mkdir -p '$out-train' && cp '$stage/train.log' '$out-train/' \
+             && python3 training/train_tiny_wan.py --stage dit --vae-from '$stage/vae' \
+             --out '$out-train' --pipeline-dir /tmp/tiny_wan --device cuda \
+             && split -b 15M '$out-train/tiny_wan.tar' '$out-train/tiny_wan.tar.part' \
              && rm '$out-train/tiny_wan.tar'" ;;
     # Issue 14's "within 3% of before the move": the 1.3B kernel maps and Dense/Radial end to end,
     # from an older checkout (carried into the repository, e.g. .old/) and from this one, in turn.

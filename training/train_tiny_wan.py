@@ -192,26 +192,29 @@ def _vae_crops(clips, tracks, sizes, args, crop_generator):
     background dominates the loss: the first 33-frame run learned backgrounds and lost the objects
     (the checker read the colour of 25% of its reconstructions right)."""
     count, _, frames, height, width = clips.shape
-    crop = sizes.vae_crop
+    crop, device = sizes.vae_crop, clips.device
     weight = 1 + (args.vae_object_weight - 1) * _object_box(tracks, height, width).float()
-    x, y = (t.float().cpu() for t in tracks[:2])
-    frame = torch.randint(0, frames, (count,), generator=crop_generator)
-    jitter = (torch.rand(count, 2, generator=crop_generator) - 0.5) * (crop / 2)
-    centred = torch.rand(count, generator=crop_generator) < args.vae_object_crops
-    uniform = torch.rand(count, 2, generator=crop_generator)
-    crops, weights = [], []
-    for i in range(count):
-        if centred[i]:
-            cx = x[i, frame[i]] * width + jitter[i, 0]
-            cy = y[i, frame[i]] * height + jitter[i, 1]
-            left, top = int(cx - crop / 2), int(cy - crop / 2)
-        else:
-            left = int(uniform[i, 0] * (width - crop + 1))
-            top = int(uniform[i, 1] * (height - crop + 1))
-        left, top = min(max(left, 0), width - crop), min(max(top, 0), height - crop)
-        crops.append(clips[i, :, :, top:top + crop, left:left + crop])
-        weights.append(weight[i, :, top:top + crop, left:left + crop])
-    return torch.stack(crops), torch.stack(weights)
+    # Everything on the device, no host round trip: a synchronisation per step would stall the
+    # CPU's dispatch of the next one.
+    x, y = tracks[0].float(), tracks[1].float()
+    frame = torch.randint(0, frames, (count, 1), generator=crop_generator, device=device)
+    jitter = (torch.rand(count, 2, generator=crop_generator, device=device) - 0.5) * (crop / 2)
+    centred = torch.rand(count, generator=crop_generator, device=device) < args.vae_object_crops
+    uniform = torch.rand(count, 2, generator=crop_generator, device=device)
+    around = torch.stack([x.gather(1, frame)[:, 0] * width, y.gather(1, frame)[:, 0] * height], 1)
+    corner = torch.where(centred[:, None], around + jitter - crop / 2,
+                         uniform * torch.tensor([width - crop + 1, height - crop + 1], device=device))
+    corner = corner.floor().long()  # (left, top)
+    left = corner[:, 0].clamp(0, width - crop)
+    top = corner[:, 1].clamp(0, height - crop)
+    span = torch.arange(crop, device=device)
+    rows = (top[:, None] + span)[:, :, None]  # (B, crop, 1)
+    cols = (left[:, None] + span)[:, None, :]  # (B, 1, crop)
+    batch = torch.arange(count, device=device)[:, None, None]
+    # advanced indexing puts the indexed dims first: (B, crop, crop, C, F) -> (B, C, F, crop, crop)
+    crops = clips.permute(0, 3, 4, 1, 2)[batch, rows, cols].permute(0, 3, 4, 1, 2).contiguous()
+    weights = weight.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+    return crops, weights
 
 
 def train_vae(pipe, sizes, args, device, log):
@@ -219,7 +222,7 @@ def train_vae(pipe, sizes, args, device, log):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0,
                                   betas=(0.9, 0.99))
     generator = torch.Generator(device).manual_seed(args.seed + 1)
-    crop_generator = torch.Generator().manual_seed(args.seed + 6)
+    crop_generator = torch.Generator(device).manual_seed(args.seed + 6)
     # Frame 0 is a chunk of its own (Wan's VAE runs 1 frame, then 4 at a time): weighted as one.
     frame_weight = torch.ones(sizes.vae_frames, device=device)
     frame_weight[0] = args.vae_first_frame_weight
@@ -375,7 +378,13 @@ def load_vae_stage(pipe, args, device, log):
     with open(os.path.join(folder, "stage.json")) as f:
         stage = json.load(f)
     vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32).to(device)
+    if vae.config.z_dim != pipe.vae.config.z_dim:
+        raise SystemExit(f"--vae-from {folder}: its z_dim is {vae.config.z_dim}, this run's "
+                         f"transformer takes {pipe.vae.config.z_dim} (same --size for both stages)")
     pipe.register_modules(vae=vae)
+    problems = vae_problems(stage["reconstruction"], args)
+    if problems:
+        log(f"WARNING: this VAE failed its check ({'; '.join(problems)}); training on it anyway")
     log(f"VAE from {folder}: {len(stage['losses'])} steps, stage {stage['wall_seconds']} s, "
         f"reconstruction PSNR {stage['reconstruction']['psnr']:.1f} dB, checker "
         f"{stage['reconstruction']['accuracy']}")

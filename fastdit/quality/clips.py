@@ -232,6 +232,13 @@ def background_tones(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(BACKGROUND_LIGHT * c for c in rgb), tuple(BACKGROUND_DARK * c for c in rgb)
 
 
+def _to_device(values, device):
+    """``values`` (a list) as a tensor on ``device``, copied without waiting for the device's
+    queue (``torch.tensor(..., device="cuda")`` synchronises: a training loop that renders every
+    step would stall on it)."""
+    return torch.tensor(values).to(device, non_blocking=True)
+
+
 def _uniform(generator, count, low, high, device):
     return low + (high - low) * torch.rand(count, generator=generator, device=device)
 
@@ -247,7 +254,7 @@ def _trajectories(specs, frames, height, width, generator, device):
         return _uniform(generator, count, low, high, device)[:, None]
 
     motion = [MOTIONS.index(spec.motion) for spec in specs]
-    motion = torch.tensor(motion, device=device)[:, None]
+    motion = _to_device(motion, device)[:, None]
     radius = u(0.09, 0.14).expand(count, frames)
     grow = u(0.05, 0.07) * (1 + 1.6 * s)
     shrink = u(0.15, 0.19) * torch.clamp(1 - 0.6 * s, min=0.3)
@@ -324,7 +331,7 @@ def render(
     cols = (torch.arange(width, device=device, dtype=torch.float32) + 0.5)[None, None, None, :]
     rows = (torch.arange(height, device=device, dtype=torch.float32) + 0.5)[None, None, :, None]
     # object
-    shape_index = torch.tensor([SHAPES.index(s.shape) for s in specs], device=device)
+    shape_index = _to_device([SHAPES.index(s.shape) for s in specs], device)
     dx = cols - (x * width)[:, :, None, None]
     dy = rows - (y * height)[:, :, None, None]
     distance = _shape_distance(shape_index[:, None, None, None], dx, dy,
@@ -334,8 +341,8 @@ def render(
 
     # background: texture coordinates (pixels) shifted by the camera pan
     t = torch.arange(frames, device=device, dtype=torch.float32)[None, :, None, None]
-    pan_x = torch.tensor([{"left": 1, "right": -1}.get(s.pan, 0) for s in specs], device=device)
-    pan_y = torch.tensor([{"up": 1, "down": -1}.get(s.pan, 0) for s in specs], device=device)
+    pan_x = _to_device([{"left": 1, "right": -1}.get(s.pan, 0) for s in specs], device)
+    pan_y = _to_device([{"up": 1, "down": -1}.get(s.pan, 0) for s in specs], device)
     speed = PAN_TRAVEL * side / REFERENCE_FRAMES
     offset_x = _uniform(generator, count, 0, side, device)[:, None, None, None]
     offset_y = _uniform(generator, count, 0, side, device)[:, None, None, None]
@@ -344,15 +351,15 @@ def render(
     cell = (side * _uniform(generator, count, 0.1, 0.16, device))[:, None, None, None]
     checker = (torch.floor(u / cell) + torch.floor(v / cell)) % 2
     stripes = torch.floor((u + v) / cell) % 2
-    texture = torch.tensor([TEXTURES.index(s.texture) for s in specs], device=device)
+    texture = _to_device([TEXTURES.index(s.texture) for s in specs], device)
     texture = texture[:, None, None, None]
     dark = torch.where(texture == 1, checker, torch.where(texture == 2, stripes, 0.0))[..., None]
     del u, v, checker, stripes
 
     tones = [background_tones(s.background) for s in specs]
-    light = torch.tensor([tone[0] for tone in tones], device=device)[:, None, None, None]
-    dark_rgb = torch.tensor([tone[1] for tone in tones], device=device)[:, None, None, None]
-    colour = torch.tensor([COLOURS[s.colour] for s in specs], device=device)[:, None, None, None]
+    light = _to_device([tone[0] for tone in tones], device)[:, None, None, None]
+    dark_rgb = _to_device([tone[1] for tone in tones], device)[:, None, None, None]
+    colour = _to_device([COLOURS[s.colour] for s in specs], device)[:, None, None, None]
     video = light + dark * (dark_rgb - light)
     video = video + alpha * (colour - video)
     if return_tracks:
