@@ -230,7 +230,8 @@ def triton_block_sparse_attention(
     row_strides = plan_strides(plan)
     tma_views = _tma_views(k, v, layout, interpret)
     warp_specialize = False  # the warp-specialized kernel, where it applies (see WARP_SPECIALIZE)
-    if warp_specialize_setting() and warp_specialization_applies(plan, key_lengths) and window is None:
+    if (warp_specialize_setting() and window is None
+            and warp_specialization_applies(plan, key_lengths)):
         views = [tma_view(x, layout, interpret, on_interpreter=True) for x in (q, k, v)]
         if all(view is not None for view in views):
             tma_views, warp_specialize = views[1:], True

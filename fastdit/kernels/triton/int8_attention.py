@@ -277,9 +277,11 @@ def triton_int8_block_sparse_attention(
     def tma_views(on_interpreter: bool):
         """Q's, K's and V's 2-D views for tensor-descriptor loads, or None unless K's and V's
         qualify (Q's may be None)."""
-        qk_dtypes = (torch.int8, torch.float8_e4m3fn)
-        q_view = tma_view(quantized.q, "bhsd", interpret, dtypes=qk_dtypes, on_interpreter=on_interpreter)
-        k_view = tma_view(quantized.k, "bhsd", interpret, dtypes=qk_dtypes, on_interpreter=on_interpreter)
+        q_view, k_view = (
+            tma_view(x, "bhsd", interpret, dtypes=(torch.int8, torch.float8_e4m3fn),
+                     on_interpreter=on_interpreter)
+            for x in (quantized.q, quantized.k)
+        )
         if v_transposed:
             v_view = _transposed_tma_view(v_data, interpret, on_interpreter)
         elif fp8:

@@ -8,10 +8,10 @@ loops, :func:`attend_kv_blocks` (pointer loads, any bounds mask, the window rule
 bf16 kernel (:mod:`fastdit.kernels.triton.attention`) and the INT8 one
 (:mod:`fastdit.kernels.triton.int8_attention`): constexpr switches passed by keyword (``USE_TMA``,
 ``MASK_KV``, ``INT8_QK``, ``WINDOW``, ``FP8_PV``/``FP8_ACC``/``V_T``, ``WARP_SPECIALIZE``) select
-what each loop compiles, so a switched-off feature costs no instruction. The switches are ordinary parameters
-passed by keyword, never keyword-only (``*``): Triton 3.6 binds only positional-or-keyword
-parameters of a device function (a keyword-only constexpr is undefined in its body there, while
-the interpreter accepts it).
+what each loop compiles, so a switched-off feature costs no instruction. The switches are ordinary
+parameters passed by keyword, never keyword-only (``*``): Triton 3.6 binds only
+positional-or-keyword parameters of a device function (a keyword-only constexpr is undefined in
+its body there, while the interpreter accepts it).
 
 Names follow the flash-attention papers: ``m_i`` running max in log2 units, ``l_i`` running sum,
 ``acc`` unnormalised output, ``qk_scale = scale * log2(e)`` (exponentials use ``exp2``).
@@ -328,7 +328,9 @@ def _attend_kv_block_tma(
 ):
     """Fold the ``i``-th key block of a plan row in, with tensor-descriptor loads (the body of
     :func:`attend_kv_blocks_tma`)."""
-    kv_row_start, block_scale = _kv_block_start(index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK)
+    kv_row_start, block_scale = _kv_block_start(
+        index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK
+    )
     for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
         k = k_desc.load([k_row + kv_row_start + sub, k_col])
         if V_T:
@@ -374,7 +376,8 @@ def attend_kv_blocks_tma(
     if WARP_SPECIALIZE:
         for i in tl.range(first, last, warp_specialize=True):
             acc, l_i, m_i = _attend_kv_block_tma(
-                acc, l_i, m_i, q, index_ptr, i, k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
+                acc, l_i, m_i, q, index_ptr, i, k_desc, v_desc, k_row, k_col, v_row, v_col,
+                qk_scale,
                 KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
                 UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK, k_scale_row=k_scale_row,
                 FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T, MASK_KV=MASK_KV, kv_len=kv_len,
@@ -382,7 +385,8 @@ def attend_kv_blocks_tma(
     else:
         for i in range(first, last):
             acc, l_i, m_i = _attend_kv_block_tma(
-                acc, l_i, m_i, q, index_ptr, i, k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
+                acc, l_i, m_i, q, index_ptr, i, k_desc, v_desc, k_row, k_col, v_row, v_col,
+                qk_scale,
                 KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
                 UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK, k_scale_row=k_scale_row,
                 FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T, MASK_KV=MASK_KV, kv_len=kv_len,
@@ -484,7 +488,9 @@ def count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK: tl.constexpr, EVEN
 
 
 @triton.jit
-def load_q_tile(q_base, stride_qs, seq_q, q_row_start, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def load_q_tile(
+    q_base, stride_qs, seq_q, q_row_start, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
     """The ``[BLOCK_M, BLOCK_D]`` query tile at row ``q_row_start`` of the ``[seq_q, BLOCK_D]``
     matrix at ``q_base`` (row stride ``stride_qs``, 16-byte aligned), by a tensor descriptor
     built on the device; rows past ``seq_q`` read as zeros. The warp-specialized kernels load Q
