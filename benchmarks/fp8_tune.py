@@ -95,23 +95,17 @@ WARP_SPECIALIZE_MAX_REL_L1 = 1e-2
 
 
 @contextlib.contextmanager
-def fp8_settings(config, accumulation: int = 0):
-    saved = int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION
+def fp8_settings(config, accumulation: int = 0, warp_specialize: bool = False):
+    """FP8_LAUNCH_CONFIG, FP8_ACCUMULATION and WARP_SPECIALIZE set for a while."""
+    saved = (int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION,
+             triton_common.WARP_SPECIALIZE)
     int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION = config, accumulation
+    triton_common.WARP_SPECIALIZE = warp_specialize
     try:
         yield
     finally:
-        int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION = saved
-
-
-@contextlib.contextmanager
-def warp_specialize_setting(switch: bool, config=None):
-    saved = triton_common.WARP_SPECIALIZE, int8_attention.FP8_LAUNCH_CONFIG
-    triton_common.WARP_SPECIALIZE, int8_attention.FP8_LAUNCH_CONFIG = switch, config
-    try:
-        yield
-    finally:
-        triton_common.WARP_SPECIALIZE, int8_attention.FP8_LAUNCH_CONFIG = saved
+        (int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION,
+         triton_common.WARP_SPECIALIZE) = saved
 
 
 def describe(exc: Exception) -> str:
@@ -355,7 +349,7 @@ def run_worker(sweep: Sweep, mode: str) -> None:
                 print_row(dict(fields, status="skipped", error="failed at the previous plan"))
                 continue
             try:
-                with warp_specialize_setting(switch, config):
+                with fp8_settings(config, warp_specialize=switch):
                     triton_common.working_launch_configs.clear()
                     out = call()
                     launched = [list(c) for c in triton_common.working_launch_configs.values()]
