@@ -18,7 +18,9 @@ plan's key-block indices are sorted, the blocks that can need a bounds mask (the
 blocks past a key-padding length) are a suffix of each row: the main loop runs unmasked and only
 that suffix pays for masking. A :class:`~fastdit.kernels.window.WindowMask` adds a last loop over
 its partial blocks, where the factorised window rule masks scores per (query, key) pair; without
-one that loop is not compiled.
+one that loop is not compiled. ``triton_common.WARP_SPECIALIZE`` (an experiment, off by default)
+compiles each row as one warp-specialized loop instead (see
+:func:`~fastdit.kernels.triton.triton_common.attend_plan_row`).
 """
 
 from __future__ import annotations
