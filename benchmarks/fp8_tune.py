@@ -28,6 +28,7 @@ its own).
 
     python -m benchmarks.fp8_tune                  # ~200 s on an H200 (about 20 compiles)
     python -m benchmarks.fp8_tune --no-warp-specialize   # without the warp-specialization rows
+    python -m benchmarks.fp8_tune --warp-specialize-only # FA4 and those rows, ~100 s
     python -m benchmarks.fp8_tune --densities 1.0 --budget-s 120
     python -m benchmarks.fp8_tune --smoke          # tiny shape on the CPU (interpreter), ~1 min
 
@@ -285,6 +286,9 @@ class Sweep:
     def run(self) -> list[dict]:
         configs = SMOKE_CONFIGS if self.args.smoke else CONFIGS
         self.fa4()
+        if self.args.warp_specialize_only:
+            self.warp_specialize()
+            return self.rows
         self.quantization_passes()
         if self.args.warp_specialize:
             self.warp_specialize()
@@ -448,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a tiny shape on the CPU under TRITON_INTERPRET=1")
     parser.add_argument("--no-warp-specialize", dest="warp_specialize", action="store_false",
                         help="skip the warp-specialization rows")
+    parser.add_argument("--warp-specialize-only", action="store_true",
+                        help="FA4 and the warp-specialization rows only")
     parser.add_argument("--worker", choices=WARP_SPECIALIZE_MODES, help=argparse.SUPPRESS)
     add_out_argument(parser)
     args = parser.parse_args(argv)
