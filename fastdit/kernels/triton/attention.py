@@ -18,7 +18,9 @@ plan's key-block indices are sorted, the blocks that can need a bounds mask (the
 blocks past a key-padding length) are a suffix of each row: the main loop runs unmasked and only
 that suffix pays for masking. A :class:`~fastdit.kernels.window.WindowMask` adds a last loop over
 its partial blocks, where the factorised window rule masks scores per (query, key) pair; without
-one that loop is not compiled.
+one that loop is not compiled. ``triton_common.WARP_SPECIALIZE`` (an experiment, off by default)
+compiles each row as one warp-specialized loop instead (see
+:func:`~fastdit.kernels.triton.triton_common.attend_plan_row`).
 """
 
 from __future__ import annotations
@@ -35,11 +37,15 @@ from .triton_common import (
     attend_plan_row,
     count_unmasked_blocks,
     launch_with_fallback,
+    load_q_tile,
     normalized_output,
     plan_row,
     plan_strides,
     strides,
     tma_view,
+    WARP_SPECIALIZED_CONFIG,
+    warp_specialization_applies,
+    warp_specialize_setting,
 )
 from ..window import WindowMask
 
@@ -63,6 +69,7 @@ def _block_sparse_attn_fwd(
     EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     USE_TMA: tl.constexpr, LAYOUT_BSHD: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -82,7 +89,11 @@ def _block_sparse_attn_fwd(
         + q_row_start.to(tl.int64) * stride_qs
         + offs_m[:, None] * stride_qs + offs_d[None, :]
     )
-    q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    if WARP_SPECIALIZE:
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        q = load_q_tile(q_base, stride_qs, seq_q, q_row_start, BLOCK_M, BLOCK_D)
+    else:
+        q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
 
     k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
@@ -94,7 +105,10 @@ def _block_sparse_attn_fwd(
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS,
     )
 
-    num_unmasked = count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
+    if WARP_SPECIALIZE:  # the row runs in one masked loop (attend_plan_row)
+        num_unmasked = count
+    else:
+        num_unmasked = count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -112,6 +126,7 @@ def _block_sparse_attn_fwd(
         kv_len, head_dim, qk_scale, k_desc, v_desc, tma_row, tma_col, tma_row, tma_col,
         KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, EVEN_D=EVEN_D,
         DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, USE_TMA=USE_TMA,
+        WARP_SPECIALIZE=WARP_SPECIALIZE, EVEN_KV=EVEN_KV,
     )
     if HAS_WINDOW:
         # Partial blocks: the window rule decides per (query, key) pair.
@@ -216,6 +231,12 @@ def triton_block_sparse_attention(
     counts, indices = plan.kv_counts, plan.kv_indices
     row_strides = plan_strides(plan)
     tma_views = _tma_views(k, v, layout, interpret)
+    warp_specialize = False  # the warp-specialized kernel, where it applies (see WARP_SPECIALIZE)
+    if (warp_specialize_setting() and window is None
+            and warp_specialization_applies(plan, key_lengths)):
+        views = [tma_view(x, layout, interpret, on_interpreter=True) for x in (q, k, v)]
+        if all(view is not None for view in views):
+            tma_views, warp_specialize = views[1:], True
     if window is None:  # HAS_WINDOW=False compiles no window loop: these are never read
         window_args = (counts, indices, counts, counts, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1)
     else:
@@ -251,15 +272,18 @@ def triton_block_sparse_attention(
             USE_TMA=tma_views is not None,
             LAYOUT_BSHD=layout == "bshd",
             HAS_WINDOW=window is not None,
+            WARP_SPECIALIZE=warp_specialize,
             num_warps=num_warps, num_stages=num_stages,
         )
 
     element_bytes = q.element_size()
     config = _launch_config(block_d, plan.q_block_size, plan.kv_block_size, element_bytes, interpret)
+    if warp_specialize and not interpret:
+        config = WARP_SPECIALIZED_CONFIG
     if interpret:
         launch(*config)
         return out, (lse if return_lse else None)
     key = (block_d, plan.q_block_size, plan.kv_block_size, q.dtype, tma_views is not None,
-           window is not None, q.device.index)
+           window is not None, q.device.index, warp_specialize)
     launch_with_fallback(key, config, launch)
     return out, (lse if return_lse else None)

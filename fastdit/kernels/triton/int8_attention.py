@@ -45,11 +45,16 @@ from .triton_common import (
     attend_plan_row,
     count_unmasked_blocks,
     launch_with_fallback,
+    load_q_tile,
     normalized_output,
     plan_row,
     plan_strides,
     strides,
+    tma_device,
     tma_view,
+    WARP_SPECIALIZED_CONFIG,
+    warp_specialization_applies,
+    warp_specialize_setting,
 )
 
 
@@ -67,7 +72,7 @@ def _int8_block_sparse_attn_fwd(
     EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     USE_TMA: tl.constexpr, LAYOUT_BSHD: tl.constexpr,
-    FP8_PV: tl.constexpr, FP8_ACC: tl.constexpr, V_T: tl.constexpr,
+    FP8_PV: tl.constexpr, FP8_ACC: tl.constexpr, V_T: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -87,7 +92,11 @@ def _int8_block_sparse_attn_fwd(
         Qq + (pid_bh.to(tl.int64) * seq_q + q_row_start) * head_dim
         + offs_m[:, None] * head_dim + offs_d[None, :]
     )
-    q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    if WARP_SPECIALIZE:
+        q_base = Qq + pid_bh.to(tl.int64) * seq_q * head_dim
+        q = load_q_tile(q_base, head_dim, seq_q, q_row_start, BLOCK_M, BLOCK_D)
+    else:
+        q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
     q_scale = tl.load(QScale + pid_bh.to(tl.int64) * num_q_blocks + q_block)
 
     k_base = Kq + pid_bh.to(tl.int64) * seq_kv * head_dim
@@ -103,7 +112,10 @@ def _int8_block_sparse_attn_fwd(
         kv_counts_ptr, kv_indices_ptr, key_lengths_ptr, batch, head, q_block,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, seq_kv, HAS_KEY_LENGTHS,
     )
-    num_unmasked = count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
+    if WARP_SPECIALIZE:  # the row runs in one masked loop (attend_plan_row)
+        num_unmasked = count
+    else:
+        num_unmasked = count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK, EVEN_KV)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -129,6 +141,7 @@ def _int8_block_sparse_attn_fwd(
         KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, EVEN_D=EVEN_D,
         DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, USE_TMA=USE_TMA,
         INT8_QK=True, k_scale_row=k_scale_row, FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
+        WARP_SPECIALIZE=WARP_SPECIALIZE, EVEN_KV=EVEN_KV,
     )
 
     out, lse = normalized_output(acc, l_i, m_i)
@@ -250,27 +263,49 @@ def triton_int8_block_sparse_attention(
     )
     # int8 MMA needs a reduction dim of at least 32.
     block_d = max(32, triton.next_power_of_2(head_dim))
-    k_view = tma_view(quantized.k, "bhsd", interpret, dtypes=(torch.int8, torch.float8_e4m3fn))
     if fp8:
         v_data = quantized_v.v
         v_transposed = quantized_v.transposed
         if v_transposed:  # [B, H, D, S_pad] -> (batch, head, key, channel) strides
             v_strides = (v_data.stride(0), v_data.stride(1), 1, v_data.shape[3])
-            v_view = _transposed_tma_view(v_data, interpret)
         else:
             v_strides = (*strides(v_data, "bhsd"), 1)
-            v_view = tma_view(v_data, "bhsd", interpret, dtypes=(torch.float8_e4m3fn,))
     else:
         v_data, v_transposed = v, False
         v_strides = (*strides(v, layout), 1)
-        v_view = tma_view(v, layout, interpret)
-    use_tma = k_view is not None and v_view is not None and block_d == head_dim
+
+    def tma_views(on_interpreter: bool):
+        """Q's, K's and V's 2-D views for tensor-descriptor loads, or None unless K's and V's
+        qualify (Q's may be None)."""
+        q_view, k_view = (
+            tma_view(x, "bhsd", interpret, dtypes=(torch.int8, torch.float8_e4m3fn),
+                     on_interpreter=on_interpreter)
+            for x in (quantized.q, quantized.k)
+        )
+        if v_transposed:
+            v_view = _transposed_tma_view(v_data, interpret, on_interpreter)
+        elif fp8:
+            v_view = tma_view(v_data, "bhsd", interpret, dtypes=(torch.float8_e4m3fn,),
+                              on_interpreter=on_interpreter)
+        else:
+            v_view = tma_view(v, layout, interpret, on_interpreter=on_interpreter)
+        if k_view is None or v_view is None or block_d != head_dim:
+            return None
+        return q_view, k_view, v_view
+
+    views = tma_views(on_interpreter=False)
+    warp_specialize = False  # the warp-specialized kernel, where it applies (see WARP_SPECIALIZE)
+    if warp_specialize_setting() and warp_specialization_applies(plan, key_lengths):
+        specialized_views = tma_views(on_interpreter=True)
+        if specialized_views is not None and specialized_views[0] is not None:
+            views, warp_specialize = specialized_views, True
+    use_tma = views is not None
 
     def launch(block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
         if use_tma:
-            k_desc = TensorDescriptor.from_tensor(k_view, [block_n, block_d])
+            k_desc = TensorDescriptor.from_tensor(views[1], [block_n, block_d])
             v_block = [block_d, block_n] if v_transposed else [block_n, block_d]
-            v_desc = TensorDescriptor.from_tensor(v_view, v_block)
+            v_desc = TensorDescriptor.from_tensor(views[2], v_block)
         else:
             k_desc, v_desc = quantized.k, v_data  # unused
         grid = (triton.cdiv(seq_q, block_m), batch * heads)
@@ -292,6 +327,7 @@ def triton_int8_block_sparse_attention(
             USE_TMA=use_tma,
             LAYOUT_BSHD=layout == "bshd",
             FP8_PV=fp8, FP8_ACC=min(fp8_acc, block_n) if fp8 else 0, V_T=v_transposed,
+            WARP_SPECIALIZE=warp_specialize,
             num_warps=num_warps, num_stages=num_stages,
         )
 
@@ -300,21 +336,21 @@ def triton_int8_block_sparse_attention(
         launch(*check_launch_config(override, plan.q_block_size, plan.kv_block_size))
         return out, (lse if return_lse else None)
     config = _int8_launch_config(block_d, plan.q_block_size, plan.kv_block_size, interpret)
+    if warp_specialize and not interpret:
+        config = WARP_SPECIALIZED_CONFIG
     if interpret:
         launch(*config)
         return out, (lse if return_lse else None)
     key = ("int8", block_d, plan.q_block_size, plan.kv_block_size, v.dtype, use_tma, v.device.index,
-           fp8, fp8_acc if fp8 else 0, v_transposed, quantized.q.dtype)
+           fp8, fp8_acc if fp8 else 0, v_transposed, quantized.q.dtype, warp_specialize)
     launch_with_fallback(key, config, launch)
     return out, (lse if return_lse else None)
 
 
-def _transposed_tma_view(v_t: torch.Tensor, interpret: bool):
+def _transposed_tma_view(v_t: torch.Tensor, interpret: bool, on_interpreter: bool = False):
     """The 2-D view ``[B*H*D, S_pad]`` of a transposed e4m3 V for tensor-descriptor loads, or None
     where that path does not apply (as :func:`~fastdit.kernels.triton.triton_common.tma_view`)."""
-    if interpret or TensorDescriptor is None or v_t.device.type != "cuda":
-        return None
-    if torch.cuda.get_device_capability(v_t.device)[0] < 9 or v_t.shape[2] not in (64, 128):
+    if not tma_device(v_t, interpret, on_interpreter) or v_t.shape[2] not in (64, 128):
         return None
     if not v_t.is_contiguous() or v_t.data_ptr() % 16 or v_t.shape[3] % 16:
         return None

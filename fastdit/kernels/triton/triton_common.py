@@ -7,17 +7,19 @@ loops, :func:`attend_kv_blocks` (pointer loads, any bounds mask, the window rule
 :func:`attend_plan_row` (a plan row: its unmasked blocks, then its masked suffix) serve both the
 bf16 kernel (:mod:`fastdit.kernels.triton.attention`) and the INT8 one
 (:mod:`fastdit.kernels.triton.int8_attention`): constexpr switches passed by keyword (``USE_TMA``,
-``MASK_KV``, ``INT8_QK``, ``WINDOW``, ``FP8_PV``/``FP8_ACC``/``V_T``) select what each loop
-compiles, so a switched-off feature costs no instruction. The switches are ordinary parameters
-passed by keyword, never keyword-only (``*``): Triton 3.6 binds only positional-or-keyword
-parameters of a device function (a keyword-only constexpr is undefined in its body there, while
-the interpreter accepts it).
+``MASK_KV``, ``INT8_QK``, ``WINDOW``, ``FP8_PV``/``FP8_ACC``/``V_T``, ``WARP_SPECIALIZE``) select
+what each loop compiles, so a switched-off feature costs no instruction. The switches are ordinary
+parameters passed by keyword, never keyword-only (``*``): Triton 3.6 binds only
+positional-or-keyword parameters of a device function (a keyword-only constexpr is undefined in
+its body there, while the interpreter accepts it).
 
 Names follow the flash-attention papers: ``m_i`` running max in log2 units, ``l_i`` running sum,
 ``acc`` unnormalised output, ``qk_scale = scale * log2(e)`` (exponentials use ``exp2``).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import triton
@@ -33,6 +35,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "LOG2E",
     "TensorDescriptor",
+    "WARP_SPECIALIZED_CONFIG",
     "attend_kv_block",
     "attend_kv_blocks",
     "attend_kv_blocks_tma",
@@ -44,12 +47,16 @@ __all__ = [
     "fp8_pv",
     "int8_scores",
     "launch_with_fallback",
+    "load_q_tile",
     "normalized_output",
     "plan_row",
     "plan_strides",
     "scores",
     "strides",
+    "tma_device",
     "tma_view",
+    "warp_specialization_applies",
+    "warp_specialize_setting",
     "window_visible",
     "working_launch_configs",
 ]
@@ -312,35 +319,77 @@ def attend_kv_blocks(
 
 
 @triton.jit
+def _attend_kv_block_tma(
+    acc, l_i, m_i, q, index_ptr, i, k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
+    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, INT8_QK: tl.constexpr, k_scale_row,
+    FP8_PV: tl.constexpr, FP8_ACC: tl.constexpr, V_T: tl.constexpr,
+    MASK_KV: tl.constexpr, kv_len,
+):
+    """Fold the ``i``-th key block of a plan row in, with tensor-descriptor loads (the body of
+    :func:`attend_kv_blocks_tma`)."""
+    kv_row_start, block_scale = _kv_block_start(
+        index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK
+    )
+    for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
+        k = k_desc.load([k_row + kv_row_start + sub, k_col])
+        if V_T:
+            v = tl.trans(v_desc.load([v_row, v_col + kv_row_start + sub]))
+        else:
+            v = v_desc.load([v_row + kv_row_start + sub, v_col])
+        qk = scores(q, k, INT8_QK, DOT_PRECISION, UPCAST_OPERANDS)
+        visible = None
+        if MASK_KV:
+            visible = (kv_row_start + sub + tl.arange(0, BLOCK_N) < kv_len)[None, :]
+        acc, l_i, m_i = fold_scores(
+            acc, l_i, m_i, qk, v, visible, block_scale, MASK_KV, DOT_PRECISION, UPCAST_OPERANDS,
+            FP8_PV, FP8_ACC,
+        )
+    return acc, l_i, m_i
+
+
+@triton.jit
 def attend_kv_blocks_tma(
     acc_in, l_in, m_in, q, index_ptr, first, last,
     k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr, INT8_QK: tl.constexpr = False, k_scale_row=None,
     FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False, MASK_KV: tl.constexpr = False, kv_len=0,
 ):
-    """The key-block loop with Hopper tensor-descriptor loads (no bounds mask: only blocks that lie
-    entirely below the valid key length). K tiles are read at rows ``k_row + kv row`` of column
-    ``k_col`` of K's 2-D view, V tiles likewise (with ``V_T``, V's view is transposed: its tiles
-    are ``[BLOCK_D, BLOCK_N]`` at row ``v_row``, column ``v_col + kv row``); the switches are
-    :func:`attend_kv_blocks`'s."""
+    """The key-block loop with Hopper tensor-descriptor loads. K tiles are read at rows
+    ``k_row + kv row`` of column ``k_col`` of K's 2-D view, V tiles likewise (with ``V_T``, V's
+    view is transposed: its tiles are ``[BLOCK_D, BLOCK_N]`` at row ``v_row``, column
+    ``v_col + kv row``); the switches are :func:`attend_kv_blocks`'s. Without ``MASK_KV`` the
+    blocks must lie entirely below the valid key length; with it, scores of keys at or past
+    ``kv_len`` are masked, while the tiles are read whole, so the values of those keys (the next
+    rows of the 2-D view, or zeros past its end) must be finite.
+
+    ``WARP_SPECIALIZE`` (:data:`WARP_SPECIALIZE`) compiles the loop as
+    ``tl.range(first, last, warp_specialize=True)``: Triton's automatic warp specialization
+    (on Hopper, Triton >= 3.5) may split it into a TMA producer and MMA/softmax consumer warp
+    groups. It is a separate loop so that, switched off, the kernel is exactly the plain one on
+    any Triton (``warp_specialize`` is not a ``tl.range`` parameter of the oldest supported)."""
     # The loop carries (m_i, l_i, acc) in this order, as the kernels' own loops did: Triton
     # orders loop-carried values by first definition, so this keeps the generated code.
     m_i, l_i, acc = m_in, l_in, acc_in
-    for i in range(first, last):
-        kv_row_start, block_scale = _kv_block_start(
-            index_ptr, i, qk_scale, k_scale_row, KV_BLOCK, INT8_QK
-        )
-        for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
-            k = k_desc.load([k_row + kv_row_start + sub, k_col])
-            if V_T:
-                v = tl.trans(v_desc.load([v_row, v_col + kv_row_start + sub]))
-            else:
-                v = v_desc.load([v_row + kv_row_start + sub, v_col])
-            qk = scores(q, k, INT8_QK, DOT_PRECISION, UPCAST_OPERANDS)
-            acc, l_i, m_i = fold_scores(
-                acc, l_i, m_i, qk, v, None, block_scale, False, DOT_PRECISION, UPCAST_OPERANDS,
-                FP8_PV, FP8_ACC,
+    if WARP_SPECIALIZE:
+        for i in tl.range(first, last, warp_specialize=True):
+            acc, l_i, m_i = _attend_kv_block_tma(
+                acc, l_i, m_i, q, index_ptr, i, k_desc, v_desc, k_row, k_col, v_row, v_col,
+                qk_scale,
+                KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+                UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK, k_scale_row=k_scale_row,
+                FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T, MASK_KV=MASK_KV, kv_len=kv_len,
+            )
+    else:
+        for i in range(first, last):
+            acc, l_i, m_i = _attend_kv_block_tma(
+                acc, l_i, m_i, q, index_ptr, i, k_desc, v_desc, k_row, k_col, v_row, v_col,
+                qk_scale,
+                KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+                UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK, k_scale_row=k_scale_row,
+                FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T, MASK_KV=MASK_KV, kv_len=kv_len,
             )
     return acc, l_i, m_i
 
@@ -354,11 +403,27 @@ def attend_plan_row(
     DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr, USE_TMA: tl.constexpr,
     INT8_QK: tl.constexpr = False, k_scale_row=None,
     FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False, EVEN_KV: tl.constexpr = False,
 ):
     """All ``count`` key blocks of a plan row: the first ``num_unmasked`` (entirely below the
     valid key length, :func:`count_unmasked_blocks`) without a bounds mask, by tensor-descriptor
     loads with ``USE_TMA`` (``k_desc``/``v_desc`` at ``k_row``/``k_col``, ``v_row``/``v_col``)
-    or pointer loads; the rest with the mask. Arguments as in :func:`attend_kv_blocks`."""
+    or pointer loads; the rest with the mask. Arguments as in :func:`attend_kv_blocks`.
+
+    ``WARP_SPECIALIZE`` (:data:`WARP_SPECIALIZE`; needs ``USE_TMA`` and Q loaded by TMA too):
+    the whole row in one warp-specialized tensor-descriptor loop, every block masked by
+    ``kv_len`` unless ``EVEN_KV`` (``num_unmasked`` is unused): Triton's Hopper pass fails on a
+    kernel with a second loop of ``tl.dot`` (with pointer loads, triton-lang/triton#9728, or
+    tensor-descriptor ones) or a while loop (:func:`count_unmasked_blocks`)."""
+    if WARP_SPECIALIZE:
+        return attend_kv_blocks_tma(
+            acc, l_i, m_i, q, index_ptr, 0, count,
+            k_desc, v_desc, k_row, k_col, v_row, v_col, qk_scale,
+            KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            UPCAST_OPERANDS=UPCAST_OPERANDS, INT8_QK=INT8_QK, k_scale_row=k_scale_row,
+            FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T, WARP_SPECIALIZE=True,
+            MASK_KV=not EVEN_KV, kv_len=kv_len,
+        )
     if USE_TMA:
         acc, l_i, m_i = attend_kv_blocks_tma(
             acc, l_i, m_i, q, index_ptr, 0, num_unmasked,
@@ -423,6 +488,21 @@ def count_unmasked_blocks(index_ptr, count, kv_len, KV_BLOCK: tl.constexpr, EVEN
 
 
 @triton.jit
+def load_q_tile(
+    q_base, stride_qs, seq_q, q_row_start, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The ``[BLOCK_M, BLOCK_D]`` query tile at row ``q_row_start`` of the ``[seq_q, BLOCK_D]``
+    matrix at ``q_base`` (row stride ``stride_qs``, 16-byte aligned), by a tensor descriptor
+    built on the device; rows past ``seq_q`` read as zeros. The warp-specialized kernels load Q
+    this way: Triton's Hopper pass fails on a pointer-loaded MMA operand, and it splits the tile
+    between its two consumer warp groups, which a host-built descriptor's fixed block forbids."""
+    desc = tl.make_tensor_descriptor(
+        q_base, shape=[seq_q, BLOCK_D], strides=[stride_qs, 1], block_shape=[BLOCK_M, BLOCK_D]
+    )
+    return desc.load([q_row_start, 0])
+
+
+@triton.jit
 def normalized_output(acc, l_i, m_i):
     """``(acc / l, lse)`` with LSE in natural-log units; a row that visited no valid key gets
     output 0 and LSE -inf, never 0/0."""
@@ -433,6 +513,43 @@ def normalized_output(acc, l_i, m_i):
 
 
 # --------------------------------------------------------------------------- host side
+# Hopper automatic warp specialization, an experiment (off by default; benchmarks/fp8_tune.py
+# times it). True runs the bf16 and quantized kernels' plan rows in one tensor-descriptor loop
+# tl.range(..., warp_specialize=True), which Triton >= 3.5 splits on Hopper into a TMA producer
+# warp group and two consumer groups (MMAs and softmax). Triton's pass accepts only such a
+# kernel: Q loaded by a device-built descriptor (load_q_tile; on a GPU it needs an allocator,
+# triton.set_allocator), no while loop and no second loop of tl.dot, so the row's last block is
+# masked inside the loop (attend_plan_row). It applies where warp_specialization_applies and
+# Q, K and V have tensor-descriptor views (head_dim 64 or 128, contiguous; Hopper, or the CPU
+# interpreter, which ignores warp_specialize and so checks the loop's arithmetic); elsewhere the
+# plain kernels run. Off, the kernels are the plain ones on any Triton.
+WARP_SPECIALIZE = False
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the warp-specialized kernels: 128-row query tiles
+# on 4 warps, which Triton's Hopper pass splits between two consumer warp groups of 64 rows
+# (FA3's layout) and a TMA producer group, 12 warps in all. With 64-row tiles Triton 3.6 gives
+# both consumer groups the same rows (twice the work); with 8 warps it does not specialize.
+WARP_SPECIALIZED_CONFIG = (128, 128, 4, 2)
+
+
+def warp_specialization_applies(plan: BlockSparsity, key_lengths: torch.Tensor | None) -> bool:
+    """Whether the warp-specialized kernels can run ``plan``: 128-token key and query blocks
+    (or multiples), and no key lengths (their last key block is read whole, see
+    :func:`attend_plan_row`). The launchers also need tensor-descriptor views of Q, K and V."""
+    return key_lengths is None and plan.q_block_size % 128 == 0 and plan.kv_block_size % 128 == 0
+
+
+def warp_specialize_setting() -> bool:
+    """:data:`WARP_SPECIALIZE`, checked: a bool, and supported by this Triton's ``tl.range``."""
+    if not isinstance(WARP_SPECIALIZE, bool):
+        raise ValueError(f"WARP_SPECIALIZE must be True or False, got {WARP_SPECIALIZE!r}")
+    if WARP_SPECIALIZE and "warp_specialize" not in inspect.signature(tl.range).parameters:
+        raise RuntimeError(
+            "WARP_SPECIALIZE needs tl.range(..., warp_specialize=...), which Triton "
+            f"{triton.__version__} does not have"
+        )
+    return WARP_SPECIALIZE
+
+
 # Launch key -> the configuration that fitted this GPU at its first launch (see
 # launch_with_fallback). Tuning scripts clear it to measure a configuration afresh.
 working_launch_configs: dict[tuple, tuple[int, int, int, int]] = {}
@@ -491,13 +608,25 @@ def plan_strides(plan: BlockSparsity) -> tuple[int, int, int, int, int]:
     )
 
 
-def tma_view(x: torch.Tensor, layout: str, interpret: bool, dtypes=(torch.float16, torch.bfloat16)):
-    """The 2-D view of K or V for tensor-descriptor loads (``[B*S, H*D]`` for bshd, ``[B*H*S, D]``
-    for bhsd), or None where that path does not apply: Hopper or newer, a dtype of ``dtypes``,
-    head_dim 64 or 128, contiguous, 16-byte aligned."""
-    if interpret or TensorDescriptor is None or x.device.type != "cuda":
-        return None
-    if torch.cuda.get_device_capability(x.device)[0] < 9:
+def tma_device(x: torch.Tensor, interpret: bool, on_interpreter: bool = False) -> bool:
+    """Whether ``x``'s device runs tensor-descriptor loads: Hopper or newer, or the CPU
+    interpreter when ``on_interpreter``."""
+    if TensorDescriptor is None:
+        return False
+    if interpret:
+        return on_interpreter
+    return x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def tma_view(
+    x: torch.Tensor, layout: str, interpret: bool, dtypes=(torch.float16, torch.bfloat16),
+    on_interpreter: bool = False,
+):
+    """The 2-D view of Q, K or V for tensor-descriptor loads (``[B*S, H*D]`` for bshd,
+    ``[B*H*S, D]`` for bhsd), or None where that path does not apply: Hopper or newer (or the
+    CPU interpreter, which runs tensor-descriptor loads too, with ``on_interpreter``), a dtype of
+    ``dtypes``, head_dim 64 or 128, contiguous, 16-byte aligned."""
+    if not tma_device(x, interpret, on_interpreter):
         return None
     if x.dtype not in dtypes or x.shape[-1] not in (64, 128):
         return None

@@ -1,0 +1,99 @@
+"""``triton_common.WARP_SPECIALIZE`` on the CPU interpreter.
+
+The warp-specialized kernels restructure a plan row (one tensor-descriptor loop over all its key
+blocks, the ragged last block masked inside the loop and read whole, Q by a device-built
+descriptor); Triton's warp specialization itself is a GPU compile pass that the interpreter
+ignores (``benchmarks/fp8_tune.py`` checks and times it on a GPU). So here: the restructured
+kernels give the plain kernels' output and LSE exactly, and the plain kernels run where the
+switch does not apply.
+"""
+
+import pytest
+import torch
+
+from fastdit.kernels import BlockSparsity, block_sparse_attention
+from fastdit.kernels.triton import attention, int8_attention, triton_common
+from tests.kernels.test_int8_attention import make
+
+
+class _LaunchSpy:
+    """Stands in for a kernel: records ``(USE_TMA, WARP_SPECIALIZE)`` of each launch, then
+    launches the kernel."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((kwargs["USE_TMA"], kwargs["WARP_SPECIALIZE"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list:
+    recorded = []
+    for module, name in ((attention, "_block_sparse_attn_fwd"),
+                         (int8_attention, "_int8_block_sparse_attn_fwd")):
+        monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), recorded))
+    return recorded
+
+
+def run_both(monkeypatch, q, k, v, plan, **kwargs):
+    """``block_sparse_attention`` with the switch off, then on: ``{False: (out, lse), True: ...}``."""
+    results = {}
+    for switch in (False, True):
+        monkeypatch.setattr(triton_common, "WARP_SPECIALIZE", switch)
+        results[switch] = block_sparse_attention(q, k, v, plan, backend="triton", return_lse=True,
+                                                 **kwargs)
+    return results
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("quantize", [None, "int8-fp8"], ids=["bf16", "int8-fp8"])
+def test_warp_specialized_kernels_match_plain(rng, monkeypatch, launches, quantize, layout):
+    # Batch 2, S_q != S_kv, both ragged: the last key block (72 keys) is read whole, so its tile
+    # holds the next batch's or head's keys (or zeros past the end) and only the mask in the
+    # loop keeps them out. Per batch-and-head random plans, an empty row (output 0, LSE -inf).
+    batch, seq_q, seq_kv, heads, head_dim = 2, 300, 200, 2, 64
+    shape = lambda s: (batch, s, heads, head_dim) if layout == "bshd" else (batch, heads, s, head_dim)  # noqa: E731
+    q = make(rng, shape(seq_q), torch.bfloat16)
+    k = make(rng, shape(seq_kv), torch.bfloat16, offset=3.0, offset_shape=(head_dim,))
+    v = make(rng, shape(seq_kv), torch.bfloat16)
+    block_map = torch.rand(batch, heads, 3, 2, generator=rng) < 0.6
+    block_map[:, :, :, 1] |= torch.rand(batch, heads, 3, generator=rng) < 0.5
+    block_map[0, 0, 1] = False
+    block_map[1, 1, 2, 1] = True
+    plan = BlockSparsity.from_block_map(block_map)
+    results = run_both(monkeypatch, q, k, v, plan, layout=layout, quantize=quantize)
+    assert launches == [(False, False), (True, True)]
+    (plain, plain_lse), (specialized, specialized_lse) = results[False], results[True]
+    assert not plain.isnan().any() and plain.abs().max() > 0
+    assert torch.equal(specialized, plain)
+    assert torch.equal(specialized_lse, plain_lse)
+    rows = slice(128, 256)
+    empty = plain[0, rows, 0] if layout == "bshd" else plain[0, 0, rows]
+    assert not empty.any() and torch.isneginf(plain_lse[0, 0, rows]).all()
+
+
+@pytest.mark.parametrize("case", ["key_padding", "block_64", "head_dim_80"])
+def test_plain_kernels_where_it_does_not_apply(rng, monkeypatch, launches, case):
+    # Key lengths (the last block is read whole), 64-token blocks (Triton 3.6 repeats 64-row
+    # tiles in both consumer groups), no tensor-descriptor view (head_dim 80): the plain kernel.
+    seq, heads = 200, 2
+    head_dim = 80 if case == "head_dim_80" else 64
+    q, k, v = (make(rng, (1, seq, heads, head_dim), torch.bfloat16) for _ in range(3))
+    block = 64 if case == "block_64" else 128
+    plan = BlockSparsity.dense(seq, seq, block)
+    kwargs = dict(key_padding=torch.tensor([150])) if case == "key_padding" else {}
+    results = run_both(monkeypatch, q, k, v, plan, **kwargs)
+    assert launches == [(False, False), (False, False)]
+    assert torch.equal(results[True][0], results[False][0])
+
+
+def test_setting_must_be_a_bool(rng, monkeypatch):
+    q = make(rng, (1, 128, 1, 64), torch.bfloat16)
+    monkeypatch.setattr(triton_common, "WARP_SPECIALIZE", 1)
+    with pytest.raises(ValueError, match="WARP_SPECIALIZE must be True or False, got 1"):
+        block_sparse_attention(q, q, q, BlockSparsity.dense(128, 128), backend="triton")
