@@ -68,6 +68,7 @@ from benchmarks.harness import (  # noqa: E402
     SHAPES,
     SMOKE_SHAPES,
     Timing,
+    accuracy,
     add_out_argument,
     benchmark_ms,
     random_block_map,
@@ -91,19 +92,6 @@ def fp8_variant(accumulation: int, transposed: bool):
         yield
     finally:
         int8_attention.FP8_ACCUMULATION, int8_attention.V_TRANSPOSED = saved
-
-
-def accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(cosine, relative L1) over the whole tensor, fp64 sums in chunks along the sequence."""
-    dot = norm_out = norm_ref = diff = total = 0.0
-    for i in range(0, out.shape[1], 4096):
-        a, b = out[:, i : i + 4096].double(), ref[:, i : i + 4096].double()
-        dot += (a * b).sum().item()
-        norm_out += (a * a).sum().item()
-        norm_ref += (b * b).sum().item()
-        diff += (a - b).abs().sum().item()
-        total += b.abs().sum().item()
-    return dot / math.sqrt(norm_out * norm_ref), diff / total
 
 
 def peer_calls(q, k, v, device) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import re
 import time
 from collections.abc import Callable
@@ -155,3 +156,17 @@ def time_cfg_steps(model: torch.nn.Module, inputs, device: torch.device, *, step
         timer.remove()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return StepTiming(step_ms, timer_ms, output, peak)
+
+
+def accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(cosine similarity, relative L1) of ``out`` against ``ref`` over the whole tensor, fp64
+    accumulation in chunks along the sequence (dim 1)."""
+    dot = norm_out = norm_ref = diff = total = 0.0
+    for i in range(0, out.shape[1], 4096):
+        a, b = out[:, i : i + 4096].double(), ref[:, i : i + 4096].double()
+        dot += (a * b).sum().item()
+        norm_out += (a * a).sum().item()
+        norm_ref += (b * b).sum().item()
+        diff += (a - b).abs().sum().item()
+        total += b.abs().sum().item()
+    return dot / math.sqrt(norm_out * norm_ref), diff / total

@@ -56,6 +56,7 @@ from benchmarks.harness import (  # noqa: E402
     SMOKE_SHAPES,
     Shape,
     Timing,
+    accuracy,
     add_out_argument,
     banded_block_map,
     benchmark_ms,
@@ -86,20 +87,6 @@ CSV_FIELDS = (
     "status", "ms", "tops", "speedup_vs_bf16", "cosine", "rel_l1", "cosine_offset_k",
     "rel_l1_offset_k", "error",
 )
-
-
-def accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(cosine similarity, relative L1) of ``out`` against ``ref`` over the whole tensor, fp64
-    accumulation in chunks."""
-    dot = norm_out = norm_ref = diff = total = 0.0
-    for i in range(0, out.shape[1], 4096):
-        a, b = out[:, i : i + 4096].double(), ref[:, i : i + 4096].double()
-        dot += (a * b).sum().item()
-        norm_out += (a * a).sum().item()
-        norm_ref += (b * b).sum().item()
-        diff += (a - b).abs().sum().item()
-        total += b.abs().sum().item()
-    return dot / math.sqrt(norm_out * norm_ref), diff / total
 
 
 class ShapeRun:

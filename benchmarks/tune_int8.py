@@ -44,7 +44,7 @@ from fastdit.kernels.triton import triton_common  # noqa: E402
 from fastdit.kernels.triton import int8_attention as int8_module  # noqa: E402
 from fastdit.kernels.quantized import key_mean  # noqa: E402
 from benchmarks.harness import SHAPES  # noqa: E402  (the core kernel benchmark's shapes)
-from benchmarks.int8_bench import accuracy  # noqa: E402  (cosine and relative L1, fp64 in chunks)
+from benchmarks.harness import accuracy  # noqa: E402  (cosine and relative L1, fp64 in chunks)
 
 BLOCK = 128
 HEAD_DIM = 128
