@@ -74,6 +74,7 @@ from benchmarks.harness import (  # noqa: E402
     random_block_map,
     synchronize,
 )
+from fastdit.files import atomic_write_text  # noqa: E402
 from fastdit.kernels import BlockSparsity, block_sparse_attention, explain_backends  # noqa: E402
 from fastdit.kernels.triton import int8_attention  # noqa: E402
 
@@ -469,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"
-    path.write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, elapsed_s=elapsed, rows=rows,
+    atomic_write_text(path, json.dumps(dict(gpu=gpu, torch=torch.__version__, elapsed_s=elapsed, rows=rows,
                                     verdicts=lines), indent=1))
     print(f"elapsed {elapsed} s; wrote {path}")
     return 0

@@ -54,6 +54,7 @@ if not __package__:  # run as a file: the imports below need the package (see be
     sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from benchmarks.harness import add_out_argument, device_slug  # noqa: E402
+from fastdit.files import atomic_write_text  # noqa: E402
 from fastdit.kernels import BlockSparsity  # noqa: E402
 from fastdit.kernels.quantized import FP8_E4M3_MAX  # noqa: E402
 from fastdit.kernels.reference import (  # noqa: E402
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{device_slug(None)}{'-smoke' if args.smoke else ''}_{datetime.date.today().isoformat()}"
     path = out_dir / f"fp8_error_budget_{name}.json"
     cases = {case: dict(k_offset=k_off, v_offset=v_off) for case, (k_off, v_off) in CASES.items()}
-    path.write_text(json.dumps(dict(seq=args.seq, heads=args.heads, head_dim=args.head_dim,
+    atomic_write_text(path, json.dumps(dict(seq=args.seq, heads=args.heads, head_dim=args.head_dim,
                                     seeds=args.seeds, cases=cases, rows=rows,
                                     fastdit_reference_check=check, elapsed_s=elapsed, table=lines),
                                indent=1))

@@ -66,6 +66,7 @@ from benchmarks.harness import (  # noqa: E402
     device_slug,
     random_block_map,
 )
+from fastdit.files import atomic_write_text  # noqa: E402
 from fastdit.kernels import BlockSparsity, block_sparse_attention, explain_backends  # noqa: E402
 from fastdit.kernels.quantized import key_mean  # noqa: E402
 from fastdit.kernels.triton import attention, int8_attention, triton_common  # noqa: E402
@@ -484,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         name = f"{device_slug(gpu)}{'-smoke' if args.smoke else ''}_{datetime.date.today().isoformat()}"
         path = out_dir / f"fp8_tune_{name}.json"
-        path.write_text(json.dumps(dict(
+        atomic_write_text(path, json.dumps(dict(
             gpu=gpu or "cpu", torch=torch.__version__, shape=sweep.shape.name,
             elapsed_s=round(sweep.elapsed(), 1), rows=sweep.rows, summary=lines), indent=1))
         print(f"elapsed {sweep.elapsed():.1f} s; wrote {path}")

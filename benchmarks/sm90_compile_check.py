@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from benchmarks.harness import add_out_argument  # noqa: E402
+from fastdit.files import atomic_write_text  # noqa: E402
 
 MODES = ("bf16", "int8", "int8-fp8", "fp8")
 SEQ_LEN, HEADS, HEAD_DIM, BLOCK = 75_600, 2, 128, 128  # heads only multiply the grid
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / (f"sm90_compile_check_triton{triton.__version__}_"
                        f"{datetime.date.today().isoformat()}.json")
-    path.write_text(json.dumps(dict(triton=triton.__version__, fp8_config=args.fp8_config,
+    atomic_write_text(path, json.dumps(dict(triton=triton.__version__, fp8_config=args.fp8_config,
                                     rows=rows), indent=1))
     print(f"wrote {path}")
     return 0 if all(row["status"] == "ok" for row in rows) else 1

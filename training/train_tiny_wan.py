@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fastdit.files import atomic_path, atomic_write_text  # noqa: E402
 from fastdit.quality import analyze, build_word_tokenizer, heldout_specs, render, sample_specs  # noqa: E402
 from fastdit.quality.clips import vocabulary  # noqa: E402
 
@@ -362,11 +363,10 @@ def save_vae_stage(pipe, args, vae_losses, reconstruction, timings, log):
     stage = dict(losses=vae_losses, reconstruction=reconstruction,
                  seconds={k: round(v, 1) for k, v in timings.items()},
                  wall_seconds=round(time.time() - log.start, 1), args=vars(args))
-    with open(os.path.join(folder, "stage.json"), "w") as f:
-        json.dump(stage, f)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(dict(vae_reconstruction=reconstruction, vae_losses=vae_losses,
-                       seconds=stage["seconds"], args=vars(args)), f, indent=1)
+    atomic_write_text(os.path.join(folder, "stage.json"), json.dumps(stage))
+    atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(
+        dict(vae_reconstruction=reconstruction, vae_losses=vae_losses, seconds=stage["seconds"],
+             args=vars(args)), indent=1))
     log(f"saved the VAE stage to {folder}")
 
 
@@ -460,7 +460,7 @@ def export(pipe, out, folder, log):
     total = sum(os.path.getsize(os.path.join(root, name))
                 for root, _, names in os.walk(folder) for name in names)
     tar_path = os.path.join(out, "tiny_wan.tar")
-    with tarfile.open(tar_path, "w") as tar:
+    with atomic_path(tar_path) as temporary, tarfile.open(temporary, "w") as tar:
         tar.add(folder, arcname="tiny_wan")
     log(f"exported {folder} ({total / 2**20:.1f} MB) and {tar_path}")
     if total > 25 * 2**20:
@@ -529,8 +529,7 @@ def write_defaults(folder, sizes, args, results):
                     num_inference_steps=args.eval_steps, guidance_scale=args.guidance,
                     prompt=prompt, smoke=bool(args.smoke),
                     heldout_accuracy=results.get("heldout", {}).get("accuracy"))
-    with open(os.path.join(folder, "fastdit_defaults.json"), "w") as f:
-        json.dump(defaults, f, indent=1)
+    atomic_write_text(os.path.join(folder, "fastdit_defaults.json"), json.dumps(defaults, indent=1))
     return defaults
 
 
@@ -743,7 +742,8 @@ def main(argv=None):
     timings["eval"] = time.time() - t0
     write_samples(samples, os.path.join(args.out, "samples.png"))
     defaults = write_defaults(folder, sizes, args, results)
-    with tarfile.open(os.path.join(args.out, "tiny_wan.tar"), "w") as tar:
+    with atomic_path(os.path.join(args.out, "tiny_wan.tar")) as temporary, \
+            tarfile.open(temporary, "w") as tar:
         tar.add(folder, arcname="tiny_wan")
     log(f"defaults for fastdit generate: {defaults}")
     total = time.time() - log.start + timings.get("vae_stage", 0.0)
@@ -757,8 +757,7 @@ def main(argv=None):
                     transformer_long_step=[long for _, long in dit_losses]),
         eval=results,
     )
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
     log(f"done in {total:.0f} s ({total / 60:.2f} min on {metrics['device']}); "
         f"stages {metrics['seconds']}")
     for name, result in results.items():
