@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import imageio.v2 as imageio
 
-    from fastdit.compare import read_video
+    from fastdit.cli.compare import read_video
 
     imageio.imwrite(args.output, frame_strip(read_video(args.video), args.frames, args.side))
     print(f"wrote {args.output}")
