@@ -31,10 +31,17 @@ if not __package__:  # run as a file: the imports below need the package (see be
     sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
 
 from benchmarks.harness import default_out  # noqa: E402
+from fastdit.files import atomic_write_text  # noqa: E402
 from fastdit.kernels import BlockSparsity, block_mass, block_mean_pool, block_sparse_attention  # noqa: E402
 from fastdit.kernels.reference import attention_reference, block_mass_reference  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# quantize="fp8" against its tile model: Hopper's FP8 MMA sums e4m3 Q.K^T with reduced precision,
+# the model in fp32. Score changes the LSE check still bounds (1e-3) flip some e4m3(448 p) to the
+# neighbouring value, each moving the output by 6-12% of p |v| / l, whatever the output dtype: on
+# the H200 (2026-12-02) 6.2e-3 and 1.6e-2 in fp16 with the LSE within 2.7e-4; replayed on the CPU
+# (python -m benchmarks.fp8_score_sensitivity) LSE changes of 1e-4-1.6e-4 moved it up to 1.7e-2.
+FP8_QK_OUTPUT_TOLERANCE = 3e-2
 results: list[dict] = []
 
 
@@ -417,7 +424,8 @@ def fp8_case(name, q, k, v, plan, layout, block, acc, transposed, padding, dtype
     )
     finite = torch.isfinite(ref_lse)
     same_empty = torch.equal(torch.isneginf(lse), ~finite)
-    record(name, max_abs_error(out, ref) if same_empty else float("nan"), TOLERANCE[dtype])
+    tolerance = max(TOLERANCE[dtype], FP8_QK_OUTPUT_TOLERANCE) if fp8_qk else TOLERANCE[dtype]
+    record(name, max_abs_error(out, ref) if same_empty else float("nan"), tolerance)
     record(name + " lse", (lse[finite] - ref_lse[finite]).abs().max().item(), 1e-3)
 
 
@@ -460,6 +468,22 @@ def check_fp8_accuracy(generator: torch.Generator) -> None:
         int8_attention.FP8_ACCUMULATION = default
 
 
+def enable_warp_specialization() -> None:
+    """``triton_common.WARP_SPECIALIZE`` on for this process, with the allocator Triton needs
+    for the device-built Q descriptor of the warp-specialized kernels."""
+    import triton
+
+    from fastdit.kernels.triton import triton_common
+
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(allocate)
+    triton_common.WARP_SPECIALIZE = True
+    triton_common.warp_specialize_setting()  # this Triton has tl.range(warp_specialize=...)
+    print("WARP_SPECIALIZE on", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
@@ -467,8 +491,14 @@ def main() -> int:
     parser.add_argument("--head-dims", default="64,96,128,256", help="reference section head dims")
     parser.add_argument("--smoke", action="store_true",
                         help="the fp8 section at tiny shapes on the CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--warp-specialize", action="store_true",
+                        help="run the sections with triton_common.WARP_SPECIALIZE on (its cases "
+                             "with 128-token blocks, no key lengths and head_dim 64 or 128 take "
+                             "the warp-specialized kernels), so that it can become the default")
     args = parser.parse_args()
     sections = args.sections.split(",")
+    if args.warp_specialize:
+        enable_warp_specialization()
     if args.smoke:
         generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
         check_fp8(generator, device="cpu", smoke=True)
@@ -507,8 +537,10 @@ def main() -> int:
     failed = [r for r in results if not r["ok"]]
     out_dir = os.environ.get("OUT") or str(default_out())
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+    name = "gpu_check_warp_specialized.json" if args.warp_specialize else "gpu_check.json"
+    atomic_write_text(os.path.join(out_dir, name), json.dumps(
+        {"gpu": torch.cuda.get_device_name(), "warp_specialize": args.warp_specialize,
+         "results": results}, indent=1))
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
