@@ -2,8 +2,20 @@
 # One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
 #   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
 # Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families, fp8check,
-# fp8bench, fp8e2e, fp8tune, wscheck, compose14, agent, trainvae, traindit, remeasure:<old checkout>,
-# custom:<command>.
+# fp8bench, fp8e2e, fp8tune, wscheck, compose14, agent, trainvae, traindit, traindit-resume,
+# remeasure:<old checkout>, custom:<command>.
+# traindit-resume (about 570 s: ~15 s set-up, 40 s latent pool, 490 s of transformer, ~25 s export
+# and evaluation) continues training the transformer of ${RESUME_FROM:-fastdit/assets/tiny_wan}
+# (training/train_tiny_wan.py --resume-from), exports to /tmp/tiny_wan on the machine (replacing
+# it) and returns RESULTS_DIR-train/ (train.log, metrics.json, loss.png, samples.png,
+# tiny_wan.tar.part*). Chaining calls: the second continues from the first's export, kept on the
+# warm machine:
+#   bash benchmarks/gpu_session.sh $OUT/r1 traindit-resume
+#   RESUME_FROM=/tmp/tiny_wan bash benchmarks/gpu_session.sh $OUT/r2 traindit-resume
+# If the machine was given back in between, rebuild the folder from the returned parts inside the
+# working tree (untracked, not ignored, so it travels): cat r1-train/tiny_wan.tar.part* | tar x -C
+# .resume, then RESUME_FROM=.resume/tiny_wan. Each call's tiny_wan/fastdit_defaults.json keeps the
+# cumulative training record (steps, seconds, one entry per run).
 # Each step's output goes to
 # RESULTS_DIR/<step>.log (and its files under RESULTS_DIR/<step>/); at exit the folder is packed into
 # RESULTS_DIR.tgz, so a step that runs out of time still leaves what the others wrote.
@@ -61,6 +73,12 @@ for s in "$@"; do
       step traindit 590 bash -c "mkdir -p '$out-train' && cp '$stage/train.log' '$out-train/' \
              && python3 training/train_tiny_wan.py --stage dit --vae-from '$stage/vae' \
              --out '$out-train' --pipeline-dir /tmp/tiny_wan --device cuda \
+             && split -b 15M '$out-train/tiny_wan.tar' '$out-train/tiny_wan.tar.part' \
+             && rm '$out-train/tiny_wan.tar'" ;;
+    traindit-resume) from=${RESUME_FROM:-fastdit/assets/tiny_wan}
+      step traindit-resume 590 bash -c "mkdir -p '$out-train' && python3 training/train_tiny_wan.py \
+             --stage dit --resume-from '$from' --out '$out-train' --pipeline-dir /tmp/tiny_wan \
+             --device cuda --dit-seconds 490 --pool-seconds 40 --profile-steps 10 \
              && split -b 15M '$out-train/tiny_wan.tar' '$out-train/tiny_wan.tar.part' \
              && rm '$out-train/tiny_wan.tar'" ;;
     # Issue 14's "within 3% of before the move": the 1.3B kernel maps and Dense/Radial end to end,

@@ -5,6 +5,9 @@ command, within a fixed wall-clock budget.
     # or in two calls of a time-limited machine (~8.7 and ~8 min):
     python training/train_tiny_wan.py --out OUT --device cuda --stage vae
     python training/train_tiny_wan.py --out OUT --device cuda --stage dit --vae-from OUT/vae
+    # continue training the transformer of an exported pipeline, one time-limited call at a time:
+    python training/train_tiny_wan.py --out OUT2 --device cuda --stage dit \
+        --resume-from fastdit/assets/tiny_wan --dit-seconds 490 --pool-seconds 40
     python training/train_tiny_wan.py --out OUT --smoke           # toy sizes, CPU, ~2 min
     python training/train_tiny_wan.py --time-cpu-generation       # random weights, CPU timing
 
@@ -24,17 +27,40 @@ Stages (each time-budgeted where it matters, all seeded by ``--seed``):
 3. **Transformer** (``WanTransformer3DModel``, patch 1x2x2) and the **UMT5 encoder**, jointly,
    by flow matching exactly as ``WanPipeline`` samples it: ``x_t = (1 - s) x_0 + s e``, target
    ``e - x_0``, timestep ``1000 s`` with ``s`` shifted by UniPC's ``flow_shift``; prompts encoded
-   by the pipeline's own ``_get_t5_prompt_embeds`` (512 tokens, zero padded); 10% empty prompts
-   for classifier-free guidance; EMA weights exported. For ``--dit-seconds``.
+   as the pipeline's ``_get_t5_prompt_embeds`` encodes them (512 positions, zero beyond the
+   caption), from tokens prepared once per pool on the device; 10% empty prompts for
+   classifier-free guidance; EMA weights exported. For ``--dit-seconds``. No step waits for the
+   device (the per-step tokenizing and host-to-device copies of the first runs each synchronised
+   it). The log shows the loss by latent frame relative to the mean (frame 0 is the first video
+   frame alone); ``--profile-steps N`` logs a ``torch.profiler`` table of N steps.
 4. **Export** with ``WanPipeline.save_pretrained`` (safetensors, bf16 weights) and a tar of it.
 5. **Evaluation**: the stock ``WanPipeline.from_pretrained`` of the exported folder generates the
    held-out captions (combinations never trained on), a few training captions and a few long
    videos; :func:`fastdit.quality.score` reads colour, shape and motion from each.
 
+**Resuming** (``--stage dit --resume-from PIPELINE_DIR``, a folder this script exported, such as
+``fastdit/assets/tiny_wan``): the whole pipeline is loaded from the folder (transformer, text
+encoder, VAE, tokenizer, scheduler), after checking that its configs match this run's sizes (same
+``--size``/``--smoke`` as the run that made it, else it stops naming each differing value). The
+latent pool is rebuilt with that VAE from new clips (the data seed moves on with each resume) and
+normalised with the folder's ``latents_mean``/``latents_std`` (what its transformer learned
+on), not re-estimated. Training restarts from the exported (EMA) weights with a fresh AdamW: a
+linear warm-up over ``--dit-warmup`` steps (200: Adam's second moments, beta2 0.99, settle in
+~100 steps; from zero moments the first updates would have the full step size whatever the
+gradient), then the same cosine from ``--dit-lr`` to 10% over this call's ``--dit-seconds``: a
+warm restart, because the first run's loss was still falling when its schedule ended, and each
+call ends annealed, so every exported folder is a finished model. The EMA starts from the loaded
+weights at its full decay (its ramp counts the steps of earlier runs). The pipeline folder's
+``fastdit_defaults.json`` records the training under ``training``: VAE steps and seconds,
+cumulative transformer steps and seconds, wall seconds of all calls, and one entry per
+transformer run, accumulated across resumes.
+
 Writes to ``--out``: ``tiny_wan/`` (the pipeline, with ``fastdit_defaults.json``: the size, steps,
-guidance and demo prompt ``fastdit generate`` uses for it), ``tiny_wan.tar``, ``loss.png``,
-``metrics.json``, ``samples.png`` and ``train.log``. Copy ``tiny_wan/`` to
-``fastdit/assets/tiny_wan/`` to make it the embedded default model.
+guidance and demo prompt ``fastdit generate`` uses for it, and the training record),
+``tiny_wan.tar``, ``loss.png``, ``metrics.json``, ``samples.png`` and ``train.log``. The
+pipeline folder is written under a temporary name and renamed into place, so ``--pipeline-dir``
+may be the folder the run resumed from. Copy ``tiny_wan/`` to ``fastdit/assets/tiny_wan/`` to
+make it the embedded default model.
 """
 
 from __future__ import annotations
@@ -45,6 +71,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tarfile
 import time
@@ -257,13 +284,187 @@ def train_vae(pipe, sizes, args, device, log):
     return losses
 
 
+# The training record in the pipeline folder's fastdit_defaults.json (under "training"), kept
+# across resumes. Seconds: "vae_seconds" and "transformer_seconds" are the training loops alone;
+# "wall_seconds" is every call that made the folder (set-up, latent pool, export and evaluation
+# included), on "device". "complete" is false when a folder without a record was resumed (its
+# earlier training is not counted).
+RECORD_KEY = "training"
+TEXT_ENCODER_SIZE_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                          "relative_attention_num_buckets", "relative_attention_max_distance",
+                          "feed_forward_proj")
+
+
+def new_training_record(vae_steps, vae_seconds, wall_seconds, device_name, complete=True):
+    return dict(vae_steps=int(vae_steps), vae_seconds=round(float(vae_seconds), 1),
+                transformer_steps=0, transformer_seconds=0.0,
+                wall_seconds=round(float(wall_seconds), 1), device=device_name,
+                complete=bool(complete), runs=[])
+
+
+def read_pipeline_defaults(folder):
+    """The folder's ``fastdit_defaults.json`` ({} when it has none)."""
+    path = os.path.join(folder, "fastdit_defaults.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def add_transformer_run(record, run):
+    """``record`` with one more transformer run (a new dict: ``record`` is left as it was)."""
+    record = copy.deepcopy(record)
+    record["transformer_steps"] += int(run["steps"])
+    record["transformer_seconds"] = round(record["transformer_seconds"] + run["seconds"], 1)
+    record["runs"].append(dict(run))
+    return record
+
+
+def _json_value(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def size_mismatches(reference, loaded, sizes, defaults):
+    """How the pipeline ``loaded`` differs from ``reference`` (this run's :func:`build_pipeline`)
+    in what fixes the weights' shapes and the data: one line per differing value."""
+    problems = []
+    for name in ("transformer", "vae"):
+        here, there = dict(getattr(reference, name).config), dict(getattr(loaded, name).config)
+        for key in sorted(set(here) & set(there)):
+            if key.startswith("_") or key in ("latents_mean", "latents_std"):
+                continue
+            if _json_value(there[key]) != _json_value(here[key]):
+                problems.append(f"{name} {key}: {_json_value(there[key])} in the folder, "
+                                f"{_json_value(here[key])} here")
+    for key in TEXT_ENCODER_SIZE_KEYS:
+        there = getattr(loaded.text_encoder.config, key, None)
+        here = getattr(reference.text_encoder.config, key, None)
+        if there != here:
+            problems.append(f"text_encoder {key}: {there} in the folder, {here} here")
+    data = (("height", sizes.height), ("width", sizes.width), ("num_frames", sizes.frames))
+    for key, here in data:
+        if key in defaults and defaults[key] != here:
+            problems.append(f"{key} (fastdit_defaults.json): {defaults[key]} in the folder, "
+                            f"{here} here")
+    z_dim = reference.vae.config.z_dim
+    for key in ("latents_mean", "latents_std"):
+        values = loaded.vae.config.get(key) or []
+        if len(values) != z_dim:
+            problems.append(f"vae {key}: {len(values)} values in the folder, z_dim {z_dim} here")
+    there, here = loaded.tokenizer.get_vocab(), reference.tokenizer.get_vocab()
+    if there != here:
+        same = " (same size, other words or order)" if len(there) == len(here) else ""
+        problems.append(f"tokenizer vocabulary: {len(there)} words in the folder, {len(here)} "
+                        f"here{same}")
+    return problems
+
+
+def load_resumed_pipeline(reference, sizes, args, device, log):
+    """The pipeline of ``--resume-from`` (every component, fp32 on ``device``), its
+    ``fastdit_defaults.json`` and its training record. Stops (SystemExit) when the folder is not
+    an exported pipeline or was trained at other sizes than ``reference``'s, naming each
+    differing value."""
+    from diffusers import WanPipeline
+
+    folder = args.resume_from
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise SystemExit(f"--resume-from {folder}: not an exported pipeline folder (no "
+                         f"model_index.json); it takes the tiny_wan folder of a --stage dit or "
+                         f"--stage all run, e.g. fastdit/assets/tiny_wan")
+    loaded = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+    defaults = read_pipeline_defaults(folder)
+    problems = size_mismatches(reference, loaded, sizes, defaults)
+    if problems:
+        raise SystemExit(f"--resume-from {folder} does not match this run's sizes: "
+                         f"{'; '.join(problems)}. Resume with the --size/--smoke settings of the "
+                         f"run that exported it.")
+    record = defaults.get(RECORD_KEY)
+    if record is None:
+        log(f"WARNING: {folder} has no training record (fastdit_defaults.json, "
+            f"'{RECORD_KEY}'): cumulative steps and seconds count from this run on")
+        record = new_training_record(0, 0, 0, None, complete=False)
+    else:
+        log(f"resuming {folder}: {record['transformer_steps']} transformer steps "
+            f"({record['transformer_seconds']} s) in {len(record['runs'])} earlier run(s), "
+            f"{record['wall_seconds']} s of calls in all; held-out accuracy "
+            f"{defaults.get('heldout_accuracy')}")
+    return loaded.to(device), defaults, record
+
+
+TEXT_LENGTH = 512  # WanPipeline's max_sequence_length: the transformer always sees 512 positions
+
+
+@dataclass
+class Pool:
+    """Encoded clips of one length, and their captions' tokens prepared once on the device."""
+
+    latents: torch.Tensor  # (N, C, T, H, W) bf16, normalised
+    captions: list
+    ids: torch.Tensor  # (N, L) token ids, cut to the longest caption (see _tokenize)
+    mask: torch.Tensor  # (N, L) attention mask
+    empty_ids: torch.Tensor  # (L,) the empty prompt (classifier-free guidance drops)
+    empty_mask: torch.Tensor
+
+
+def _tokenize(tokenizer, captions, device):
+    """Token ids and attention masks of ``captions`` exactly as
+    ``WanPipeline._get_t5_prompt_embeds`` makes them (``prompt_clean``, 512 positions, right
+    padding), cut to the longest caption's length ``L``: (N, L) each, on ``device``. Positions
+    beyond ``L`` are padding for every caption: :func:`_encode_tokens` gives them the zeros the
+    pipeline gives them."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    inputs = tokenizer([prompt_clean(caption) for caption in captions], padding="max_length",
+                       max_length=TEXT_LENGTH, truncation=True, add_special_tokens=True,
+                       return_attention_mask=True, return_tensors="pt")
+    length = max(1, int(inputs.attention_mask.sum(dim=1).max()))
+    return inputs.input_ids[:, :length].to(device), inputs.attention_mask[:, :length].to(device)
+
+
+def _bidirectional_mask(text_encoder, embeds, mask):
+    """The 4-D attention mask the text encoder builds from ``mask``, built here without the
+    "no padding at all?" test (``padding_mask.all()`` in transformers' SDPA path, a host
+    synchronisation per call); ``mask`` itself where this transformers has no such switch."""
+    import inspect
+
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:
+        return mask
+    if "allow_is_bidirectional_skip" not in inspect.signature(create_bidirectional_mask).parameters:
+        return mask
+    return create_bidirectional_mask(config=text_encoder.config, inputs_embeds=embeds,
+                                     attention_mask=mask, allow_is_bidirectional_skip=False)
+
+
+def _encode_tokens(text_encoder, ids, mask):
+    """What ``WanPipeline._get_t5_prompt_embeds`` returns for these tokens, (B, 512, D) in the text
+    encoder's dtype: its output on each caption's tokens, zeros beyond them. Without a host
+    synchronisation: the cut is a mask, not a per-caption slice, and the encoder runs on the
+    ``L`` positions :func:`_tokenize` kept (a padded key is masked out of every real token's
+    attention and UMT5's position bias depends on offsets only, so the real tokens' outputs do
+    not depend on how much padding follows)."""
+    embeds = text_encoder.get_input_embeddings()(ids)
+    hidden = text_encoder(inputs_embeds=embeds,
+                          attention_mask=_bidirectional_mask(text_encoder, embeds, mask)
+                          ).last_hidden_state.to(text_encoder.dtype)
+    hidden = torch.where(mask[..., None].bool(), hidden, torch.zeros((), dtype=hidden.dtype,
+                                                                      device=hidden.device))
+    return F.pad(hidden, (0, 0, 0, TEXT_LENGTH - hidden.shape[1]))
+
+
 @torch.no_grad()
-def build_pool(pipe, sizes, args, device, log):
-    """Encode clips once: {(frames): (latents (N, C, T, H, W) bf16, captions)}."""
+def build_pool(pipe, sizes, args, device, log, data_seed=None, normalisation=None):
+    """Encode clips once: {frames: Pool}. Clips and captions come from ``data_seed`` (default
+    ``--seed``; a resumed run passes a new one, so it trains on new clips). ``normalisation``:
+    the (mean, std) per channel to normalise with (a resumed run: the folder's, what its
+    transformer learned on); ``None``: estimated from the default-size pool and recorded as the
+    VAE's ``latents_mean``/``latents_std``."""
+    seed = args.seed if data_seed is None else data_seed
     vae = pipe.vae.eval()
-    generator = torch.Generator(device).manual_seed(args.seed + 2)
+    generator = torch.Generator(device).manual_seed(seed + 2)
     start = time.time()
-    pools = {}
+    encoded = {}
     plan = [(sizes.frames, args.pool_clips, args.pool_seconds * (1 - args.long_share))]
     if args.long_fraction > 0:
         plan.append((sizes.long_frames, max(args.pool_clips // 8, args.pool_batch),
@@ -272,26 +473,38 @@ def build_pool(pipe, sizes, args, device, log):
         latents, captions, t0, chunk = [], [], time.time(), 0
         batch = args.pool_batch if frames == sizes.frames else max(1, args.pool_batch // 2)
         while sum(len(x) for x in latents) < count and (chunk == 0 or time.time() - t0 < seconds):
-            specs = sample_specs(batch, seed=(args.seed + 7 + index) * 1_000_003 + chunk)
+            specs = sample_specs(batch, seed=(seed + 7 + index) * 1_000_003 + chunk)
             with _autocast(device):
                 mean = vae.encode(_clips(specs, frames, sizes.height, sizes.width, generator,
                                          device)).latent_dist.mean
             latents.append(mean.to(torch.bfloat16))
             captions += [spec.caption for spec in specs]
             chunk += 1
-        pools[frames] = (torch.cat(latents), captions)
+        encoded[frames] = (torch.cat(latents), captions)
         log(f"pool: {len(captions)} clips of {frames} frames, latent "
-            f"{tuple(pools[frames][0].shape[1:])}, {time.time() - t0:.0f} s")
-    default = pools[sizes.frames][0].float()
+            f"{tuple(encoded[frames][0].shape[1:])}, {time.time() - t0:.0f} s")
+    default = encoded[sizes.frames][0].float()
     mean = default.mean(dim=(0, 2, 3, 4))
     std = default.std(dim=(0, 2, 3, 4)).clamp(min=1e-4)
-    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    shape = (1, -1, 1, 1, 1)
-    for frames, (latents, captions) in pools.items():
-        pools[frames] = (((latents.float() - mean.view(shape)) / std.view(shape)).to(torch.bfloat16),
-                         captions)
     log(f"latent mean {[round(v, 2) for v in mean.tolist()]} std "
         f"{[round(v, 2) for v in std.tolist()]} ({time.time() - start:.0f} s)")
+    del default
+    if normalisation is None:
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    else:
+        stored_mean, stored_std = (torch.tensor(v, dtype=torch.float32, device=device)
+                                   for v in normalisation)
+        log(f"normalised with the stored latents_mean/std (this pool differs by at most "
+            f"{(mean - stored_mean).abs().max().item():.3f} in mean, "
+            f"{(std / stored_std - 1).abs().max().item():.1%} in std)")
+        mean, std = stored_mean, stored_std
+    shape = (1, -1, 1, 1, 1)
+    pools = {}
+    for frames, (latents, captions) in encoded.items():
+        ids, mask = _tokenize(pipe.tokenizer, captions + [""], device)
+        pools[frames] = Pool(
+            latents=((latents.float() - mean.view(shape)) / std.view(shape)).to(torch.bfloat16),
+            captions=captions, ids=ids[:-1], mask=mask[:-1], empty_ids=ids[-1], empty_mask=mask[-1])
     return pools
 
 
@@ -391,72 +604,150 @@ def load_vae_stage(pipe, args, device, log):
     return stage["losses"], stage["reconstruction"], stage
 
 
-def _prompt_embeds(pipe, captions, device):
-    return pipe._get_t5_prompt_embeds(prompt=captions, max_sequence_length=512, device=device)
+PROFILE_START = 20  # the first profiled step of --profile-steps (after cuDNN's autotuning)
 
 
-def train_transformer(pipe, pools, sizes, args, device, log):
+def _profile_report(profiler, steps, seconds, device):
+    """The profiled steps' time by operator (self time on the device, or on the CPU)."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = profiler.key_averages()
+    busy = sum(getattr(event, key, 0) for event in averages) / 1e6
+    table = averages.table(sort_by=key, row_limit=25, max_name_column_width=60)
+    return (f"profile of {steps} steps: {seconds / steps * 1e3:.1f} ms per step wall, "
+            f"{busy / steps * 1e3:.1f} ms per step of {key}\n{table}")
+
+
+def train_transformer(pipe, pools, sizes, args, device, log, data_seed=None, previous_steps=0):
+    """Flow matching for ``--dit-seconds``; returns the losses [(loss, long step)] and a summary.
+
+    ``data_seed`` (default ``--seed``) seeds the step's draws; ``previous_steps`` (a resumed run:
+    the steps already trained) continues the EMA decay's ramp. Nothing in a step waits for the
+    device (indices, classifier-free drops and noise are drawn there, captions are tokens
+    prepared by :func:`build_pool`), except the loss read every ``--log-every`` steps."""
+    seed = args.seed if data_seed is None else data_seed
     transformer, text_encoder = pipe.transformer.train(), pipe.text_encoder.train()
     modules = torch.nn.ModuleDict({"transformer": transformer, "text_encoder": text_encoder})
     ema = copy.deepcopy(modules).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=args.dit_lr, weight_decay=0.01,
-                                  betas=(0.9, 0.99))
+                                  betas=(0.9, 0.99), fused=device.type == "cuda")
     shift = pipe.scheduler.config.flow_shift
-    rng = random.Random(args.seed + 3)
-    generator = torch.Generator(device).manual_seed(args.seed + 4)
-    cpu_generator = torch.Generator().manual_seed(args.seed + 5)  # pool indices, without a sync
+    rng = random.Random(seed + 3)
+    generator = torch.Generator(device).manual_seed(seed + 4)
+    index_generator = torch.Generator(device).manual_seed(seed + 5)
     long_frames = sizes.long_frames if sizes.long_frames in pools else None
     forward = transformer
     if args.compile:
         forward = torch.compile(transformer)
     losses, long_steps, step, start = [], [], 0, time.time()
     params, ema_params = list(modules.parameters()), list(ema.parameters())
+    # Mean squared error by latent frame over default-size steps (latent frame 0 is the first
+    # video frame alone, a chunk of its own in Wan's VAE), logged relative to the mean.
+    frame_error, frame_steps, frame_loss = None, 0, None
+    profiler, profile_start = None, time.time()
     while time.time() - start < args.dit_seconds:
+        if args.profile_steps and step == PROFILE_START:
+            _sync(device)
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.start()
+            profile_start = time.time()
         long = long_frames is not None and rng.random() < args.long_fraction
-        latents, captions = pools[long_frames if long else sizes.frames]
+        pool = pools[long_frames if long else sizes.frames]
         batch = max(1, args.dit_batch // 2) if long else args.dit_batch
-        index = torch.randint(0, len(captions), (batch,), generator=cpu_generator)
-        x0 = latents[index.to(device)].float()
-        prompts = ["" if rng.random() < args.cfg_drop else captions[i] for i in index.tolist()]
+        index = torch.randint(0, len(pool.captions), (batch,), generator=index_generator,
+                              device=device)
+        drop = (torch.rand(batch, generator=index_generator, device=device)
+                < args.cfg_drop)[:, None]
+        ids = torch.where(drop, pool.empty_ids, pool.ids[index])
+        mask = torch.where(drop, pool.empty_mask, pool.mask[index])
+        x0 = pool.latents[index].float()
         u = torch.rand(batch, generator=generator, device=device)
         sigma = shift * u / (1 + (shift - 1) * u)
         noise = torch.randn(x0.shape, generator=generator, device=device)
         s = sigma.view(-1, 1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         for group in optimizer.param_groups:
-            group["lr"] = _lr(args.dit_lr, step, 200, (time.time() - start) / args.dit_seconds)
+            group["lr"] = _lr(args.dit_lr, step, args.dit_warmup,
+                              (time.time() - start) / args.dit_seconds)
         with _autocast(device):
-            embeds = _prompt_embeds(pipe, prompts, device)
+            embeds = _encode_tokens(text_encoder, ids, mask)
             prediction = forward(hidden_states=x_t, timestep=sigma * 1000,
                                  encoder_hidden_states=embeds, return_dict=False)[0]
-        loss = F.mse_loss(prediction.float(), noise - x0)
+        error = (prediction.float() - (noise - x0)).square()
+        loss = error.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
+        total = previous_steps + step
+        decay = min(args.ema, (1 + total) / (10 + total))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+            if not long:
+                per_frame = error.detach().mean(dim=(0, 1, 3, 4))
+                frame_error = per_frame if frame_error is None else frame_error + per_frame
+                frame_steps += 1
         losses.append(loss.detach())
         long_steps.append(long)
+        if profiler is not None and step == PROFILE_START + args.profile_steps - 1:
+            _sync(device)
+            profiler.stop()
+            log(_profile_report(profiler, args.profile_steps, time.time() - profile_start,
+                                device))
+            profiler = None
         if step % args.log_every == 0:
-            log(f"dit step {step} loss {losses[-1].item():.4f}{' (long)' if long else ''}")
+            message = f"dit step {step} loss {losses[-1].item():.4f}{' (long)' if long else ''}"
+            if frame_steps:
+                frame = (frame_error / frame_steps).tolist()
+                frame_loss = [round(float(v / np.mean(frame)), 3) for v in frame]
+                message += f", by latent frame / mean {frame_loss}"
+                frame_error, frame_steps = None, 0
+            log(message)
         step += 1
+    if profiler is not None:  # the budget ended first
+        profiler.stop()
     losses = list(zip(torch.stack(losses).tolist(), long_steps))
     elapsed = time.time() - start
+    default_losses = [value for value, is_long in losses if not is_long]
+    final = round(float(np.mean(default_losses[-50:])), 4) if default_losses else None
     log(f"dit: {step} steps in {elapsed:.0f} s ({step / elapsed:.2f} steps/s), final loss "
-        f"{np.mean([l for l, is_long in losses[-50:] if not is_long]):.4f}")
+        f"{final}")
     modules.load_state_dict(ema.state_dict())
-    return losses
+    return losses, dict(steps=step, seconds=round(elapsed, 1), final_loss=final,
+                        frame_loss_relative=frame_loss)
 
 
-def export(pipe, out, folder, log):
+def _install_folder(partial, folder):
+    """Rename the complete folder ``partial`` to ``folder``. An existing ``folder`` (the folder a
+    run resumed from, say) is renamed aside first and deleted after, so ``folder`` is never a mix
+    of two exports; an interruption between the two renames leaves it whole as ``folder.old``."""
+    old = None
+    if os.path.lexists(folder):
+        old = folder + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(partial, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(pipe, out, folder, log, sizes=None, args=None, training=None):
+    """``save_pretrained`` into ``folder`` (through a temporary folder beside it, with
+    ``fastdit_defaults.json`` and its training record before any evaluation) and a tar of it."""
     from fastdit.testing.tiny import _cast_like_from_pretrained
 
     # Wan ships bf16 weights (its fp32 modules kept fp32); loading with dtype=float32 upcasts.
     for model in (pipe.transformer, pipe.text_encoder, pipe.vae):
         _cast_like_from_pretrained(model.eval(), torch.bfloat16)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    folder = os.path.normpath(folder)
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial, safe_serialization=True)
+    if args is not None:
+        write_defaults(partial, sizes, args, {}, training)
+    _install_folder(partial, folder)
     total = sum(os.path.getsize(os.path.join(root, name))
                 for root, _, names in os.walk(folder) for name in names)
     tar_path = os.path.join(out, "tiny_wan.tar")
@@ -518,10 +809,11 @@ def evaluate(folder, sizes, args, device, log):
     return results, samples
 
 
-def write_defaults(folder, sizes, args, results):
+def write_defaults(folder, sizes, args, results, training=None):
     """``fastdit_defaults.json`` in the pipeline folder: what ``fastdit generate`` runs the model
     at (the evaluation's size, steps and guidance) and its demo prompt: the first training
-    caption the checker read right (a combination the model knows), else the first one."""
+    caption the checker read right (a combination the model knows), else the first one; and
+    ``training``, the record :func:`training_record` keeps across resumes."""
     rows = results.get("train", {}).get("rows", [])
     right = [row["caption"] for row in rows if row["colour"] and row["shape"] and row["motion"]]
     prompt = (right or [row["caption"] for row in rows] or [sample_specs(1, seed=args.seed)[0].caption])[0]
@@ -529,6 +821,8 @@ def write_defaults(folder, sizes, args, results):
                     num_inference_steps=args.eval_steps, guidance_scale=args.guidance,
                     prompt=prompt, smoke=bool(args.smoke),
                     heldout_accuracy=results.get("heldout", {}).get("accuracy"))
+    if training is not None:
+        defaults["training"] = training
     atomic_write_text(os.path.join(folder, "fastdit_defaults.json"), json.dumps(defaults, indent=1))
     return defaults
 
@@ -549,7 +843,7 @@ def write_samples(samples, path):
     imageio.imwrite(path, image)
 
 
-def plot_losses(vae_losses, dit_losses, path):
+def plot_losses(vae_losses, dit_losses, path, step_offset=0):
     from fastdit.cli.report import agg_pyplot
 
     plt = agg_pyplot()
@@ -561,13 +855,20 @@ def plot_losses(vae_losses, dit_losses, path):
             return values
         return np.convolve(values, np.ones(width) / width, mode="valid")
 
-    axes[0].plot(vae_losses, alpha=0.3, color="C0")
-    axes[0].plot(smooth(vae_losses), color="C0")
-    axes[0].set(title="VAE (L1 + MSE + KL)", xlabel="step", ylabel="loss", yscale="log")
+    if len(vae_losses):
+        axes[0].plot(vae_losses, alpha=0.3, color="C0")
+        axes[0].plot(smooth(vae_losses), color="C0")
+        axes[0].set(title="VAE (L1 + MSE + KL)", xlabel="step", ylabel="loss", yscale="log")
+    else:
+        axes[0].text(0.5, 0.5, "VAE: loaded with the resumed pipeline", ha="center", va="center")
+        axes[0].set(title="VAE", xticks=[], yticks=[])
+    steps = np.array([i for i, (_, long) in enumerate(dit_losses) if not long]) + step_offset
     default = [loss for loss, long in dit_losses if not long]
-    axes[1].plot(default, alpha=0.3, color="C1")
-    axes[1].plot(smooth(default), color="C1")
-    axes[1].set(title="transformer (flow matching, default-size steps)", xlabel="step",
+    axes[1].plot(steps, default, alpha=0.3, color="C1")
+    smoothed = smooth(default)
+    axes[1].plot(steps[len(steps) - len(smoothed):], smoothed, color="C1")
+    resumed = f", resumed at step {step_offset}" if step_offset else ""
+    axes[1].set(title=f"transformer (flow matching, default-size steps{resumed})", xlabel="step",
                 ylabel="MSE", yscale="log")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -603,6 +904,11 @@ def time_cpu_generation(sizes, args):
                           seconds={k: round(v, 1) for k, v in timings.items()}), indent=1))
 
 
+SMOKE_DEFAULTS = dict(vae_seconds=15, pool_seconds=10, dit_seconds=25, pool_clips=64, pool_batch=8,
+                      vae_batch=4, dit_batch=8, eval_steps=4, eval_batch=3, eval_long=1,
+                      log_every=10)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -612,7 +918,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
-                        help="toy sizes and budgets: the whole script on a CPU in minutes")
+                        help="toy sizes and budgets (budgets given on the command line win): the "
+                        "whole script on a CPU in minutes")
     parser.add_argument("--time-cpu-generation", action="store_true",
                         help="only time a default-size generation with random weights on the CPU")
     parser.add_argument("--size", action="append", default=[], metavar="FIELD=INT",
@@ -620,8 +927,13 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=("all", "vae", "dit"), default="all",
                         help="all: the whole run; vae: train and check the VAE, save it to OUT/vae "
                         "and stop; dit: the rest, from --vae-from (two calls of a time-limited "
-                        "machine)")
+                        "machine) or --resume-from")
     parser.add_argument("--vae-from", help="with --stage dit: the OUT/vae folder of a --stage vae run")
+    parser.add_argument("--resume-from", metavar="PIPELINE_DIR",
+                        help="with --stage dit: continue training the transformer of this exported "
+                        "pipeline folder (e.g. fastdit/assets/tiny_wan or an earlier run's "
+                        "tiny_wan): its VAE, text encoder, tokenizer and latent normalisation are "
+                        "kept, its training record is carried on")
     parser.add_argument("--vae-seconds", type=float, default=500)
     parser.add_argument("--pool-seconds", type=float, default=45,
                         help="at most this long encoding the latent pool")
@@ -642,7 +954,15 @@ def parse_args(argv=None):
     parser.add_argument("--vae-first-frame-weight", type=float, default=4.0,
                         help="loss weight of frame 0 (a chunk of its own) against 1 for the others")
     parser.add_argument("--dit-batch", type=int, default=48)
-    parser.add_argument("--dit-lr", type=float, default=6e-4)
+    parser.add_argument("--dit-lr", type=float, default=6e-4,
+                        help="peak learning rate of the transformer (and of a resumed run: a warm "
+                        "restart)")
+    parser.add_argument("--dit-warmup", type=int, default=200,
+                        help="steps of linear learning-rate warm-up (fresh AdamW moments, also "
+                        "when resuming)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help=f"profile this many transformer steps from step {PROFILE_START} and "
+                        "log the operators' time (torch.profiler)")
     parser.add_argument("--min-vae-psnr", type=float, default=20.0,
                         help="stop before the transformer if any reconstructed chunk is below this (dB)")
     parser.add_argument("--min-vae-checker", type=float, default=0.85,
@@ -657,15 +977,19 @@ def parse_args(argv=None):
     parser.add_argument("--eval-long", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=100)
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.vae_seconds, args.pool_seconds, args.dit_seconds = 15, 10, 25
-        args.pool_clips, args.pool_batch, args.vae_batch, args.dit_batch = 64, 8, 4, 8
-        args.eval_steps, args.eval_batch, args.eval_long, args.log_every = 4, 3, 1, 10
+    if args.smoke:  # toy budgets, where the command line sets none
+        parser.set_defaults(**SMOKE_DEFAULTS)
+        args = parser.parse_args(argv)
     if not args.time_cpu_generation and not args.out:
         parser.error("--out is required (except with --time-cpu-generation)")
-    if (args.stage == "dit") != bool(args.vae_from):
-        parser.error(f"--vae-from goes with --stage dit (and --stage dit needs it), got "
-                     f"--stage {args.stage} --vae-from {args.vae_from!r}")
+    sources = [name for name, value in (("--vae-from", args.vae_from),
+                                         ("--resume-from", args.resume_from)) if value]
+    if (args.stage == "dit") != bool(sources) or len(sources) > 1:
+        parser.error(f"--stage dit takes one of --vae-from and --resume-from (and they go with "
+                     f"--stage dit only), got --stage {args.stage} --vae-from {args.vae_from!r} "
+                     f"--resume-from {args.resume_from!r}")
+    if args.dit_warmup < 1:
+        parser.error(f"--dit-warmup must be at least 1, got {args.dit_warmup}")
     return args
 
 
@@ -701,10 +1025,22 @@ def main(argv=None):
               for name in ("transformer", "vae", "text_encoder")}
     log(f"parameters {counts}")
 
+    device_name = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
     timings = {}
-    if args.stage == "dit":
+    normalisation, data_seed, reconstruction = None, args.seed, None
+    if args.resume_from:
+        t0 = time.time()
+        pipe, _, record = load_resumed_pipeline(pipe, sizes, args, device, log)
+        timings["load"] = time.time() - t0
+        vae_losses = []
+        normalisation = (list(pipe.vae.config.latents_mean), list(pipe.vae.config.latents_std))
+        # new clips and draws for each resume (the first transformer run used --seed itself)
+        data_seed = args.seed + 1000 * max(1, len(record["runs"]))
+    elif args.stage == "dit":
         vae_losses, reconstruction, vae_stage = load_vae_stage(pipe, args, device, log)
         timings["vae_stage"] = vae_stage["wall_seconds"]
+        record = new_training_record(len(vae_losses), vae_stage["seconds"].get("vae", 0.0),
+                                     vae_stage["wall_seconds"], device_name)
     else:
         t0 = time.time()
         vae_losses = train_vae(pipe, sizes, args, device, log)
@@ -722,39 +1058,71 @@ def main(argv=None):
             log(f"VAE stage done in {time.time() - log.start:.0f} s; next: --stage dit "
                 f"--vae-from {os.path.join(args.out, 'vae')}")
             return
+        record = new_training_record(len(vae_losses), timings["vae"], 0.0, device_name)
+    earlier_wall = record["wall_seconds"]  # the calls before this one
     t0 = time.time()
-    pools = build_pool(pipe, sizes, args, device, log)
+    pools = build_pool(pipe, sizes, args, device, log, data_seed=data_seed,
+                       normalisation=normalisation)
     timings["pool"] = time.time() - t0
+    pool_clips = {str(frames): len(pool.captions) for frames, pool in pools.items()}
     pipe.vae.requires_grad_(False)
     t0 = time.time()
-    dit_losses = train_transformer(pipe, pools, sizes, args, device, log)
+    previous_steps = record["transformer_steps"]
+    dit_losses, dit_info = train_transformer(pipe, pools, sizes, args, device, log,
+                                             data_seed=data_seed, previous_steps=previous_steps)
     timings["transformer"] = time.time() - t0
     del pools
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    run = dict(resumed=bool(args.resume_from), steps=dit_info["steps"],
+               seconds=dit_info["seconds"], batch=args.dit_batch, lr=args.dit_lr,
+               warmup=args.dit_warmup, data_seed=data_seed, pool_clips=pool_clips,
+               final_loss=dit_info["final_loss"],
+               frame_loss_relative=dit_info["frame_loss_relative"], device=device_name,
+               wall_seconds=None, heldout_accuracy=None)
+    record = add_transformer_run(record, run)
+
+    def stamp(record):
+        """``record`` with this call's wall time so far."""
+        call = time.time() - log.start
+        record["runs"][-1]["wall_seconds"] = round(call, 1)
+        record["wall_seconds"] = round(earlier_wall + call, 1)
+        record["device"] = device_name
+        return record
+
     t0 = time.time()
     folder = args.pipeline_dir or os.path.join(args.out, "tiny_wan")
-    size_bytes = export(pipe, args.out, folder, log)
+    size_bytes = export(pipe, args.out, folder, log, sizes, args, stamp(record))
     timings["export"] = time.time() - t0
-    plot_losses(vae_losses, dit_losses, os.path.join(args.out, "loss.png"))
+    plot_losses(vae_losses, dit_losses, os.path.join(args.out, "loss.png"),
+                step_offset=previous_steps)
     t0 = time.time()
     results, samples = evaluate(folder, sizes, args, device, log)
     timings["eval"] = time.time() - t0
     write_samples(samples, os.path.join(args.out, "samples.png"))
-    defaults = write_defaults(folder, sizes, args, results)
+    record["runs"][-1]["heldout_accuracy"] = results.get("heldout", {}).get("accuracy")
+    defaults = write_defaults(folder, sizes, args, results, stamp(record))
     with atomic_path(os.path.join(args.out, "tiny_wan.tar")) as temporary, \
             tarfile.open(temporary, "w") as tar:
         tar.add(folder, arcname="tiny_wan")
-    log(f"defaults for fastdit generate: {defaults}")
+    shown = {key: value for key, value in defaults.items() if key != RECORD_KEY}
+    log(f"defaults for fastdit generate: {shown}")
+    log(f"training so far: {record['transformer_steps']} transformer steps "
+        f"({record['transformer_seconds']} s) in {len(record['runs'])} run(s), "
+        f"{record['wall_seconds']} s of calls in all"
+        f"{'' if record['complete'] else ' (earlier training unrecorded)'}")
     total = time.time() - log.start + timings.get("vae_stage", 0.0)
+    on_gpu = device.type == "cuda"
     metrics = dict(
-        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        gpu_minutes=round(total / 60, 2) if device.type == "cuda" else 0.0,
+        device=device_name,
+        gpu_minutes=round(total / 60, 2) if on_gpu else 0.0,
+        cumulative_gpu_minutes=round(record["wall_seconds"] / 60, 2) if on_gpu else 0.0,
         wall_seconds=round(total, 1), seconds={k: round(v, 1) for k, v in timings.items()},
         sizes=asdict(sizes), parameters=counts, pipeline_mb=round(size_bytes / 2**20, 2),
-        args=vars(args), vae_reconstruction=reconstruction,
+        args=vars(args), vae_reconstruction=reconstruction, training=record,
         losses=dict(vae=vae_losses, transformer=[loss for loss, _ in dit_losses],
-                    transformer_long_step=[long for _, long in dit_losses]),
+                    transformer_long_step=[long for _, long in dit_losses],
+                    transformer_step_offset=previous_steps),
         eval=results,
     )
     atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))

@@ -1,7 +1,10 @@
 """The tiny model's training script (training/train_tiny_wan.py): its VAE crops and loss weights
-follow the rendered object, and its stage arguments are checked."""
+follow the rendered object, its stage arguments are checked, its training step's prompt path
+matches the pipeline's, and --resume-from continues an exported pipeline exactly (weights, latent
+normalisation, the training record), refusing other sizes."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -82,3 +85,182 @@ def test_stage_arguments(train, tmp_path):
         train.parse_args(["--out", str(tmp_path), "--vae-from", str(tmp_path)])  # not --stage dit
     args = train.parse_args(["--out", str(tmp_path), "--stage", "dit", "--vae-from", str(tmp_path)])
     assert args.stage == "dit" and args.vae_from == str(tmp_path)
+
+
+def test_smoke_budgets_yield_to_the_command_line(train, tmp_path):
+    args = train.parse_args(["--out", str(tmp_path), "--smoke", "--dit-seconds", "3"])
+    assert args.dit_seconds == 3 and args.pool_seconds == train.SMOKE_DEFAULTS["pool_seconds"]
+    for argv in (["--resume-from", str(tmp_path)],  # not --stage dit
+                 ["--stage", "dit", "--resume-from", str(tmp_path), "--vae-from", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--out", str(tmp_path), *argv])
+    args = train.parse_args(["--out", str(tmp_path), "--stage", "dit", "--resume-from",
+                             str(tmp_path)])
+    assert args.resume_from == str(tmp_path) and args.vae_from is None
+
+
+def _fresh_pipeline(train, seed, sizes=None):
+    torch.manual_seed(seed)
+    return train.build_pipeline(sizes or train.SMOKE_SIZES, "cpu")
+
+
+def test_prepared_prompt_tokens_encode_as_the_pipeline_does(train, rng):
+    """The training step's prompt path (tokens prepared once, encoder on the captions' length,
+    zeros after) gives what WanPipeline._get_t5_prompt_embeds gives."""
+    seed = int(torch.randint(2**31, (1,), generator=rng))
+    pipe = _fresh_pipeline(train, seed)
+    captions = [spec.caption for spec in sample_specs(5, seed=seed)] + [""]
+    ids, mask = train._tokenize(pipe.tokenizer, captions, "cpu")
+    length = ids.shape[1]
+    assert length == int(mask.sum(1).max()) < train.TEXT_LENGTH
+    with torch.no_grad():
+        ours = train._encode_tokens(pipe.text_encoder, ids, mask)
+        theirs = pipe._get_t5_prompt_embeds(captions, max_sequence_length=512, device="cpu")
+        assert ours.shape == theirs.shape == (6, 512, train.SMOKE_SIZES.text_dim)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        assert not ours[:, length:].any() and (ours[:-1, 1].abs().sum(-1) > 0).all()
+
+
+class _Log:
+    start = 0.0
+
+    def __call__(self, message):
+        pass
+
+
+@pytest.fixture(scope="module")
+def exported(train, tmp_path_factory):
+    """A --smoke-size pipeline with random weights and latent statistics, exported by the script
+    with a training record of one run: (folder, the in-memory pipeline it was saved from)."""
+    import os
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"exported seed={seed}")
+    pipe = _fresh_pipeline(train, seed)
+    generator = torch.Generator().manual_seed(seed)
+    z_dim = train.SMOKE_SIZES.z_dim
+    pipe.vae.register_to_config(latents_mean=torch.randn(z_dim, generator=generator).tolist(),
+                                latents_std=(torch.rand(z_dim, generator=generator) + 0.5).tolist())
+    args = train.parse_args(["--out", str(tmp_path_factory.mktemp("run")), "--smoke"])
+    record = train.add_transformer_run(
+        train.new_training_record(7, 1.5, 20.0, "cpu"),
+        dict(resumed=False, steps=11, seconds=2.5, data_seed=0, heldout_accuracy=None))
+    folder = str(tmp_path_factory.mktemp("exported") / "tiny_wan")
+    train.export(pipe, args.out, folder, _Log(), train.SMOKE_SIZES, args, record)
+    return folder, pipe
+
+
+def _resume_args(train, folder, out, *extra):
+    return train.parse_args(["--out", str(out), "--smoke", "--device", "cpu", "--stage", "dit",
+                             "--resume-from", folder, *extra])
+
+
+def test_resume_loads_exactly_the_saved_pipeline(train, exported, tmp_path):
+    from safetensors.torch import load_file
+
+    folder, saved = exported
+    args = _resume_args(train, folder, tmp_path)
+    pipe, defaults, record = train.load_resumed_pipeline(
+        _fresh_pipeline(train, 0), train.SMOKE_SIZES, args, torch.device("cpu"), _Log())
+    for name in ("transformer", "text_encoder", "vae"):
+        loaded, original = getattr(pipe, name), getattr(saved, name)
+        assert all(p.dtype == torch.float32 for p in loaded.parameters())
+        originals = dict(original.named_parameters())
+        for key, tensor in loaded.named_parameters():
+            assert torch.equal(tensor, originals[key].float()), f"{name}.{key}"
+        files = [f for f in os.listdir(os.path.join(folder, name)) if f.endswith(".safetensors")]
+        state = loaded.state_dict()
+        for file in files:
+            for key, tensor in load_file(os.path.join(folder, name, file)).items():
+                assert torch.equal(state[key], tensor.float()), f"{name} file {key}"
+    assert list(pipe.vae.config.latents_mean) == list(saved.vae.config.latents_mean)
+    assert list(pipe.vae.config.latents_std) == list(saved.vae.config.latents_std)
+    assert pipe.tokenizer.get_vocab() == saved.tokenizer.get_vocab()
+    assert record["transformer_steps"] == 11 and record["vae_steps"] == 7 and record["complete"]
+    assert defaults["num_frames"] == train.SMOKE_SIZES.frames
+
+
+def test_resume_refuses_other_sizes(train, exported, tmp_path):
+    from dataclasses import replace
+
+    folder, _ = exported
+    args = _resume_args(train, folder, tmp_path)
+    device, sizes = torch.device("cpu"), train.SMOKE_SIZES
+    other = replace(sizes, layers=sizes.layers + 1, text_layers=sizes.text_layers + 1)
+    with pytest.raises(SystemExit) as error:
+        train.load_resumed_pipeline(_fresh_pipeline(train, 0, other), other, args, device, _Log())
+    message = str(error.value)
+    assert (f"transformer num_layers: {sizes.layers} in the folder, {sizes.layers + 1} "
+            f"here") in message
+    assert (f"text_encoder num_layers: {sizes.text_layers} in the folder, "
+            f"{sizes.text_layers + 1} here") in message
+    longer = replace(sizes, frames=17)
+    expected = r"num_frames \(fastdit_defaults.json\): 9 in the folder, 17 here"
+    with pytest.raises(SystemExit, match=expected):
+        train.load_resumed_pipeline(_fresh_pipeline(train, 0), longer, args, device, _Log())
+    with pytest.raises(SystemExit, match="not an exported pipeline folder"):
+        train.load_resumed_pipeline(_fresh_pipeline(train, 0), sizes,
+                                    _resume_args(train, str(tmp_path), tmp_path), device, _Log())
+
+
+def test_resumed_pool_uses_the_stored_normalisation(train, exported, tmp_path):
+    folder, _ = exported
+    args = _resume_args(train, folder, tmp_path, "--pool-seconds", "0", "--pool-batch", "2",
+                        "--long-fraction", "0")
+    pipe, _, _ = train.load_resumed_pipeline(_fresh_pipeline(train, 0), train.SMOKE_SIZES, args,
+                                             torch.device("cpu"), _Log())
+    stored = (list(pipe.vae.config.latents_mean), list(pipe.vae.config.latents_std))
+    kept = train.build_pool(pipe, train.SMOKE_SIZES, args, torch.device("cpu"), _Log(),
+                            data_seed=5, normalisation=stored)[train.SMOKE_SIZES.frames]
+    assert (list(pipe.vae.config.latents_mean), list(pipe.vae.config.latents_std)) == stored
+    estimated = train.build_pool(pipe, train.SMOKE_SIZES, args, torch.device("cpu"), _Log(),
+                                 data_seed=5)[train.SMOKE_SIZES.frames]
+    assert kept.captions == estimated.captions and len(kept.captions) == 2
+    shape = (1, -1, 1, 1, 1)
+    mean, std = (torch.tensor(v).view(shape) for v in stored)
+    new_mean, new_std = (torch.tensor(pipe.vae.config[k]).view(shape)
+                         for k in ("latents_mean", "latents_std"))
+    raw = estimated.latents.float() * new_std + new_mean
+    torch.testing.assert_close(kept.latents.float(), (raw - mean) / std, rtol=2e-2, atol=2e-2)
+    assert kept.ids.shape[0] == 2 and kept.empty_mask.sum() == 1  # the empty prompt: </s>
+
+
+def test_resume_run_continues_from_the_folder_and_accumulates_its_record(train, exported, tmp_path):
+    """A --stage dit --resume-from run at learning rate 0 exports exactly the weights it loaded
+    (the EMA starts from them), into the folder it resumed from, and adds its run to the record."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    source, _ = exported
+    folder = str(tmp_path / "tiny_wan")
+    shutil.copytree(source, folder)
+    out = tmp_path / "out"
+    train.main(["--out", str(out), "--smoke", "--device", "cpu", "--stage", "dit",
+                "--resume-from", folder, "--pipeline-dir", folder, "--dit-lr", "0",
+                "--dit-seconds", "1", "--pool-seconds", "0", "--pool-batch", "2",
+                "--eval-batch", "1", "--eval-long", "0", "--eval-steps", "2"])
+    for name in ("transformer", "text_encoder", "vae"):
+        files = os.listdir(os.path.join(source, name))
+        for file in (f for f in files if f.endswith(".safetensors")):
+            before = load_file(os.path.join(source, name, file))
+            after = load_file(os.path.join(folder, name, file))
+            assert before.keys() == after.keys()
+            assert all(torch.equal(before[k], after[k]) for k in before), f"{name} changed"
+    assert sorted(os.listdir(tmp_path)) == ["out", "tiny_wan"]  # no .partial / .old left
+    with open(os.path.join(folder, "fastdit_defaults.json")) as handle:
+        record = json.load(handle)["training"]
+    with open(out / "metrics.json") as handle:
+        metrics = json.load(handle)
+    steps = len(metrics["losses"]["transformer"])
+    assert steps > 0 and metrics["losses"]["transformer_step_offset"] == 11
+    assert record == metrics["training"]
+    assert record["transformer_steps"] == 11 + steps and record["vae_steps"] == 7
+    assert len(record["runs"]) == 2 and record["runs"][1]["resumed"]
+    assert record["runs"][1]["steps"] == steps and record["runs"][1]["data_seed"] == 1000
+    assert record["runs"][1]["heldout_accuracy"] is not None
+    assert record["transformer_seconds"] == pytest.approx(2.5 + record["runs"][1]["seconds"],
+                                                          abs=0.11)
+    assert record["wall_seconds"] == pytest.approx(20.0 + record["runs"][1]["wall_seconds"],
+                                                   abs=0.11)
