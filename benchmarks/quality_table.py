@@ -254,6 +254,9 @@ def main(argv=None):
     parser.add_argument("--rows", default=None, help="comma list of row labels (default: all)")
     parser.add_argument("--paro-densities", default="0.3,0.5",
                         help="PARO calibration densities, one row each (default: 0.3,0.5)")
+    parser.add_argument("--reuse-paro", action="store_true",
+                        help="use a paro_d*.safetensors already in --out instead of calibrating "
+                             "again (it must come from a run with the same model and settings)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--smoke", action="store_true",
                         help="64x64 px, 9 frames, 3 steps, 1 caption: checks the plumbing")
@@ -278,6 +281,10 @@ def main(argv=None):
         if wanted is not None and label not in wanted and f"{label}+int8" not in wanted:
             continue
         path = os.path.join(args.out, f"paro_d{density:g}.safetensors")
+        if args.reuse_paro and os.path.isfile(path):
+            print(f"{label}: reusing {path} (--reuse-paro)", flush=True)
+            paro_plans[label] = path
+            continue
         t0 = time.time()
         fastdit.calibrate(pipes[False], PARO_PROMPTS, args.steps, density=density,
                           num_buckets=min(4, args.steps), block_size=64 if args.smoke else 128,
