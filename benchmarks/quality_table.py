@@ -15,8 +15,9 @@ tokens, 20 steps, guidance 5.0):
   tau, AdaSpa sparsity, PARO calibrated on this model at two densities, Agent);
 - INT8 attention (``quantize="int8"``, which needs a bf16 pipeline: those rows run the bf16
   pipeline, next to its own stock ``dense-bf16`` row that shows what bf16 alone costs);
-- composed with a diffusers step cache (FirstBlockCache through fastdit's ``cache=``), with and
-  without sparsity and INT8 (issue 20);
+- composed with a diffusers step cache through fastdit's ``cache=`` (issue 20): FirstBlockCache
+  with and without sparsity and INT8, and TaylorSeer (lite, the GPU benchmark's fixed interval
+  scaled to the step count: :func:`taylorseer_spec`) with and without Radial;
 - controls: random block plans at the density Radial and GNA ran at
   (:class:`fastdit.quality.controls.RandomBlocks`): what keeping the wrong blocks costs.
 
@@ -31,7 +32,7 @@ Writes to ``--out`` (default ``benchmarks/results/<gpu>_<date>/quality_table``):
 ``quality_table.json``, ``quality_table.md`` and ``side_by_side.png`` (the first caption: four
 frames of every row, dense first), plus ``paro_d*.safetensors`` (the calibrated PARO plans).
 
-Runtime on a 2-core CPU: ``rows x captions`` generations (25 rows), each as long as one
+Runtime on a 2-core CPU: ``rows x captions`` generations (27 rows), each as long as one
 ``fastdit generate`` at the model's defaults or longer (sparse methods run on the PyTorch
 reference path, slower than dense SDPA there). ``--smoke`` takes about 1.5 minutes; the full-size
 model takes over an hour with ``--captions 2`` (``--captions 1``, ``--rows`` or a machine with
@@ -58,7 +59,7 @@ if not __package__:  # run as a file: the imports below need the package (see be
 
 import fastdit  # noqa: E402
 from benchmarks.harness import default_out  # noqa: E402
-from fastdit.compose import build_cache_config  # noqa: E402
+from fastdit.compose import build_cache_config, parse_cache_spec  # noqa: E402
 from fastdit.files import atomic_path, atomic_write_text  # noqa: E402
 from fastdit.cli.metrics import compare_videos  # noqa: E402
 from fastdit.testing.embedded import trained_settings  # noqa: E402
@@ -80,14 +81,23 @@ class Row:
     group: str
     method: object = None  # a fastdit Method, a callable building one, or None (stock)
     quantize: str | None = None
-    cache: str | None = None  # "fbc"
+    cache: str | None = None  # a --cache spec: "fbc", "taylorseer:cache_interval=2,..."
     bf16: bool = False
     control_of: str | None = None  # RandomBlocks at this row's density
     note: str = ""
     results: list = field(default_factory=list)
 
 
-def build_rows(paro_plans: dict[str, str], smoke: bool) -> list[Row]:
+def taylorseer_spec(steps: int) -> str:
+    """The GPU benchmark's TaylorSeer cache (``compose_bench``: 50 steps, ``cache_interval=2,
+    disable_cache_before_step=10``, lite mode) scaled to ``steps``: the first 20% of the steps
+    computed, then every other one; at 20 steps: steps 4, 6, ..., 18 skipped (8 of 20, the GPU
+    run's 40%)."""
+    return (f"taylorseer:cache_interval=2,disable_cache_before_step={round(steps * 10 / 50)},"
+            "use_lite_mode=true")
+
+
+def build_rows(paro_plans: dict[str, str], smoke: bool, steps: int = 20) -> list[Row]:
     """Every configuration of the table, dense first."""
     R, G, V, A = fastdit.Radial, fastdit.GNA, fastdit.VMoBA, fastdit.AdaSpa
     block = 64 if smoke else 128
@@ -128,6 +138,12 @@ def build_rows(paro_plans: dict[str, str], smoke: bool) -> list[Row]:
         Row("radial+fbc", "cache", R(block_size=block) if smoke else R(), cache="fbc"),
         Row("radial+fbc+int8", "cache", R(block_size=block) if smoke else R(), cache="fbc",
             quantize="int8", bf16=True),
+        Row("dense+taylorseer", "cache", cache=taylorseer_spec(steps),
+            note="stock attention + TaylorSeer cache (lite: 20% warm-up, then every other step "
+            "skipped)"),
+        Row("radial+taylorseer", "cache", R(block_size=block) if smoke else R(),
+            cache=taylorseer_spec(steps), note="issue 20's best GPU combination but compile (which does "
+            "not change the result)"),
         Row("random@radial", "control", control_of="radial",
             note="random blocks at radial's density"),
         Row(f"random@gna-{'x'.join(map(str, gna_windows[1]))}", "control",
@@ -238,6 +254,9 @@ def main(argv=None):
     parser.add_argument("--rows", default=None, help="comma list of row labels (default: all)")
     parser.add_argument("--paro-densities", default="0.3,0.5",
                         help="PARO calibration densities, one row each (default: 0.3,0.5)")
+    parser.add_argument("--reuse-paro", action="store_true",
+                        help="use a paro_d*.safetensors already in --out instead of calibrating "
+                             "again (it must come from a run with the same model and settings)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--smoke", action="store_true",
                         help="64x64 px, 9 frames, 3 steps, 1 caption: checks the plumbing")
@@ -262,6 +281,10 @@ def main(argv=None):
         if wanted is not None and label not in wanted and f"{label}+int8" not in wanted:
             continue
         path = os.path.join(args.out, f"paro_d{density:g}.safetensors")
+        if args.reuse_paro and os.path.isfile(path):
+            print(f"{label}: reusing {path} (--reuse-paro)", flush=True)
+            paro_plans[label] = path
+            continue
         t0 = time.time()
         fastdit.calibrate(pipes[False], PARO_PROMPTS, args.steps, density=density,
                           num_buckets=min(4, args.steps), block_size=64 if args.smoke else 128,
@@ -270,7 +293,7 @@ def main(argv=None):
         print(f"calibrated {label} in {time.time() - t0:.0f} s", flush=True)
         paro_plans[label] = path
 
-    rows = build_rows(paro_plans, args.smoke)
+    rows = build_rows(paro_plans, args.smoke, args.steps)
     if wanted is not None:
         unknown = wanted - {row.label for row in rows}
         if unknown:
@@ -296,7 +319,8 @@ def main(argv=None):
                 density = float(np.mean([r["density"] for r in target.results]))
                 method = RandomBlocks(density=density, block_size=_block_size(target.method),
                                       seed=args.seed)
-            cache = build_cache_config(row.cache, {}) if row.cache else None
+            cache = (build_cache_config(*parse_cache_spec(row.cache),
+                                        num_inference_steps=args.steps) if row.cache else None)
             for index, caption in enumerate(captions):
                 kwargs, _ = pipeline_call_kwargs(pipe, caption, size, None)
                 t0 = time.time()
