@@ -35,9 +35,11 @@ frames of every row, dense first), plus ``paro_d*.safetensors`` (the calibrated 
 
 Runtime on a 2-core CPU: ``rows x captions`` generations (29 rows), each as long as one
 ``fastdit generate`` at the model's defaults or longer (sparse methods run on the PyTorch
-reference path, slower than dense SDPA there). ``--smoke`` takes about 1.5 minutes; the full-size
-model takes over an hour with ``--captions 2`` (``--captions 1``, ``--rows`` or a machine with
-more cores shorten it).
+reference path, slower than dense SDPA there), plus one PARO calibration per
+``--paro-densities`` entry. ``--smoke`` takes about 1.5 minutes. On the full-size model
+(2026-12-02, a shared 2-core CPU) one calibration took 28 minutes and 22 rows x 1 caption 40
+minutes (20 s to 5 min a video with the load): ``--captions 1``, ``--rows``,
+``--paro-densities 0.3``, ``--reuse-paro`` or a machine with more cores shorten it.
 """
 
 from __future__ import annotations
