@@ -17,7 +17,8 @@ tokens, 20 steps, guidance 5.0):
   pipeline, next to its own stock ``dense-bf16`` row that shows what bf16 alone costs);
 - composed with a diffusers step cache through fastdit's ``cache=`` (issue 20): FirstBlockCache
   with and without sparsity and INT8, and TaylorSeer (lite, the GPU benchmark's fixed interval
-  scaled to the step count: :func:`taylorseer_spec`) with and without Radial;
+  scaled to the step count: :func:`taylorseer_spec`) with and without Radial, and Radial's
+  ``wan2.1-14b`` preset (the GPU benchmarks' Radial) alone and with TaylorSeer;
 - controls: random block plans at the density Radial and GNA ran at
   (:class:`fastdit.quality.controls.RandomBlocks`): what keeping the wrong blocks costs.
 
@@ -32,11 +33,13 @@ Writes to ``--out`` (default ``benchmarks/results/<gpu>_<date>/quality_table``):
 ``quality_table.json``, ``quality_table.md`` and ``side_by_side.png`` (the first caption: four
 frames of every row, dense first), plus ``paro_d*.safetensors`` (the calibrated PARO plans).
 
-Runtime on a 2-core CPU: ``rows x captions`` generations (27 rows), each as long as one
+Runtime on a 2-core CPU: ``rows x captions`` generations (29 rows), each as long as one
 ``fastdit generate`` at the model's defaults or longer (sparse methods run on the PyTorch
-reference path, slower than dense SDPA there). ``--smoke`` takes about 1.5 minutes; the full-size
-model takes over an hour with ``--captions 2`` (``--captions 1``, ``--rows`` or a machine with
-more cores shorten it).
+reference path, slower than dense SDPA there), plus one PARO calibration per
+``--paro-densities`` entry. ``--smoke`` takes about 1.5 minutes. On the full-size model
+(2026-12-02, a shared 2-core CPU) one calibration took 28 minutes and 22 rows x 1 caption 40
+minutes (20 s to 5 min a video with the load): ``--captions 1``, ``--rows``,
+``--paro-densities 0.3``, ``--reuse-paro`` or a machine with more cores shorten it.
 """
 
 from __future__ import annotations
@@ -97,6 +100,14 @@ def taylorseer_spec(steps: int) -> str:
             "use_lite_mode=true")
 
 
+def radial_14b(steps: int, block: int, smoke: bool):
+    """``Radial.preset("wan2.1-14b")`` as the GPU benchmarks run it (decay 0.2, layer 0 dense,
+    the first 12 of 50 steps dense), its dense steps scaled to ``steps`` (5 of 20)."""
+    preset = fastdit.Radial.preset("wan2.1-14b")
+    return fastdit.Radial.preset("wan2.1-14b", dense_steps=round(preset.dense_steps * steps / 50),
+                                 **(dict(block_size=block) if smoke else {}))
+
+
 def build_rows(paro_plans: dict[str, str], smoke: bool, steps: int = 20) -> list[Row]:
     """Every configuration of the table, dense first."""
     R, G, V, A = fastdit.Radial, fastdit.GNA, fastdit.VMoBA, fastdit.AdaSpa
@@ -144,6 +155,11 @@ def build_rows(paro_plans: dict[str, str], smoke: bool, steps: int = 20) -> list
         Row("radial+taylorseer", "cache", R(block_size=block) if smoke else R(),
             cache=taylorseer_spec(steps), note="issue 20's best GPU combination but compile (which does "
             "not change the result)"),
+        Row("radial-14b", "radial", radial_14b(steps, block, smoke),
+            note="Radial.preset('wan2.1-14b'), its 12 of 50 dense steps scaled to the step count"),
+        Row("radial-14b+taylorseer", "cache", radial_14b(steps, block, smoke),
+            cache=taylorseer_spec(steps), note="the GPU benchmark's Radial preset + TaylorSeer: "
+            "issue 20's best combination but compile (which does not change the result)"),
         Row("random@radial", "control", control_of="radial",
             note="random blocks at radial's density"),
         Row(f"random@gna-{'x'.join(map(str, gna_windows[1]))}", "control",
