@@ -328,15 +328,6 @@ def run_worker(sweep: Sweep, mode: str) -> None:
     quantize = None if mode == "bf16" else mode
     kernel = attention._block_sparse_attn_fwd if mode == "bf16" else (
         int8_attention._int8_block_sparse_attn_fwd)
-    if sweep.device.type == "cuda":
-        # The warp-specialized kernels build Q's tensor descriptor on the device: Triton asks
-        # its allocator for the descriptors' global memory.
-        import triton
-
-        def allocate(size: int, alignment: int, stream):
-            return torch.empty(size, dtype=torch.int8, device=sweep.device)
-
-        triton.set_allocator(allocate)
     settings = [(False, None)] + [(True, config) for config in (
         WARP_SPECIALIZED_FP8_CONFIGS if mode == "int8-fp8" else (None,))]
     failed = set()

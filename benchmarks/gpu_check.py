@@ -469,16 +469,11 @@ def check_fp8_accuracy(generator: torch.Generator) -> None:
 
 
 def enable_warp_specialization() -> None:
-    """``triton_common.WARP_SPECIALIZE`` on for this process, with the allocator Triton needs
-    for the device-built Q descriptor of the warp-specialized kernels."""
-    import triton
-
+    """``triton_common.WARP_SPECIALIZE`` on for this process. The warp-specialized launches
+    bring their own allocator for Q's device-built descriptor (``allocation.scoped_allocator``):
+    none is set here, so these checks run the library's path."""
     from fastdit.kernels.triton import triton_common
 
-    def allocate(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device="cuda")
-
-    triton.set_allocator(allocate)
     triton_common.WARP_SPECIALIZE = True
     triton_common.warp_specialize_setting()  # this Triton has tl.range(warp_specialize=...)
     print("WARP_SPECIALIZE on", flush=True)

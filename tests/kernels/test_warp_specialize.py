@@ -10,15 +10,18 @@ switch does not apply.
 
 import pytest
 import torch
+from triton.runtime import _allocation
 
 from fastdit.kernels import BlockSparsity, block_sparse_attention
 from fastdit.kernels.triton import attention, int8_attention, triton_common
+from fastdit.kernels.triton.allocation import TorchAllocator
 from tests.kernels.test_int8_attention import make
 
 
 class _LaunchSpy:
-    """Stands in for a kernel: records ``(USE_TMA, WARP_SPECIALIZE)`` of each launch, then
-    launches the kernel."""
+    """Stands in for a kernel: records ``(USE_TMA, WARP_SPECIALIZE)`` of each launch, checks
+    that Triton's allocator is fastdit's on the inputs' device for (and only for) a
+    warp-specialized launch, then launches the kernel."""
 
     def __init__(self, kernel, launches: list):
         self.kernel, self.launches = kernel, launches
@@ -26,6 +29,11 @@ class _LaunchSpy:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((kwargs["USE_TMA"], kwargs["WARP_SPECIALIZE"]))
+            allocator = _allocation._allocator.get()
+            if kwargs["WARP_SPECIALIZE"]:
+                assert isinstance(allocator, TorchAllocator) and allocator.device == args[0].device
+            else:
+                assert isinstance(allocator, _allocation.NullAllocator)
             return self.kernel[grid](*args, **kwargs)
 
         return launch
@@ -33,11 +41,16 @@ class _LaunchSpy:
 
 @pytest.fixture
 def launches(monkeypatch) -> list:
+    """The launches' ``(USE_TMA, WARP_SPECIALIZE)``; Triton's allocator is its null one before
+    the test and must be again after it (nothing left behind)."""
+    token = _allocation._allocator.set(_allocation.NullAllocator())
     recorded = []
     for module, name in ((attention, "_block_sparse_attn_fwd"),
                          (int8_attention, "_int8_block_sparse_attn_fwd")):
         monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), recorded))
-    return recorded
+    yield recorded
+    assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    _allocation._allocator.reset(token)
 
 
 def run_both(monkeypatch, q, k, v, plan, **kwargs):

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..plan import BlockSparsity
+from .allocation import scoped_allocator
 from .triton_common import (
     LOG2E,
     TensorDescriptor,
@@ -276,6 +277,8 @@ def triton_block_sparse_attention(
             num_warps=num_warps, num_stages=num_stages,
         )
 
+    if warp_specialize:  # each launch with Triton's allocator for Q's device-built descriptor
+        launch = scoped_allocator(q.device)(launch)
     element_bytes = q.element_size()
     config = _launch_config(block_d, plan.q_block_size, plan.kv_block_size, element_bytes, interpret)
     if warp_specialize and not interpret:

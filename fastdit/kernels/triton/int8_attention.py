@@ -40,6 +40,7 @@ import triton.language as tl
 
 from ..plan import BlockSparsity
 from ..quantized import QuantizedQK, QuantizedV
+from .allocation import scoped_allocator
 from .triton_common import (
     TensorDescriptor,
     attend_plan_row,
@@ -331,6 +332,8 @@ def triton_int8_block_sparse_attention(
             num_warps=num_warps, num_stages=num_stages,
         )
 
+    if warp_specialize:  # each launch with Triton's allocator for Q's device-built descriptor
+        launch = scoped_allocator(v.device)(launch)
     override = FP8_LAUNCH_CONFIG if fp8 else None
     if override is not None:  # as given, on the interpreter too (which ignores warps and stages)
         launch(*check_launch_config(override, plan.q_block_size, plan.kv_block_size))

@@ -517,9 +517,10 @@ def normalized_output(acc, l_i, m_i):
 # times it). True runs the bf16 and quantized kernels' plan rows in one tensor-descriptor loop
 # tl.range(..., warp_specialize=True), which Triton >= 3.5 splits on Hopper into a TMA producer
 # warp group and two consumer groups (MMAs and softmax). Triton's pass accepts only such a
-# kernel: Q loaded by a device-built descriptor (load_q_tile; on a GPU it needs an allocator,
-# triton.set_allocator), no while loop and no second loop of tl.dot, so the row's last block is
-# masked inside the loop (attend_plan_row). It applies where warp_specialization_applies and
+# kernel: Q loaded by a device-built descriptor (load_q_tile; on a GPU its launch needs Triton's
+# allocator, which allocation.scoped_allocator provides for that launch only), no while loop
+# and no second loop of tl.dot, so the row's last block is masked inside the loop
+# (attend_plan_row). It applies where warp_specialization_applies and
 # Q, K and V have tensor-descriptor views (head_dim 64 or 128, contiguous; Hopper, or the CPU
 # interpreter, which ignores warp_specialize and so checks the loop's arithmetic); elsewhere the
 # plain kernels run. Off, the kernels are the plain ones on any Triton.
