@@ -45,8 +45,7 @@ from .triton_common import (
     strides,
     tma_view,
     WARP_SPECIALIZED_CONFIG,
-    warp_specialization_applies,
-    warp_specialize_setting,
+    warp_specialization_skipped,
 )
 from ..window import WindowMask
 
@@ -233,8 +232,11 @@ def triton_block_sparse_attention(
     row_strides = plan_strides(plan)
     tma_views = _tma_views(k, v, layout, interpret)
     warp_specialize = False  # the warp-specialized kernel, where it applies (see WARP_SPECIALIZE)
-    if (warp_specialize_setting() and window is None
-            and warp_specialization_applies(plan, key_lengths)):
+    if warp_specialization_skipped(
+        q.device, q.dtype, head_dim, q_block_size=plan.q_block_size,
+        kv_block_size=plan.kv_block_size, key_padding=key_lengths is not None,
+        window=window is not None, quantized=False, interpret=interpret,
+    ) is None:
         views = [tma_view(x, layout, interpret, on_interpreter=True) for x in (q, k, v)]
         if all(view is not None for view in views):
             tma_views, warp_specialize = views[1:], True
