@@ -98,16 +98,20 @@ WARP_SPECIALIZE_MAX_REL_L1 = 1e-2
 
 @contextlib.contextmanager
 def fp8_settings(config, accumulation: int = 0, warp_specialize: bool = False):
-    """FP8_LAUNCH_CONFIG, FP8_ACCUMULATION and WARP_SPECIALIZE set for a while."""
+    """FP8_LAUNCH_CONFIG, FP8_ACCUMULATION and the warp-specialization switch set for a while
+    (the switch through FASTDIT_WARP_SPECIALIZE, which a shell's own value would override)."""
     saved = (int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION,
-             triton_common.WARP_SPECIALIZE)
+             os.environ.get(triton_common.WARP_SPECIALIZE_ENV))
     int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION = config, accumulation
-    triton_common.WARP_SPECIALIZE = warp_specialize
+    os.environ[triton_common.WARP_SPECIALIZE_ENV] = "1" if warp_specialize else "0"
     try:
         yield
     finally:
-        (int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION,
-         triton_common.WARP_SPECIALIZE) = saved
+        int8_attention.FP8_LAUNCH_CONFIG, int8_attention.FP8_ACCUMULATION, switch = saved
+        if switch is None:
+            os.environ.pop(triton_common.WARP_SPECIALIZE_ENV, None)
+        else:
+            os.environ[triton_common.WARP_SPECIALIZE_ENV] = switch
 
 
 def describe(exc: Exception) -> str:
@@ -328,15 +332,6 @@ def run_worker(sweep: Sweep, mode: str) -> None:
     quantize = None if mode == "bf16" else mode
     kernel = attention._block_sparse_attn_fwd if mode == "bf16" else (
         int8_attention._int8_block_sparse_attn_fwd)
-    if sweep.device.type == "cuda":
-        # The warp-specialized kernels build Q's tensor descriptor on the device: Triton asks
-        # its allocator for the descriptors' global memory.
-        import triton
-
-        def allocate(size: int, alignment: int, stream):
-            return torch.empty(size, dtype=torch.int8, device=sweep.device)
-
-        triton.set_allocator(allocate)
     settings = [(False, None)] + [(True, config) for config in (
         WARP_SPECIALIZED_FP8_CONFIGS if mode == "int8-fp8" else (None,))]
     failed = set()

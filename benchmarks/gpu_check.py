@@ -469,19 +469,62 @@ def check_fp8_accuracy(generator: torch.Generator) -> None:
 
 
 def enable_warp_specialization() -> None:
-    """``triton_common.WARP_SPECIALIZE`` on for this process, with the allocator Triton needs
-    for the device-built Q descriptor of the warp-specialized kernels."""
-    import triton
-
+    """The warp-specialized kernels on for this process (``FASTDIT_WARP_SPECIALIZE=1``, which
+    takes precedence over ``triton_common.WARP_SPECIALIZE``). Their launches bring their own
+    allocator for Q's device-built descriptor (``allocation.scoped_allocator``): none is set
+    here, so these checks run the library's path."""
     from fastdit.kernels.triton import triton_common
 
-    def allocate(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device="cuda")
+    os.environ[triton_common.WARP_SPECIALIZE_ENV] = "1"
+    print("warp specialization forced on", flush=True)
 
-    triton.set_allocator(allocate)
-    triton_common.WARP_SPECIALIZE = True
-    triton_common.warp_specialize_setting()  # this Triton has tl.range(warp_specialize=...)
-    print("WARP_SPECIALIZE on", flush=True)
+
+def check_warp_specialization(
+    generator: torch.Generator, forced: bool, device: str = "cuda"
+) -> None:
+    """Whether a bf16 call with 128-token blocks runs warp-specialized here (a failure when
+    ``forced``), and, where it does, that its launches leave Triton's allocator as they found
+    it and use a user's own allocator when one is set."""
+    from triton.runtime import _allocation
+
+    from fastdit.kernels import explain_backends
+
+    reason = explain_backends(device, torch.bfloat16, 128).warp_specialization
+    print(f"warp specialization (bf16, 128-token blocks): {reason or 'used'}", flush=True)
+    if forced:
+        record(f"warp specialization used when forced on ({reason or 'used'})",
+               float(reason is not None), 0.0)
+    if reason is not None:
+        return
+    q, k, v = (torch.randn(1, 1000, 2, 128, device=device, dtype=torch.bfloat16,
+                           generator=generator) for _ in range(3))
+    plan = BlockSparsity.dense(1000, 1000, device=device)
+    ref, _ = attention_reference(q, k, v, plan, scale=128**-0.5)
+    null_token = _allocation._allocator.set(_allocation.NullAllocator())
+    try:
+        out = block_sparse_attention(q, k, v, plan, backend="triton")
+        record("warp-specialized call, no allocator set: output", relative_error(out, ref), 2e-2)
+        left = _allocation._allocator.get()
+        record(f"warp-specialized call leaves Triton's allocator as it was "
+               f"({type(left).__name__})",
+               float(not isinstance(left, _allocation.NullAllocator)), 0.0)
+        sizes = []
+
+        def user_allocator(size: int, alignment: int, stream):
+            sizes.append(size)
+            return torch.empty(size, dtype=torch.uint8, device=device)
+
+        user_token = _allocation._allocator.set(user_allocator)
+        try:
+            out = block_sparse_attention(q, k, v, plan, backend="triton")
+        finally:
+            _allocation._allocator.reset(user_token)
+        if device == "cuda":  # the CPU interpreter allocates nothing
+            record(f"warp-specialized call uses a user's allocator ({len(sizes)} allocations)",
+                   float(not sizes), 0.0)
+        record("warp-specialized call, user's allocator: output", relative_error(out, ref), 2e-2)
+    finally:
+        _allocation._allocator.reset(null_token)
 
 
 def main() -> int:
@@ -492,9 +535,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="the fp8 section at tiny shapes on the CPU under TRITON_INTERPRET=1")
     parser.add_argument("--warp-specialize", action="store_true",
-                        help="run the sections with triton_common.WARP_SPECIALIZE on (its cases "
-                             "with 128-token blocks, no key lengths and head_dim 64 or 128 take "
-                             "the warp-specialized kernels), so that it can become the default")
+                        help="run the sections with the warp-specialized kernels forced on "
+                             "(FASTDIT_WARP_SPECIALIZE=1: on Hopper, their cases with 128-token "
+                             "blocks, no key lengths and head_dim 64 or 128 take them)")
     args = parser.parse_args()
     sections = args.sections.split(",")
     if args.warp_specialize:
@@ -526,6 +569,7 @@ def main() -> int:
     if "vmoba" in sections:
         check_vmoba(generator)
     if "reference" in sections:
+        check_warp_specialization(generator, forced=args.warp_specialize)
         dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
         check_against_reference(generator, dtypes, [int(d) for d in args.head_dims.split(",")])
     if "int8" in sections:

@@ -24,6 +24,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -101,7 +102,8 @@ def compile_case(mode: str, switch: bool, fp8_config) -> dict:
         int8_attention._int8_block_sparse_attn_fwd, target, result)
     # CPU tensors take the tensor-descriptor path here, as Hopper's would.
     triton_common.tma_device = int8_attention.tma_device = lambda *args, **kwargs: True
-    triton_common.WARP_SPECIALIZE = switch
+    triton_common.hopper_unsupported = lambda device: None
+    os.environ[triton_common.WARP_SPECIALIZE_ENV] = "1" if switch else "0"
     int8_attention.FP8_LAUNCH_CONFIG = fp8_config
     plan = BlockSparsity.dense(SEQ_LEN, SEQ_LEN, BLOCK)
     common = dict(layout="bshd", return_lse=False, key_lengths=None, interpret=False)

@@ -40,7 +40,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import fastdit
-    from fastdit.kernels.backend import explain_calls
+    from fastdit.kernels import explain_backends
+    from fastdit.kernels.backend import EXPLAINED_CALLS
 
     def version(package: str) -> str:
         try:
@@ -85,7 +86,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     print(f"\nkernel backends for {device.type}, {args.dtype}, head_dim {args.head_dim} "
           "(tried in order; the first that can run a call runs it):")
-    for call, reasons in explain_calls(device, dtype, args.head_dim).items():
+    for call, fields in EXPLAINED_CALLS.items():
+        reasons = explain_backends(device, dtype, args.head_dim, **fields)
         runs = next((name for name, reason in reasons.items() if reason is None), "none")
         print(f"  {call:<38} -> {runs}")
         for name, reason in reasons.items():
@@ -94,6 +96,13 @@ def cmd_info(args: argparse.Namespace) -> int:
                 continue
             if name == runs:
                 break
+        if runs == "triton" and fields["operation"] == "attention":
+            specialized = reasons.warp_specialization
+            if specialized is None:  # the CPU interpreter runs its loop, not specialized
+                specialized = "yes" if device.type == "cuda" else "its loop (interpreter)"
+            else:
+                specialized = f"no, {specialized}"
+            print(f"  {'':<38}    warp-specialized: {specialized}")
     from ..pipelines.base import adapters
 
     print("\nsupported model families (transformer class; fastdit generate --model picks by it):")

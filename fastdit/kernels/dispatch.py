@@ -20,7 +20,7 @@ from . import ops
 from . import backend as registry
 from . import flash4 as _flash4  # noqa: F401  (registers the backends in their order)
 from . import reference as _reference  # noqa: F401
-from .triton import backend as _triton_backend  # noqa: F401
+from .triton import backend as _triton_backend
 from .backend import MAX_HEAD_DIM, Request
 from .plan import BlockSparsity
 from .quantized import QUANTIZATIONS, QuantizedQK
@@ -34,21 +34,36 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANTIZED_DTYPES = (torch.float16, torch.bfloat16)
 
 
+class BackendReasons(dict):
+    """:func:`explain_backends`' answer: backend name -> ``None`` if it can run the call, else
+    the reason it cannot, in the order they are tried. ``warp_specialization``: ``None`` where
+    the ``triton`` backend runs the call with its warp-specialized kernel, else why not
+    (turned off, Triton too old, not a Hopper GPU, head_dim, block size, key padding, ...)."""
+
+    def __init__(self, reasons: dict[str, str | None], warp_specialization: str | None):
+        super().__init__(reasons)
+        self.warp_specialization = warp_specialization
+
+
 def explain_backends(
     device: torch.device | str,
     dtype: torch.dtype = torch.bfloat16,
     head_dim: int = 128,
     operation: str = "attention",
     **call,
-) -> dict[str, str | None]:
-    """For each backend in order, ``None`` if it can run such a call, else the reason it cannot.
+) -> BackendReasons:
+    """For each backend in order, ``None`` if it can run such a call, else the reason it cannot;
+    and, as ``.warp_specialization``, whether the ``triton`` backend runs it warp-specialized
+    (``None``) or why not (:class:`BackendReasons`).
 
     ``call`` takes the fields of :class:`~fastdit.kernels.backend.Request` (``dense``,
     ``q_block_size``, ``kv_block_size``, ``return_lse``, ``key_padding``, ``window_mask``,
     ``quantize``); the default is block-sparse attention over 128-token blocks.
     """
-    request = Request(operation, torch.device(device), dtype, head_dim)
-    return registry.reasons(replace(request, **call))
+    request = replace(Request(operation, torch.device(device), dtype, head_dim), **call)
+    return BackendReasons(
+        registry.reasons(request), _triton_backend.warp_specialization_reason(request)
+    )
 
 
 def choose_backend(

@@ -320,6 +320,17 @@ def test_info_reports_versions_backends_and_reasons(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "dense attention                        -> triton" in out
     assert "INT8 attention                         -> triton" in out
+    monkeypatch.setenv("FASTDIT_WARP_SPECIALIZE", "0")
+    assert main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("warp-specialized: no, turned off (FASTDIT_WARP_SPECIALIZE=0)") == 10
+    monkeypatch.setenv("FASTDIT_WARP_SPECIALIZE", "1")
+    assert main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("warp-specialized: its loop (interpreter)") == 7  # 128 blocks, any mode
+    assert "warp-specialized: no, needs 128-token query and key blocks" in out
+    assert "warp-specialized: no, key padding: the loop reads" in out
+    assert "warp-specialized: no, window-mask partial blocks" in out
 
 
 def test_info_rejects_cuda_without_a_gpu(capsys):

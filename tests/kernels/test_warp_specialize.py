@@ -8,17 +8,30 @@ kernels give the plain kernels' output and LSE exactly, and the plain kernels ru
 switch does not apply.
 """
 
+import types
+
 import pytest
 import torch
+import triton
+from triton.runtime import _allocation
 
-from fastdit.kernels import BlockSparsity, block_sparse_attention
-from fastdit.kernels.triton import attention, int8_attention, triton_common
+from fastdit.kernels import BlockSparsity, block_sparse_attention, explain_backends
+from fastdit.kernels.triton import allocation, attention, int8_attention, triton_common
+from fastdit.kernels.triton.allocation import TorchAllocator
 from tests.kernels.test_int8_attention import make
 
 
+@pytest.fixture(autouse=True)
+def no_environment_override(monkeypatch):
+    """These tests set ``triton_common.WARP_SPECIALIZE``; a ``FASTDIT_WARP_SPECIALIZE`` of the
+    calling shell would take precedence."""
+    monkeypatch.delenv("FASTDIT_WARP_SPECIALIZE", raising=False)
+
+
 class _LaunchSpy:
-    """Stands in for a kernel: records ``(USE_TMA, WARP_SPECIALIZE)`` of each launch, then
-    launches the kernel."""
+    """Stands in for a kernel: records ``(USE_TMA, WARP_SPECIALIZE)`` of each launch, checks
+    that Triton's allocator is fastdit's on the inputs' device for (and only for) a
+    warp-specialized launch, then launches the kernel."""
 
     def __init__(self, kernel, launches: list):
         self.kernel, self.launches = kernel, launches
@@ -26,6 +39,11 @@ class _LaunchSpy:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((kwargs["USE_TMA"], kwargs["WARP_SPECIALIZE"]))
+            allocator = _allocation._allocator.get()
+            if kwargs["WARP_SPECIALIZE"]:
+                assert isinstance(allocator, TorchAllocator) and allocator.device == args[0].device
+            else:
+                assert isinstance(allocator, _allocation.NullAllocator)
             return self.kernel[grid](*args, **kwargs)
 
         return launch
@@ -33,11 +51,16 @@ class _LaunchSpy:
 
 @pytest.fixture
 def launches(monkeypatch) -> list:
+    """The launches' ``(USE_TMA, WARP_SPECIALIZE)``; Triton's allocator is its null one before
+    the test and must be again after it (nothing left behind)."""
+    token = _allocation._allocator.set(_allocation.NullAllocator())
     recorded = []
     for module, name in ((attention, "_block_sparse_attn_fwd"),
                          (int8_attention, "_int8_block_sparse_attn_fwd")):
         monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), recorded))
-    return recorded
+    yield recorded
+    assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    _allocation._allocator.reset(token)
 
 
 def run_both(monkeypatch, q, k, v, plan, **kwargs):
@@ -97,3 +120,123 @@ def test_setting_must_be_a_bool(rng, monkeypatch):
     monkeypatch.setattr(triton_common, "WARP_SPECIALIZE", 1)
     with pytest.raises(ValueError, match="WARP_SPECIALIZE must be True or False, got 1"):
         block_sparse_attention(q, q, q, BlockSparsity.dense(128, 128), backend="triton")
+
+
+# ---------------------------------------------------------------------- the switch and its reasons
+@pytest.mark.parametrize(("constant", "env", "expected"), [
+    (False, None, False), (True, None, True), (True, "", True), (False, "1", True),
+    (True, "0", False), (False, " 1 ", True),
+])
+def test_environment_overrides_the_constant(monkeypatch, constant, env, expected):
+    monkeypatch.setattr(triton_common, "WARP_SPECIALIZE", constant)
+    if env is None:
+        monkeypatch.delenv("FASTDIT_WARP_SPECIALIZE", raising=False)
+    else:
+        monkeypatch.setenv("FASTDIT_WARP_SPECIALIZE", env)
+    assert triton_common.warp_specialize_setting() is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "2", "on", "01"])
+def test_bad_environment_values_name_the_variable(rng, monkeypatch, value):
+    monkeypatch.setenv("FASTDIT_WARP_SPECIALIZE", value)
+    message = f"FASTDIT_WARP_SPECIALIZE must be 0 or 1, got '{value}'"
+    with pytest.raises(ValueError, match=message):
+        triton_common.warp_specialize_setting()
+    q = make(rng, (1, 128, 1, 64), torch.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        block_sparse_attention(q, q, q, BlockSparsity.dense(128, 128), backend="triton")
+    with pytest.raises(ValueError, match=message):
+        explain_backends("cpu")
+
+
+@pytest.mark.parametrize(("constant", "env", "specialized"), [(False, "1", True), (True, "0", False)])
+def test_environment_picks_the_kernel(rng, monkeypatch, launches, constant, env, specialized):
+    monkeypatch.setattr(triton_common, "WARP_SPECIALIZE", constant)
+    monkeypatch.setenv("FASTDIT_WARP_SPECIALIZE", env)
+    q, k, v = (make(rng, (1, 200, 2, 64), torch.bfloat16) for _ in range(3))
+    plan = BlockSparsity.dense(200, 200)
+    block_sparse_attention(q, k, v, plan, backend="triton")
+    assert launches == [(specialized, specialized)]
+    assert explain_backends("cpu", head_dim=64).warp_specialization == (
+        None if specialized else "turned off (FASTDIT_WARP_SPECIALIZE=0)")
+
+
+@pytest.fixture
+def switched_on(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FASTDIT_WARP_SPECIALIZE", raising=False)
+    monkeypatch.setattr(triton_common, "WARP_SPECIALIZE", True)
+
+
+def reason(device="cpu", dtype=torch.bfloat16, head_dim=128, **call):
+    reasons = explain_backends(device, dtype, head_dim, **call)
+    assert list(reasons) == ["flash4", "triton", "reference"]  # still the backends' reasons
+    return reasons.warp_specialization
+
+
+def test_explain_backends_says_where_it_runs(switched_on):
+    assert reason() is None
+    assert reason(head_dim=64, dense=True, return_lse=True) is None
+    assert reason(dtype=torch.float16, q_block_size=256, kv_block_size=128) is None
+    for quantize in ("int8", "int8-fp8", "fp8"):
+        assert reason(quantize=quantize) is None
+
+
+@pytest.mark.parametrize(("call", "expected"), [
+    (dict(q_block_size=64, kv_block_size=64), "needs 128-token query and key blocks (64-row "
+     "tiles repeat work in Triton's consumer groups), got 64 and 64"),
+    (dict(q_block_size=128, kv_block_size=64), "got 128 and 64"),
+    (dict(key_padding=True), "key padding: the loop reads each row's last key block whole"),
+    (dict(window_mask=True), "window-mask partial blocks need the plain kernel's masked loop"),
+    (dict(head_dim=80), "needs head_dim 64 or 128 (tensor-descriptor loads), got 80"),
+    (dict(head_dim=256, quantize="int8-fp8"), "needs head_dim 64 or 128"),
+    (dict(dtype=torch.float32), "needs fp16 or bf16 inputs (tensor-descriptor loads), got torch.float32"),
+    (dict(operation="block_mass"), "block_mass has no warp-specialized kernel (attention has)"),
+])
+def test_explain_backends_says_why_not(switched_on, call, expected):
+    assert expected in reason(**call)
+
+
+def test_explain_backends_turned_off(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FASTDIT_WARP_SPECIALIZE", raising=False)
+    monkeypatch.setattr(triton_common, "WARP_SPECIALIZE", False)
+    assert reason() == "turned off (triton_common.WARP_SPECIALIZE is False)"
+    monkeypatch.setattr(triton_common, "WARP_SPECIALIZE", True)
+    monkeypatch.setenv("FASTDIT_WARP_SPECIALIZE", "0")
+    assert reason() == "turned off (FASTDIT_WARP_SPECIALIZE=0)"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FASTDIT_WARP_SPECIALIZE", "1")
+    assert reason() == ("the triton backend cannot run this call: tensors are on the CPU and "
+                        "TRITON_INTERPRET=1 is not set")
+
+
+@pytest.mark.parametrize(("capability", "expected"), [
+    ((9, 0), None),
+    ((8, 0), "needs a Hopper GPU (compute capability 9.x), got 8.0"),
+    ((8, 9), "needs a Hopper GPU (compute capability 9.x), got 8.9"),
+    ((10, 0), "needs a Hopper GPU (compute capability 9.x), got 10.0"),
+])
+def test_explain_backends_on_a_faked_gpu(switched_on, monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert reason("cuda") == expected
+    if capability == (9, 0):  # the GPU is fine; the call's own reasons still apply
+        assert "got 64 and 64" in reason("cuda", q_block_size=64, kv_block_size=64)
+
+
+@pytest.mark.parametrize("missing", ["tl.range", "allocator"])
+def test_an_older_triton_runs_the_plain_kernels(rng, switched_on, monkeypatch, launches, missing):
+    # No tl.range(warp_specialize=...), or no allocator ContextVar where fastdit reads it: the
+    # reason names the Triton version, and calls run the plain kernels (no error).
+    if missing == "tl.range":
+        monkeypatch.setattr(triton_common, "_range_has_warp_specialize", lambda: False)
+        expected = f"Triton {triton.__version__} has no tl.range(..., warp_specialize=...)"
+    else:
+        monkeypatch.setattr(allocation, "_triton_allocation", types.SimpleNamespace())
+        expected = f"Triton {triton.__version__} keeps no allocator ContextVar"
+    assert reason().startswith(expected)
+    q, k, v = (make(rng, (1, 128, 1, 64), torch.bfloat16) for _ in range(3))
+    plan = BlockSparsity.dense(128, 128)
+    block_sparse_attention(q, k, v, plan, backend="triton")
+    block_sparse_attention(q, k, v, plan, backend="triton", quantize="int8-fp8")
+    assert launches == [(False, False), (False, False)]

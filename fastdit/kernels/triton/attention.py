@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..plan import BlockSparsity
+from .allocation import scoped_allocator
 from .triton_common import (
     LOG2E,
     TensorDescriptor,
@@ -44,8 +45,7 @@ from .triton_common import (
     strides,
     tma_view,
     WARP_SPECIALIZED_CONFIG,
-    warp_specialization_applies,
-    warp_specialize_setting,
+    warp_specialization_skipped,
 )
 from ..window import WindowMask
 
@@ -232,8 +232,11 @@ def triton_block_sparse_attention(
     row_strides = plan_strides(plan)
     tma_views = _tma_views(k, v, layout, interpret)
     warp_specialize = False  # the warp-specialized kernel, where it applies (see WARP_SPECIALIZE)
-    if (warp_specialize_setting() and window is None
-            and warp_specialization_applies(plan, key_lengths)):
+    if warp_specialization_skipped(
+        q.device, q.dtype, head_dim, q_block_size=plan.q_block_size,
+        kv_block_size=plan.kv_block_size, key_padding=key_lengths is not None,
+        window=window is not None, quantized=False, interpret=interpret,
+    ) is None:
         views = [tma_view(x, layout, interpret, on_interpreter=True) for x in (q, k, v)]
         if all(view is not None for view in views):
             tma_views, warp_specialize = views[1:], True
@@ -276,6 +279,8 @@ def triton_block_sparse_attention(
             num_warps=num_warps, num_stages=num_stages,
         )
 
+    if warp_specialize:  # each launch with Triton's allocator for Q's device-built descriptor
+        launch = scoped_allocator(q.device)(launch)
     element_bytes = q.element_size()
     config = _launch_config(block_d, plan.q_block_size, plan.kv_block_size, element_bytes, interpret)
     if warp_specialize and not interpret:

@@ -102,4 +102,24 @@ class TritonBackend(Backend):
         )
 
 
-register_backend(TritonBackend())
+def warp_specialization_reason(request: Request) -> str | None:
+    """``None`` where the ``triton`` backend runs such a call with its warp-specialized kernel
+    (on the CPU interpreter: that kernel's loop, which the interpreter does not specialize),
+    else why not (:func:`~fastdit.kernels.triton.triton_common.warp_specialization_skipped`).
+    It also needs contiguous, 16-byte aligned inputs, which a request does not describe."""
+    if request.operation != "attention":
+        return f"{request.operation} has no warp-specialized kernel (attention has)"
+    reason = TRITON_BACKEND.cannot_run(request)
+    if reason is not None:
+        return f"the triton backend cannot run this call: {reason}"
+    from .triton_common import warp_specialization_skipped
+
+    return warp_specialization_skipped(
+        request.device, request.dtype, request.head_dim, q_block_size=request.q_block_size,
+        kv_block_size=request.kv_block_size, key_padding=request.key_padding,
+        window=request.window_mask, quantized=request.quantize is not None,
+        interpret=request.device.type == "cpu",
+    )
+
+
+TRITON_BACKEND = register_backend(TritonBackend())

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from ..plan import BlockSparsity
 from ..quantized import QuantizedQK, QuantizedV
+from .allocation import scoped_allocator
 from .triton_common import (
     TensorDescriptor,
     attend_plan_row,
@@ -53,8 +54,7 @@ from .triton_common import (
     tma_device,
     tma_view,
     WARP_SPECIALIZED_CONFIG,
-    warp_specialization_applies,
-    warp_specialize_setting,
+    warp_specialization_skipped,
 )
 
 
@@ -295,7 +295,11 @@ def triton_int8_block_sparse_attention(
 
     views = tma_views(on_interpreter=False)
     warp_specialize = False  # the warp-specialized kernel, where it applies (see WARP_SPECIALIZE)
-    if warp_specialize_setting() and warp_specialization_applies(plan, key_lengths):
+    if warp_specialization_skipped(
+        v.device, v.dtype, head_dim, q_block_size=plan.q_block_size,
+        kv_block_size=plan.kv_block_size, key_padding=key_lengths is not None, window=False,
+        quantized=True, interpret=interpret,
+    ) is None:
         specialized_views = tma_views(on_interpreter=True)
         if specialized_views is not None and specialized_views[0] is not None:
             views, warp_specialize = specialized_views, True
@@ -331,6 +335,8 @@ def triton_int8_block_sparse_attention(
             num_warps=num_warps, num_stages=num_stages,
         )
 
+    if warp_specialize:  # each launch with Triton's allocator for Q's device-built descriptor
+        launch = scoped_allocator(v.device)(launch)
     override = FP8_LAUNCH_CONFIG if fp8 else None
     if override is not None:  # as given, on the interpreter too (which ignores warps and stages)
         launch(*check_launch_config(override, plan.q_block_size, plan.kv_block_size))

@@ -19,13 +19,16 @@ Names follow the flash-attention papers: ``m_i`` running max in log2 units, ``l_
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..plan import BlockSparsity
+from .allocation import allocator_unavailable
 
 try:  # host-side tensor descriptors (TMA), Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -36,6 +39,7 @@ __all__ = [
     "LOG2E",
     "TensorDescriptor",
     "WARP_SPECIALIZED_CONFIG",
+    "WARP_SPECIALIZE_ENV",
     "attend_kv_block",
     "attend_kv_blocks",
     "attend_kv_blocks_tma",
@@ -45,6 +49,7 @@ __all__ = [
     "e4m3_round",
     "fold_scores",
     "fp8_pv",
+    "hopper_unsupported",
     "int8_scores",
     "launch_with_fallback",
     "load_q_tile",
@@ -55,7 +60,7 @@ __all__ = [
     "strides",
     "tma_device",
     "tma_view",
-    "warp_specialization_applies",
+    "warp_specialization_skipped",
     "warp_specialize_setting",
     "window_visible",
     "working_launch_configs",
@@ -517,13 +522,16 @@ def normalized_output(acc, l_i, m_i):
 # times it). True runs the bf16 and quantized kernels' plan rows in one tensor-descriptor loop
 # tl.range(..., warp_specialize=True), which Triton >= 3.5 splits on Hopper into a TMA producer
 # warp group and two consumer groups (MMAs and softmax). Triton's pass accepts only such a
-# kernel: Q loaded by a device-built descriptor (load_q_tile; on a GPU it needs an allocator,
-# triton.set_allocator), no while loop and no second loop of tl.dot, so the row's last block is
-# masked inside the loop (attend_plan_row). It applies where warp_specialization_applies and
-# Q, K and V have tensor-descriptor views (head_dim 64 or 128, contiguous; Hopper, or the CPU
-# interpreter, which ignores warp_specialize and so checks the loop's arithmetic); elsewhere the
-# plain kernels run. Off, the kernels are the plain ones on any Triton.
+# kernel: Q loaded by a device-built descriptor (load_q_tile; on a GPU its launch needs Triton's
+# allocator, which allocation.scoped_allocator provides for that launch only), no while loop
+# and no second loop of tl.dot, so the row's last block is masked inside the loop
+# (attend_plan_row). It applies where warp_specialization_skipped finds no reason and Q, K and
+# V have tensor-descriptor views (contiguous, 16-byte aligned); on the CPU interpreter, which
+# ignores warp_specialize, the loop's arithmetic runs. Elsewhere the plain kernels run; off,
+# the kernels are the plain ones on any Triton. The environment variable
+# FASTDIT_WARP_SPECIALIZE=0 or 1, where set, takes precedence (warp_specialize_setting).
 WARP_SPECIALIZE = False
+WARP_SPECIALIZE_ENV = "FASTDIT_WARP_SPECIALIZE"
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) of the warp-specialized kernels: 128-row query tiles
 # on 4 warps, which Triton's Hopper pass splits between two consumer warp groups of 64 rows
 # (FA3's layout) and a TMA producer group, 12 warps in all. With 64-row tiles Triton 3.6 gives
@@ -531,23 +539,70 @@ WARP_SPECIALIZE = False
 WARP_SPECIALIZED_CONFIG = (128, 128, 4, 2)
 
 
-def warp_specialization_applies(plan: BlockSparsity, key_lengths: torch.Tensor | None) -> bool:
-    """Whether the warp-specialized kernels can run ``plan``: 128-token key and query blocks
-    (or multiples), and no key lengths (their last key block is read whole, see
-    :func:`attend_plan_row`). The launchers also need tensor-descriptor views of Q, K and V."""
-    return key_lengths is None and plan.q_block_size % 128 == 0 and plan.kv_block_size % 128 == 0
-
-
 def warp_specialize_setting() -> bool:
-    """:data:`WARP_SPECIALIZE`, checked: a bool, and supported by this Triton's ``tl.range``."""
+    """Whether the warp-specialized kernels are wanted where they apply: the environment
+    variable ``FASTDIT_WARP_SPECIALIZE`` (``0`` or ``1``) where it is set and not empty, else
+    :data:`WARP_SPECIALIZE` (a bool)."""
+    value = os.environ.get(WARP_SPECIALIZE_ENV, "").strip()
+    if value:
+        if value not in ("0", "1"):
+            raise ValueError(f"{WARP_SPECIALIZE_ENV} must be 0 or 1, got {value!r}")
+        return value == "1"
     if not isinstance(WARP_SPECIALIZE, bool):
         raise ValueError(f"WARP_SPECIALIZE must be True or False, got {WARP_SPECIALIZE!r}")
-    if WARP_SPECIALIZE and "warp_specialize" not in inspect.signature(tl.range).parameters:
-        raise RuntimeError(
-            "WARP_SPECIALIZE needs tl.range(..., warp_specialize=...), which Triton "
-            f"{triton.__version__} does not have"
-        )
     return WARP_SPECIALIZE
+
+
+@functools.cache
+def _range_has_warp_specialize() -> bool:
+    return "warp_specialize" in inspect.signature(tl.range).parameters
+
+
+def hopper_unsupported(device: torch.device) -> str | None:
+    """``None`` on a Hopper GPU (compute capability 9.x), where the warp-specialized kernels
+    were tuned and measured (:data:`WARP_SPECIALIZED_CONFIG`), else why not."""
+    if device.type != "cuda":
+        return f"needs a Hopper GPU, got device {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"needs a Hopper GPU (compute capability 9.x), got {major}.{minor}"
+    return None
+
+
+def warp_specialization_skipped(
+    device: torch.device, dtype: torch.dtype, head_dim: int, *, q_block_size: int,
+    kv_block_size: int, key_padding: bool, window: bool, quantized: bool, interpret: bool,
+) -> str | None:
+    """Why the warp-specialized kernels do not run such a call, or None where they do (given
+    tensor-descriptor views: contiguous, 16-byte aligned inputs). ``quantized``: the INT8/FP8
+    kernel (its Q and K are int8 or e4m3 whatever ``dtype``). ``interpret``: the CPU
+    interpreter, which runs the loop's arithmetic without specializing (no GPU needed)."""
+    if not warp_specialize_setting():
+        if os.environ.get(WARP_SPECIALIZE_ENV, "").strip():
+            return f"turned off ({WARP_SPECIALIZE_ENV}=0)"
+        return "turned off (triton_common.WARP_SPECIALIZE is False)"
+    if not _range_has_warp_specialize():
+        return (f"Triton {triton.__version__} has no tl.range(..., warp_specialize=...) "
+                "(Triton >= 3.5 has)")
+    if TensorDescriptor is None:
+        return f"Triton {triton.__version__} has no tensor descriptors (Triton >= 3.4 has)"
+    unavailable = allocator_unavailable()
+    if unavailable is not None:
+        return unavailable
+    if not interpret and hopper_unsupported(device) is not None:
+        return hopper_unsupported(device)
+    if not quantized and dtype not in (torch.float16, torch.bfloat16):
+        return f"needs fp16 or bf16 inputs (tensor-descriptor loads), got {dtype}"
+    if head_dim not in (64, 128):
+        return f"needs head_dim 64 or 128 (tensor-descriptor loads), got {head_dim}"
+    if q_block_size % 128 or kv_block_size % 128:
+        return ("needs 128-token query and key blocks (64-row tiles repeat work in Triton's "
+                f"consumer groups), got {q_block_size} and {kv_block_size}")
+    if key_padding:
+        return "key padding: the loop reads each row's last key block whole"
+    if window:
+        return "window-mask partial blocks need the plain kernel's masked loop"
+    return None
 
 
 # Launch key -> the configuration that fitted this GPU at its first launch (see
