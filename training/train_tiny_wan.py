@@ -867,8 +867,8 @@ def plot_losses(vae_losses, dit_losses, path, step_offset=0):
     axes[1].plot(steps, default, alpha=0.3, color="C1")
     smoothed = smooth(default)
     axes[1].plot(steps[len(steps) - len(smoothed):], smoothed, color="C1")
-    resumed = f", resumed at step {step_offset}" if step_offset else ""
-    axes[1].set(title=f"transformer (flow matching, default-size steps{resumed})", xlabel="step",
+    resumed = f", resumed at {step_offset}" if step_offset else ""
+    axes[1].set(title=f"transformer (flow matching{resumed})", xlabel="step",
                 ylabel="MSE", yscale="log")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

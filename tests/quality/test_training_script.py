@@ -264,3 +264,45 @@ def test_resume_run_continues_from_the_folder_and_accumulates_its_record(train, 
                                                           abs=0.11)
     assert record["wall_seconds"] == pytest.approx(20.0 + record["runs"][1]["wall_seconds"],
                                                    abs=0.11)
+
+
+def test_history_plot_joins_the_calls_on_one_step_axis(tmp_path, rng):
+    """training/plot_history.py: a first run's steps start at 0, a resumed call's at its recorded
+    offset; long steps are left out of the default-size curve; the VAE losses a combined call
+    repeats are counted once; held-out scores land at each call's last step."""
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_history", SCRIPT.parent / "plot_history.py")
+    history = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(history)
+    vae = torch.rand(7, generator=rng).tolist()
+    first = torch.rand(5, generator=rng).tolist()
+    second = torch.rand(4, generator=rng).tolist()
+    calls = [
+        {"vae_losses": vae},
+        {"losses": {"vae": vae, "transformer": first,
+                    "transformer_long_step": [False, True, False, False, False]},
+         "eval": {"heldout": {"accuracy": {"colour": 0.5, "shape": 0.25, "motion": 0.0}}}},
+        {"losses": {"vae": [], "transformer": second, "transformer_long_step": [False] * 4,
+                    "transformer_step_offset": 5},
+         "eval": {"heldout": {"accuracy": {"colour": 1.0, "shape": 0.75, "motion": 1.0}}}},
+    ]
+    paths = []
+    for index, metrics in enumerate(calls):
+        paths.append(str(tmp_path / f"m{index}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(metrics, f)
+    losses, runs, scores = history.read_history(paths)
+    assert losses == vae
+    assert [offset for offset, _, _ in runs] == [0, 5]
+    assert runs[0][1].tolist() == [0, 2, 3, 4] and runs[0][2] == [first[0]] + first[2:]
+    assert runs[1][1].tolist() == [5, 6, 7, 8] and runs[1][2] == second
+    assert [step for step, _ in scores] == [5, 9] and scores[1][1]["shape"] == 0.75
+    history.plot(losses, runs, scores, str(tmp_path / "history.png"))
+    assert (tmp_path / "history.png").stat().st_size > 0
+    del calls[2]["eval"]
+    with open(paths[2], "w") as f:
+        json.dump(calls[2], f)
+    with pytest.raises(SystemExit, match="no held-out accuracy"):
+        history.read_history(paths)
