@@ -306,3 +306,20 @@ def test_history_plot_joins_the_calls_on_one_step_axis(tmp_path, rng):
         json.dump(calls[2], f)
     with pytest.raises(SystemExit, match="no held-out accuracy"):
         history.read_history(paths)
+
+
+def test_guard_threshold_summary(rng):
+    """benchmarks/guard_thresholds.py: seed ranges parse, and the summary's min / mean / sd and
+    gaps are those of the rows."""
+    from benchmarks.guard_thresholds import parse_seeds, summarize
+
+    assert parse_seeds("1000-1003,7") == [1000, 1001, 1002, 1003, 7]
+    snr = (20 + torch.rand(6, generator=rng)).tolist()
+    control = (5 + torch.rand(6, generator=rng)).tolist()
+    rows = [dict(seed=i, name="radial", density=0.5, snr=s, random=c)
+            for i, (s, c) in enumerate(zip(snr, control))]
+    summary = summarize(rows)["radial"]
+    gaps = [s - c for s, c in zip(snr, control)]
+    assert summary["seeds"] == 6 and summary["snr_min"] == min(snr)
+    assert summary["random_max"] == max(control) and summary["gap_min"] == pytest.approx(min(gaps))
+    assert summary["snr_sd"] == pytest.approx(float(torch.tensor(snr, dtype=torch.float64).std()))
