@@ -68,19 +68,25 @@ the quality table with ``python -m benchmarks.quality_table --speed <csv> --out 
 
 How to run
 ----------
-    python -m benchmarks.quality_speed                      # every row, one H200 call (~6-7 min)
+    python -m benchmarks.quality_speed                      # every row, one H200 call (~5-6 min)
     python -m benchmarks.quality_speed --rows radial,gna-3x9x9,adaspa
     python -m benchmarks.quality_speed --smoke --out /tmp/qs  # tiny transformer on the CPU, seconds
     bash benchmarks/gpu_session.sh $OUT/s qspeed            # the GPU session step (560 s limit)
 
-Runtime (H200, estimated from ``e2e_bench``'s 1.3B 480p steps: stock cuDNN 1.26 s, fastdit's
-dense path 1.15 s, Radial sparse 0.84 s, AdaSpa search 1.73 s per CFG step): each timed kind
-costs (warm-up 2 forwards + 2 timed CFG steps) = 3 CFG steps, 2.5-5 s; a row has 1-4 kinds: ~3 s
-(one kind, e.g. ``fastdit-dense+int8``) to ~15 s (AdaSpa: dense, search, sparse, cached search);
-an FBC row's loop ~15-25 s; the ``--check-loop`` row ~11-18 s; model build ~7 s and Triton's
-first compilations ~1-3 s per new kernel. 27 timed rows: about 3.5-5 minutes, within
-``--budget-s`` (default 480 s: rows that would start later are reported "not timed: time budget
-spent" and the run ends in time for the outputs).
+Runtime (H200, not yet measured: estimated from ``e2e_bench``'s 1.3B 480p CFG steps, stock cuDNN
+1.26 s, fastdit's dense path 1.15 s, Radial sparse 0.84 s, AdaSpa search 1.73 s, cached search
+1.31 s, AdaSpa sparse 0.74 s). Each timed kind costs warm-up (2 forwards) + 2 timed CFG steps = 3
+steps, 2.5-5 s. Per row: ``dense`` ~4 s; ``radial``, ``radial-d*``, ``gna-*``, int8 rows and the
+``random@`` controls (one kind) ~2.5-3.5 s; ``vmoba*`` and ``agent`` (two kinds) ~6-8 s;
+``adaspa*`` (four kinds) ~15 s; ``dense+taylorseer``, ``radial+taylorseer``, ``radial-14b``,
+``radial-14b+taylorseer`` (two or three kinds; the skip kind warms up on 6 forwards) ~6-9 s;
+the FBC rows (whole loops, if FBC computes every step on random weights) ~27, 17 and 15 s; the
+default ``--check-loop`` loops ~12 s (``radial-14b+taylorseer``) and ~19 s (``adaspa``). In all
+~225 s of timing for the 27 timed rows, plus ~7 s of model build, ~20 s of start-up and Triton's
+first compilations of each kernel (block-sparse, INT8, GNA window, VMoBA selection, AdaSpa
+mass/LSE, Agent): about 5-6 minutes. ``--budget-s`` (default 480 s) stops starting rows after
+that many seconds (they read "not timed: time budget spent"), so the run ends inside the
+session step's 560 s with its outputs written.
 """
 
 from __future__ import annotations
@@ -472,7 +478,8 @@ class SpeedRun:
                               recipe=f"whole loop: computed steps {loop.computed_steps}",
                               density=(sum(densities) / len(densities)) if densities
                               else (1.0 if config.method is None else None),
-                              reason=f"{cache_name(config.cache)} decided on random weights")
+                              reason=f"{cache_name(config.cache)}: {len(loop.computed_steps)} of "
+                              f"{self.args.steps} steps computed, decided on random weights")
             self.details[row.label].update(kinds=config.kinds, timings=config.timings,
                                            loop_step_ms=loop.step_ms if loop else None,
                                            loop_computed_steps=loop.computed_steps if loop else None)

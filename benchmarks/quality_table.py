@@ -81,8 +81,7 @@ from fastdit.cli.runner import SpeedProbe, pipeline_call_kwargs, run_generation 
 
 DEFAULT_OUT = str(default_out() / "quality_table")
 PARO_DENSITIES = "0.3,0.5"  # one PARO row per calibration density (--paro-densities)
-NO_PARO_PLAN = ("needs a calibrated plan for this grid (PARO runs only from a plan calibrated on "
-                "the model at that grid; it has no uncalibrated mode)")
+NO_PARO_PLAN = "needs a calibrated plan for this grid (PARO has no uncalibrated mode)"
 PARO_PROMPTS = [  # training captions (not held out) for PARO's calibration
     "a red square moves left over a plain gray background",
     "a green circle bounces over blue stripes",
@@ -358,7 +357,8 @@ def write_table_files(table: list[dict], settings: dict, videos: dict, out: str,
         gpu = ""
         if speed is not None:
             gpu = (f" — ({entry['gpu_speed_note']}) |" if entry["gpu_ms"] is None else
-                   f" {entry['gpu_ms']:,.0f} ({entry['gpu_speedup_vs_cudnn']:.2f}x) |")
+                   f" {entry['gpu_ms']:,.0f} ({entry['gpu_speedup_vs_cudnn']:.2f}x"
+                   f"{'; ' + entry['gpu_speed_note'] if entry['gpu_speed_note'] else ''}) |")
         lines.append(
             f"| {entry['label']} | {entry['density']:.3f} | {psnr} | "
             f"{'ref' if reference else _fmt(entry['ssim'], '.4f')} | "
