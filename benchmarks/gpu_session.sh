@@ -2,8 +2,12 @@
 # One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
 #   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
 # Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families, fp8check,
-# fp8bench, fp8e2e, fp8tune, wscheck, compose14, agent, trainvae, traindit, traindit-resume,
-# remeasure:<old checkout>, custom:<command>.
+# fp8bench, fp8e2e, fp8tune, wscheck, compose14, agent, qspeed, trainvae, traindit,
+# traindit-resume, remeasure:<old checkout>, custom:<command>.
+# qspeed (~4-6 min, limit 560 s; --budget-s 480 stops starting rows in time) times every
+# quality-table row's configuration on full-size Wan2.1-1.3B 480p (benchmarks/quality_speed.py);
+# merge its CSV with: python -m benchmarks.quality_table --speed RESULTS_DIR/qspeed/quality_speed_*.csv
+# --out <the quality table's folder>.
 # traindit-resume (about 570 s: ~15 s set-up, 40 s latent pool, 490 s of transformer, ~25 s export
 # and evaluation) continues training the transformer of ${RESUME_FROM:-fastdit/assets/tiny_wan}
 # (training/train_tiny_wan.py --resume-from), exports to /tmp/tiny_wan on the machine (replacing
@@ -61,6 +65,7 @@ for s in "$@"; do
     compose14) step compose14 560 python3 -m benchmarks.compose_bench --models wan14b-720p \
              --budget-s 500 --out "$out/compose14" ;;
     agent) step agent 300 python3 -m benchmarks.agent_bench --out "$out/agent" ;;
+    qspeed) step qspeed 560 python3 -m benchmarks.quality_speed --budget-s 480 --out "$out/qspeed" ;;
     # The trained model (issue 19), in two calls: trainvae (~9 min) keeps its folder in
     # /tmp/train_stage for traindit (~8.5 min) on the same warm machine. If the machine was given
     # back in between, put the returned RESULTS_DIR-train folder into the working tree (untracked,

@@ -25,9 +25,16 @@ tokens, 20 steps, guidance 5.0):
 Per row: mean density (fastdit's per-layer record over layers and steps; 1 for stock runs),
 PSNR/SSIM against the fp32 dense video of the same caption and seed (means over captions), and
 the checker's share of videos with the caption's colour, shape and motion. GPU speed is not
-measured here (the CPU runs fastdit's PyTorch reference path); the speed of the same
-configurations on a full-size Wan is in the GPU benchmark files (``e2e_bench``,
-``compose_bench``).
+measured here (the CPU runs fastdit's PyTorch reference path): ``benchmarks/quality_speed.py``
+times every row's configuration (:func:`build_rows`, the one definition both use) on a full-size
+Wan2.1-1.3B at 480p on the GPU, and ``--speed`` merges its CSV into the tables::
+
+    python -m benchmarks.quality_table --speed benchmarks/results/<gpu>_<date>/quality_speed_<gpu>_<date>.csv \
+        --out benchmarks/results/cpu_<date>_quality_table
+
+adds ``gpu_ms`` (ms per generation of the table's step count, transformer only),
+``gpu_speedup_vs_cudnn`` (over stock cuDNN SDPA in bf16) and ``gpu_speed_note`` (why a row has
+no time: "—" and the reason in the Markdown) to quality_table.{csv,json,md}, without generating.
 
 Writes to ``--out`` (default ``benchmarks/results/<gpu>_<date>/quality_table``): ``quality_table.csv``,
 ``quality_table.json``, ``quality_table.md`` and ``side_by_side.png`` (the first caption: four
@@ -61,6 +68,7 @@ if not __package__:  # run as a file: the imports below need the package (see be
     sys.exit(f"run it from the repository root as: python -m benchmarks.{os.path.splitext(os.path.basename(__file__))[0]}")
 
 import fastdit  # noqa: E402
+from fastdit import LatentGrid  # noqa: E402
 from benchmarks.harness import default_out  # noqa: E402
 from fastdit.compose import build_cache_config, parse_cache_spec  # noqa: E402
 from fastdit.files import atomic_path, atomic_write_text  # noqa: E402
@@ -72,6 +80,8 @@ from fastdit.quality.controls import RandomBlocks  # noqa: E402
 from fastdit.cli.runner import SpeedProbe, pipeline_call_kwargs, run_generation  # noqa: E402
 
 DEFAULT_OUT = str(default_out() / "quality_table")
+PARO_DENSITIES = "0.3,0.5"  # one PARO row per calibration density (--paro-densities)
+NO_PARO_PLAN = "needs a calibrated plan for this grid (PARO has no uncalibrated mode)"
 PARO_PROMPTS = [  # training captions (not held out) for PARO's calibration
     "a red square moves left over a plain gray background",
     "a green circle bounces over blue stripes",
@@ -88,7 +98,28 @@ class Row:
     bf16: bool = False
     control_of: str | None = None  # RandomBlocks at this row's density
     note: str = ""
+    # Set by build_rows for another grid than the table's (benchmarks/quality_speed.py): how a
+    # setting given for the table's grid was mapped, and why a row cannot run there.
+    scaled: str = ""
+    unavailable: str = ""
     results: list = field(default_factory=list)
+
+
+def table_grid(smoke: bool = False) -> LatentGrid:
+    """The latent grid the table's rows are defined for: the trained model's defaults (33 frames
+    of 256 x 256 px: 9 x 16 x 16), or the ``--smoke`` size (9 frames of 64 x 64 px: 3 x 4 x 4)."""
+    if smoke:
+        return LatentGrid.from_video(9, 64, 64)
+    settings = trained_settings()
+    return LatentGrid.from_video(settings["num_frames"], settings["height"], settings["width"])
+
+
+def scale_window(window: tuple, source: LatentGrid, target: LatentGrid) -> tuple:
+    """A window given in tokens of ``source`` as the same fraction of each axis of ``target``
+    (rounded half up, at least 1, at most the extent): GNA's ``(3, 9, 9)`` of the table's
+    9 x 16 x 16 grid is ``(7, 17, 29)`` of Wan2.1's 480p grid 21 x 30 x 52."""
+    return tuple(max(1, min(extent, math.floor(w * extent / base + 0.5)))
+                 for w, base, extent in zip(window, source.shape, target.shape))
 
 
 def taylorseer_spec(steps: int) -> str:
@@ -108,8 +139,16 @@ def radial_14b(steps: int, block: int, smoke: bool):
                                  **(dict(block_size=block) if smoke else {}))
 
 
-def build_rows(paro_plans: dict[str, str], smoke: bool, steps: int = 20) -> list[Row]:
-    """Every configuration of the table, dense first."""
+def build_rows(paro_plans: dict[str, str | None], smoke: bool, steps: int = 20,
+               grid: LatentGrid | None = None) -> list[Row]:
+    """Every configuration of the table, dense first: the one definition of each row, which
+    ``benchmarks/quality_speed.py`` times on a full-size Wan.
+
+    ``paro_plans``: row label -> calibrated plan file, or ``None`` for a row that has no plan for
+    this grid (it keeps its label, with ``unavailable`` set). ``grid``: the grid the rows will run
+    on when it is not the table's (:func:`table_grid`); GNA windows, given in tokens of the
+    table's grid, become the same fraction of each axis of ``grid`` (:func:`scale_window`), and
+    the row's ``scaled`` says so. Labels stay the table's, so the two match row by row."""
     R, G, V, A = fastdit.Radial, fastdit.GNA, fastdit.VMoBA, fastdit.AdaSpa
     block = 64 if smoke else 128
     gna_windows = [(1, 3, 3), (3, 3, 3)] if smoke else [(1, 5, 5), (3, 9, 9), (5, 11, 11)]
@@ -119,8 +158,16 @@ def build_rows(paro_plans: dict[str, str], smoke: bool, steps: int = 20) -> list
         Row("radial-d0.1", "radial", R(decay=0.1, block_size=block)),
         Row("radial-d1.0", "radial", R(decay=1.0, block_size=block)),
     ]
-    rows += [Row("gna-" + "x".join(map(str, w)), "gna", G(window=w, block_size=block))
-             for w in gna_windows]
+    source = table_grid(smoke)
+    for window in gna_windows:
+        label = "gna-" + "x".join(map(str, window))
+        if grid is None or grid == source:
+            rows.append(Row(label, "gna", G(window=window, block_size=block)))
+            continue
+        scaled = scale_window(window, source, grid)
+        rows.append(Row(label, "gna", G(window=scaled, block_size=block),
+                        scaled=f"window {window} of the table's {_shape(source)} grid as the same "
+                        f"fraction of each axis of {_shape(grid)}: {scaled}"))
     rows += [
         Row("vmoba", "vmoba", V(block_size=block) if smoke else V(),
             note="defaults: tau 0.25, first 25% of steps dense"),
@@ -131,8 +178,9 @@ def build_rows(paro_plans: dict[str, str], smoke: bool, steps: int = 20) -> list
         Row("adaspa-s0.95", "adaspa", A(sparsity=0.95)),
     ]
     for label, path in paro_plans.items():
-        rows.append(Row(label, "paro", fastdit.PARO(plan=path, quantize=None),
-                        note="calibrated on 2 training captions; 16-bit kernel"))
+        rows.append(Row(label, "paro", None if path is None else fastdit.PARO(plan=path, quantize=None),
+                        note="calibrated on 2 training captions; 16-bit kernel",
+                        unavailable="" if path else NO_PARO_PLAN))
     rows += [
         Row("agent", "agent", fastdit.Agent(), note="defaults: last 60% of steps dense"),
         Row("dense-bf16", "int8", bf16=True, note="stock attention, bf16 pipeline"),
@@ -142,8 +190,10 @@ def build_rows(paro_plans: dict[str, str], smoke: bool, steps: int = 20) -> list
     ]
     if paro_plans:
         first = next(iter(paro_plans))
-        rows.append(Row(f"{first}+int8", "int8", fastdit.PARO(plan=paro_plans[first]), bf16=True,
-                        note="PARO as published: INT8"))
+        path = paro_plans[first]
+        rows.append(Row(f"{first}+int8", "int8", None if path is None else fastdit.PARO(plan=path),
+                        bf16=True, note="PARO as published: INT8",
+                        unavailable="" if path else NO_PARO_PLAN))
     rows += [
         Row("dense+fbc", "cache", cache="fbc", note="stock attention + FirstBlockCache"),
         Row("radial+fbc", "cache", R(block_size=block) if smoke else R(), cache="fbc"),
@@ -167,6 +217,10 @@ def build_rows(paro_plans: dict[str, str], smoke: bool, steps: int = 20) -> list
             note="random blocks at that GNA window's density"),
     ]
     return rows
+
+
+def _shape(grid: LatentGrid) -> str:
+    return "x".join(map(str, grid.shape))
 
 
 def mean_density(densities: dict) -> float:
@@ -205,7 +259,8 @@ def _fmt(value, spec):
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def write_tables(rows: list[Row], settings: dict, out: str) -> dict:
+def table_entries(rows: list[Row]) -> list[dict]:
+    """One entry per row that ran: means over its videos."""
     table = []
     for row in rows:
         runs = row.results
@@ -213,7 +268,7 @@ def write_tables(rows: list[Row], settings: dict, out: str) -> dict:
             continue
         psnr = [r["psnr"] for r in runs if r["psnr"] is not None]
         ssim = [r["ssim"] for r in runs if r["ssim"] is not None]
-        entry = dict(
+        table.append(dict(
             label=row.label, group=row.group, note=row.note, quantize=row.quantize,
             cache=row.cache, bf16=row.bf16, videos=len(runs),
             density=float(np.mean([r["density"] for r in runs])),
@@ -225,33 +280,107 @@ def write_tables(rows: list[Row], settings: dict, out: str) -> dict:
             motion=float(np.mean([r["checker"]["motion"] for r in runs])),
             seconds=float(np.mean([r["seconds"] for r in runs])),
             method=repr(runs[0]["method"]),
-        )
-        table.append(entry)
+        ))
+    return table
+
+
+def write_tables(rows: list[Row], settings: dict, out: str) -> dict:
+    videos = {row.label: row.results for row in rows if row.results}
+    return write_table_files(table_entries(rows), settings, videos, out)
+
+
+# The GPU speed columns (--speed): benchmarks/quality_speed.py's CSV, matched by row label.
+SPEED_COLUMNS = ["gpu_ms", "gpu_speedup_vs_cudnn", "gpu_speed_note"]
+
+
+def read_speed(path: str) -> dict:
+    """``{"rows": {label: CSV row}, "gpu", "date", "steps", "source"}`` of a quality_speed CSV."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        lines = list(csv.DictReader(handle))
+    needed = {"label", "status", "ms_generation", "speedup_vs_cudnn", "reason", "gpu", "date",
+              "steps"}
+    if not lines or needed - set(lines[0]):
+        raise SystemExit(f"--speed: {path} is not a quality_speed CSV (needs the columns "
+                         f"{sorted(needed)}, got {sorted(lines[0]) if lines else 'no rows'})")
+    first = lines[0]
+    return dict(rows={line["label"]: line for line in lines}, gpu=first["gpu"],
+                date=first["date"], steps=first["steps"], source=os.path.abspath(path))
+
+
+def add_speed(table: list[dict], speed: dict) -> None:
+    """The speed columns of every entry, in place: ms per generation and the speedup over stock
+    cuDNN where the row was timed, else ``None`` and the reason."""
+    for entry in table:
+        line = speed["rows"].get(entry["label"])
+        if line is None:
+            entry.update(gpu_ms=None, gpu_speedup_vs_cudnn=None,
+                         gpu_speed_note="not in the speed run")
+        elif line["status"] != "ok":
+            entry.update(gpu_ms=None, gpu_speedup_vs_cudnn=None,
+                         gpu_speed_note=line["reason"] or line["status"])
+        else:
+            entry.update(gpu_ms=float(line["ms_generation"]),
+                         gpu_speedup_vs_cudnn=float(line["speedup_vs_cudnn"]),
+                         gpu_speed_note=line["reason"])
+
+
+def write_table_files(table: list[dict], settings: dict, videos: dict, out: str,
+                      speed: dict | None = None) -> dict:
+    """quality_table.{json,csv,md}; with ``speed`` (:func:`read_speed`), the GPU speed columns."""
+    if speed is not None:
+        add_speed(table, speed)
+        settings = dict(settings, gpu_speed={key: speed[key] for key in ("gpu", "date", "steps",
+                                                                           "source")})
     atomic_write_text(os.path.join(out, "quality_table.json"), json.dumps(
-        dict(settings=settings, rows=table,
-             videos={row.label: row.results for row in rows if row.results}),
-        indent=1, default=str))
+        dict(settings=settings, rows=table, videos=videos), indent=1, default=str))
     columns = ["label", "group", "density", "psnr", "ssim", "colour", "shape", "motion",
                "seconds", "quantize", "cache", "bf16", "videos", "note", "method"]
+    if speed is not None:
+        columns += SPEED_COLUMNS
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     for entry in table:
         writer.writerow({key: entry[key] for key in columns})
     atomic_write_text(os.path.join(out, "quality_table.csv"), buffer.getvalue())
+    gpu_header = gpu_rule = ""
+    if speed is not None:
+        gpu_header = (f" {speed['gpu']} ms / {speed['steps']}-step generation (x stock cuDNN) |")
+        gpu_rule = "---|"
     lines = ["| configuration | density | PSNR dB vs dense | SSIM vs dense | checker colour / shape "
-             "/ motion | CPU s / video | notes |", "|---|---|---|---|---|---|---|"]
+             f"/ motion | CPU s / video |{gpu_header} notes |",
+             f"|---|---|---|---|---|---|{gpu_rule}---|"]
     for entry in table:
         reference = entry["label"] == "dense"
         psnr = "ref" if reference else ("identical" if entry["psnr"] == math.inf
                                         else _fmt(entry["psnr"], ".2f"))
+        gpu = ""
+        if speed is not None:
+            gpu = (f" — ({entry['gpu_speed_note']}) |" if entry["gpu_ms"] is None else
+                   f" {entry['gpu_ms']:,.0f} ({entry['gpu_speedup_vs_cudnn']:.2f}x"
+                   f"{'; ' + entry['gpu_speed_note'] if entry['gpu_speed_note'] else ''}) |")
         lines.append(
             f"| {entry['label']} | {entry['density']:.3f} | {psnr} | "
             f"{'ref' if reference else _fmt(entry['ssim'], '.4f')} | "
             f"{entry['colour']:.0%} / {entry['shape']:.0%} / {entry['motion']:.0%} | "
-            f"{entry['seconds']:.0f} | {entry['note']} |")
+            f"{entry['seconds']:.0f} |{gpu} {entry['note']} |")
     atomic_write_text(os.path.join(out, "quality_table.md"), "\n".join(lines) + "\n")
     return dict(rows=table, markdown="\n".join(lines))
+
+
+def merge_speed(out: str, speed_csv: str) -> dict:
+    """Rewrite the quality_table.{json,csv,md} in ``out`` with the speed columns of
+    ``speed_csv`` (no generation: the rows are the JSON's)."""
+    path = os.path.join(out, "quality_table.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--speed: no {path} to merge into (run the table first, or give --out)")
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    settings = {k: v for k, v in saved["settings"].items() if k != "gpu_speed"}
+    table = [{k: v for k, v in entry.items() if k not in SPEED_COLUMNS} for entry in saved["rows"]]
+    for entry in table:  # JSON keeps inf as Infinity, which json.load reads back as inf
+        entry["psnr"] = None if entry["psnr"] is None else float(entry["psnr"])
+    return write_table_files(table, settings, saved["videos"], out, read_speed(speed_csv))
 
 
 def main(argv=None):
@@ -268,15 +397,23 @@ def main(argv=None):
     parser.add_argument("--num-frames", type=int, default=trained_settings()["num_frames"])
     parser.add_argument("--guidance-scale", type=float, default=trained_settings()["guidance_scale"])
     parser.add_argument("--rows", default=None, help="comma list of row labels (default: all)")
-    parser.add_argument("--paro-densities", default="0.3,0.5",
-                        help="PARO calibration densities, one row each (default: 0.3,0.5)")
+    parser.add_argument("--paro-densities", default=PARO_DENSITIES,
+                        help=f"PARO calibration densities, one row each (default: {PARO_DENSITIES})")
     parser.add_argument("--reuse-paro", action="store_true",
                         help="use a paro_d*.safetensors already in --out instead of calibrating "
                              "again (it must come from a run with the same model and settings)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--smoke", action="store_true",
                         help="64x64 px, 9 frames, 3 steps, 1 caption: checks the plumbing")
+    parser.add_argument("--speed", metavar="CSV", default=None,
+                        help="no generation: merge the GPU speed of benchmarks/quality_speed.py's "
+                             "CSV into the quality_table.{csv,json,md} already in --out")
     args = parser.parse_args(argv)
+    if args.speed is not None:
+        tables = merge_speed(args.out, args.speed)
+        print(tables["markdown"])
+        print(f"merged {args.speed} into {args.out}/quality_table.{{csv,json,md}}")
+        return
     if args.smoke:
         args.height = args.width = 64
         args.num_frames, args.steps, args.captions = 9, 3, 1

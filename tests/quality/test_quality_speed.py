@@ -1,0 +1,98 @@
+"""``benchmarks/quality_speed.py --smoke`` (the quality table's configurations timed on a tiny Wan on
+the CPU) and ``quality_table --speed`` (its CSV merged into the table)."""
+
+import csv
+import json
+
+import pytest
+
+from benchmarks import quality_speed, quality_table
+from fastdit import AdaSpa, Radial
+from fastdit.compose import build_cache_config, parse_cache_spec
+
+ROWS = "dense,dense-bf16,adaspa,radial-14b+taylorseer,paro-d0.3"
+STEPS = 6  # AdaSpa searches at 2 (dense + LSE) and 4 (cached LSE); TaylorSeer skips 1, 3, 5
+
+
+@pytest.fixture(scope="module")
+def smoke_csv(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality_speed")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "0")  # fastdit's PyTorch reference path: fast on a CPU
+        assert quality_speed.main(["--smoke", "--steps", str(STEPS), "--rows", ROWS,
+                                   "--out", str(out)]) == 0
+    (path,) = out.glob("quality_speed_cpu-smoke_*.csv")
+    return path
+
+
+def test_smoke_rows_are_timed_against_the_stock_baseline(smoke_csv):
+    with smoke_csv.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == quality_speed.SPEED_FIELDS
+        rows = {row["label"]: row for row in reader}
+    assert list(rows) == ["dense", "adaspa", "paro-d0.3", "dense-bf16", "radial-14b+taylorseer"]
+    for label in ("dense", "dense-bf16", "adaspa", "radial-14b+taylorseer"):
+        row = rows[label]
+        assert row["status"] == "ok", row
+        assert float(row["ms_generation"]) > 0 and float(row["speedup_vs_cudnn"]) > 0, row
+        assert int(row["steps"]) == STEPS
+    assert float(rows["dense"]["speedup_vs_cudnn"]) == 1.0
+    assert rows["dense-bf16"]["ms_generation"] == rows["dense"]["ms_generation"]
+    assert rows["dense-bf16"]["source"].startswith("reused: dense")
+    # Each row's whole loop ran too (every row with --smoke): its computed steps and AdaSpa's
+    # searches matched the step kinds, else the row would be an error.
+    for label in ("dense", "adaspa", "radial-14b+taylorseer"):
+        assert rows[label]["source"] == "phases" and float(rows[label]["loop_ms"]) > 0
+    assert "1 x search-step" in rows["adaspa"]["recipe"]
+    assert "1 x cached-search-step" in rows["adaspa"]["recipe"]
+    assert int(rows["adaspa"]["computed_steps"]) == STEPS
+    assert int(rows["radial-14b+taylorseer"]["computed_steps"]) == 3
+    assert "3 x skip" in rows["radial-14b+taylorseer"]["recipe"]
+    paro = rows["paro-d0.3"]
+    assert paro["status"] == "not timed" and paro["ms_generation"] == ""
+    assert paro["reason"].startswith("not timed: needs a calibrated plan for this grid")
+    saved = json.loads(smoke_csv.with_suffix(".json").read_text())
+    kinds = saved["kinds"]["adaspa"]["kinds"]
+    assert kinds == ["dense-step", "dense-step", "search-step", "sparse-step",
+                     "cached-search-step", "sparse-step"]
+
+
+def test_step_kinds_follow_the_schedule_and_the_cache():
+    steps, layers = 20, 30
+    assert quality_speed.step_kinds(None, None, steps, layers) == ["stock"] * steps
+    preset = Radial.preset("wan2.1-14b", dense_steps=5)
+    kinds = quality_speed.step_kinds(preset, None, steps, layers)
+    assert kinds == ["dense-step"] * 5 + ["sparse-step"] * 15
+    cache = build_cache_config(*parse_cache_spec(quality_table.taylorseer_spec(steps)),
+                               num_inference_steps=steps)
+    kinds = quality_speed.step_kinds(preset, cache, steps, layers)
+    assert [s for s, k in enumerate(kinds) if k == "skip"] == [4, 6, 8, 10, 12, 14, 16, 18]
+    assert kinds[:4] == ["dense-step"] * 4 and kinds[5] == "sparse-step"
+    # AdaSpa's first search (step 4 of 20) skipped by the cache: it runs at the next computed step.
+    kinds = quality_speed.step_kinds(AdaSpa(), cache, steps, layers)
+    assert kinds[4] == "skip" and kinds[5] == "search-step"
+    assert kinds.count("search-step") == 1 and kinds.count("cached-search-step") == 1
+    assert quality_speed.step_kinds(Radial(), build_cache_config("fbc", {}), steps, layers) is None
+
+
+def test_speed_merges_into_the_quality_table(smoke_csv, tmp_path):
+    entry = dict(group="g", note="", quantize=None, cache=None, bf16=False, videos=1, density=1.0,
+                 psnr=None, ssim=None, colour=1.0, shape=1.0, motion=1.0, seconds=1.0, method="m")
+    table = [dict(entry, label=label) for label in ("dense", "adaspa", "paro-d0.3", "gna-3x9x9")]
+    quality_table.write_table_files(table, dict(model="tiny"), {}, str(tmp_path))
+    quality_table.main(["--speed", str(smoke_csv), "--out", str(tmp_path)])
+    with (tmp_path / "quality_table.csv").open(newline="") as handle:
+        merged = {row["label"]: row for row in csv.DictReader(handle)}
+    assert float(merged["dense"]["gpu_speedup_vs_cudnn"]) == 1.0
+    assert float(merged["adaspa"]["gpu_ms"]) > 0
+    assert merged["paro-d0.3"]["gpu_ms"] == ""
+    assert "needs a calibrated plan" in merged["paro-d0.3"]["gpu_speed_note"]
+    assert merged["gna-3x9x9"]["gpu_speed_note"] == "not in the speed run"
+    markdown = (tmp_path / "quality_table.md").read_text()
+    assert "ms / 6-step generation (x stock cuDNN)" in markdown
+    assert "(1.00x)" in markdown and "— (not in the speed run)" in markdown
+    saved = json.loads((tmp_path / "quality_table.json").read_text())
+    assert saved["settings"]["gpu_speed"]["steps"] == str(STEPS)
+    # Merging again replaces the columns instead of stacking them.
+    quality_table.main(["--speed", str(smoke_csv), "--out", str(tmp_path)])
+    assert (tmp_path / "quality_table.md").read_text() == markdown
