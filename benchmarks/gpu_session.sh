@@ -2,7 +2,7 @@
 # One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
 #   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
 # Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families, fp8check,
-# fp8bench, fp8e2e, fp8tune, wscheck, compose14, agent, qspeed, trainvae, traindit,
+# fp8bench, fp8e2e, fp8tune, wscheck, pendingcheck, compose14, agent, qspeed, trainvae, traindit,
 # traindit-resume, remeasure:<old checkout>, custom:<command>.
 # qspeed (~4-6 min, limit 560 s; --budget-s 480 stops starting rows in time) times every
 # quality-table row's configuration on full-size Wan2.1-1.3B 480p (benchmarks/quality_speed.py);
@@ -58,6 +58,17 @@ for s in "$@"; do
     # (fp8tune measured it at 1.17x for bf16 and 1.07x for int8-fp8, dense, 14B 720p).
     wscheck) step wscheck 300 env OUT="$out" python3 -m benchmarks.gpu_check --warp-specialize \
              --sections reference,window,int8,fp8 --dtypes bf16,fp16 --head-dims 64,128 ;;
+    # pending/'s gate: the tree copied to /tmp/pending-check with pending/*/*.patch applied
+    # (git apply, in pending/README.md's order), then its two checks (K read once; warp
+    # specialization on by default). Outputs under RESULTS_DIR/pendingcheck-*.
+    pendingcheck) rm -rf /tmp/pending-check && mkdir -p /tmp/pending-check && cp -r . /tmp/pending-check/ \
+             && (cd /tmp/pending-check && for p in pending/k-read-once/*.patch \
+                   pending/warp-specialize-default/*.patch; do git apply "$p" || patch -p1 -s < "$p" || exit 1; done) \
+             || { echo "pending patches do not apply"; continue; }
+      step pendingcheck-ws 300 bash -c "cd /tmp/pending-check && OUT='$out/ws' python3 -m benchmarks.gpu_check \
+             --sections reference,window,int8,fp8 --dtypes bf16,fp16 --head-dims 64,128"
+      step pendingcheck-k 240 bash -c "cd /tmp/pending-check && FASTDIT_WARP_SPECIALIZE=0 OUT='$out/k' \
+             python3 -m benchmarks.gpu_check --sections int8,fp8 --head-dims 64,96,128,256" ;;
     fp8check) step fp8check 200 env OUT="$out" python3 -m benchmarks.gpu_check --sections fp8 ;;
     fp8bench) step fp8bench 300 python3 -m benchmarks.fp8_bench --out "$out/fp8bench" ;;
     fp8tune) step fp8tune 240 python3 -m benchmarks.fp8_tune --out "$out/fp8tune" ;;
