@@ -589,8 +589,9 @@ def warp_specialization_skipped(
     unavailable = allocator_unavailable()
     if unavailable is not None:
         return unavailable
-    if not interpret and hopper_unsupported(device) is not None:
-        return hopper_unsupported(device)
+    not_hopper = None if interpret else hopper_unsupported(device)
+    if not_hopper is not None:
+        return not_hopper
     if not quantized and dtype not in (torch.float16, torch.bfloat16):
         return f"needs fp16 or bf16 inputs (tensor-descriptor loads), got {dtype}"
     if head_dim not in (64, 128):
