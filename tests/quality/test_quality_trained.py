@@ -2,9 +2,9 @@
 
 Random weights have no spatio-temporal locality, so on them a method that keeps the wrong blocks
 looks as good as one that keeps the right ones. The trained model has it: here every method at
-its defaults must stay close to dense, and a plan of the same density with random blocks
-(:class:`fastdit.quality.controls.RandomBlocks`, the method's dense steps and layers kept) must be
-clearly worse. A method that keeps the wrong blocks lands near the random control and fails.
+its defaults must stay close to dense, and plans of the same density with random blocks
+(:class:`fastdit.quality.controls.RandomBlocks`, the method's dense steps and layers kept; the mean
+of three plans) must be clearly worse. A method that keeps the wrong blocks lands near the random control and fails.
 
 Size: 33 frames of 128x128 px (a 9 x 8 x 8 token grid), 6 steps, guidance 5 (two transformer
 calls per step). What is compared is the transformer's prediction at each call, on the dense run's
@@ -42,24 +42,27 @@ METHODS = {
     "adaspa": lambda: fastdit.AdaSpa(block_size=BLOCK),
 }
 # Measured 2026-12-02 on the packaged model (GPU-trained runs 4-5, benchmarks/results/
-# h200_2026-12-02_run5), fastdit's reference path, 17 seeds (1000-1016). Per-call prediction SNR
-# against dense, min / mean (sd); the random control at the method's density, max; the gap
-# between them, min / mean (sd), all dB:
-#   radial (density 0.679): 20.02 / 21.58 (0.81); random max  9.99; gap 11.03 / 14.27 (1.63)
-#   gna    (density 0.333): 11.44 / 12.50 (0.56); random max  5.95; gap  6.67 /  8.14 (0.91)
-#   vmoba  (density 0.35):  12.32 / 13.45 (0.76); random max  4.85; gap  8.75 / 10.20 (0.86)
-#   adaspa (density 0.417): 12.74 / 14.38 (0.92); random max  6.29; gap  9.15 / 10.16 (0.78)
-# MIN_SNR_DB is below every measured SNR, 5.0-5.4 sd below the mean, and above every random
+# h200_2026-12-02_run5) with `python -m benchmarks.guard_thresholds`, fastdit's reference path,
+# 23 seeds (1000-1021 and 1597653095; rows in benchmarks/results/cpu_2026-12-02_guard_run5/).
+# Per-call prediction SNR against dense, min / mean (sd); the random control (mean of
+# RANDOM_PLANS plans) at the method's density, max; the gap between them, min / mean (sd), dB:
+#   radial (density 0.679): 17.94 / 21.51 (1.15); random max 10.82; gap 10.02 / 13.84 (1.68)
+#   gna    (density 0.333): 11.44 / 12.50 (0.54); random max  6.23; gap  6.94 /  8.18 (0.67)
+#   vmoba  (density 0.35):  12.32 / 13.39 (0.78); random max  5.05; gap  8.76 / 10.16 (0.76)
+#   adaspa (density 0.417): 12.74 / 14.43 (0.90); random max  6.37; gap  8.99 / 10.25 (0.48)
+# MIN_SNR_DB is below every measured SNR, 5.0-5.7 sd below the mean, and above every random
 # control's SNR (a plan that keeps random-like blocks fails this test too); MARGIN_DB is below
-# every measured gap, 4.4-4.9 sd below the mean gap. `python -m benchmarks.guard_thresholds`
-# measures them. (Run 4's model, 35 seeds: mean SNR 21.9 / 11.5 / 13.5 / 13.0 dB, mean gaps
-# 13.4 / 7.0 / 10.2 / 8.4 dB, in the order above.) The final latents of the free-running
-# generation (the metric before the run-4 model) over 12 seeds: SNR radial 4.3-11.5, gna 2.2-4.1,
-# vmoba 2.0-6.5, adaspa 0.0-4.7 dB, random controls -1.2-5.9 dB, gap to the control -0.5 to
-# 7.6 dB: no threshold there separates a right plan from a random one.
-MIN_SNR_DB = {"radial": 17.5, "gna": 9.5, "vmoba": 9.5, "adaspa": 9.5}
+# every measured gap, 4.7-7.8 sd below the mean gap. Radial's SNR has a low tail (seed 1019:
+# 17.9 dB, 3.1 sd below the mean) and one random plan alone a high one (seed 1597653095: 15.7 dB
+# against Radial's 21.5; that seed's plans 0-29 gave 9.6 dB mean, 1.5 sd), hence the mean of
+# three plans and Radial's wider margins. Run 4's model (35 seeds, one plan): mean SNR 21.9 /
+# 11.5 / 13.5 / 13.0 dB, mean gaps 13.4 / 7.0 / 10.2 / 8.4 dB, in the order above. The final
+# latents of the free-running generation (the metric before the run-4 model) over 12 seeds: SNR
+# radial 4.3-11.5, gna 2.2-4.1, vmoba 2.0-6.5, adaspa 0.0-4.7 dB, random controls -1.2-5.9 dB,
+# gap to the control -0.5 to 7.6 dB: no threshold there separates a right plan from a random one.
+MIN_SNR_DB = {"radial": 15.0, "gna": 9.5, "vmoba": 9.5, "adaspa": 9.5}
 # How far below the method's SNR the random control must stay, per method.
-MARGIN_DB = {"radial": 7.0, "gna": 4.0, "vmoba": 6.0, "adaspa": 6.5}
+MARGIN_DB = {"radial": 6.0, "gna": 4.0, "vmoba": 6.0, "adaspa": 6.5}
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +163,23 @@ def _method_run(pipe, runs, rng, name):
     return (seed, dense, *runs[name])
 
 
+RANDOM_PLANS = 3  # random controls per method and seed: the guard compares with their mean
+
+
+def random_control_snrs(pipe, seed, dense, method, density, calls) -> list[float]:
+    """The per-call SNR of ``RANDOM_PLANS`` random-block plans (plan seeds ``seed``,
+    ``seed + 1``, ...) at ``density``, each with the method's schedule, on the dense trajectory.
+    One plan alone has a heavy upper tail at Radial's density (0.68 of 81 tiles): now and then
+    it keeps most of the diagonal and lands within 6 dB of Radial; their mean does not."""
+    schedule = fastdit.Schedule.from_method(method)
+    values = []
+    for plan_seed in range(seed, seed + RANDOM_PLANS):
+        control = RandomBlocks(density=density, block_size=BLOCK, seed=plan_seed)
+        predictions, _ = _predictions(pipe, seed, control, schedule, forced=dense)
+        values.append(snr_db(dense, predictions, calls))
+    return values
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_at_defaults_stays_close_to_dense(trained, runs, rng, name):
     seed, dense, method, predictions, densities, calls = _method_run(trained, runs, rng, name)
@@ -179,10 +199,8 @@ def test_random_blocks_at_the_same_density_are_clearly_worse(trained, runs, rng,
                     "spatio-temporal locality for this guard to measure")
     seed, dense, method, predictions, densities, calls = _method_run(trained, runs, rng, name)
     density = _sparse_density(method, densities)
-    control = RandomBlocks(density=density, block_size=BLOCK, seed=seed)
-    schedule = fastdit.Schedule.from_method(method)
-    random_predictions, _ = _predictions(trained, seed, control, schedule, forced=dense)
-    snr, random_snr = snr_db(dense, predictions, calls), snr_db(dense, random_predictions, calls)
+    random_snrs = random_control_snrs(trained, seed, dense, method, density, calls)
+    snr, random_snr = snr_db(dense, predictions, calls), float(np.mean(random_snrs))
     print(f"GUARD {name}: seed {seed}, density {density:.3f}, SNR {snr:.2f} dB, random blocks "
-          f"{random_snr:.2f} dB")
+          f"{random_snr:.2f} dB (mean of {', '.join(f'{v:.2f}' for v in random_snrs)})")
     assert random_snr <= snr - MARGIN_DB[name], (name, seed, snr, random_snr)
