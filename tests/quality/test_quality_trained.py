@@ -3,8 +3,9 @@
 Random weights have no spatio-temporal locality, so on them a method that keeps the wrong blocks
 looks as good as one that keeps the right ones. The trained model has it: here every method at
 its defaults must stay close to dense, and plans of the same density with random blocks
-(:class:`fastdit.quality.controls.RandomBlocks`, the method's dense steps and layers kept; the mean
-of three plans) must be clearly worse. A method that keeps the wrong blocks lands near the random control and fails.
+(:class:`fastdit.quality.controls.RandomBlocks`, the method's dense steps and layers kept; the
+mean of three plans) must be clearly worse. A method that keeps the wrong blocks lands near the
+random control and fails.
 
 Size: 33 frames of 128x128 px (a 9 x 8 x 8 token grid), 6 steps, guidance 5 (two transformer
 calls per step). What is compared is the transformer's prediction at each call, on the dense run's
