@@ -113,7 +113,9 @@ if not __package__:  # run as a file: the imports below need the package (see be
 
 import fastdit  # noqa: E402
 from benchmarks.e2e_bench import MODELS, SMOKE_MODELS, build_transformer, make_inputs, sdpa_context  # noqa: E402
-from benchmarks.harness import add_out_argument, collect_metadata, describe_error, pyplot, stem  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    add_out_argument, collect_metadata, describe_error, pyplot, stem, synchronize,
+)
 from benchmarks.quality_table import PARO_DENSITIES, Row, build_rows  # noqa: E402
 from fastdit import AdaSpa, Schedule  # noqa: E402
 from fastdit.compose import build_cache_config, cache_name, enable_cache, parse_cache_spec  # noqa: E402
@@ -188,7 +190,7 @@ class Clock:
     """CUDA events on the GPU (read after one synchronisation), the wall clock on the CPU."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
 
     def mark(self):
         if self.cuda:
@@ -201,8 +203,7 @@ class Clock:
         return start.elapsed_time(stop) if self.cuda else (stop - start) * 1e3
 
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+        synchronize(self.device)
 
 
 def sigma(step: int, steps: int) -> float:

@@ -451,6 +451,9 @@ def main(argv=None):
         paro_plans[label] = path
 
     rows = build_rows(paro_plans, args.smoke, args.steps)
+    # Every plan here is calibrated on this grid; a row without its configuration would run
+    # stock attention under a method's label.
+    assert not any(row.unavailable for row in rows), [row.label for row in rows if row.unavailable]
     if wanted is not None:
         unknown = wanted - {row.label for row in rows}
         if unknown:
