@@ -492,7 +492,11 @@ def enable_warp_specialization() -> None:
     from fastdit.kernels.triton import triton_common
 
     os.environ[triton_common.WARP_SPECIALIZE_ENV] = "1"
-    print("warp specialization forced on", flush=True)
+    # The gate itself: a Triton release the library refuses (it failed this check) is checked
+    # again here, not skipped.
+    triton_common.WARP_SPECIALIZE_WRONG_TRITON = ()
+    triton_common._wrong_on_this_triton.cache_clear()
+    print("warp specialization forced on (Triton releases the library refuses included)", flush=True)
 
 
 def check_warp_specialization(

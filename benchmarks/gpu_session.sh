@@ -2,7 +2,7 @@
 # One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
 #   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
 # Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families, fp8check,
-# fp8bench, fp8e2e, fp8tune, wscheck, pendingcheck, compose14, agent, qspeed, trainvae, traindit,
+# fp8bench, fp8e2e, fp8tune, wscheck, wsdiagnose, compose14, agent, qspeed, qspeedparo, trainvae, traindit,
 # traindit-resume, remeasure:<old checkout>, custom:<command>.
 # qspeed (~4-6 min, limit 560 s; --budget-s 480 stops starting rows in time) times every
 # quality-table row's configuration on full-size Wan2.1-1.3B 480p (benchmarks/quality_speed.py);
@@ -54,21 +54,13 @@ for s in "$@"; do
     families) step families 150 python3 -m benchmarks.families_bench --layers 1 --repeat 1 \
              --families "${FAMILIES:-hunyuanvideo15-480p,ltx-video-704p,cogvideox-5b,flux-1mp}" \
              --out "$out/families" ;;
-    # WARP_SPECIALIZE on through the kernel checks: the gate before it becomes the default
-    # (fp8tune measured it at 1.17x for bf16 and 1.07x for int8-fp8, dense, 14B 720p).
+    # WARP_SPECIALIZE on through the kernel checks: the gate a Triton release must pass before the
+    # switch is allowed on it (Triton 3.6 failed it in run 6, so triton_common refuses it there;
+    # fp8tune had measured it at 1.17x for bf16 and 1.07x for int8-fp8, dense, 14B 720p).
     wscheck) step wscheck 300 env OUT="$out" python3 -m benchmarks.gpu_check --warp-specialize \
              --sections reference,window,int8,fp8 --dtypes bf16,fp16 --head-dims 64,128 ;;
-    # pending/'s gate: the tree copied to /tmp/pending-check with pending/*/*.patch applied
-    # (git apply, in pending/README.md's order), then its two checks (K read once; warp
-    # specialization on by default). Outputs under RESULTS_DIR/pendingcheck-*.
-    pendingcheck) rm -rf /tmp/pending-check && mkdir -p /tmp/pending-check && cp -r . /tmp/pending-check/ \
-             && (cd /tmp/pending-check && for p in pending/k-read-once/*.patch \
-                   pending/warp-specialize-default/*.patch; do git apply "$p" || patch -p1 -s < "$p" || exit 1; done) \
-             || { echo "pending patches do not apply"; continue; }
-      step pendingcheck-ws 300 bash -c "cd /tmp/pending-check && OUT='$out/ws' python3 -m benchmarks.gpu_check \
-             --sections reference,window,int8,fp8 --dtypes bf16,fp16 --head-dims 64,128"
-      step pendingcheck-k 240 bash -c "cd /tmp/pending-check && FASTDIT_WARP_SPECIALIZE=0 OUT='$out/k' \
-             python3 -m benchmarks.gpu_check --sections int8,fp8 --head-dims 64,96,128,256" ;;
+    # Which calls Triton's warp specialization gets wrong (the switch is refused on Triton 3.6).
+    wsdiagnose) step wsdiagnose 200 python3 -m benchmarks.ws_diagnose --out "$out/wsdiagnose" ;;
     fp8check) step fp8check 200 env OUT="$out" python3 -m benchmarks.gpu_check --sections fp8 ;;
     fp8bench) step fp8bench 300 python3 -m benchmarks.fp8_bench --out "$out/fp8bench" ;;
     fp8tune) step fp8tune 240 python3 -m benchmarks.fp8_tune --out "$out/fp8tune" ;;
@@ -77,6 +69,9 @@ for s in "$@"; do
              --budget-s 500 --out "$out/compose14" ;;
     agent) step agent 300 python3 -m benchmarks.agent_bench --out "$out/agent" ;;
     qspeed) step qspeed 560 python3 -m benchmarks.quality_speed --budget-s 480 --out "$out/qspeed" ;;
+    # Only the PARO rows (dense, the baseline, runs too), each on a plan calibrated in process.
+    qspeedparo) step qspeedparo 300 python3 -m benchmarks.quality_speed --budget-s 240 \
+             --rows paro-d0.3,paro-d0.5,paro-d0.3+int8 --out "$out/qspeedparo" ;;
     # The trained model (issue 19), in two calls: trainvae (~9 min) keeps its folder in
     # /tmp/train_stage for traindit (~8.5 min) on the same warm machine. If the machine was given
     # back in between, put the returned RESULTS_DIR-train folder into the working tree (untracked,

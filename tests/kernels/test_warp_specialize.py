@@ -224,6 +224,30 @@ def test_explain_backends_on_a_faked_gpu(switched_on, monkeypatch, capability, e
         assert "got 64 and 64" in reason("cuda", q_block_size=64, kv_block_size=64)
 
 
+@pytest.mark.parametrize(("version", "refused"), [("3.6.0", True), ("3.6.1", True), ("3.5.1", False),
+                                                  ("3.7.0", False)])
+def test_a_triton_that_gave_wrong_outputs_is_refused(switched_on, monkeypatch, caplog, version, refused):
+    # Triton 3.6's warp-specialized kernels failed the GPU check (triton_common's
+    # WARP_SPECIALIZE_WRONG_TRITON): switched on, the call runs the plain kernel, says why, logs it.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_common.triton, "__version__", version)
+    triton_common._wrong_on_this_triton.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=triton_common.__name__):
+            got, again = reason("cuda"), reason("cuda")
+    finally:
+        triton_common._wrong_on_this_triton.cache_clear()
+    if refused:
+        expected = (f"Triton {version[:3]} gives wrong outputs with it (gpu_check --warp-specialize "
+                    "on an H200, 2026-12-02); the plain kernel runs")
+        assert got == again == expected
+        warnings = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert len(warnings) == 1 and expected in warnings[0].getMessage()  # logged once
+    else:
+        assert got is None and again is None and not caplog.records
+    assert reason("cpu") is None  # the interpreter specializes nothing and is not refused
+
+
 @pytest.mark.parametrize("missing", ["tl.range", "allocator"])
 def test_an_older_triton_runs_the_plain_kernels(rng, switched_on, monkeypatch, launches, missing):
     # No tl.range(warp_specialize=...), or no allocator ContextVar where fastdit reads it: the

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 
 import torch
@@ -538,6 +539,15 @@ WARP_SPECIALIZE_ENV = "FASTDIT_WARP_SPECIALIZE"
 # both consumer groups the same rows (twice the work); with 8 warps it does not specialize.
 WARP_SPECIALIZED_CONFIG = (128, 128, 4, 2)
 
+# Triton releases (major.minor) whose warp-specialized kernels gave wrong outputs on a GPU:
+# ``gpu_check --warp-specialize`` on an H200, 2026-12-02 (benchmarks/results/h200_2026-12-02_run6/):
+# with Triton 3.6 every check that ran warp-specialized failed (bf16 errors up to 1.6e29, LSE off
+# by up to 9.7, NaN in INT8/FP8, one ConvertNVGPUToLLVM compile failure), every other check
+# passed. On these releases the switch is refused with a logged warning and the plain kernels run.
+WARP_SPECIALIZE_WRONG_TRITON = ("3.6",)
+
+logger = logging.getLogger(__name__)
+
 
 def warp_specialize_setting() -> bool:
     """Whether the warp-specialized kernels are wanted where they apply: the environment
@@ -556,6 +566,18 @@ def warp_specialize_setting() -> bool:
 @functools.cache
 def _range_has_warp_specialize() -> bool:
     return "warp_specialize" in inspect.signature(tl.range).parameters
+
+
+@functools.cache
+def _wrong_on_this_triton() -> str | None:
+    """Why this Triton's warp-specialized kernels are refused (logged once), or None."""
+    release = ".".join(triton.__version__.split(".")[:2])
+    if release not in WARP_SPECIALIZE_WRONG_TRITON:
+        return None
+    reason = (f"Triton {release} gives wrong outputs with it (gpu_check --warp-specialize on an "
+              "H200, 2026-12-02); the plain kernel runs")
+    logger.warning("fastdit: warp specialization is switched on but refused: %s", reason)
+    return reason
 
 
 def hopper_unsupported(device: torch.device) -> str | None:
@@ -592,6 +614,9 @@ def warp_specialization_skipped(
     not_hopper = None if interpret else hopper_unsupported(device)
     if not_hopper is not None:
         return not_hopper
+    wrong = None if interpret else _wrong_on_this_triton()
+    if wrong is not None:
+        return wrong
     if not quantized and dtype not in (torch.float16, torch.bfloat16):
         return f"needs fp16 or bf16 inputs (tensor-descriptor loads), got {dtype}"
     if head_dim not in (64, 128):
