@@ -235,38 +235,22 @@ DENSE_STEP = 20  # the step index of the Dense and PARO rows (every step of thei
 
 
 def calibrate_paro(model, inputs, timestep, device, path: Path, density: float):
-    """A PARO plan of this (random-weight) model, calibrated in process: one cond forward at
-    ``DENSE_STEP`` with PARO's block-mass collector installed (dense attention, block mass per
-    axis order and head), then the orders and the per-row blocks of ``density`` (diagonal kept),
-    one timestep bucket, saved to ``path``. Returns ``(plan, seconds)``."""
-    import fastdit
-    from fastdit.methods.paro import ParoPlan, layout_to_json
-    from fastdit.methods.paro.calibrate import _MassCollector
+    """A PARO plan of this (random-weight) model, calibrated in process
+    (:func:`fastdit.methods.paro.calibrate.calibrate_model`): one cond forward at ``DENSE_STEP`` collected,
+    one timestep bucket, the per-row blocks of ``density`` (diagonal kept), saved to ``path``.
+    Returns ``(plan, seconds)``."""
+    from fastdit.methods.paro.calibrate import calibrate_model
 
     from benchmarks.e2e_bench import NUM_STEPS
 
-    start = time.perf_counter()
-    collector = _MassCollector(block_size=128, num_buckets=1, num_steps=NUM_STEPS,
-                               calibration_steps=None)
-    handle = fastdit.apply(model, collector)
-    try:
-        with torch.inference_mode(), model.cache_context("cond", step_index=DENSE_STEP,
-                                                         num_inference_steps=NUM_STEPS):
+    def run():
+        with model.cache_context("cond", step_index=DENSE_STEP, num_inference_steps=NUM_STEPS):
             model(hidden_states=inputs.latent, timestep=timestep,
                   encoder_hidden_states=inputs.text_cond, return_dict=False)
-        orders, masks = collector.build(density=density)
-    finally:
-        handle.remove()
-    metadata = {
-        "model_class": type(model).__name__,
-        "transformer_layers": [collector.transformer_layers[0]],
-        "num_heads": collector.num_heads, "head_dim": collector.head_dim,
-        "layout": layout_to_json(collector.layout), "num_steps": NUM_STEPS, "num_buckets": 1,
-        "block_size": 128, "target": {"density": density}, "fastdit_version": fastdit.__version__,
-        "calibration": {"in_process": "one cond forward of the random-weight model"},
-    }
-    plan = ParoPlan(orders, masks, metadata)
-    plan.save(path)
+
+    start = time.perf_counter()
+    plan = calibrate_model(model, run, NUM_STEPS, density=density, num_buckets=1, output=path,
+                           calibration={"in_process": "one cond forward of the random-weight model"})
     synchronize(device)
     return plan, time.perf_counter() - start
 

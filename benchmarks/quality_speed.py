@@ -27,10 +27,15 @@ says how:
   over layers and computed steps), as the table takes it from its own run;
 * ``dense-bf16`` is ``dense``: on the GPU every row runs bf16 (the table's fp32/bf16 split is a
   CPU matter), so it reuses that row's time;
-* PARO rows are **not timed**: PARO runs only from a plan calibrated on the model at that grid
-  and has no uncalibrated mode; the table's plans are for the tiny model's grid, and calibrating
-  Wan2.1-1.3B at 480p needs its weights and more than this call's time (``--paro-plan
-  LABEL=FILE`` times a plan that was calibrated for this model and grid).
+* PARO runs only from a plan calibrated on the model at that grid (it has no uncalibrated
+  mode), and the table's plans are for the tiny model's grid. So each PARO row's plan is
+  calibrated here, in process, on this random-weight transformer (``fastdit.methods.paro.
+  calibrate.calibrate_model``: the cond forward of ``PARO_CALIBRATION_STEPS`` spread steps
+  collected, 4 timestep buckets, the row's density; ``paro_d<d>_random_weights.safetensors`` in
+  ``--out``). Its blocks are not a trained model's, but the kernel's cost follows the density and
+  the per-head reordering, which are PARO's; the ``config`` column says so. ``--paro-plan
+  LABEL=FILE`` times a plan calibrated on the real model instead; ``--no-paro-calibration``
+  leaves rows without one "not timed".
 
 Time per 20-step generation: phases, and whole loops
 -----------------------------------------------------
@@ -131,6 +136,9 @@ BASELINE = "dense"  # stock attention: cuDNN SDPA in bf16 on the GPU
 SAME_AS_BASELINE = {"dense-bf16": "on the GPU every row runs bf16, so the table's bf16 stock "
                                   "row is the dense row"}
 DEFAULT_CHECK_LOOP = "radial-14b+taylorseer,adaspa"
+PARO_CALIBRATION_STEPS = 4  # spread steps collected per in-process PARO calibration (one per bucket)
+PARO_RANDOM_WEIGHTS = ("plan calibrated in process on this random-weight model (speed only: its "
+                       "blocks are not a trained model's; density and reordering are PARO's)")
 
 SPEED_FIELDS = (
     "label", "group", "status", "ms_generation", "speedup_vs_cudnn", "steps", "computed_steps",
@@ -466,7 +474,9 @@ class SpeedRun:
                     recipe=" + ".join(f"{n} x {k} ({config.timings[k]['ms']:.0f} ms)"
                                       for k, n in counts.items()),
                     density=(sum(n * d for n, d in weighted) / sum(n for n, _ in weighted))
-                    if weighted else None)
+                    if weighted else None,
+                    reason="PARO plan calibrated on this random-weight model"
+                    if row.scaled == PARO_RANDOM_WEIGHTS else None)
                 if check_loop:
                     loop, state = self.time_loop(config)
                     self.check_loop(config, loop, state)
@@ -500,12 +510,63 @@ class SpeedRun:
               f"{self.dtype} on {self.device} ({time.perf_counter() - build:.1f} s); "
               f"{self.args.steps} steps, warm-up {self.args.warmup} forwards, "
               f"{self.args.repeat} timed steps per kind", flush=True)
+        rows = self.calibrate_paro(rows)
         for row in rows:
             result = self.run_row(row, check_loop=row.label in check)
             add_speedups(self.results)
             log(result)
             write(self.results, self.details)
         return self.results
+
+    def calibrate_paro(self, rows: list[Row]) -> list[Row]:
+        """``rows`` with each PARO row that has no plan given a plan calibrated here (module
+        docstring), unless ``--no-paro-calibration``; a failed calibration leaves its rows "not
+        timed" with the error."""
+        plans: dict[str, str | None] = dict(self.args.paro_plans)
+        wanted = {label for label, path in plans.items() if path is None
+                  and any(row.label in (label, f"{label}+int8") for row in rows)}
+        if not wanted or not self.args.paro_calibration:
+            return rows
+        from fastdit.methods.paro.calibrate import calibrate_model, spread_steps
+
+        steps = self.args.steps
+        collected = spread_steps(steps, min(PARO_CALIBRATION_STEPS, steps))
+
+        def run() -> None:
+            for step in collected:
+                timestep = torch.tensor([sigma(step, steps) * 1000], device=self.device)
+                with self.model.cache_context("cond", step_index=step, num_inference_steps=steps):
+                    self.model(hidden_states=self.inputs.latent, timestep=timestep,
+                               encoder_hidden_states=self.inputs.text_cond, return_dict=False)
+
+        failed: dict[str, str] = {}
+        for label in sorted(wanted):
+            density = float(label.removeprefix("paro-d"))
+            path = Path(self.args.out) / f"paro_d{density:g}_random_weights.safetensors"
+            start = time.perf_counter()
+            try:
+                calibrate_model(self.model, run, steps, density=density, num_buckets=len(collected),
+                                output=path, calibration={"in_process": PARO_RANDOM_WEIGHTS,
+                                                          "seed": self.args.seed})
+                synchronize(self.device)
+            except Exception as exc:  # the other rows still run
+                failed[label] = f"PARO calibration failed: {describe_error(exc)}"
+                print(f"{label}: {failed[label]}", flush=True)
+                continue
+            plans[label] = str(path)
+            print(f"{label}: calibrated in process at density {density:g} on steps {collected} "
+                  f"({time.perf_counter() - start:.1f} s) -> {path}", flush=True)
+        rebuilt = {row.label: row for row in build_rows(plans, smoke=False, steps=steps,
+                                                        grid=self.grid)}
+        out = []
+        for row in rows:
+            base = row.label.removesuffix("+int8")
+            if base in failed:
+                row = dataclasses.replace(row, unavailable=failed[base])
+            elif base in wanted:
+                row = dataclasses.replace(rebuilt[row.label], scaled=PARO_RANDOM_WEIGHTS)
+            out.append(row)
+        return out
 
     def close(self) -> None:
         self.model = self.inputs = None
@@ -601,6 +662,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--paro-plan", action="append", default=[], metavar="LABEL=FILE",
                         help="a PARO plan calibrated for this model and grid, for the row LABEL "
                              "(paro-d0.3, ...)")
+    parser.add_argument("--no-paro-calibration", dest="paro_calibration", action="store_false",
+                        help="do not calibrate PARO rows without --paro-plan on this random-weight "
+                             "model (they are then not timed)")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="rows that would start after this many seconds are not timed "
                              "(default: 480)")
@@ -626,6 +690,7 @@ def select_rows(args, grid) -> tuple[list[Row], set[str]]:
             raise SystemExit(f"--paro-plan: expected LABEL=FILE with LABEL one of {sorted(plans)}, "
                              f"got {item!r}")
         plans[label] = path
+    args.paro_plans = plans
     rows = build_rows(plans, smoke=False, steps=args.steps, grid=grid)
     labels = [row.label for row in rows]
     if args.rows is not None:

@@ -35,6 +35,8 @@ Wan2.1-1.3B at 480p on the GPU, and ``--speed`` merges its CSV into the tables::
 adds ``gpu_ms`` (ms per generation of the table's step count, transformer only),
 ``gpu_speedup_vs_cudnn`` (over stock cuDNN SDPA in bf16) and ``gpu_speed_note`` (why a row has
 no time: "—" and the reason in the Markdown) to quality_table.{csv,json,md}, without generating.
+``--speed`` takes several CSVs of one GPU and date (a later run's timed rows fill the rows the
+earlier runs did not time; each keeps its speedup over its own run's dense).
 
 Writes to ``--out`` (default ``benchmarks/results/<gpu>_<date>/quality_table``): ``quality_table.csv``,
 ``quality_table.json``, ``quality_table.md`` and ``side_by_side.png`` (the first caption: four
@@ -297,18 +299,35 @@ def write_tables(rows: list[Row], settings: dict, out: str) -> dict:
 SPEED_COLUMNS = ["gpu_ms", "gpu_speedup_vs_cudnn", "gpu_speed_note"]
 
 
-def read_speed(path: str) -> dict:
-    """``{"rows": {label: CSV row}, "gpu", "date", "steps", "source"}`` of a quality_speed CSV."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        lines = list(csv.DictReader(handle))
-    needed = {"label", "status", "ms_generation", "speedup_vs_cudnn", "reason", "gpu", "date",
-              "steps"}
-    if not lines or needed - set(lines[0]):
-        raise SystemExit(f"--speed: {path} is not a quality_speed CSV (needs the columns "
-                         f"{sorted(needed)}, got {sorted(lines[0]) if lines else 'no rows'})")
-    first = lines[0]
-    return dict(rows={line["label"]: line for line in lines}, gpu=first["gpu"],
-                date=first["date"], steps=first["steps"], source=os.path.abspath(path))
+def read_speed(paths: str | list[str]) -> dict:
+    """``{"rows": {label: CSV row}, "gpu", "date", "steps", "source"}`` of quality_speed CSVs:
+    one, or several runs on the same GPU, date and step count, where a later run's timed rows
+    fill the rows the earlier runs did not time (each keeps its speedup over its own run's
+    dense)."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    rows: dict[str, dict] = {}
+    first = None
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as handle:
+            lines = list(csv.DictReader(handle))
+        needed = {"label", "status", "ms_generation", "speedup_vs_cudnn", "reason", "gpu", "date",
+                  "steps"}
+        if not lines or needed - set(lines[0]):
+            raise SystemExit(f"--speed: {path} is not a quality_speed CSV (needs the columns "
+                             f"{sorted(needed)}, got {sorted(lines[0]) if lines else 'no rows'})")
+        if first is None:
+            first = lines[0]
+        mismatch = [k for k in ("gpu", "date", "steps") if lines[0][k] != first[k]]
+        if mismatch:
+            raise SystemExit(f"--speed: {path} differs from {paths[0]} in {mismatch} "
+                             f"({[lines[0][k] for k in mismatch]} against {[first[k] for k in mismatch]})")
+        for line in lines:
+            earlier = rows.get(line["label"])
+            if earlier is None or (earlier["status"] != "ok" and line["status"] == "ok"):
+                rows[line["label"]] = dict(line, speed_csv=os.path.abspath(path))
+    source = [os.path.abspath(path) for path in paths]
+    return dict(rows=rows, gpu=first["gpu"], date=first["date"], steps=first["steps"],
+                source=source[0] if len(source) == 1 else source)
 
 
 def add_speed(table: list[dict], speed: dict) -> None:
@@ -372,7 +391,7 @@ def write_table_files(table: list[dict], settings: dict, videos: dict, out: str,
     return dict(rows=table, markdown="\n".join(lines))
 
 
-def merge_speed(out: str, speed_csv: str) -> dict:
+def merge_speed(out: str, speed_csv: str | list[str]) -> dict:
     """Rewrite the quality_table.{json,csv,md} in ``out`` with the speed columns of
     ``speed_csv`` (no generation: the rows are the JSON's)."""
     path = os.path.join(out, "quality_table.json")
@@ -409,14 +428,15 @@ def main(argv=None):
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--smoke", action="store_true",
                         help="64x64 px, 9 frames, 3 steps, 1 caption: checks the plumbing")
-    parser.add_argument("--speed", metavar="CSV", default=None,
+    parser.add_argument("--speed", metavar="CSV", nargs="+", default=None,
                         help="no generation: merge the GPU speed of benchmarks/quality_speed.py's "
-                             "CSV into the quality_table.{csv,json,md} already in --out")
+                             "CSV into the quality_table.{csv,json,md} already in --out (several "
+                             "CSVs of one GPU and date: a later one fills rows the earlier left untimed)")
     args = parser.parse_args(argv)
     if args.speed is not None:
         tables = merge_speed(args.out, args.speed)
         print(tables["markdown"])
-        print(f"merged {args.speed} into {args.out}/quality_table.{{csv,json,md}}")
+        print(f"merged {', '.join(args.speed)} into {args.out}/quality_table.{{csv,json,md}}")
         return
     if args.smoke:
         args.height = args.width = 64

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import fastdit.methods.paro
 from benchmarks import quality_speed, quality_table
 from fastdit import AdaSpa, Radial
 from fastdit.compose import build_cache_config, parse_cache_spec
@@ -48,9 +49,15 @@ def test_smoke_rows_are_timed_against_the_stock_baseline(smoke_csv):
     assert int(rows["adaspa"]["computed_steps"]) == STEPS
     assert int(rows["radial-14b+taylorseer"]["computed_steps"]) == 3
     assert "3 x skip" in rows["radial-14b+taylorseer"]["recipe"]
+    # PARO has no plan for this grid: one is calibrated in process on the random-weight model,
+    # saved beside the CSV, and the row says so.
     paro = rows["paro-d0.3"]
-    assert paro["status"] == "not timed" and paro["ms_generation"] == ""
-    assert paro["reason"].startswith("not timed: needs a calibrated plan for this grid")
+    assert paro["status"] == "ok" and float(paro["ms_generation"]) > 0, paro
+    assert quality_speed.PARO_RANDOM_WEIGHTS in paro["config"]
+    assert float(paro["density"]) < 1.0
+    plan = fastdit.methods.paro.ParoPlan.load(smoke_csv.parent / "paro_d0.3_random_weights.safetensors")
+    assert plan.metadata["target"] == {"density": 0.3}
+    assert plan.metadata["calibration"]["collected_steps"] == [0, 2, 3, 5]  # spread over 6 steps
     saved = json.loads(smoke_csv.with_suffix(".json").read_text())
     kinds = saved["kinds"]["adaspa"]["kinds"]
     assert kinds == ["dense-step", "dense-step", "search-step", "sparse-step",
@@ -85,8 +92,8 @@ def test_speed_merges_into_the_quality_table(smoke_csv, tmp_path):
         merged = {row["label"]: row for row in csv.DictReader(handle)}
     assert float(merged["dense"]["gpu_speedup_vs_cudnn"]) == 1.0
     assert float(merged["adaspa"]["gpu_ms"]) > 0
-    assert merged["paro-d0.3"]["gpu_ms"] == ""
-    assert "needs a calibrated plan" in merged["paro-d0.3"]["gpu_speed_note"]
+    assert float(merged["paro-d0.3"]["gpu_ms"]) > 0
+    assert merged["paro-d0.3"]["gpu_speed_note"] == "PARO plan calibrated on this random-weight model"
     assert merged["gna-3x9x9"]["gpu_speed_note"] == "not in the speed run"
     markdown = (tmp_path / "quality_table.md").read_text()
     assert "ms / 6-step generation (x stock cuDNN)" in markdown
@@ -96,3 +103,33 @@ def test_speed_merges_into_the_quality_table(smoke_csv, tmp_path):
     # Merging again replaces the columns instead of stacking them.
     quality_table.main(["--speed", str(smoke_csv), "--out", str(tmp_path)])
     assert (tmp_path / "quality_table.md").read_text() == markdown
+
+
+def test_speed_of_several_runs_merges_their_timed_rows(smoke_csv, tmp_path):
+    # A second run (dense always runs) fills the rows the first left untimed; the first run's
+    # timed rows stay; runs of another GPU or date are refused.
+    with smoke_csv.open(newline="") as handle:
+        lines = list(csv.DictReader(handle))
+
+    def write(name, rows):
+        path = tmp_path / name
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=quality_speed.SPEED_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        return str(path)
+
+    untimed = dict(status="not timed", ms_generation="", reason="not timed: skipped")
+    first = write("first.csv", [dict(line, **untimed) if line["label"] == "adaspa" else line
+                                for line in lines])
+    second = write("second.csv", [dict(line, ms_generation="123.0", speedup_vs_cudnn="2.5")
+                                  for line in lines if line["label"] in ("dense", "adaspa")])
+    speed = quality_table.read_speed([first, second])
+    assert speed["rows"]["adaspa"]["ms_generation"] == "123.0"  # filled by the second run
+    assert speed["rows"]["dense"]["ms_generation"] == lines[0]["ms_generation"]  # the first's
+    assert speed["rows"]["paro-d0.3"]["ms_generation"] == next(
+        line for line in lines if line["label"] == "paro-d0.3")["ms_generation"]
+    assert speed["source"] == [first, second]
+    other = write("other.csv", [dict(line, gpu="another") for line in lines])
+    with pytest.raises(SystemExit, match=r"differs from .* in \['gpu'\]"):
+        quality_table.read_speed([first, other])

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -46,7 +46,7 @@ from ..base import AttentionCall, Method, MethodPlan
 from ..dense import Dense
 from .method import ParoPlan, layout_to_json
 
-__all__ = ["DEFAULT_DENSITY", "calibrate", "choose_orders", "order_cost", "select_blocks", "spread_steps"]
+__all__ = ["DEFAULT_DENSITY", "calibrate", "calibrate_model", "choose_orders", "order_cost", "select_blocks", "spread_steps"]
 
 #: Density target when neither ``density`` nor ``recall`` is given: the upper end of the 20-30%
 #: that PAROAttention reports as lossless.
@@ -296,6 +296,49 @@ def calibrate(
     Returns:
         The plan (``plan.summary()`` describes it; ``plan.save(path)`` writes it).
     """
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompt_list:
+        raise ValueError("calibrate needs at least one prompt")
+
+    def run() -> None:
+        for index, prompt in enumerate(prompt_list):
+            pipe(
+                prompt=prompt,
+                num_inference_steps=num_inference_steps,
+                output_type="latent",
+                generator=torch.Generator("cpu").manual_seed(seed + index),
+                **pipe_kwargs,
+            )
+
+    return calibrate_model(
+        pipe, run, num_inference_steps, density=density, recall=recall, num_buckets=num_buckets,
+        block_size=block_size, calibration_steps=calibration_steps, output=output,
+        calibration={"prompts": len(prompt_list)},
+    )
+
+
+def calibrate_model(
+    pipe_or_model,
+    run: Callable[[], object],
+    num_inference_steps: int,
+    *,
+    density: float | None = None,
+    recall: float | None = None,
+    num_buckets: int = 4,
+    block_size: int = 128,
+    calibration_steps: Sequence[int] | None = None,
+    output=None,
+    calibration: dict | None = None,
+) -> ParoPlan:
+    """Calibrate PARO on whatever ``run()`` drives: :func:`calibrate`'s core, for callers that
+    run the transformer themselves (a denoising loop of their own, a benchmark on random weights).
+
+    ``run()`` must call the model(s) of ``pipe_or_model`` inside diffusers' step context (a
+    pipeline does; a loop of one's own enters ``model.cache_context(name, step_index=step,
+    num_inference_steps=num_inference_steps)``): only calls with a step index are collected.
+    ``calibration`` adds entries to the plan's ``calibration`` metadata (what was run). The other
+    arguments are :func:`calibrate`'s.
+    """
     from ... import __version__
     from ...integration import apply, denoising_models
 
@@ -305,33 +348,23 @@ def calibrate(
         raise ValueError(
             f"num_buckets must be an int in [1, num_inference_steps={num_inference_steps}], got {num_buckets!r}"
         )
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompt_list:
-        raise ValueError("calibrate needs at least one prompt")
     if output is not None:
         from ...files import check_writable_file
 
         reason = check_writable_file(output)  # before the calibration, not after it
         if reason is not None:
             raise ValueError(reason)
-    models = denoising_models(pipe)
+    models = denoising_models(pipe_or_model)
     classes = sorted({type(model).__name__ for model in models})
     if len(classes) != 1:
         raise ValueError(f"all transformers of the pipeline must be one class, got {classes}")
 
     collector = _MassCollector(block_size, num_buckets, num_inference_steps, calibration_steps)
     start = time.perf_counter()
-    handle = apply(pipe, collector)
+    handle = apply(pipe_or_model, collector)
     try:
         with torch.inference_mode():
-            for index, prompt in enumerate(prompt_list):
-                pipe(
-                    prompt=prompt,
-                    num_inference_steps=num_inference_steps,
-                    output_type="latent",
-                    generator=torch.Generator("cpu").manual_seed(seed + index),
-                    **pipe_kwargs,
-                )
+            run()
         orders, masks = collector.build(density, recall)
     finally:
         handle.remove()
@@ -349,7 +382,7 @@ def calibrate(
         "target": {"recall": recall} if recall is not None else {"density": density},
         "fastdit_version": __version__,
         "calibration": {
-            "prompts": len(prompt_list),
+            **(calibration or {}),
             "collected_steps": sorted(collector.collected_steps),
             "calls_per_bucket": collector.calls_per_bucket,
             "seconds": round(seconds, 2),
