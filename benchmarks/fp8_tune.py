@@ -4,9 +4,8 @@ At Wan2.1-14B 720p (75,600 tokens x 40 heads x 128, B=1, bf16, (B, S, H, D)), fo
 and a random 25% plan (128-token blocks, diagonal kept, the same plan for every row), it times:
 
 * FA4 bf16 through fastdit's ``flash4`` backend (dense or block-sparse): the reference;
-* the quantization passes on their own (INT8 and e4m3 Q/K quantization, K's sampled mean
-  computed inside K's launch, V to e4m3 transposed), and their share of the ``int8-fp8``
-  attention call;
+* the quantization passes on their own (K's mean alone, INT8 and e4m3 Q/K quantization, V to
+  e4m3 transposed), and their share of the ``int8-fp8`` attention call;
 * Hopper automatic warp specialization (``triton_common.WARP_SPECIALIZE``): the bf16 Triton
   kernel and ``quantize="int8-fp8"`` with the switch on (its own launch configuration, and for
   int8-fp8 also 3 stages), each next to the switch off (the default configuration), with the
@@ -69,6 +68,7 @@ from benchmarks.harness import (  # noqa: E402
 )
 from fastdit.files import atomic_write_text  # noqa: E402
 from fastdit.kernels import BlockSparsity, block_sparse_attention, explain_backends  # noqa: E402
+from fastdit.kernels.quantized import key_mean  # noqa: E402
 from fastdit.kernels.triton import attention, int8_attention, triton_common  # noqa: E402
 from fastdit.kernels.triton.quantize import triton_quantize_qk, triton_quantize_v_fp8  # noqa: E402
 
@@ -200,8 +200,9 @@ class Sweep:
         common = dict(q_block_size=128, kv_block_size=128, scale=self.shape.head_dim**-0.5,
                       layout="bshd", key_lengths=None, lse_shift=False)
         passes = {
-            "Q and K to INT8 (K's sampled mean inside)": lambda: triton_quantize_qk(q, k, **common),
-            "Q and K to e4m3 (K's sampled mean inside)": lambda: triton_quantize_qk(q, k, fp8=True, **common),
+            "K mean (PyTorch reduction)": lambda: key_mean(k, "bshd", None),
+            "Q and K to INT8 (mean included)": lambda: triton_quantize_qk(q, k, **common),
+            "Q and K to e4m3 (mean included)": lambda: triton_quantize_qk(q, k, fp8=True, **common),
             "V to e4m3, transposed": lambda: triton_quantize_v_fp8(
                 v, layout="bshd", key_lengths=None, transposed=True),
         }

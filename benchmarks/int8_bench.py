@@ -9,11 +9,10 @@ row with the diagonal; ``banded``: ``|p - q| <= w``), at densities 1, 0.5, 0.25,
 (shape, mask, density):
 
 * ``bf16``: ``block_sparse_attention(q, k, v, plan)``, the baseline;
-* ``int8``: ``block_sparse_attention(q, k, v, plan, quantize="int8")``: the whole INT8 path, the
-  quantization kernel (K with its sampled mean, then Q) and the INT8 attention kernel (what PARO
-  runs);
+* ``int8``: ``block_sparse_attention(q, k, v, plan, quantize="int8")``: the whole INT8 path, K's
+  mean, the quantization kernel (Q and K) and the INT8 attention kernel (what PARO runs);
 * ``int8-kernel``: the INT8 attention kernel alone on inputs quantized beforehand;
-* ``quantize``: the quantization pass alone (both quantization launches, K's mean inside K's).
+* ``quantize``: the quantization pass alone (K's mean and both quantization launches).
 
 It reports the median ms (``triton.testing.do_bench``, L2 flushed), TOPS on computed blocks
 (``4 * computed_pairs * D``), the speedup over ``bf16`` at the same plan, and the INT8 output's

@@ -12,7 +12,7 @@ pipeline's ``cache_context``. Methods:
 * ``paro-bf16``: ``fastdit.PARO(plan=..., quantize=None)``: per-head reordering (gather), the bf16
   block-sparse kernel on the plan of the current (bucket, layer), inverse reordering (scatter);
 * ``paro-int8``: ``fastdit.PARO(plan=..., quantize="int8")``: the same with the INT8 kernel
-  (quantization, with K's sampled mean, included).
+  (K mean and quantization included).
 
 The plan. By default a synthetic one, per ``--densities`` value: random weights have no
 attention pattern worth calibrating, and the GPU machine cannot download Wan2.1's weights. Step

@@ -23,7 +23,6 @@ from .quantized import (
     QuantizedQK,
     QuantizedV,
     fp8_unsupported,
-    sampled_key_mean,
     value_absmax,
 )
 
@@ -202,14 +201,10 @@ def quantize_qk_reference(
     lse_shift: bool = False,
     smooth_k: bool = True,
     fp8: bool = False,
-    k_mean: torch.Tensor | None = None,
 ) -> QuantizedQK:
-    """Per-block symmetric INT8 Q and K with K smoothed by its sampled mean
-    (:func:`~fastdit.kernels.quantized.sampled_key_mean`; the function
-    :mod:`fastdit.kernels.triton.quantize` computes, bit for bit), in fp32 PyTorch; ``fp8``: e4m3
-    (``quantize="fp8"``: ``e4m3(x * 448 / max|x|)`` per block, round to nearest even).
-    ``k_mean`` (fp32 ``[B, H, D]``): another smoothing vector to subtract instead, for tests that
-    compare choices (the exact mean, none)."""
+    """Per-block symmetric INT8 Q and K with K smoothed by its mean over the valid keys (the
+    function :mod:`fastdit.kernels.triton.quantize` computes), in fp32 PyTorch; ``fp8``: e4m3
+    (``quantize="fp8"``: ``e4m3(x * 448 / max|x|)`` per block, round to nearest even)."""
     qf, kf = _to_bhsd_fp32(q, layout), _to_bhsd_fp32(k, layout)
     seq_kv = kf.shape[2]
     valid = None
@@ -217,7 +212,11 @@ def quantize_qk_reference(
         valid = (torch.arange(seq_kv, device=k.device)[None, :] < key_lengths.to(k.device)[:, None].long())
         valid = valid[:, None, :, None]
         kf = torch.where(valid, kf, 0.0)  # rows past the valid length may hold anything
-    mean = sampled_key_mean(k, layout, key_lengths, smooth_k) if k_mean is None else k_mean.float()
+    if smooth_k:
+        count = float(seq_kv) if key_lengths is None else key_lengths.to(k.device).clamp(0, seq_kv).clamp_min(1).float()[:, None, None]
+        mean = kf.sum(dim=2) / count
+    else:
+        mean = torch.zeros_like(kf[:, :, 0])
     shift = torch.einsum("bhsd,bhd->bhs", qf, mean) * scale if lse_shift else None
     k_smoothed = kf - mean[:, :, None, :]
     if valid is not None:
@@ -241,9 +240,7 @@ def _quantize_blocks_reference(x: torch.Tensor, block: int, multiplier: float, f
         y = (blocks * FP8_E4M3_MAX / absmax[..., None, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
         x_q = y.to(torch.float8_e4m3fn).view(batch, heads, -1, head_dim)[:, :, :seq_len]
         return x_q.contiguous(), absmax / FP8_E4M3_MAX * multiplier
-    # A tensor numerator: torch computes ``127.0 / absmax`` as ``reciprocal(absmax) * 127``, one
-    # rounding too many; the kernel's division is correctly rounded.
-    y = blocks * (torch.full_like(absmax, 127.0) / absmax)[..., None, None]
+    y = blocks * (127.0 / absmax)[..., None, None]
     y = y + torch.where(y >= 0, 0.5, -0.5)
     x_q = y.clamp(-127.0, 127.0).trunc().to(torch.int8).view(batch, heads, -1, head_dim)[:, :, :seq_len]
     return x_q.contiguous(), absmax / 127.0 * multiplier

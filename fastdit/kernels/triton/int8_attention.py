@@ -1,7 +1,7 @@
 """Block-sparse attention with INT8 Q and K: the Triton kernel and its launcher.
 
 Inputs are a :class:`~fastdit.kernels.quantized.QuantizedQK` (int8 ``Q_q``, ``K_q`` contiguous
-``(B, H, S, D)``, fp32 per-block scales ``sq`` and ``sk``, K smoothed by a sampled mean ``mu``, see
+``(B, H, S, D)``, fp32 per-block scales ``sq`` and ``sk``, K smoothed by its mean ``mu``, see
 :mod:`fastdit.kernels.triton.quantize`) and V in fp16/bf16, ``"bshd"`` or ``"bhsd"``. For every batch
 ``b``, head ``h`` and query row ``i`` in query block ``p``, over the key blocks ``c`` of
 ``plan[b, h, p]`` and keys ``j < kv_len``::

@@ -1,48 +1,30 @@
-"""Per-block INT8 quantization of Q or K, K's smoothing mean computed in the same launch: the
-Triton kernel and its launcher.
+"""Per-block INT8 quantization of Q or K, fused with K smoothing: the Triton kernel and its launcher.
 
 For every batch ``b``, head ``h`` and block ``c`` of ``BLOCK`` consecutive tokens of ``x`` (Q or K,
-any layout), with ``mu`` the smoothing vector (K's sampled mean, or 0 for Q) and ``valid`` the rows
-below the sequence length (and, for K, below the batch element's valid key length ``L``)::
+any layout), with ``mu`` the smoothing vector (K's mean, or 0 for Q) and ``valid`` the rows below
+the sequence length (and, for K, below the batch element's valid key length)::
 
-    mu         = sum_{r in R} k_r / |R|                    (K: R = KEY_MEAN_SAMPLES rows of the
-                                                            L valid keys, see below; 0 if L = 0)
     y_i        = x_i - mu                                  (0 for rows that are not valid)
     s          = max_{i in c, d} |y_id| / 127              (1 / 127 for an all-zero block)
     x_q[i]     = trunc(y_i * (127 / max|y|) + sign(y_i) / 2)   (round half away from 0)
     scale[c]   = s * scale_multiplier                      (Q: softmax scale * log2(e) folded in)
-    shift[i]   = shift_multiplier * x_i . dot_vector       (optional: Q's LSE correction q . mu)
+    shift[i]   = shift_multiplier * x_i . dot_vector       (optional: Q's LSE correction q . k_mean)
 
 ``x_q`` is written int8, contiguous ``(B, H, S, D)``, whatever the input layout, which is what the
 INT8 attention kernel reads. With ``FP8`` (``quantize="fp8"``) 448 takes 127's place and ``x_q`` is
-``e4m3(y_i * (448 / max|y|))`` (round to nearest even), written ``torch.float8_e4m3fn``. Divisions
-are correctly rounded (``div_rn``) on the GPU as in the interpreter: the PyTorch reference
-(:func:`fastdit.kernels.reference.quantize_qk_reference`) gives the same values bit for bit under
-the interpreter; on the GPU the INT8 rounding's multiply-add may be fused, which can move a value
-within an ulp of a rounding tie by one step.
+``e4m3(y_i * (448 / max|y|))`` (round to nearest even), written ``torch.float8_e4m3fn``. One program per (block, batch * head): one read of ``x``, one int8
+write. The mean itself is a PyTorch reduction (:func:`fastdit.kernels.quantized.key_mean`) before
+this kernel, so quantizing K reads K twice; both passes count in every timing fastdit reports.
 
-How K is read once (issue 13 asks for mean and quantization fused). The exact mean over all valid
-keys cannot be fused: every block's values and scale depend on it, so no block could be quantized
-before every block was read, which takes a grid-wide barrier (Triton has none; a spin-wait needs
+Why K is not read once (issue 13 asks for mean and quantization fused): every block's int8 values
+and scale depend on ``mu``, the mean over *all* valid keys of the (batch, head), so no block can
+be quantized before every block has been read. One read would need a grid-wide barrier (programs
+holding their blocks until all partial sums are in): Triton has none, a spin-wait barrier needs
 every program resident at once and deadlocks the CPU interpreter, which runs programs one after
-another). But ``mu`` need not be the exact mean: softmax ignores any vector subtracted from all
-keys of a (batch, head), and Q's ``lse_shift = scale * q . mu`` corrects the LSE for whichever
-``mu`` is used. So ``mu`` is the mean of a fixed sample of keys
-(:func:`~fastdit.kernels.quantized.key_sample_rows`): ``R = {floor(j * L / N) : j < N}`` with
-``N = KEY_MEAN_SAMPLES = 64``, spread over the whole valid range (all ``L`` rows when ``L < N``). Every program of a (batch, head)
-reads the same ``N`` rows, sums them in fp32 in sample order, divides, subtracts ``mu`` from its
-own block and quantizes it; block 0's program stores ``mu`` (``k_mean``), which Q's launch, after
-it, uses for the LSE shift. The sample's mean misses the exact one by about ``std / sqrt(N)``
-per channel, which smoothing tolerates (see ``KEY_MEAN_SAMPLES``).
-
-HBM traffic for K: its one read plus ``N`` rows per (batch, head), ``N * D * 2`` bytes (16 KB at
-D = 128 in bf16) read from HBM once; the other programs of the head (launched next to each other:
-the block index is the grid's fastest axis) find them in L2, ``N / BLOCK`` of K's size in L2
-reads (half at 128-token blocks). At Wan2.1-1.3B 480p (32,760 x 12 x 128 bf16) K is 100 MB: the
-separate PyTorch mean this replaces read it a second time, about 0.02 ms at the H200's 4.8 TB/s;
-the sample is 0.2 MB. At 14B 720p, 774 MB (about 0.16 ms) against 0.7 MB.
-``benchmarks/fp8_tune.py`` times the quantization passes on their own; every attention timing
-fastdit reports includes them.
+another. What the second read costs is K's size over HBM bandwidth: 100 MB at Wan2.1-1.3B 480p
+(32,760 x 12 x 128 bf16), about 0.02 ms at the H200's 4.8 TB/s against 10.9 ms for the
+``int8-fp8`` attention (0.2%); 774 MB at 14B 720p, about 0.16 ms against 184 ms (0.09%).
+``benchmarks/fp8_tune.py`` times the quantization passes on their own.
 
 For ``quantize="int8-fp8"`` V goes to FP8 e4m3 per channel (:func:`triton_quantize_v_fp8`): its
 per-channel ``max |v|`` is one PyTorch reduction (``aminmax``), then one launch writes
@@ -55,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantized import FP8_E4M3_MAX, KEY_MEAN_SAMPLES, QuantizedQK, QuantizedV, value_absmax
+from ..quantized import FP8_E4M3_MAX, QuantizedQK, QuantizedV, key_mean, value_absmax
 from .triton_common import LOG2E, e4m3_round, strides
 
 
@@ -64,8 +46,8 @@ def _quantize_blocks_kernel(
     X, Mu, DotVector, Xq, Scale, Shift, key_lengths_ptr,
     stride_xb, stride_xh, stride_xs,
     num_heads, seq_len, head_dim, num_blocks, scale_multiplier, shift_multiplier,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SAMPLES: tl.constexpr,
-    SMOOTH: tl.constexpr, WRITE_SHIFT: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    SUBTRACT_MU: tl.constexpr, WRITE_SHIFT: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     FP8: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
     block = tl.program_id(0)
@@ -78,15 +60,12 @@ def _quantize_blocks_kernel(
     rows_in = rows < seq_len
     d_ok = offs_d < head_dim
     valid = rows_in
-    num_valid = tl.cast(seq_len, tl.int64)  # a tensor even when Triton passes seq_len 1 as constexpr
     if HAS_KEY_LENGTHS:
-        key_length = tl.load(key_lengths_ptr + batch)
-        valid = valid & (rows < key_length)
-        num_valid = tl.minimum(tl.maximum(key_length.to(tl.int64), 0), num_valid)
+        valid = valid & (rows < tl.load(key_lengths_ptr + batch))
 
-    x_head = X + batch.to(tl.int64) * stride_xb + head.to(tl.int64) * stride_xh
     x_ptrs = (
-        x_head + (block * BLOCK).to(tl.int64) * stride_xs
+        X + batch.to(tl.int64) * stride_xb + head.to(tl.int64) * stride_xh
+        + (block * BLOCK).to(tl.int64) * stride_xs
         + offs_m[:, None] * stride_xs + offs_d[None, :]
     )
     x = tl.load(x_ptrs, mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
@@ -94,24 +73,8 @@ def _quantize_blocks_kernel(
         dot_vector = tl.load(DotVector + pid_bh.to(tl.int64) * head_dim + offs_d, mask=d_ok, other=0.0)
         shift = tl.sum(x * dot_vector[None, :], 1) * shift_multiplier
         tl.store(Shift + pid_bh.to(tl.int64) * seq_len + rows, shift, mask=rows_in)
-    if SMOOTH:
-        # mu = mean of the head's sample rows (quantized.sampled_key_mean): the same rows, summed
-        # one after another in the same order, in every program of the head, so every block
-        # subtracts the same mu and block 0's copy is the one Q's LSE shift uses. The loop is
-        # unrolled: its loads are independent and go out together (from L2 after the first
-        # program of the head).
-        num_samples = tl.minimum(num_valid, SAMPLES)
-        spread = num_valid >= SAMPLES
-        mu = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for j in tl.static_range(SAMPLES):
-            row = tl.where(spread, (num_valid * j) // SAMPLES, j)
-            # j as a vector: the CPU interpreter rejects a mask with a scalar term.
-            in_sample = tl.full((BLOCK_D,), j, tl.int64) < num_samples
-            sample = tl.load(x_head + row * stride_xs + offs_d, mask=d_ok & in_sample, other=0.0)
-            mu = mu + sample.to(tl.float32)
-        mu = tl.math.div_rn(mu, tl.maximum(num_samples, 1).to(tl.float32))
-        if block == 0:
-            tl.store(Mu + pid_bh.to(tl.int64) * head_dim + offs_d, mu, mask=d_ok)
+    if SUBTRACT_MU:
+        mu = tl.load(Mu + pid_bh.to(tl.int64) * head_dim + offs_d, mask=d_ok, other=0.0)
         x = tl.where(valid[:, None] & d_ok[None, :], x - mu[None, :], 0.0)
 
     # An all-zero block (Q rows of zeros, K rows that are all padding) gets max 1, not 0: its int8
@@ -127,7 +90,7 @@ def _quantize_blocks_kernel(
         x_q = y.to(tl.float8e4nv)
         range_max = 448.0
     else:
-        y = x * tl.math.div_rn(127.0, absmax)  # correctly rounded on the GPU too, as the reference's
+        y = x * (127.0 / absmax)
         y = y + tl.where(y >= 0.0, 0.5, -0.5)
         x_q = tl.minimum(tl.maximum(y, -127.0), 127.0).to(tl.int8)  # float -> int truncates toward 0
         range_max = 127.0
@@ -144,15 +107,13 @@ def _quantize(
     block: int,
     layout: str,
     *,
-    smooth: bool,
+    mu: torch.Tensor | None,
     dot_vector: torch.Tensor | None,
     scale_multiplier: float,
     shift_multiplier: float,
     key_lengths: torch.Tensor | None,
     fp8: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One launch: ``x`` to int8 (e4m3) with its block scales, the LSE shift with ``dot_vector``,
-    and (``smooth``) the sampled mean subtracted first; returns it too (zeros without ``smooth``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     if layout == "bshd":
         batch, seq_len, heads, head_dim = x.shape
     else:
@@ -166,25 +127,22 @@ def _quantize(
         if dot_vector is not None
         else None
     )
-    # Block 0 of each head writes mu; with seq_len 0 there is no block 0 and mu stays 0.
-    mu = (torch.empty if smooth and num_blocks > 0 else torch.zeros)(
-        (batch, heads, head_dim), dtype=torch.float32, device=x.device
-    )
     placeholder = scale  # pointer for arguments a constexpr flag switches off
     _quantize_blocks_kernel[(num_blocks, batch * heads)](
-        x, mu,
+        x,
+        mu if mu is not None else placeholder,
         dot_vector if dot_vector is not None else placeholder,
         x_q, scale,
         shift if shift is not None else placeholder,
         key_lengths if key_lengths is not None else placeholder,
         *strides(x, layout),
         heads, seq_len, head_dim, num_blocks, scale_multiplier, shift_multiplier,
-        BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), SAMPLES=KEY_MEAN_SAMPLES,
-        SMOOTH=smooth, WRITE_SHIFT=dot_vector is not None,
+        BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        SUBTRACT_MU=mu is not None, WRITE_SHIFT=dot_vector is not None,
         HAS_KEY_LENGTHS=key_lengths is not None, FP8=fp8, INTERPRET=x.device.type == "cpu",
         num_warps=8 if block * head_dim >= 128 * 128 else 4,
     )
-    return x_q, scale, shift, mu
+    return x_q, scale, shift
 
 
 def triton_quantize_qk(
@@ -200,15 +158,16 @@ def triton_quantize_qk(
     smooth_k: bool = True,
     fp8: bool = False,
 ) -> QuantizedQK:
-    """Quantize validated Q and K (see ``fastdit.kernels.quantize_qk_int8``): one launch for K
-    (its sampled mean computed and subtracted in it), then one for Q (``scale * log2(e)`` folded
-    in, the LSE shift by K's launch's mean); ``fp8``: to e4m3 instead of INT8 (``quantize="fp8"``)."""
-    k_q, k_scale, _, mean = _quantize(
-        k, kv_block_size, layout, smooth=smooth_k, dot_vector=None,
+    """Quantize validated Q and K (see ``fastdit.kernels.quantize_qk_int8``): K's mean, then one
+    launch for K (smoothing fused) and one for Q (``scale * log2(e)`` folded in, LSE shift);
+    ``fp8``: to e4m3 instead of INT8 (``quantize="fp8"``)."""
+    mean = key_mean(k, layout, key_lengths, smooth_k).contiguous()
+    k_q, k_scale, _ = _quantize(
+        k, kv_block_size, layout, mu=mean if smooth_k else None, dot_vector=None,
         scale_multiplier=1.0, shift_multiplier=0.0, key_lengths=key_lengths, fp8=fp8,
     )
-    q_q, q_scale, shift, _ = _quantize(
-        q, q_block_size, layout, smooth=False, dot_vector=mean if lse_shift else None,
+    q_q, q_scale, shift = _quantize(
+        q, q_block_size, layout, mu=None, dot_vector=mean if lse_shift else None,
         scale_multiplier=scale * LOG2E, shift_multiplier=scale, key_lengths=None, fp8=fp8,
     )
     return QuantizedQK(q_q, q_scale, k_q, k_scale, mean, shift, q_block_size, kv_block_size, scale)
