@@ -68,7 +68,7 @@ from benchmarks.harness import (  # noqa: E402
 )
 from fastdit.files import atomic_write_text  # noqa: E402
 from fastdit.kernels import BlockSparsity, block_sparse_attention, explain_backends  # noqa: E402
-from fastdit.kernels.quantized import key_mean  # noqa: E402
+from fastdit.kernels.quantized import sampled_key_mean  # noqa: E402
 from fastdit.kernels.triton import attention, int8_attention, triton_common  # noqa: E402
 from fastdit.kernels.triton.quantize import triton_quantize_qk, triton_quantize_v_fp8  # noqa: E402
 
@@ -200,9 +200,9 @@ class Sweep:
         common = dict(q_block_size=128, kv_block_size=128, scale=self.shape.head_dim**-0.5,
                       layout="bshd", key_lengths=None, lse_shift=False)
         passes = {
-            "K mean (PyTorch reduction)": lambda: key_mean(k, "bshd", None),
-            "Q and K to INT8 (mean included)": lambda: triton_quantize_qk(q, k, **common),
-            "Q and K to e4m3 (mean included)": lambda: triton_quantize_qk(q, k, fp8=True, **common),
+            "K sampled mean (64 rows per head)": lambda: sampled_key_mean(k, "bshd", None),
+            "Q and K to INT8 (sampled mean included)": lambda: triton_quantize_qk(q, k, **common),
+            "Q and K to e4m3 (sampled mean included)": lambda: triton_quantize_qk(q, k, fp8=True, **common),
             "V to e4m3, transposed": lambda: triton_quantize_v_fp8(
                 v, layout="bshd", key_lengths=None, transposed=True),
         }

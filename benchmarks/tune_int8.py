@@ -42,7 +42,7 @@ if not __package__:  # run as a file: the imports below need the package (see be
 from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8  # noqa: E402
 from fastdit.kernels.triton import triton_common  # noqa: E402
 from fastdit.kernels.triton import int8_attention as int8_module  # noqa: E402
-from fastdit.kernels.quantized import key_mean  # noqa: E402
+from fastdit.kernels.quantized import sampled_key_mean  # noqa: E402
 from benchmarks.harness import SHAPES  # noqa: E402  (the core kernel benchmark's shapes)
 from benchmarks.harness import accuracy  # noqa: E402  (cosine and relative L1, fp64 in chunks)
 
@@ -93,7 +93,7 @@ def main() -> None:
         bf16_ms = bench(lambda: block_sparse_attention(q, k, v, plan))
         record(**base, kind="bf16", ms=bf16_ms, tflops=flop / bf16_ms / 1e9)
 
-        record(**base, kind="key-mean", ms=bench(lambda: key_mean(k, "bshd", None)))
+        record(**base, kind="key-mean", ms=bench(lambda: sampled_key_mean(k, "bshd", None)))
         record(**base, kind="quantize", ms=bench(lambda: quantize_qk_int8(q, k, block_size=BLOCK)))
         quantized = quantize_qk_int8(q, k, block_size=BLOCK)
 

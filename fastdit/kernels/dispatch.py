@@ -264,7 +264,8 @@ def quantize_qk_int8(
     """The quantization pass of ``block_sparse_attention(..., quantize="int8")`` on its own.
 
     Q and K (fp16/bf16, ``layout``) -> a :class:`~fastdit.kernels.quantized.QuantizedQK`: int8
-    ``(B, H, S, D)`` tensors, per-block scales over ``block_size`` (query, key) tokens, K's mean.
+    ``(B, H, S, D)`` tensors, per-block scales over ``block_size`` (query, key) tokens, K's sampled
+    mean (:func:`~fastdit.kernels.quantized.sampled_key_mean`).
     ``smooth_k=False`` skips the smoothing (for comparisons; the attention path always smooths).
     """
     from .plan import normalize_block_size

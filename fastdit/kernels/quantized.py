@@ -2,11 +2,14 @@
 
 SageAttention's scheme (Zhang et al., 2025) as PARO (METHODS.md section 5) uses it:
 
-* K is smoothed first: ``k_j <- k_j - k_mean`` with ``k_mean`` the per-(batch, head) mean over
-  the valid keys. Every score of a query row ``i`` moves by the same ``-scale * q_i . k_mean``,
-  which softmax ignores, so the output is unchanged; the LSE moves by that amount and
-  ``lse_shift = scale * q_i . k_mean`` (fp32, from the unquantized Q) restores it. Smoothing
-  removes the large offset channels that keys share, which would otherwise eat the INT8 range.
+* K is smoothed first: ``k_j <- k_j - k_mean`` with ``k_mean`` a per-(batch, head) mean of
+  :data:`KEY_MEAN_SAMPLES` valid keys spread over the sequence (:func:`sampled_key_mean`: it
+  reads those rows only, so quantizing K reads K once). Every score of a query row ``i`` moves
+  by the same ``-scale * q_i . k_mean``, which softmax ignores, so the output is unchanged
+  whatever ``k_mean`` is; the LSE moves by that amount and ``lse_shift = scale * q_i . k_mean``
+  (fp32, from the unquantized Q) restores it. Smoothing removes the large offset channels that
+  keys share, which would otherwise eat the INT8 range; a sample's mean removes them as well as
+  the exact mean, up to about ``std / sqrt(KEY_MEAN_SAMPLES)`` per channel.
 * Q and K are quantized symmetrically per token block: ``s = max|x| / 127`` over the block's
   (valid) rows and all head dims, ``x_q = round_half_away(x / s)`` in ``[-127, 127]`` (an all-zero
   block keeps ``s = 1 / 127``: never a zero scale, which would make masked scores NaN).
@@ -28,7 +31,7 @@ block's largest values, so its scores are less precise (``benchmarks/fp8_error_b
 
 Blocks are the plan's blocks (``q_block_size`` and ``kv_block_size`` tokens), so every tile of the
 kernel lies inside one scale block. Key rows at or past a batch element's valid length are stored
-as 0 and do not enter the mean or the scales (they may hold anything, even NaN).
+as 0 and do not enter the sampled mean or the scales (they may hold anything, even NaN).
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ FP8_QUANTIZATIONS = ("int8-fp8", "fp8")
 FP8_QK_QUANTIZATIONS = ("fp8",)
 FP8_MIN_CAPABILITY = (8, 9)
 FP8_E4M3_MAX = 448.0
+# K is smoothed by the mean of this many valid keys spread evenly over the sequence, not of all of
+# them, so that K is read once (by the quantization launch) plus this many rows per head. Any
+# vector would do (softmax ignores a shift shared by a head's keys; lse_shift corrects the LSE); N
+# keys of per-channel spread sigma miss the full mean by about sigma / sqrt(N), sigma / 8 here,
+# which widens a block's max|k - mu| (about 4 sigma) by a few percent at most, while the shared
+# offset it removes can be many sigma (gpu_check's drifting-mean and offset-20 keys).
+KEY_MEAN_SAMPLES = 64
 # P (in [0, 1]) times this before the e4m3 cast: its largest entries use e4m3's whole range.
 P_SCALE = FP8_E4M3_MAX
 
@@ -79,24 +89,44 @@ class QuantizedQK:
     scale: float
 
 
-def key_mean(k: torch.Tensor, layout: str, key_lengths: torch.Tensor | None, smooth: bool = True) -> torch.Tensor:
-    """fp32 ``[B, H, D]`` mean of the valid keys (zeros when ``smooth`` is False).
+def key_sample_rows(key_length: int) -> list[int]:
+    """The key rows whose mean smooths K, for a (batch, head) with ``key_length`` valid keys:
+    ``floor(j * L / N)`` for ``j < N`` (``N`` = :data:`KEY_MEAN_SAMPLES`), spread over the whole
+    valid range; all ``L`` rows when ``L < N``; none when ``L <= 0`` (the mean is then 0)."""
+    if key_length >= KEY_MEAN_SAMPLES:
+        return [j * key_length // KEY_MEAN_SAMPLES for j in range(KEY_MEAN_SAMPLES)]
+    return list(range(max(key_length, 0)))
 
-    Without padding this is one fp32-accumulating reduction over K (no fp32 copy of K); with
-    ``key_lengths`` the rows past each length are excluded (they may hold NaN).
+
+def sampled_key_mean(
+    k: torch.Tensor, layout: str, key_lengths: torch.Tensor | None, smooth: bool = True
+) -> torch.Tensor:
+    """fp32 ``[B, H, D]``: the smoothing vector, the mean of the :func:`key_sample_rows` of each
+    batch element's valid keys (zeros when ``smooth`` is False, or for no valid key).
+
+    One gather of ``N`` rows per batch element, on K's device, without a host synchronisation
+    (``key_lengths`` stay a tensor); rows past a length are never used (they may hold NaN).
+    Both backends and the reference take K's mean from here.
     """
     seq_dim = 1 if layout == "bshd" else 2
     batch, heads, head_dim = k.shape[0], k.shape[3 - seq_dim], k.shape[3]
-    if not smooth:
-        return torch.zeros((batch, heads, head_dim), dtype=torch.float32, device=k.device)
     seq_len = k.shape[seq_dim]
+    if not smooth or seq_len == 0 or batch == 0:
+        return torch.zeros((batch, heads, head_dim), dtype=torch.float32, device=k.device)
     if key_lengths is None:
-        return k.sum(dim=seq_dim, dtype=torch.float32) / seq_len
-    lengths = key_lengths.to(device=k.device, dtype=torch.int64).clamp(0, seq_len)
-    valid = torch.arange(seq_len, device=k.device)[None, :] < lengths[:, None]  # [B, S]
-    valid = valid[:, :, None, None] if layout == "bshd" else valid[:, None, :, None]
-    sums = torch.where(valid, k, 0).sum(dim=seq_dim, dtype=torch.float32)
-    return sums / lengths.clamp_min(1).to(torch.float32)[:, None, None]
+        lengths = torch.full((batch,), seq_len, dtype=torch.int64, device=k.device)
+    else:
+        lengths = key_lengths.to(device=k.device, dtype=torch.int64).clamp(0, seq_len)
+    j = torch.arange(KEY_MEAN_SAMPLES, device=k.device)
+    count = lengths.clamp(max=KEY_MEAN_SAMPLES)  # [B]
+    in_sample = j[None, :] < count[:, None]  # [B, N]
+    rows = torch.where(lengths[:, None] >= KEY_MEAN_SAMPLES,
+                       j[None, :] * lengths[:, None] // KEY_MEAN_SAMPLES, j[None, :])
+    rows = torch.where(in_sample, rows, 0)
+    index = torch.arange(batch, device=k.device)[:, None]
+    samples = k[index, rows] if layout == "bshd" else k[index, :, rows]  # [B, N, H, D] either way
+    samples = torch.where(in_sample[:, :, None, None], samples.float(), 0.0)
+    return samples.sum(dim=1) / count.clamp(min=1).to(torch.float32)[:, None, None]
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,6 +23,7 @@ from .quantized import (
     QuantizedQK,
     QuantizedV,
     fp8_unsupported,
+    sampled_key_mean,
     value_absmax,
 )
 
@@ -201,10 +202,14 @@ def quantize_qk_reference(
     lse_shift: bool = False,
     smooth_k: bool = True,
     fp8: bool = False,
+    k_mean: torch.Tensor | None = None,
 ) -> QuantizedQK:
-    """Per-block symmetric INT8 Q and K with K smoothed by its mean over the valid keys (the
-    function :mod:`fastdit.kernels.triton.quantize` computes), in fp32 PyTorch; ``fp8``: e4m3
-    (``quantize="fp8"``: ``e4m3(x * 448 / max|x|)`` per block, round to nearest even)."""
+    """Per-block symmetric INT8 Q and K with K smoothed by its sampled mean
+    (:func:`~fastdit.kernels.quantized.sampled_key_mean`, the vector
+    :mod:`fastdit.kernels.triton.quantize` subtracts), in fp32 PyTorch; ``fp8``: e4m3
+    (``quantize="fp8"``: ``e4m3(x * 448 / max|x|)`` per block, round to nearest even).
+    ``k_mean`` (fp32 ``[B, H, D]``): another smoothing vector instead, for tests that compare
+    choices (the exact mean, none)."""
     qf, kf = _to_bhsd_fp32(q, layout), _to_bhsd_fp32(k, layout)
     seq_kv = kf.shape[2]
     valid = None
@@ -212,11 +217,7 @@ def quantize_qk_reference(
         valid = (torch.arange(seq_kv, device=k.device)[None, :] < key_lengths.to(k.device)[:, None].long())
         valid = valid[:, None, :, None]
         kf = torch.where(valid, kf, 0.0)  # rows past the valid length may hold anything
-    if smooth_k:
-        count = float(seq_kv) if key_lengths is None else key_lengths.to(k.device).clamp(0, seq_kv).clamp_min(1).float()[:, None, None]
-        mean = kf.sum(dim=2) / count
-    else:
-        mean = torch.zeros_like(kf[:, :, 0])
+    mean = sampled_key_mean(k, layout, key_lengths, smooth_k) if k_mean is None else k_mean.float()
     shift = torch.einsum("bhsd,bhd->bhs", qf, mean) * scale if lse_shift else None
     k_smoothed = kf - mean[:, :, None, :]
     if valid is not None:

@@ -50,20 +50,77 @@ def test_quantization_matches_reference(rng, layout, block_size):
     for name in ("q", "k"):
         got, want = getattr(out, name), getattr(ref, name)
         assert got.dtype == torch.int8 and got.shape == want.shape and got.is_contiguous()
-        # Identical up to a rounding tie flipped by summation order in K's mean.
+        # The same sampled mean (one function for both); the kernel's 127 / max|y| and the
+        # reference's may round differently, which flips a rounding tie now and then.
         diff = (got.int() - want.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, name
-    assert torch.allclose(out.k_mean, ref.k_mean, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.k_mean, ref.k_mean)
     assert torch.allclose(out.q_scale, ref.q_scale, rtol=1e-6, atol=0)
     assert torch.allclose(out.k_scale, ref.k_scale, rtol=1e-5, atol=1e-7)
-    assert torch.allclose(out.lse_shift, ref.lse_shift, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(out.lse_shift, ref.lse_shift, rtol=1e-4, atol=1e-4)  # Q . mu summed in another order
     assert not out.k[1, :, 150:].any(), "padded keys must be stored as 0"
     # The definition, independently: block scale = max|x| / 127 (Q with scale * log2(e)).
     q_bhsd = (q.transpose(1, 2) if layout == "bshd" else q).float()
     first = q_bhsd[0, 1, : block_size[0]].abs().max() / 127 * head_dim**-0.5 * math.log2(math.e)
     assert math.isclose(out.q_scale[0, 1, 0].item(), first.item(), rel_tol=1e-6)
-    valid_k = (k.transpose(1, 2) if layout == "bshd" else k).float()[1, 0, :150]
-    assert torch.allclose(out.k_mean[1, 0], valid_k.mean(0), rtol=1e-4, atol=1e-4)
+
+
+def brute_force_sampled_mean(k_bhsd, length):
+    """float64 ``[H, D]``: the mean of keys ``floor(j * L / 64)``, j < 64, of the first ``L`` rows
+    (all of them when ``L < 64``, zeros when ``L == 0``), with ``L`` clamped to the sequence."""
+    length = min(max(length, 0), k_bhsd.shape[1])
+    if length == 0:
+        return torch.zeros(k_bhsd.shape[0], k_bhsd.shape[2], dtype=torch.float64)
+    rows = [math.floor(j * length / 64) for j in range(64)] if length >= 64 else list(range(length))
+    assert len(set(rows)) == len(rows) and max(rows) < length
+    return k_bhsd[:, rows].double().mean(1)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+def test_stored_mean_is_the_sampled_mean(rng, layout, fp8):
+    # The k_mean the quantization returns (and subtracted) against a float64 brute force
+    # of the sampled mean, per batch element with ragged lengths (the full sequence, a length
+    # that is not a multiple of 64, exactly 64, fewer than 64, none, more than the sequence) and
+    # NaN past each length; Q's LSE shift uses that mean; every block subtracted that same mean
+    # (dequantized keys + mean reconstruct the keys to within half a quantization step).
+    from fastdit.kernels.triton.quantize import triton_quantize_qk
+
+    seq_q, seq_kv, heads, head_dim = 70, 333, 2, 48
+    lengths = [seq_kv, 150, 64, 40, 0, 1000]
+    batch = len(lengths)
+    shape = lambda s: (batch, s, heads, head_dim) if layout == "bshd" else (batch, heads, s, head_dim)  # noqa: E731
+    q = make(rng, shape(seq_q), torch.float16)
+    offset_shape = (heads, head_dim) if layout == "bshd" else (heads, 1, head_dim)
+    k = make(rng, shape(seq_kv), torch.float16, offset=5.0, offset_shape=offset_shape)
+    # A drifting key mean: the sample's mean differs from the full mean by more than rounding.
+    drift = torch.linspace(-3, 3, seq_kv)[:, None, None] if layout == "bshd" else torch.linspace(-3, 3, seq_kv)[:, None]
+    k = (k.float() + drift).half()
+    for b, length in enumerate(lengths):
+        (k[b, length:] if layout == "bshd" else k[b, :, length:]).fill_(float("nan"))
+    key_lengths = torch.tensor(lengths, dtype=torch.int32)
+    scale = head_dim**-0.5
+    out = triton_quantize_qk(q, k, q_block_size=64, kv_block_size=64, scale=scale, layout=layout,
+                             key_lengths=key_lengths, lse_shift=True, fp8=fp8)
+    k_bhsd = (k.transpose(1, 2) if layout == "bshd" else k).float()
+    q_bhsd = (q.transpose(1, 2) if layout == "bshd" else q).double()
+    expected = torch.stack([brute_force_sampled_mean(k_bhsd[b], n) for b, n in enumerate(lengths)])
+    assert out.k_mean.dtype == torch.float32 and not out.k_mean.isnan().any()
+    assert (out.k_mean.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert not out.k_mean[4].any(), "no valid keys: mu = 0"
+    full_mean = k_bhsd[1, :, :150].double().mean(1)
+    assert (expected[1] - full_mean).abs().max() > 1e-2, "a sample, not the full mean"
+    shift = scale * torch.einsum("bhsd,bhd->bhs", q_bhsd, expected)
+    assert (out.lse_shift.double() - shift).abs().max() <= 1e-4 * max(1.0, shift.abs().max().item())
+    blocks = torch.arange(seq_kv) // 64
+    k_deq = out.k.float() * out.k_scale[:, :, blocks, None] + out.k_mean[:, :, None, :]
+    for b, length in enumerate(lengths):
+        n = min(length, seq_kv)
+        assert not out.k[b, :, n:].float().any()
+        if n:
+            err = (k_deq[b, :, :n] - k_bhsd[b, :, :n]).abs() / out.k_scale[b, :, blocks[:n], None]
+            # INT8: half a step; e4m3: half a step of its 3-bit mantissa at the top (32 apart).
+            assert err.max() <= (0.5 if not fp8 else 16.0) + 1e-3, (b, err.max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -130,10 +187,10 @@ def test_int8_bhsd_layout_and_block_64(rng):
     ref, ref_lse = block_sparse_attention(
         q, k, v, plan, layout="bhsd", quantize="int8", return_lse=True, backend="reference"
     )
-    # Each backend quantizes on its own here: a rounding tie that flips (K's mean summed in
-    # another order) moves one int8 value by one step. Over 800 seeded runs of this shape that
-    # moved outputs by up to 0.016 and the LSE by up to 0.0048 (median 0.0006), so the LSE bound
-    # is 1e-2, not the 5e-3 it was. The exact comparison on shared INT8 inputs is
+    # Each backend quantizes on its own here: a rounding tie that flips moves one int8 value by
+    # one step. Over 800 seeded runs of this shape (with K's exact mean, summed in two orders)
+    # that moved outputs by up to 0.016 and the LSE by up to 0.0048 (median 0.0006), so the LSE
+    # bound is 1e-2. The exact comparison on shared INT8 inputs is
     # test_int8_kernel_matches_reference.
     assert (out.double() - ref.double()).abs().max() <= 3e-2
     assert lse_gap(lse, ref_lse) <= 1e-2
@@ -168,6 +225,35 @@ def test_int8_accuracy_against_bf16_kernel(rng, offset):
         plain, _ = int8_attention_reference(unsmoothed, v, plan)
         _, rel_l1_plain = cosine_and_rel_l1(plain, ref)
         assert rel_l1_plain > 3 * rel_l1, (rel_l1_plain, rel_l1)
+
+
+def test_int8_accuracy_with_drifting_key_mean(rng):
+    # Keys whose mean is not stationary: the shared offset of 20 plus a ramp that moves the mean by
+    # 4 standard deviations per channel from the first key to the last (2 * t * c, t in [-1, 1],
+    # c ~ N(0, 1) per channel). Smoothing by the 64-key sample still meets issue 13's bound, and
+    # costs nothing measurable against smoothing by the exact mean (over 40 seeded runs: relative
+    # L1 at most 0.020, within 7% of the exact mean's; unsmoothed: about 0.13). The ramp makes
+    # scores, and the LSE (up to ~100), larger: its gap reached 0.074, hence 0.15 here.
+    from fastdit.kernels.reference import quantize_qk_reference
+
+    q, k, v, plan = accuracy_case(rng, 20.0)
+    seq, heads, head_dim = k.shape[1:]
+    ramp = torch.linspace(-1, 1, seq)[:, None, None] * 2.0 * torch.randn(heads, head_dim, generator=rng)
+    k = (k.float() + ramp).to(k.dtype)
+    ref, ref_lse = block_sparse_attention(q, k, v, plan, return_lse=True)
+    out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, quantize="int8")
+    cosine, rel_l1 = cosine_and_rel_l1(out, ref)
+    assert cosine >= 0.999 and rel_l1 <= 0.03, (cosine, rel_l1)
+    assert lse_gap(lse, ref_lse) <= 0.15
+    common = dict(q_block_size=128, kv_block_size=128, scale=head_dim**-0.5)
+    sampled = quantize_qk_reference(q, k, **common)
+    _, rel_l1_sampled = cosine_and_rel_l1(int8_attention_reference(sampled, v, plan)[0], ref)
+    exact = quantize_qk_reference(q, k, k_mean=k.float().mean(1), **common)
+    _, rel_l1_exact = cosine_and_rel_l1(int8_attention_reference(exact, v, plan)[0], ref)
+    assert rel_l1_sampled <= 1.15 * rel_l1_exact, (rel_l1_sampled, rel_l1_exact)
+    unsmoothed = quantize_qk_reference(q, k, smooth_k=False, **common)
+    _, rel_l1_plain = cosine_and_rel_l1(int8_attention_reference(unsmoothed, v, plan)[0], ref)
+    assert rel_l1_plain > 3 * rel_l1, (rel_l1_plain, rel_l1)
 
 
 def test_int8_reference_backend_is_the_cpu_fallback(rng):

@@ -12,19 +12,20 @@ the sequence length (and, for K, below the batch element's valid key length)::
 
 ``x_q`` is written int8, contiguous ``(B, H, S, D)``, whatever the input layout, which is what the
 INT8 attention kernel reads. With ``FP8`` (``quantize="fp8"``) 448 takes 127's place and ``x_q`` is
-``e4m3(y_i * (448 / max|y|))`` (round to nearest even), written ``torch.float8_e4m3fn``. One program per (block, batch * head): one read of ``x``, one int8
-write. The mean itself is a PyTorch reduction (:func:`fastdit.kernels.quantized.key_mean`) before
-this kernel, so quantizing K reads K twice; both passes count in every timing fastdit reports.
+``e4m3(y_i * (448 / max|y|))`` (round to nearest even), written ``torch.float8_e4m3fn``. One
+program per (block, batch * head): one read of ``x``, one int8 write.
 
-Why K is not read once (issue 13 asks for mean and quantization fused): every block's int8 values
-and scale depend on ``mu``, the mean over *all* valid keys of the (batch, head), so no block can
-be quantized before every block has been read. One read would need a grid-wide barrier (programs
-holding their blocks until all partial sums are in): Triton has none, a spin-wait barrier needs
-every program resident at once and deadlocks the CPU interpreter, which runs programs one after
-another. What the second read costs is K's size over HBM bandwidth: 100 MB at Wan2.1-1.3B 480p
-(32,760 x 12 x 128 bf16), about 0.02 ms at the H200's 4.8 TB/s against 10.9 ms for the
-``int8-fp8`` attention (0.2%); 774 MB at 14B 720p, about 0.16 ms against 184 ms (0.09%).
-``benchmarks/fp8_tune.py`` times the quantization passes on their own.
+K is read once. ``mu`` is not K's exact mean (which would need a pass over all of K before any
+block could be quantized: a second read, or a grid-wide barrier Triton does not have) but the
+mean of :data:`~fastdit.kernels.quantized.KEY_MEAN_SAMPLES` valid keys spread over the sequence
+(:func:`~fastdit.kernels.quantized.sampled_key_mean`: one gather of 64 rows per head before this
+launch, 16 KB per head at D = 128 in bf16, 0.1% of K at Wan2.1-14B 720p). Softmax ignores any
+vector subtracted from all keys of a head and Q's LSE shift uses the same ``mu``, so only the
+INT8 range depends on it. A first version computed the sample inside this launch (every program
+reading the 64 rows from L2): on an H200 it took 9.35 ms for Q and K at 14B 720p against 0.90 ms
+for the launch with a separate full mean (benchmarks/results/h200_2026-12-02_run6/fp8_k_once/), so
+the sample is gathered outside. ``benchmarks/fp8_tune.py`` times the quantization passes on their
+own; every attention timing fastdit reports includes them.
 
 For ``quantize="int8-fp8"`` V goes to FP8 e4m3 per channel (:func:`triton_quantize_v_fp8`): its
 per-channel ``max |v|`` is one PyTorch reduction (``aminmax``), then one launch writes
@@ -37,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantized import FP8_E4M3_MAX, QuantizedQK, QuantizedV, key_mean, value_absmax
+from ..quantized import FP8_E4M3_MAX, QuantizedQK, QuantizedV, sampled_key_mean, value_absmax
 from .triton_common import LOG2E, e4m3_round, strides
 
 
@@ -158,10 +159,10 @@ def triton_quantize_qk(
     smooth_k: bool = True,
     fp8: bool = False,
 ) -> QuantizedQK:
-    """Quantize validated Q and K (see ``fastdit.kernels.quantize_qk_int8``): K's mean, then one
-    launch for K (smoothing fused) and one for Q (``scale * log2(e)`` folded in, LSE shift);
-    ``fp8``: to e4m3 instead of INT8 (``quantize="fp8"``)."""
-    mean = key_mean(k, layout, key_lengths, smooth_k).contiguous()
+    """Quantize validated Q and K (see ``fastdit.kernels.quantize_qk_int8``): K's sampled mean
+    (64 rows per head), then one launch for K (smoothing fused, K read once) and one for Q
+    (``scale * log2(e)`` folded in, LSE shift); ``fp8``: to e4m3 instead of INT8 (``quantize="fp8"``)."""
+    mean = sampled_key_mean(k, layout, key_lengths, smooth_k).contiguous()
     k_q, k_scale, _ = _quantize(
         k, kv_block_size, layout, mu=mean if smooth_k else None, dot_vector=None,
         scale_multiplier=1.0, shift_multiplier=0.0, key_lengths=key_lengths, fp8=fp8,
