@@ -296,7 +296,7 @@ def write_tables(rows: list[Row], settings: dict, out: str) -> dict:
 
 
 # The GPU speed columns (--speed): benchmarks/quality_speed.py's CSV, matched by row label.
-SPEED_COLUMNS = ["gpu_ms", "gpu_speedup_vs_cudnn", "gpu_speed_note"]
+SPEED_COLUMNS = ["gpu_ms", "gpu_speedup_vs_cudnn", "gpu_density", "gpu_speed_note"]
 
 
 def read_speed(paths: str | list[str]) -> dict:
@@ -336,14 +336,15 @@ def add_speed(table: list[dict], speed: dict) -> None:
     for entry in table:
         line = speed["rows"].get(entry["label"])
         if line is None:
-            entry.update(gpu_ms=None, gpu_speedup_vs_cudnn=None,
+            entry.update(gpu_ms=None, gpu_speedup_vs_cudnn=None, gpu_density=None,
                          gpu_speed_note="not in the speed run")
         elif line["status"] != "ok":
-            entry.update(gpu_ms=None, gpu_speedup_vs_cudnn=None,
+            entry.update(gpu_ms=None, gpu_speedup_vs_cudnn=None, gpu_density=None,
                          gpu_speed_note=line["reason"] or line["status"])
         else:
             entry.update(gpu_ms=float(line["ms_generation"]),
                          gpu_speedup_vs_cudnn=float(line["speedup_vs_cudnn"]),
+                         gpu_density=float(line["density"]) if line.get("density") else None,
                          gpu_speed_note=line["reason"])
 
 
@@ -368,7 +369,8 @@ def write_table_files(table: list[dict], settings: dict, videos: dict, out: str,
     atomic_write_text(os.path.join(out, "quality_table.csv"), buffer.getvalue())
     gpu_header = gpu_rule = ""
     if speed is not None:
-        gpu_header = (f" {speed['gpu']} ms / {speed['steps']}-step generation (x stock cuDNN) |")
+        gpu_header = (f" {speed['gpu']} ms / {speed['steps']}-step generation (x stock cuDNN, "
+                      "density there) |")
         gpu_rule = "---|"
     lines = ["| configuration | density | PSNR dB vs dense | SSIM vs dense | checker colour / shape "
              f"/ motion | CPU s / video |{gpu_header} notes |",
@@ -378,10 +380,14 @@ def write_table_files(table: list[dict], settings: dict, videos: dict, out: str,
         psnr = "ref" if reference else ("identical" if entry["psnr"] == math.inf
                                         else _fmt(entry["psnr"], ".2f"))
         gpu = ""
-        if speed is not None:
-            gpu = (f" — ({entry['gpu_speed_note']}) |" if entry["gpu_ms"] is None else
-                   f" {entry['gpu_ms']:,.0f} ({entry['gpu_speedup_vs_cudnn']:.2f}x"
-                   f"{'; ' + entry['gpu_speed_note'] if entry['gpu_speed_note'] else ''}) |")
+        if speed is not None and entry["gpu_ms"] is None:
+            gpu = f" — ({entry['gpu_speed_note']}) |"
+        elif speed is not None:
+            details = [f"{entry['gpu_speedup_vs_cudnn']:.2f}x"]
+            if entry["gpu_density"] is not None:
+                details.append(f"{entry['gpu_density']:.3f}")
+            text = ", ".join(details) + (f"; {entry['gpu_speed_note']}" if entry["gpu_speed_note"] else "")
+            gpu = f" {entry['gpu_ms']:,.0f} ({text}) |"
         lines.append(
             f"| {entry['label']} | {entry['density']:.3f} | {psnr} | "
             f"{'ref' if reference else _fmt(entry['ssim'], '.4f')} | "

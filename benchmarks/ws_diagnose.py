@@ -100,6 +100,7 @@ def main(argv=None) -> int:
               if "max_abs" in row else row["error"]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.smoke = False  # collect_metadata records it
     metadata = collect_metadata(args, torch.device("cuda"), torch.bfloat16)
     path = out / f"{stem('ws_diagnose', metadata)}.json"
     atomic_write_text(path, json.dumps(dict(metadata=metadata, cases=results), indent=1, default=str))

@@ -96,8 +96,8 @@ def test_speed_merges_into_the_quality_table(smoke_csv, tmp_path):
     assert merged["paro-d0.3"]["gpu_speed_note"] == "PARO plan calibrated on this random-weight model"
     assert merged["gna-3x9x9"]["gpu_speed_note"] == "not in the speed run"
     markdown = (tmp_path / "quality_table.md").read_text()
-    assert "ms / 6-step generation (x stock cuDNN)" in markdown
-    assert "(1.00x)" in markdown and "— (not in the speed run)" in markdown
+    assert "ms / 6-step generation (x stock cuDNN, density there)" in markdown
+    assert "(1.00x, 1.000)" in markdown and "— (not in the speed run)" in markdown
     saved = json.loads((tmp_path / "quality_table.json").read_text())
     assert saved["settings"]["gpu_speed"]["steps"] == str(STEPS)
     # Merging again replaces the columns instead of stacking them.
