@@ -2,10 +2,10 @@
 # One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
 #   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
 # Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families, fp8check,
-# fp8bench, fp8e2e, fp8tune, wscheck, wsdiagnose, compose14, agent, qspeed, qspeedparo, trainvae, traindit,
+# fp8bench, fp8e2e, fp8tune, fp8bound, wscheck, wsdiagnose, compose14, agent, qspeed, qspeedparo, trainvae, traindit,
 # traindit-resume, remeasure:<old checkout>, custom:<command>.
-# qspeed (~4-6 min, limit 560 s; --budget-s 480 stops starting rows in time) times every
-# quality-table row's configuration on full-size Wan2.1-1.3B 480p (benchmarks/quality_speed.py);
+# qspeed (~5 min: 254 s in run 6, plus ~50 s of PARO calibrations since; limit 560 s; --budget-s
+# 480 stops starting rows in time) times every quality-table row's configuration on full-size Wan2.1-1.3B 480p (benchmarks/quality_speed.py);
 # merge its CSV with: python -m benchmarks.quality_table --speed RESULTS_DIR/qspeed/quality_speed_*.csv
 # --out <the quality table's folder>.
 # traindit-resume (about 570 s: ~15 s set-up, 40 s latent pool, 490 s of transformer, ~25 s export
@@ -63,6 +63,8 @@ for s in "$@"; do
     wsdiagnose) step wsdiagnose 200 python3 -m benchmarks.ws_diagnose --out "$out/wsdiagnose" ;;
     fp8check) step fp8check 200 env OUT="$out" python3 -m benchmarks.gpu_check --sections fp8 ;;
     fp8bench) step fp8bench 300 python3 -m benchmarks.fp8_bench --out "$out/fp8bench" ;;
+    # What bounds int8-fp8: its inner loop timed stage by stage (MMAs, + exp2, + max, + softmax).
+    fp8bound) step fp8bound 200 python3 -m benchmarks.fp8_bound --out "$out/fp8bound" ;;
     fp8tune) step fp8tune 240 python3 -m benchmarks.fp8_tune --out "$out/fp8tune" ;;
     fp8e2e) step fp8e2e 240 python3 -m benchmarks.fp8_bench --e2e --out "$out/fp8bench" ;;
     compose14) step compose14 560 python3 -m benchmarks.compose_bench --models wan14b-720p \

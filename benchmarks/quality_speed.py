@@ -78,20 +78,11 @@ How to run
     python -m benchmarks.quality_speed --smoke --out /tmp/qs  # tiny transformer on the CPU, seconds
     bash benchmarks/gpu_session.sh $OUT/s qspeed            # the GPU session step (560 s limit)
 
-Runtime (H200, not yet measured: estimated from ``e2e_bench``'s 1.3B 480p CFG steps, stock cuDNN
-1.26 s, fastdit's dense path 1.15 s, Radial sparse 0.84 s, AdaSpa search 1.73 s, cached search
-1.31 s, AdaSpa sparse 0.74 s). Each timed kind costs warm-up (2 forwards) + 2 timed CFG steps = 3
-steps, 2.5-5 s. Per row: ``dense`` ~4 s; ``radial``, ``radial-d*``, ``gna-*``, int8 rows and the
-``random@`` controls (one kind) ~2.5-3.5 s; ``vmoba*`` and ``agent`` (two kinds) ~6-8 s;
-``adaspa*`` (four kinds) ~15 s; ``dense+taylorseer``, ``radial+taylorseer``, ``radial-14b``,
-``radial-14b+taylorseer`` (two or three kinds; the skip kind warms up on 6 forwards) ~6-9 s;
-the FBC rows (whole loops, if FBC computes every step on random weights) ~27, 17 and 15 s; the
-default ``--check-loop`` loops ~12 s (``radial-14b+taylorseer``) and ~19 s (``adaspa``). In all
-~225 s of timing for the 27 timed rows, plus ~7 s of model build, ~20 s of start-up and Triton's
-first compilations of each kernel (block-sparse, INT8, GNA window, VMoBA selection, AdaSpa
-mass/LSE, Agent): about 5-6 minutes. ``--budget-s`` (default 480 s) stops starting rows after
-that many seconds (they read "not timed: time budget spent"), so the run ends inside the
-session step's 560 s with its outputs written.
+Runtime (H200, measured 2026-12-02, run 6): every row in 254 s (31 rows, model build 6 s,
+``--budget-s`` not reached); the PARO rows alone, with their two in-process calibrations (15 s
+and 9 s), in 49 s. ``--budget-s`` (default 480 s) stops starting rows after that many seconds
+(they read "not timed: time budget spent"), so a run ends inside the session step's 560 s with
+its outputs written.
 """
 
 from __future__ import annotations

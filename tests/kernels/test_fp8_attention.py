@@ -15,6 +15,8 @@ model, dispatch and accuracy; ``FP8_LAUNCH_CONFIG`` (tiles as given, and its val
 """
 
 import logging
+import math
+import os
 
 import pytest
 import torch
@@ -321,3 +323,23 @@ def test_fp8_launch_config_override(rng, monkeypatch):
         monkeypatch.setattr(int8_attention, "FP8_LAUNCH_CONFIG", config)
         with pytest.raises(ValueError, match=needle):
             block_sparse_attention(q, k, v, plan, quantize="int8-fp8")
+
+
+def test_fp8_bound_ladder_tops_out_at_attention():
+    # benchmarks/fp8_bound.py times int8-fp8's inner loop stage by stage on a GPU; its top stage
+    # must be attention (else the ladder measures something else) and its lower stages must not
+    # be (else they would not remove the softmax). Fresh inputs on the interpreter.
+    from benchmarks import fp8_bound
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    batch, seq, heads, head_dim = 1, 128, 2, 32
+    _, (q8, k8, vt8), (q_s, k_s, v_s) = fp8_bound.inputs((batch, seq, heads, head_dim), "cpu", seed)
+    qk_scale = q_s * k_s * head_dim**-0.5 * math.log2(math.e)
+    qf, kf, vf = q8.float() * q_s, k8.float() * k_s, vt8.float().transpose(1, 2) * v_s
+    ref = torch.softmax(qf @ kf.transpose(1, 2) * head_dim**-0.5, dim=-1) @ vf
+    errors = []
+    for stage in range(len(fp8_bound.STAGES)):
+        out = fp8_bound.ladder(q8, k8, vt8, stage, qk_scale, (64, 64, 4, 1), interpret=True) * v_s
+        errors.append(((out - ref).abs().sum() / ref.abs().sum()).item())
+    assert errors[-1] <= 0.05, (seed, errors)  # e4m3 P and V: a few percent
+    assert not any(error <= 0.5 for error in errors[:-1]), (seed, errors)  # far off, or not finite

@@ -1,0 +1,207 @@
+"""What bounds ``quantize="int8-fp8"`` (issue 13), measured: an ablation ladder of its inner loop.
+
+The kernel runs at 0.96-0.98x FA4 bf16 dense at Wan2.1-14B 720p, short of the 1.25x target, and
+the README attributes the gap to the work between the MMAs (exp2, the running max, rescaling,
+P to e4m3), which Triton 3.6 does not overlap with them. This times that claim instead of
+inferring it: one stand-alone Triton kernel with the real kernel's inner loop (fastdit's own
+``int8_scores`` and ``fp8_pv``: INT8 Q.K^T, FP8 P.V of ``e4m3(448 p)`` with V transposed, two-level
+accumulation), dense, launched like the real one (its default launch configuration at head_dim
+128 with 128-token blocks, 64 x 128 tiles on 4 warps, 2 stages), in four stages:
+
+* ``mma``: the two MMAs and what feeds them (loads, int32 -> fp32, P's e4m3 cast) and no softmax:
+  P is the scaled scores;
+* ``exp2``: plus ``p = exp2(s - c)`` with a fixed ``c`` (the exponentials, no row reductions);
+* ``max``: plus the running row max and ``p = exp2(s - m)`` (one row reduction);
+* ``softmax``: the whole online softmax (rescaling ``acc`` and ``l`` by ``exp2(m_old - m_new)``,
+  the row sum): the real kernel's arithmetic;
+
+and, at the same shape, fastdit's ``int8-fp8`` attention kernel on pre-quantized inputs (the
+ladder's top should be near it) and the whole ``block_sparse_attention(quantize="int8-fp8")``
+call. TOPS count ``4 * S^2 * D`` per (batch, head) as bf16-equivalent work (two MMAs of
+``2 * S^2 * D``); the H200's dense FP8/INT8 peak is about 1,980 TOPS.
+
+    python -m benchmarks.fp8_bound                 # an H200, ~1 minute (five compiles)
+    python -m benchmarks.fp8_bound --smoke         # the CPU interpreter: a tiny shape, the
+                                                   # softmax stage checked against attention
+
+Writes ``fp8_bound_<gpu>_<date>.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # before Triton is imported: the interpreter decides at decoration
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+if not __package__:  # run as a file: the imports below need the package (see benchmarks/harness.py)
+    sys.exit(f"run it from the repository root as: python -m benchmarks.{Path(__file__).stem}")
+
+from benchmarks.harness import add_out_argument, collect_metadata, stem  # noqa: E402
+from fastdit.files import atomic_write_text  # noqa: E402
+from fastdit.kernels.triton.triton_common import fp8_pv, int8_scores  # noqa: E402
+
+STAGES = ("mma", "exp2", "max", "softmax")
+SHAPE = (1, 75_520, 40, 128)  # B, S, H, D: Wan2.1-14B 720p (75,600 tokens) cut to whole 128-blocks
+SMOKE_SHAPE = (1, 256, 2, 64)
+
+
+@triton.jit
+def _ladder_kernel(
+    Q, K, Vt, Out, seq, qk_scale,
+    STAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+):
+    """One (query tile, batch * head): Q, K int8 ``[BH, S, D]``, Vt e4m3 ``[BH, D, S]``, Out
+    fp32 ``[BH, S, D]``; every key tile, no masks (``S`` a multiple of both tiles)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, D)
+    q = tl.load(Q + bh * seq * D + rows[:, None] * D + dims[None, :])
+    k_ptrs = K + bh * seq * D + cols[:, None] * D + dims[None, :]
+    v_ptrs = Vt + bh * D * seq + dims[:, None] * seq + cols[None, :]
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, seq, BLOCK_N):
+        k = tl.load(k_ptrs + start * D)
+        v = tl.trans(tl.load(v_ptrs + start))
+        s = int8_scores(q, k) * qk_scale
+        if STAGE == 0:  # the MMAs alone: P = the scaled scores, cast to e4m3 inside fp8_pv
+            p = s
+        elif STAGE == 1:  # + the exponentials
+            p = tl.math.exp2(s - 8.0)
+        elif STAGE == 2:  # + the running max
+            m_i = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_i[:, None])
+        else:  # the whole online softmax (fastdit's fold_scores)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        acc = fp8_pv(acc, p, v, 0, UPCAST_OPERANDS)
+    if STAGE == 3:
+        acc = acc / (l_i[:, None] * 448.0)
+    tl.store(Out + bh * seq * D + rows[:, None] * D + dims[None, :], acc)
+
+
+def ladder(q8, k8, vt8, stage: int, qk_scale: float, config, interpret: bool) -> torch.Tensor:
+    bh, seq, head_dim = q8.shape
+    block_m, block_n, num_warps, num_stages = config
+    out = torch.empty((bh, seq, head_dim), dtype=torch.float32, device=q8.device)
+    _ladder_kernel[(seq // block_m, bh)](
+        q8, k8, vt8, out, seq, qk_scale, STAGE=stage, BLOCK_M=block_m, BLOCK_N=block_n, D=head_dim,
+        UPCAST_OPERANDS=interpret, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def inputs(shape, device, seed: int = 0):
+    """bf16 Q, K, V ``(B, S, H, D)`` and the ladder's int8 Q, K and transposed e4m3 V (per-tensor
+    scales: the ladder times arithmetic, not quantization)."""
+    generator = torch.Generator(device).manual_seed(seed)
+    q, k, v = (torch.randn(shape, device=device, generator=generator, dtype=torch.bfloat16)
+               for _ in range(3))
+    batch, seq, heads, head_dim = shape
+    to_bhsd = lambda x: x.transpose(1, 2).reshape(batch * heads, seq, head_dim).float()  # noqa: E731
+    qf, kf, vf = to_bhsd(q), to_bhsd(k), to_bhsd(v)
+    q_s, k_s, v_s = (x.abs().amax() / m for x, m in ((qf, 127), (kf, 127), (vf, 448)))
+    q8 = (qf / q_s).round().clamp(-127, 127).to(torch.int8).contiguous()
+    k8 = (kf / k_s).round().clamp(-127, 127).to(torch.int8).contiguous()
+    vt8 = (vf / v_s).clamp(-448, 448).to(torch.float8_e4m3fn).transpose(1, 2).contiguous()
+    return (q, k, v), (q8, k8, vt8), (q_s.item(), k_s.item(), v_s.item())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU interpreter")
+    add_out_argument(parser)
+    args = parser.parse_args(argv)
+    from fastdit.kernels.triton.int8_attention import FP8_LAUNCH_CONFIG, _int8_launch_config
+
+    interpret = args.smoke
+    device = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        print("fp8_bound times GPU kernels; on a CPU run --smoke", file=sys.stderr)
+        return 2
+    shape = SMOKE_SHAPE if args.smoke else SHAPE
+    batch, seq, heads, head_dim = shape
+    config = (64, 64, 4, 1) if args.smoke else (
+        FP8_LAUNCH_CONFIG or _int8_launch_config(head_dim, 128, 128, interpret=False))
+    (q, k, v), (q8, k8, vt8), (q_s, k_s, v_s) = inputs(shape, device)
+    qk_scale = q_s * k_s * head_dim**-0.5 * math.log2(math.e)
+    flop = 4.0 * batch * heads * seq * seq * head_dim
+    rows = []
+
+    def bench(call):
+        if args.smoke:
+            return None
+        import triton.testing
+
+        call()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(call, warmup=25, rep=200)
+
+    def record(name, ms, note=""):
+        tops = None if ms is None else flop / ms / 1e9
+        rows.append(dict(name=name, ms=ms, tops=tops, note=note))
+        print(f"{name:<44}" + ("      - ms" if ms is None else f"{ms:9.3f} ms {tops:7.1f} TOPS")
+              + (f"  {note}" if note else ""), flush=True)
+
+    print(f"shape B={batch} S={seq} H={heads} D={head_dim}, launch {config} "
+          f"(BLOCK_M, BLOCK_N, warps, stages)", flush=True)
+    for stage, name in enumerate(STAGES):
+        out = ladder(q8, k8, vt8, stage, qk_scale, config, interpret)
+        record(f"ladder: {name}", bench(lambda: ladder(q8, k8, vt8, stage, qk_scale, config, interpret)))
+        if stage == 3:  # the top of the ladder is attention: check it against PyTorch's
+            qf = q8.float() * q_s
+            kf = k8.float() * k_s
+            vf = vt8.float().transpose(1, 2) * v_s
+            ref = torch.softmax(qf @ kf.transpose(1, 2) * head_dim**-0.5, dim=-1) @ vf
+            got = out * v_s
+            error = ((got - ref).abs().sum() / ref.abs().sum()).item()
+            print(f"ladder softmax vs PyTorch attention on the same int8/e4m3 inputs: relative L1 "
+                  f"{error:.4f}", flush=True)
+            rows[-1]["rel_l1_vs_attention"] = error
+            if error > 0.05:
+                raise SystemExit(f"the ladder's softmax stage is not attention (relative L1 {error:.3f})")
+    if not args.smoke:
+        from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8
+        from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention
+        from fastdit.kernels.triton.quantize import triton_quantize_v_fp8
+
+        plan = BlockSparsity.dense(seq, seq, 128, device=device)
+        quantized = quantize_qk_int8(q, k, block_size=128)
+        v_q = triton_quantize_v_fp8(v, layout="bshd", key_lengths=None, transposed=True)
+        record("fastdit int8-fp8 kernel (pre-quantized)", bench(
+            lambda: triton_int8_block_sparse_attention(
+                quantized, v, plan, layout="bshd", return_lse=False, key_lengths=None,
+                interpret=False, quantized_v=v_q)))
+        record("fastdit int8-fp8 call (quantization included)", bench(
+            lambda: block_sparse_attention(q, k, v, plan, quantize="int8-fp8")))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args_for_meta = argparse.Namespace(**vars(args))
+    metadata = collect_metadata(args_for_meta, torch.device(device), torch.bfloat16)
+    path = out_dir / f"{stem('fp8_bound', metadata)}.json"
+    atomic_write_text(path, json.dumps(dict(metadata=metadata, shape=shape, config=config,
+                                            rows=rows), indent=1, default=str))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
