@@ -267,7 +267,9 @@ def brute_force_window(query_start, key_coords, window, dilation):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-def test_window_mask_partial_blocks_match_brute_force(rng, dtype, layout):
+@pytest.mark.parametrize("dilated", [False, True], ids=["dilation-1", "dilated"])
+def test_window_mask_partial_blocks_match_brute_force(rng, dtype, layout, dilated):
+    # Without dilation the kernel skips the remainder test (WINDOW_DILATED=False): both paths.
     from fastdit.kernels import WindowMask
 
     seq_q, seq_kv, heads, block = 200, 150, 2, 64
@@ -275,7 +277,10 @@ def test_window_mask_partial_blocks_match_brute_force(rng, dtype, layout):
     full = random_block_map(rng, 1, heads, 4, 3, 0.3)
     partial = random_block_map(rng, 1, heads, 4, 3, 0.6) & ~full
     window = tuple(int(x) for x in torch.randint(1, 4, (3,), generator=rng))
-    dilation = tuple(int(x) for x in torch.randint(1, 3, (3,), generator=rng))
+    dilation = (1, 1, 1)
+    if dilated:  # 1 or 2 per dimension, at least one 2
+        dilation = tuple(int(x) for x in torch.randint(1, 3, (3,), generator=rng))
+        dilation = dilation if max(dilation) > 1 else (1, 2, 1)
     query_start = torch.randint(-1, 5, (seq_q, 3), generator=rng, dtype=torch.int32)
     key_coords = torch.randint(-1, 8, (seq_kv, 3), generator=rng, dtype=torch.int32)
     key_coords[:, 0] = torch.where(torch.rand(seq_kv, generator=rng) < 0.05, -1, key_coords[:, 0].clamp_min(0))

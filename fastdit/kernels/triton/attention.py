@@ -69,6 +69,7 @@ def _block_sparse_attn_fwd(
     EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     USE_TMA: tl.constexpr, LAYOUT_BSHD: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    WINDOW_DILATED: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -146,7 +147,7 @@ def _block_sparse_attn_fwd(
             DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, WINDOW=True,
             q_start_t=q_start_t, q_start_h=q_start_h, q_start_w=q_start_w,
             k_coords_ptr=k_coords_ptr, span_t=span_t, span_h=span_h, span_w=span_w,
-            dil_t=dil_t, dil_h=dil_h, dil_w=dil_w,
+            dil_t=dil_t, dil_h=dil_h, dil_w=dil_w, DILATED=WINDOW_DILATED,
         )
 
     out, lse = normalized_output(acc, l_i, m_i)
@@ -275,6 +276,7 @@ def triton_block_sparse_attention(
             USE_TMA=tma_views is not None,
             LAYOUT_BSHD=layout == "bshd",
             HAS_WINDOW=window is not None,
+            WINDOW_DILATED=window is not None and max(window.dilation) > 1,
             WARP_SPECIALIZE=warp_specialize,
             num_warps=num_warps, num_stages=num_stages,
         )

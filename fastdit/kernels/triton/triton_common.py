@@ -183,24 +183,30 @@ def fold_scores(
 
 
 @triton.jit
-def _window_dim_ok(start, coord, span, dilation):
-    """``[BLOCK_M, BLOCK_N]``: key coordinate inside the query's window in one dimension."""
+def _window_dim_ok(start, coord, span, dilation, DILATED: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]``: key coordinate inside the query's window in one dimension.
+    ``DILATED``: some dimension has a dilation above 1; without it the integer remainder (tens
+    of instructions per pair on a GPU) is not computed."""
     delta = coord[None, :] - start[:, None]
-    return (delta >= 0) & (delta < span) & (delta % dilation == 0)
+    inside = (delta >= 0) & (delta < span)
+    if DILATED:
+        inside = inside & (delta % dilation == 0)
+    return inside
 
 
 @triton.jit
 def window_visible(
     q_start_t, q_start_h, q_start_w, k_coords_ptr, cols, cols_ok,
-    span_t, span_h, span_w, dil_t, dil_h, dil_w,
+    span_t, span_h, span_w, dil_t, dil_h, dil_w, DILATED: tl.constexpr = True,
 ):
-    """The factorised window rule of :class:`fastdit.kernels.window.WindowMask` for one tile."""
+    """The factorised window rule of :class:`fastdit.kernels.window.WindowMask` for one tile
+    (``DILATED``: see :func:`_window_dim_ok`)."""
     k_t = tl.load(k_coords_ptr + cols * 3, mask=cols_ok, other=0)
     k_h = tl.load(k_coords_ptr + cols * 3 + 1, mask=cols_ok, other=0)
     k_w = tl.load(k_coords_ptr + cols * 3 + 2, mask=cols_ok, other=0)
-    inside = _window_dim_ok(q_start_t, k_t, span_t, dil_t)
-    inside = inside & _window_dim_ok(q_start_h, k_h, span_h, dil_h)
-    inside = inside & _window_dim_ok(q_start_w, k_w, span_w, dil_w)
+    inside = _window_dim_ok(q_start_t, k_t, span_t, dil_t, DILATED)
+    inside = inside & _window_dim_ok(q_start_h, k_h, span_h, dil_h, DILATED)
+    inside = inside & _window_dim_ok(q_start_w, k_w, span_w, dil_w, DILATED)
     inside = inside | (q_start_t < 0)[:, None] | (k_t < 0)[None, :]
     return inside & cols_ok[None, :]
 
@@ -216,6 +222,7 @@ def attend_kv_block(
     q_start_t=0, q_start_h=0, q_start_w=0, k_coords_ptr=None,
     span_t=0, span_h=0, span_w=0, dil_t=1, dil_h=1, dil_w=1,
     FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
+    DILATED: tl.constexpr = True,
 ):
     """Fold one key block (``KV_BLOCK`` rows from ``kv_row_start``) in, with pointer loads.
 
@@ -263,7 +270,7 @@ def attend_kv_block(
         if WINDOW:
             visible = window_visible(
                 q_start_t, q_start_h, q_start_w, k_coords_ptr, cols, cols_ok,
-                span_t, span_h, span_w, dil_t, dil_h, dil_w,
+                span_t, span_h, span_w, dil_t, dil_h, dil_w, DILATED,
             )
         else:
             visible = cols_ok[None, :]
@@ -297,6 +304,7 @@ def attend_kv_blocks(
     q_start_t=0, q_start_h=0, q_start_w=0, k_coords_ptr=None,
     span_t=0, span_h=0, span_w=0, dil_t=1, dil_h=1, dil_w=1,
     FP8_PV: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, V_T: tl.constexpr = False,
+    DILATED: tl.constexpr = True,
 ):
     """The key-block loop: entries ``first .. last - 1`` of a plan row (``index_ptr``), each folded
     in by :func:`attend_kv_block` with pointer loads.
@@ -320,6 +328,7 @@ def attend_kv_blocks(
             WINDOW=WINDOW, q_start_t=q_start_t, q_start_h=q_start_h, q_start_w=q_start_w,
             k_coords_ptr=k_coords_ptr, span_t=span_t, span_h=span_h, span_w=span_w,
             dil_t=dil_t, dil_h=dil_h, dil_w=dil_w, FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
+            DILATED=DILATED,
         )
     return acc, l_i, m_i
 
