@@ -324,8 +324,8 @@ def read_speed(paths: str | list[str]) -> dict:
         for line in lines:
             earlier = rows.get(line["label"])
             if earlier is None or (earlier["status"] != "ok" and line["status"] == "ok"):
-                rows[line["label"]] = dict(line, speed_csv=os.path.abspath(path))
-    source = [os.path.abspath(path) for path in paths]
+                rows[line["label"]] = dict(line, speed_csv=str(path))
+    source = [str(path) for path in paths]  # as given (relative paths stay relative)
     return dict(rows=rows, gpu=first["gpu"], date=first["date"], steps=first["steps"],
                 source=source[0] if len(source) == 1 else source)
 
