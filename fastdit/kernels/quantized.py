@@ -113,10 +113,12 @@ def sampled_key_mean(
     seq_len = k.shape[seq_dim]
     if not smooth or seq_len == 0 or batch == 0:
         return torch.zeros((batch, heads, head_dim), dtype=torch.float32, device=k.device)
-    if key_lengths is None:
-        lengths = torch.full((batch,), seq_len, dtype=torch.int64, device=k.device)
-    else:
-        lengths = key_lengths.to(device=k.device, dtype=torch.int64).clamp(0, seq_len)
+    if key_lengths is None:  # the same rows for every batch element: one gather, one reduction
+        rows = torch.arange(min(seq_len, KEY_MEAN_SAMPLES), device=k.device)
+        if seq_len >= KEY_MEAN_SAMPLES:
+            rows = rows * seq_len // KEY_MEAN_SAMPLES
+        return k.index_select(seq_dim, rows).sum(dim=seq_dim, dtype=torch.float32) / len(rows)
+    lengths = key_lengths.to(device=k.device, dtype=torch.int64).clamp(0, seq_len)
     j = torch.arange(KEY_MEAN_SAMPLES, device=k.device)
     count = lengths.clamp(max=KEY_MEAN_SAMPLES)  # [B]
     in_sample = j[None, :] < count[:, None]  # [B, N]

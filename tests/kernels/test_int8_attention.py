@@ -77,6 +77,26 @@ def brute_force_sampled_mean(k_bhsd, length):
 
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("seq_kv", [40, 64, 333])
+def test_sampled_mean_without_key_lengths(rng, layout, seq_kv):
+    # No key lengths: one gather of the same rows for every batch element (the fast path), the
+    # same mean as with every length given, and the brute force's.
+    from fastdit.kernels.quantized import sampled_key_mean
+
+    shape = (2, seq_kv, 3, 16) if layout == "bshd" else (2, 3, seq_kv, 16)
+    offset_shape = (3, 16) if layout == "bshd" else (3, 1, 16)
+    k = make(rng, shape, torch.bfloat16, offset=5.0, offset_shape=offset_shape)
+    mean = sampled_key_mean(k, layout, None)
+    with_lengths = sampled_key_mean(k, layout, torch.tensor([seq_kv, seq_kv], dtype=torch.int32))
+    k_bhsd = (k.transpose(1, 2) if layout == "bshd" else k).float()
+    expected = torch.stack([brute_force_sampled_mean(k_bhsd[b], seq_kv) for b in range(2)])
+    assert mean.shape == (2, 3, 16) and mean.dtype == torch.float32
+    assert (mean.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert torch.allclose(mean, with_lengths, rtol=1e-6, atol=1e-6)
+    assert not sampled_key_mean(k, layout, None, smooth=False).any()
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
 def test_stored_mean_is_the_sampled_mean(rng, layout, fp8):
     # The k_mean the quantization returns (and subtracted) against a float64 brute force
