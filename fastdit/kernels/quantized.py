@@ -89,20 +89,13 @@ class QuantizedQK:
     scale: float
 
 
-def key_sample_rows(key_length: int) -> list[int]:
-    """The key rows whose mean smooths K, for a (batch, head) with ``key_length`` valid keys:
-    ``floor(j * L / N)`` for ``j < N`` (``N`` = :data:`KEY_MEAN_SAMPLES`), spread over the whole
-    valid range; all ``L`` rows when ``L < N``; none when ``L <= 0`` (the mean is then 0)."""
-    if key_length >= KEY_MEAN_SAMPLES:
-        return [j * key_length // KEY_MEAN_SAMPLES for j in range(KEY_MEAN_SAMPLES)]
-    return list(range(max(key_length, 0)))
-
-
 def sampled_key_mean(
     k: torch.Tensor, layout: str, key_lengths: torch.Tensor | None, smooth: bool = True
 ) -> torch.Tensor:
-    """fp32 ``[B, H, D]``: the smoothing vector, the mean of the :func:`key_sample_rows` of each
-    batch element's valid keys (zeros when ``smooth`` is False, or for no valid key).
+    """fp32 ``[B, H, D]``: the smoothing vector, for each batch element with ``L`` valid keys the
+    mean of keys ``floor(j * L / N)``, ``j < N`` (``N`` = :data:`KEY_MEAN_SAMPLES`), spread over
+    the whole valid range; of all ``L`` when ``L < N``; zeros for ``L = 0`` or when ``smooth`` is
+    False.
 
     One gather of ``N`` rows per batch element, on K's device, without a host synchronisation
     (``key_lengths`` stay a tensor); rows past a length are never used (they may hold NaN).
