@@ -194,8 +194,7 @@ def main(argv=None) -> int:
             lambda: block_sparse_attention(q, k, v, plan, quantize="int8-fp8")))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    args_for_meta = argparse.Namespace(**vars(args))
-    metadata = collect_metadata(args_for_meta, torch.device(device), torch.bfloat16)
+    metadata = collect_metadata(args, torch.device(device), torch.bfloat16)
     path = out_dir / f"{stem('fp8_bound', metadata)}.json"
     atomic_write_text(path, json.dumps(dict(metadata=metadata, shape=shape, config=config,
                                             rows=rows), indent=1, default=str))
