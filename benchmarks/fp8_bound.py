@@ -14,6 +14,13 @@ accumulation), dense, launched like the real one (its default launch configurati
 * ``max``: plus the running row max and ``p = exp2(s - m)`` (one row reduction);
 * ``softmax``: the whole online softmax (rescaling ``acc`` and ``l`` by ``exp2(m_old - m_new)``,
   the row sum): the real kernel's arithmetic;
+* ``softmax-folded``: the same softmax with fewer instructions per score: the int32 -> fp32
+  offset, the scale, the running max and P's factor 448 fold into one FMA per score
+  (``p8 = exp2(bits * scale - bias_row)``, ``bits`` the offset int32 read as fp32), and ``l``
+  sums ``p8`` (no multiply by 448, no subtraction of the offset);
+* ``softmax-prefetch``: ``softmax-folded`` with the next key tile's Q.K^T issued before this
+  tile's softmax (FA3's intra-warpgroup overlap, written in the loop: whether Triton keeps that
+  MMA in flight across the softmax decides if it pays);
 
 and, at the same shape, fastdit's ``int8-fp8`` attention kernel on pre-quantized inputs (the
 ladder's top should be near it) and the whole ``block_sparse_attention(quantize="int8-fp8")``
@@ -48,11 +55,29 @@ if not __package__:  # run as a file: the imports below need the package (see be
 
 from benchmarks.harness import add_out_argument, collect_metadata, stem  # noqa: E402
 from fastdit.files import atomic_write_text  # noqa: E402
-from fastdit.kernels.triton.triton_common import fp8_pv, int8_scores  # noqa: E402
+from fastdit.kernels.triton.triton_common import e4m3_round, fp8_pv, int8_scores  # noqa: E402
 
-STAGES = ("mma", "exp2", "max", "softmax")
+STAGES = ("mma", "exp2", "max", "softmax", "softmax-folded", "softmax-prefetch")
+FIRST_ATTENTION_STAGE = 3  # stages from here on compute attention; those below do not
+MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: int32 s + 0x4B400000 read as fp32 is MAGIC + s (int8_scores)
+LOG2_P_SCALE = tl.constexpr(math.log2(448.0))  # P times 448 (e4m3's largest finite value), as an exponent
 SHAPE = (1, 75_520, 40, 128)  # B, S, H, D: Wan2.1-14B 720p (75,600 tokens) cut to whole 128-blocks
 SMOKE_SHAPE = (1, 256, 2, 64)
+
+
+@triton.jit
+def _offset_scores(q, k):
+    """``MAGIC + q @ k^T`` in fp32: int8_scores without its subtraction (folded into the FMA)."""
+    return (tl.dot(q, tl.trans(k), out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_dot(p8, v, UPCAST_OPERANDS: tl.constexpr):
+    """``p8 @ v`` with ``p8`` already in e4m3's range: fp8_pv's two-level accumulation without its
+    multiply by 448 (the caller adds the result to ``acc``)."""
+    if UPCAST_OPERANDS:  # the interpreter (see e4m3_round)
+        p8 = e4m3_round(p8)
+    return tl.dot(p8.to(tl.float8e4nv), v)
 
 
 @triton.jit
@@ -74,27 +99,47 @@ def _ladder_kernel(
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start in range(0, seq, BLOCK_N):
-        k = tl.load(k_ptrs + start * D)
-        v = tl.trans(tl.load(v_ptrs + start))
-        s = int8_scores(q, k) * qk_scale
-        if STAGE == 0:  # the MMAs alone: P = the scaled scores, cast to e4m3 inside fp8_pv
-            p = s
-        elif STAGE == 1:  # + the exponentials
-            p = tl.math.exp2(s - 8.0)
-        elif STAGE == 2:  # + the running max
-            m_i = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_i[:, None])
-        else:  # the whole online softmax (fastdit's fold_scores)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
+    if STAGE < 4:
+        for start in range(0, seq, BLOCK_N):
+            k = tl.load(k_ptrs + start * D)
+            v = tl.trans(tl.load(v_ptrs + start))
+            s = int8_scores(q, k) * qk_scale
+            if STAGE == 0:  # the MMAs alone: P = the scaled scores, cast to e4m3 inside fp8_pv
+                p = s
+            elif STAGE == 1:  # + the exponentials
+                p = tl.math.exp2(s - 8.0)
+            elif STAGE == 2:  # + the running max
+                m_i = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.math.exp2(s - m_i[:, None])
+            else:  # the whole online softmax (fastdit's fold_scores)
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.math.exp2(s - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            acc = fp8_pv(acc, p, v, 0, UPCAST_OPERANDS)
+        if STAGE == 3:
+            acc = acc / (l_i[:, None] * 448.0)
+    else:
+        offset = MAGIC * qk_scale
+        bits = _offset_scores(q, tl.load(k_ptrs))
+        for start in range(0, seq, BLOCK_N):
+            if STAGE == 5:  # the next tile's Q.K^T first (the last one wraps to tile 0, unused)
+                bits_next = _offset_scores(q, tl.load(k_ptrs + ((start + BLOCK_N) % seq) * D))
+            else:
+                bits = _offset_scores(q, tl.load(k_ptrs + start * D))
+            v = tl.trans(tl.load(v_ptrs + start))
+            m_new = tl.maximum(m_i, tl.max(bits, 1) * qk_scale - offset)
+            bias = m_new + offset - LOG2_P_SCALE
+            p8 = tl.math.exp2(bits * qk_scale - bias[:, None])  # 448 * exp2(s * scale - m), one FMA
             alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+            l_i = l_i * alpha + tl.sum(p8, 1)
+            acc = acc * alpha[:, None] + _e4m3_dot(p8, v, UPCAST_OPERANDS)
             m_i = m_new
-        acc = fp8_pv(acc, p, v, 0, UPCAST_OPERANDS)
-    if STAGE == 3:
-        acc = acc / (l_i[:, None] * 448.0)
+            if STAGE == 5:
+                bits = bits_next
+        acc = acc / l_i[:, None]
     tl.store(Out + bh * seq * D + rows[:, None] * D + dims[None, :], acc)
 
 
@@ -166,18 +211,18 @@ def main(argv=None) -> int:
     for stage, name in enumerate(STAGES):
         out = ladder(q8, k8, vt8, stage, qk_scale, config, interpret)
         record(f"ladder: {name}", bench(lambda: ladder(q8, k8, vt8, stage, qk_scale, config, interpret)))
-        if stage == 3:  # the top of the ladder is attention: check it against PyTorch's
+        if stage >= FIRST_ATTENTION_STAGE:  # attention: check it against PyTorch's
             qf = q8.float() * q_s
             kf = k8.float() * k_s
             vf = vt8.float().transpose(1, 2) * v_s
             ref = torch.softmax(qf @ kf.transpose(1, 2) * head_dim**-0.5, dim=-1) @ vf
             got = out * v_s
             error = ((got - ref).abs().sum() / ref.abs().sum()).item()
-            print(f"ladder softmax vs PyTorch attention on the same int8/e4m3 inputs: relative L1 "
+            print(f"ladder {name} vs PyTorch attention on the same int8/e4m3 inputs: relative L1 "
                   f"{error:.4f}", flush=True)
             rows[-1]["rel_l1_vs_attention"] = error
             if error > 0.05:
-                raise SystemExit(f"the ladder's softmax stage is not attention (relative L1 {error:.3f})")
+                raise SystemExit(f"the ladder's {name} stage is not attention (relative L1 {error:.3f})")
     if not args.smoke:
         from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8
         from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention

@@ -2,8 +2,8 @@
 # One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
 #   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
 # Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families, fp8check,
-# fp8bench, fp8e2e, fp8tune, fp8bound, wscheck, wsdiagnose, compose14, agent, qspeed, qspeedparo, trainvae, traindit,
-# traindit-resume, remeasure:<old checkout>, custom:<command>.
+# fp8bench, fp8e2e, fp8tune, fp8bound, qspeedgna, wscheck, wsdiagnose, compose14, agent, qspeed,
+# qspeedparo, trainvae, traindit, traindit-resume, remeasure:<old checkout>, custom:<command>.
 # qspeed (~5 min: 254 s in run 6, plus ~50 s of PARO calibrations since; limit 560 s; --budget-s
 # 480 stops starting rows in time) times every quality-table row's configuration on full-size Wan2.1-1.3B 480p (benchmarks/quality_speed.py);
 # merge its CSV with: python -m benchmarks.quality_table --speed RESULTS_DIR/qspeed/quality_speed_*.csv
@@ -74,6 +74,10 @@ for s in "$@"; do
     # Only the PARO rows (dense, the baseline, runs too), each on a plan calibrated in process.
     qspeedparo) step qspeedparo 300 python3 -m benchmarks.quality_speed --budget-s 240 \
              --rows paro-d0.3,paro-d0.5,paro-d0.3+int8 --out "$out/qspeedparo" ;;
+    # Only GNA's rows and random blocks at gna-3x9x9's density: the window kernel's cost per
+    # partial block (run 6: gna-3x9x9 1.02x against random blocks' 1.67x at density 0.242).
+    qspeedgna) step qspeedgna 200 python3 -m benchmarks.quality_speed --budget-s 150 \
+             --rows gna-1x5x5,gna-3x9x9,gna-5x11x11,random@gna-3x9x9 --out "$out/qspeedgna" ;;
     # The trained model (issue 19), in two calls: trainvae (~9 min) keeps its folder in
     # /tmp/train_stage for traindit (~8.5 min) on the same warm machine. If the machine was given
     # back in between, put the returned RESULTS_DIR-train folder into the working tree (untracked,
