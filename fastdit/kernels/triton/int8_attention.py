@@ -193,9 +193,13 @@ def _int8_launch_config(block_d: int, q_block: int, kv_block: int, interpret: bo
 # FP8 call with it instead (benchmarks/fp8_tune.py sweeps it). BLOCK_M must divide the plan's
 # query block and BLOCK_N its key block (powers of two >= 16); the configuration is used as
 # given, never shrunk: one that does not fit the GPU raises Triton's OutOfResources.
+# FP8_MAXNREG: None lets ptxas choose (about 250 registers per thread at head_dim 128: two 4-warp
+# programs per SM); n caps the FP8 modes' registers per thread at n (Triton's maxnreg; 168 fits
+# three programs per SM, at the cost of spills). benchmarks/fp8_bound.py times it.
 FP8_ACCUMULATION = 0
 V_TRANSPOSED = True
 FP8_LAUNCH_CONFIG: tuple[int, int, int, int] | None = None
+FP8_MAXNREG: int | None = None
 
 
 def check_launch_config(config, q_block: int, kv_block: int) -> tuple[int, int, int, int]:
@@ -332,9 +336,10 @@ def triton_int8_block_sparse_attention(
             LAYOUT_BSHD=layout == "bshd",
             FP8_PV=fp8, FP8_ACC=min(fp8_acc, block_n) if fp8 else 0, V_T=v_transposed,
             WARP_SPECIALIZE=warp_specialize,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, **registers,
         )
 
+    registers = {} if FP8_MAXNREG is None or not fp8 or interpret else dict(maxnreg=FP8_MAXNREG)
     if warp_specialize:  # each launch with Triton's allocator for Q's device-built descriptor
         launch = scoped_allocator(v.device)(launch)
     override = FP8_LAUNCH_CONFIG if fp8 else None
@@ -348,7 +353,8 @@ def triton_int8_block_sparse_attention(
         launch(*config)
         return out, (lse if return_lse else None)
     key = ("int8", block_d, plan.q_block_size, plan.kv_block_size, v.dtype, use_tma, v.device.index,
-           fp8, fp8_acc if fp8 else 0, v_transposed, quantized.q.dtype, warp_specialize)
+           fp8, fp8_acc if fp8 else 0, v_transposed, quantized.q.dtype, warp_specialize,
+           registers.get("maxnreg"))
     launch_with_fallback(key, config, launch)
     return out, (lse if return_lse else None)
 
