@@ -1,35 +1,35 @@
 """What bounds ``quantize="int8-fp8"`` (issue 13), measured: an ablation ladder of its inner loop.
 
-The kernel runs at 0.96-0.98x FA4 bf16 dense at Wan2.1-14B 720p, short of the 1.25x target, and
-the README attributes the gap to the work between the MMAs (exp2, the running max, rescaling,
-P to e4m3), which Triton 3.6 does not overlap with them. This times that claim instead of
-inferring it: one stand-alone Triton kernel with the real kernel's inner loop (fastdit's own
-``int8_scores`` and ``fp8_pv``: INT8 Q.K^T, FP8 P.V of ``e4m3(448 p)`` with V transposed, two-level
-accumulation), dense, launched like the real one (its default launch configuration at head_dim
-128 with 128-token blocks, 64 x 128 tiles on 4 warps, 2 stages), in four stages:
+Run 6 timed the kernel at 0.96-0.98x FA4 bf16 dense at Wan2.1-14B 720p, short of the 1.25x
+target. This times where the time goes: one stand-alone Triton kernel with the kernel's inner
+loop (INT8 Q.K^T, FP8 P.V with V transposed, two-level accumulation; K and V^T by TMA, as the
+real kernel on Hopper), dense, launched like the real one (its default launch configuration at
+head_dim 128 with 128-token blocks, 64 x 128 tiles on 4 warps, 2 stages), in stages:
 
 * ``mma``: the two MMAs and what feeds them (loads, int32 -> fp32, P's e4m3 cast) and no softmax:
   P is the scaled scores;
 * ``exp2``: plus ``p = exp2(s - c)`` with a fixed ``c`` (the exponentials, no row reductions);
 * ``max``: plus the running row max and ``p = exp2(s - m)`` (one row reduction);
 * ``softmax``: the whole online softmax (rescaling ``acc`` and ``l`` by ``exp2(m_old - m_new)``,
-  the row sum): the real kernel's arithmetic;
+  the row sum, ``e4m3(448 p)``): the arithmetic of the kernel up to run 7;
 * ``softmax-folded``: the same softmax with fewer instructions per score: the int32 -> fp32
   offset, the scale, the running max and P's factor 448 fold into one FMA per score
   (``p8 = exp2(bits * scale - bias_row)``, ``bits`` the offset int32 read as fp32), and ``l``
-  sums ``p8`` (no multiply by 448, no subtraction of the offset);
+  sums ``p8``: the kernel's arithmetic since run 7 (``triton_common.fold_scores``);
 * ``softmax-prefetch``: ``softmax-folded`` with the next key tile's Q.K^T issued before this
   tile's softmax (FA3's intra-warpgroup overlap, written in the loop: whether Triton keeps that
   MMA in flight across the softmax decides if it pays);
+* ``softmax`` and ``softmax-folded`` again with 168 registers per thread (three programs per SM).
 
-and, at the same shape, fastdit's ``int8-fp8`` attention kernel on pre-quantized inputs (the
-ladder's top should be near it) and the whole ``block_sparse_attention(quantize="int8-fp8")``
-call. TOPS count ``4 * S^2 * D`` per (batch, head) as bf16-equivalent work (two MMAs of
+Then fastdit's ``int8-fp8`` attention kernel on pre-quantized inputs and the whole
+``block_sparse_attention(quantize="int8-fp8")`` call, at the ladder's length and at 75,600 tokens
+(a ragged last block), with the kernel's register cap (``int8_attention.FP8_MAXNREG``) and
+without. TOPS count ``4 * S^2 * D`` per (batch, head) as bf16-equivalent work (two MMAs of
 ``2 * S^2 * D``); the H200's dense FP8/INT8 peak is about 1,980 TOPS.
 
-    python -m benchmarks.fp8_bound                 # an H200, ~1 minute (five compiles)
+    python -m benchmarks.fp8_bound                 # an H200, ~1 minute
     python -m benchmarks.fp8_bound --smoke         # the CPU interpreter: a tiny shape, the
-                                                   # softmax stage checked against attention
+                                                   # attention stages checked against attention
 
 Writes ``fp8_bound_<gpu>_<date>.json`` into ``--out``.
 """
@@ -63,6 +63,7 @@ MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: int32 s + 0x4B400000 read as fp
 LOG2_P_SCALE = tl.constexpr(math.log2(448.0))  # P times 448 (e4m3's largest finite value), as an exponent
 SHAPE = (1, 75_520, 40, 128)  # B, S, H, D: Wan2.1-14B 720p (75,600 tokens) cut to whole 128-blocks
 SMOKE_SHAPE = (1, 256, 2, 64)
+RAGGED_SEQ = 75_600  # Wan2.1-14B 720p's own length: 590 whole 128-blocks and 80 tokens
 MAXNREG = 168  # 65,536 registers / (3 programs x 128 threads), rounded down to 8
 
 
@@ -136,7 +137,7 @@ def _ladder_kernel(
                 l_i = l_i * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None]
                 m_i = m_new
-            acc = fp8_pv(acc, p, v, 0, UPCAST_OPERANDS)
+            acc = fp8_pv(acc, p * 448.0, v, 0, UPCAST_OPERANDS)
         if STAGE == 3:
             acc = acc / (l_i[:, None] * 448.0)
     else:
@@ -232,8 +233,8 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         return triton.testing.do_bench(call, warmup=25, rep=200)
 
-    def record(name, ms, note=""):
-        tops = None if ms is None else flop / ms / 1e9
+    def record(name, ms, note="", scale=1.0):
+        tops = None if ms is None else flop * scale / ms / 1e9
         rows.append(dict(name=name, ms=ms, tops=tops, note=note))
         print(f"{name:<44}" + ("      - ms" if ms is None else f"{ms:9.3f} ms {tops:7.1f} TOPS")
               + (f"  {note}" if note else ""), flush=True)
@@ -268,23 +269,34 @@ def main(argv=None) -> int:
         from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention
         from fastdit.kernels.triton.quantize import triton_quantize_v_fp8
 
-        plan = BlockSparsity.dense(seq, seq, 128, device=device)
-        quantized = quantize_qk_int8(q, k, block_size=128)
-        v_q = triton_quantize_v_fp8(v, layout="bshd", key_lengths=None, transposed=True)
-        record("fastdit int8-fp8 kernel (pre-quantized)", bench(
-            lambda: triton_int8_block_sparse_attention(
-                quantized, v, plan, layout="bshd", return_lse=False, key_lengths=None,
-                interpret=False, quantized_v=v_q)))
-        record("fastdit int8-fp8 call (quantization included)", bench(
-            lambda: block_sparse_attention(q, k, v, plan, quantize="int8-fp8")))
-        int8_attention.FP8_MAXNREG = MAXNREG
-        try:
-            record(f"fastdit int8-fp8 kernel (pre-quantized), maxnreg {MAXNREG}", bench(
-                lambda: triton_int8_block_sparse_attention(
-                    quantized, v, plan, layout="bshd", return_lse=False, key_lengths=None,
-                    interpret=False, quantized_v=v_q)))
-        finally:
-            int8_attention.FP8_MAXNREG = None
+        default_cap = int8_attention.FP8_MAXNREG
+        # The real kernel at the ladder's length (whole blocks) and at Wan2.1-14B 720p's own
+        # 75,600 tokens (a ragged last block: the kernel's masked loop is compiled in), with its
+        # register cap and without.
+        for length in (seq, RAGGED_SEQ):
+            if length != seq:
+                del q, k, v
+                torch.cuda.empty_cache()
+                generator = torch.Generator(device).manual_seed(1)
+                q, k, v = (torch.randn((batch, length, heads, head_dim), device=device,
+                                       generator=generator, dtype=torch.bfloat16) for _ in range(3))
+            plan = BlockSparsity.dense(length, length, 128, device=device)
+            quantized = quantize_qk_int8(q, k, block_size=128)
+            v_q = triton_quantize_v_fp8(v, layout="bshd", key_lengths=None, transposed=True)
+            for cap in (default_cap, None):
+                int8_attention.FP8_MAXNREG = cap
+                try:
+                    suffix = f"S={length}, maxnreg {cap}"
+                    record(f"fastdit int8-fp8 kernel (pre-quantized), {suffix}", bench(
+                        lambda: triton_int8_block_sparse_attention(
+                            quantized, v, plan, layout="bshd", return_lse=False, key_lengths=None,
+                            interpret=False, quantized_v=v_q)), scale=(length / seq) ** 2)
+                    if cap == default_cap:
+                        record(f"fastdit int8-fp8 call (quantization included), {suffix}", bench(
+                            lambda: block_sparse_attention(q, k, v, plan, quantize="int8-fp8")),
+                            scale=(length / seq) ** 2)
+                finally:
+                    int8_attention.FP8_MAXNREG = default_cap
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = collect_metadata(args, torch.device(device), torch.bfloat16)

@@ -57,6 +57,9 @@ FP8_E4M3_MAX = 448.0
 KEY_MEAN_SAMPLES = 64
 # P (in [0, 1]) times this before the e4m3 cast: its largest entries use e4m3's whole range.
 P_SCALE = FP8_E4M3_MAX
+# The INT8 kernels' int32 -> fp32 offset: an int32 s plus 0x4B400000, read as fp32, is exactly
+# SCORE_OFFSET + s for |s| < 2**22 (triton_common.int8_offset_scores).
+SCORE_OFFSET = 12582912.0  # 1.5 * 2**23
 
 
 @dataclass(frozen=True, eq=False)

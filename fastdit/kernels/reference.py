@@ -10,6 +10,8 @@ on a CPU without ``TRITON_INTERPRET=1``. Work is split over query-block chunks s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backend import Backend, register_backend
@@ -20,6 +22,7 @@ from .quantized import (
     FP8_QK_QUANTIZATIONS,
     FP8_QUANTIZATIONS,
     P_SCALE,
+    SCORE_OFFSET,
     QuantizedQK,
     QuantizedV,
     fp8_unsupported,
@@ -321,11 +324,14 @@ def int8_fp8_attention_reference(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The INT8+FP8 kernel's function, replayed: for every query block, its plan row's key blocks
     in order, ``block_n`` keys at a time (default: the whole key block, as the interpreter runs
-    it), the online softmax of the kernel (:func:`~fastdit.kernels.triton.triton_common.fold_scores`):
-    exact int8 scores times ``q_scale * k_scale`` in fp32, ``p = exp2(s - m)`` against the running
-    max ``m``, ``l`` from the fp32 ``p``, and ``acc = acc * alpha + e4m3(448 p) @ v_q`` in fp32;
-    then ``out = acc / l * v_scale / 448`` (0 and LSE -inf for a row that saw no key). Output in
-    ``dtype`` and ``layout``; rounding to e4m3 is ``torch.float8_e4m3fn``'s (nearest even)."""
+    it), the online softmax of the kernel (:func:`~fastdit.kernels.triton.triton_common.fold_scores`)
+    in the kernel's fp32 operations: the exact int8 scores plus ``c = 1.5 * 2**23`` (the kernel's
+    int32 -> fp32 offset; no offset for e4m3 Q and K) times ``sc = q_scale * k_scale``, the running
+    max ``m = max(m, max(...) * sc - c * sc)``, ``p8 = exp2((c + s) * sc - ((m + c * sc) - log2 448))``
+    (``448 p``), ``l`` the sum of the fp32 ``p8``, and ``acc = acc * alpha + e4m3(p8) @ v_q`` in
+    fp32; then ``out = acc / l * v_scale`` and ``lse = ln 2 (m + log2 l) - ln 448`` (0 and LSE -inf
+    for a row that saw no key). Output in ``dtype`` and ``layout``; rounding to e4m3 is
+    ``torch.float8_e4m3fn``'s (nearest even)."""
     q_block, kv_block = quantized.q_block_size, quantized.kv_block_size
     block_n = block_n or kv_block
     batch, heads, seq_q, head_dim = quantized.q.shape
@@ -350,6 +356,8 @@ def int8_fp8_attention_reference(
     l = torch.zeros_like(m)
     acc = torch.zeros((batch, heads, num_q, q_block, head_dim), device=device)
     k_scale = quantized.k_scale.to(device)
+    offset = SCORE_OFFSET if quantized.q.dtype == torch.int8 else 0.0
+    log2_p_scale = math.log2(P_SCALE)
     for slot in range(indices.shape[-1]):
         active = slot < counts  # [B, H, nQ]
         block = indices[..., slot].clamp(0, num_kv - 1)
@@ -361,24 +369,28 @@ def int8_fp8_attention_reference(
             raw = q_int @ k_tiles[..., sub : sub + block_n, :].transpose(-1, -2)  # exact integers
             cols = block[..., None] * kv_block + sub + torch.arange(block_n, device=device)
             visible = active[..., None] & (cols < kv_len[:, None, None, None])  # [B, H, nQ, bn]
-            scores = raw * block_scale[..., None, None]
-            scores = torch.where(visible[..., None, :], scores, float("-inf"))
-            m_new = torch.maximum(m, scores.amax(-1))
+            shifted = torch.where(visible[..., None, :], raw + offset, float("-inf"))
+            scores = shifted * block_scale[..., None, None]
+            offset_scaled = (offset * block_scale)[..., None]  # fp32, as the kernel
+            m_new = torch.maximum(m, shifted.amax(-1) * block_scale[..., None] - offset_scaled)
             m_shift = torch.where(m_new == float("-inf"), 0.0, m_new)
-            p = torch.exp2(scores - m_shift[..., None])
+            bias = (m_shift + offset_scaled) - log2_p_scale
+            p8 = torch.exp2(scores - bias[..., None])  # 448 p
             alpha = torch.exp2(m - m_shift)
-            l = l * alpha + p.sum(-1)
-            p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
-            acc = acc * alpha[..., None] + p8 @ v_tiles[..., sub : sub + block_n, :]
+            l = l * alpha + p8.sum(-1)
+            acc = acc * alpha[..., None] + (
+                p8.to(torch.float8_e4m3fn).float() @ v_tiles[..., sub : sub + block_n, :])
             m = m_new
     no_keys = l == 0
     l_safe = torch.where(no_keys, 1.0, l)
-    out = acc / l_safe[..., None] * (quantized_v.scale.to(device) / P_SCALE)[:, :, None, None, :]
+    out = acc / l_safe[..., None] * quantized_v.scale.to(device)[:, :, None, None, :]
     out = out.reshape(batch, heads, num_q * q_block, head_dim)[:, :, :seq_q]
     out = (out.transpose(1, 2) if layout == "bshd" else out).to(dtype)
     if not return_lse:
         return out, None
-    lse = torch.where(no_keys, float("-inf"), (m + torch.log2(l_safe)) * 0.6931471805599453)
+    lse = torch.where(
+        no_keys, float("-inf"), (m + torch.log2(l_safe)) * 0.6931471805599453 - math.log(P_SCALE)
+    )
     lse = lse.reshape(batch, heads, num_q * q_block)[:, :, :seq_q]
     return out, lse + quantized.lse_shift
 

@@ -28,18 +28,21 @@ picks the MMA by the tiles' dtype); everything else is ``"int8-fp8"``'s.
 ``quantize="int8-fp8"`` (``FP8_PV=True``): V arrives as a
 :class:`~fastdit.kernels.quantized.QuantizedV` (e4m3, scale ``s_d`` per channel), P·V is an FP8
 MMA of ``e4m3(448 * p)`` and ``v_q`` (:func:`~fastdit.kernels.triton.triton_common.fp8_pv`: two-level
-fp32 accumulation with ``FP8_ACC=0``, else Triton's ``max_num_imprecise_acc=FP8_ACC``), and the
-output is ``acc / l * s_d / 448``. ``V_T``: V stored transposed (``[D, S]``, keys contiguous).
+fp32 accumulation with ``FP8_ACC=0``, else Triton's ``max_num_imprecise_acc=FP8_ACC``); ``l`` sums
+the same ``448 * p`` (computed as ``exp2(x + log2 448)``), so the output is ``acc / l * s_d`` and the
+LSE loses ``ln 448``. ``V_T``: V stored transposed (``[D, S]``, keys contiguous).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ..plan import BlockSparsity
-from ..quantized import QuantizedQK, QuantizedV
+from ..quantized import P_SCALE, QuantizedQK, QuantizedV
 from .allocation import scoped_allocator
 from .triton_common import (
     TensorDescriptor,
@@ -145,9 +148,11 @@ def _int8_block_sparse_attn_fwd(
     )
 
     out, lse = normalized_output(acc, l_i, m_i)
-    if FP8_PV:  # P was scaled by 448 and V by 448 / max|v_d|: undo both, per channel
+    if FP8_PV:  # V was scaled by 448 / max|v_d|: undo it per channel. P's 448 is in l too, so
+        # acc / l has none, but the LSE (from l) is ln(448) too large.
         v_scale = tl.load(VScale + pid_bh.to(tl.int64) * head_dim + offs_d, mask=d_ok, other=0.0)
-        out = out * (v_scale * (1.0 / 448.0))[None, :]
+        out = out * v_scale[None, :]
+        lse = lse - LN_P_SCALE
     o_ptrs = (
         Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
         + q_row_start.to(tl.int64) * stride_os
@@ -193,13 +198,16 @@ def _int8_launch_config(block_d: int, q_block: int, kv_block: int, interpret: bo
 # FP8 call with it instead (benchmarks/fp8_tune.py sweeps it). BLOCK_M must divide the plan's
 # query block and BLOCK_N its key block (powers of two >= 16); the configuration is used as
 # given, never shrunk: one that does not fit the GPU raises Triton's OutOfResources.
-# FP8_MAXNREG: None lets ptxas choose (about 250 registers per thread at head_dim 128: two 4-warp
-# programs per SM); n caps the FP8 modes' registers per thread at n (Triton's maxnreg; 168 fits
-# three programs per SM, at the cost of spills). benchmarks/fp8_bound.py times it.
+# FP8_MAXNREG caps the FP8 modes' registers per thread (Triton's maxnreg) at head_dim <= 128; None
+# lets ptxas choose. At head_dim 128 ptxas takes ~165 registers when every key block is whole
+# (three 4-warp programs per SM) but 255 when the kernel also has the masked loop of a ragged
+# last block (Wan's 75,600 tokens), which leaves two programs per SM; 168 keeps three (with
+# ~20 bytes of spills outside the loop): benchmarks/fp8_bound.py times both.
+LN_P_SCALE = tl.constexpr(math.log(P_SCALE))  # ln(448): the FP8 kernels' l carries P's 448
 FP8_ACCUMULATION = 0
 V_TRANSPOSED = True
 FP8_LAUNCH_CONFIG: tuple[int, int, int, int] | None = None
-FP8_MAXNREG: int | None = None
+FP8_MAXNREG: int | None = 168
 
 
 def check_launch_config(config, q_block: int, kv_block: int) -> tuple[int, int, int, int]:
@@ -339,7 +347,9 @@ def triton_int8_block_sparse_attention(
             num_warps=num_warps, num_stages=num_stages, **registers,
         )
 
-    registers = {} if FP8_MAXNREG is None or not fp8 or interpret else dict(maxnreg=FP8_MAXNREG)
+    registers = {}
+    if fp8 and FP8_MAXNREG is not None and block_d <= 128 and not interpret and not warp_specialize:
+        registers = dict(maxnreg=FP8_MAXNREG)
     if warp_specialize:  # each launch with Triton's allocator for Q's device-built descriptor
         launch = scoped_allocator(v.device)(launch)
     override = FP8_LAUNCH_CONFIG if fp8 else None
