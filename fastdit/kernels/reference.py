@@ -327,8 +327,8 @@ def int8_fp8_attention_reference(
     it), the online softmax of the kernel (:func:`~fastdit.kernels.triton.triton_common.fold_scores`)
     in the kernel's fp32 operations: the exact int8 scores plus ``c = 1.5 * 2**23`` (the kernel's
     int32 -> fp32 offset; no offset for e4m3 Q and K) times ``sc = q_scale * k_scale``, the running
-    max ``m = max(m, max(...) * sc - c * sc)``, ``p8 = exp2((c + s) * sc - ((m + c * sc) - log2 448))``
-    (``448 p``), ``l`` the sum of the fp32 ``p8``, and ``acc = acc * alpha + e4m3(p8) @ v_q`` in
+    max ``m = max(m, fma(max(...), sc, -c * sc))``, ``p8 = exp2(fma(c + s, sc, -((m + c * sc) -
+    log2 448)))`` (``448 p``; an FMA rounds once, modelled by exact fp64 products), ``l`` the sum of the fp32 ``p8``, and ``acc = acc * alpha + e4m3(p8) @ v_q`` in
     fp32; then ``out = acc / l * v_scale`` and ``lse = ln 2 (m + log2 l) - ln 448`` (0 and LSE -inf
     for a row that saw no key). Output in ``dtype`` and ``layout``; rounding to e4m3 is
     ``torch.float8_e4m3fn``'s (nearest even)."""
@@ -370,12 +370,20 @@ def int8_fp8_attention_reference(
             cols = block[..., None] * kv_block + sub + torch.arange(block_n, device=device)
             visible = active[..., None] & (cols < kv_len[:, None, None, None])  # [B, H, nQ, bn]
             shifted = torch.where(visible[..., None, :], raw + offset, float("-inf"))
-            scores = shifted * block_scale[..., None, None]
             offset_scaled = (offset * block_scale)[..., None]  # fp32, as the kernel
-            m_new = torch.maximum(m, shifted.amax(-1) * block_scale[..., None] - offset_scaled)
+            if offset:  # the kernel's FMAs (one rounding): exact products in fp64, then fp32
+                scale64 = block_scale.double()
+                row_max = (shifted.amax(-1).double() * scale64[..., None] - offset_scaled.double()).float()
+            else:
+                row_max = shifted.amax(-1) * block_scale[..., None]
+            m_new = torch.maximum(m, row_max)
             m_shift = torch.where(m_new == float("-inf"), 0.0, m_new)
             bias = (m_shift + offset_scaled) - log2_p_scale
-            p8 = torch.exp2(scores - bias[..., None])  # 448 p
+            if offset:
+                exponent = (shifted.double() * scale64[..., None, None] - bias.double()[..., None]).float()
+            else:
+                exponent = shifted * block_scale[..., None, None] - bias[..., None]
+            p8 = torch.exp2(exponent)  # 448 p
             alpha = torch.exp2(m - m_shift)
             l = l * alpha + p8.sum(-1)
             acc = acc * alpha[..., None] + (

@@ -189,9 +189,11 @@ def fold_scores(
     its exponential (on an H200 this made the FP8 loop 13% faster, ``benchmarks/fp8_bound.py``)."""
     if MASK_KV:
         qk = tl.where(visible, qk, float("-inf"))
-    row_max = tl.max(qk, 1) * qk_scale
-    if OFFSET_SCORES:
-        row_max = row_max - SCORE_OFFSET * qk_scale
+    if OFFSET_SCORES:  # explicit FMAs: one rounding on a GPU and the interpreter alike (the
+        # offset form's products are ~2**23 times the scale; the tile model rounds them once too)
+        row_max = tl.fma(tl.max(qk, 1), qk_scale, -(SCORE_OFFSET * qk_scale))
+    else:
+        row_max = tl.max(qk, 1) * qk_scale
     m_ij = tl.maximum(m_i, row_max)
     if MASK_KV:
         # A row that has seen no valid key keeps m = -inf; subtract 0 instead (no NaN).
@@ -203,7 +205,10 @@ def fold_scores(
         bias = bias + SCORE_OFFSET * qk_scale
     if FP8_PV:
         bias = bias - LOG2_P_SCALE
-    p = tl.math.exp2(qk * qk_scale - bias[:, None])
+    if OFFSET_SCORES:
+        p = tl.math.exp2(tl.fma(qk, qk_scale, -bias[:, None]))
+    else:
+        p = tl.math.exp2(qk * qk_scale - bias[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
