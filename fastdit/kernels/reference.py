@@ -327,7 +327,7 @@ def int8_fp8_attention_reference(
     it), the online softmax of the kernel (:func:`~fastdit.kernels.triton.triton_common.fold_scores`)
     in the kernel's fp32 operations: the exact int8 scores plus ``c = 1.5 * 2**23`` (the kernel's
     int32 -> fp32 offset; no offset for e4m3 Q and K) times ``sc = q_scale * k_scale``, the running
-    max ``m = max(m, fma(max(...), sc, -c * sc))``, ``p8 = exp2(fma(c + s, sc, -((m + c * sc) -
+    max ``m = max(m, fma(max(...), sc, -c * sc))``, ``p8 = exp2(fma(c + s, sc, -(fma(c, sc, m) -
     log2 448)))`` (``448 p``; an FMA rounds once, modelled by exact fp64 products), ``l`` the sum of the fp32 ``p8``, and ``acc = acc * alpha + e4m3(p8) @ v_q`` in
     fp32; then ``out = acc / l * v_scale`` and ``lse = ln 2 (m + log2 l) - ln 448`` (0 and LSE -inf
     for a row that saw no key). Output in ``dtype`` and ``layout``; rounding to e4m3 is
@@ -378,7 +378,10 @@ def int8_fp8_attention_reference(
                 row_max = shifted.amax(-1) * block_scale[..., None]
             m_new = torch.maximum(m, row_max)
             m_shift = torch.where(m_new == float("-inf"), 0.0, m_new)
-            bias = (m_shift + offset_scaled) - log2_p_scale
+            if offset:  # the kernel's fma(c, sc, m): one rounding
+                bias = (offset * scale64[..., None] + m_shift.double()).float() - log2_p_scale
+            else:
+                bias = (m_shift + offset_scaled) - log2_p_scale
             if offset:
                 exponent = (shifted.double() * scale64[..., None, None] - bias.double()[..., None]).float()
             else:

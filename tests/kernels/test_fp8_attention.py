@@ -346,3 +346,19 @@ def test_fp8_bound_ladder_tops_out_at_attention():
     assert first < len(fp8_bound.STAGES) and fp8_bound.STAGES[first] == "softmax"
     assert all(error <= 0.05 for error in errors[first:]), (seed, errors)  # e4m3 P and V: a few percent
     assert not any(error <= 0.5 for error in errors[:first]), (seed, errors)  # far off, or not finite
+
+
+def test_fp8_register_cap_applies_only_where_measured(monkeypatch):
+    # The 168-register cap paid at 75,600 tokens (multiple of 16) and cost at 32,760 on an H200.
+    from fastdit.kernels.triton import int8_attention
+
+    cap = int8_attention._fp8_register_cap
+    monkeypatch.setattr(int8_attention, "FP8_MAXNREG", 168)
+    assert cap(True, 128, 75_600, 75_600, False) == {"maxnreg": 168}
+    assert cap(True, 128, 75_600, 32_760, False) == {}
+    assert cap(True, 128, 32_760, 75_600, False) == {}
+    assert cap(True, 64, 75_600, 75_600, False) == {}
+    assert cap(False, 128, 75_600, 75_600, False) == {}
+    assert cap(True, 128, 75_600, 75_600, True) == {}
+    monkeypatch.setattr(int8_attention, "FP8_MAXNREG", None)
+    assert cap(True, 128, 75_600, 75_600, False) == {}

@@ -198,16 +198,28 @@ def _int8_launch_config(block_d: int, q_block: int, kv_block: int, interpret: bo
 # FP8 call with it instead (benchmarks/fp8_tune.py sweeps it). BLOCK_M must divide the plan's
 # query block and BLOCK_N its key block (powers of two >= 16); the configuration is used as
 # given, never shrunk: one that does not fit the GPU raises Triton's OutOfResources.
-# FP8_MAXNREG caps the FP8 modes' registers per thread (Triton's maxnreg) at head_dim <= 128; None
-# lets ptxas choose. At head_dim 128 ptxas takes ~165 registers when every key block is whole
-# (three 4-warp programs per SM) but 255 when the kernel also has the masked loop of a ragged
-# last block (Wan's 75,600 tokens), which leaves two programs per SM; 168 keeps three (with
-# ~20 bytes of spills outside the loop): benchmarks/fp8_bound.py times both.
+# FP8_MAXNREG caps the FP8 modes' registers per thread (Triton's maxnreg) where measured to pay
+# (_fp8_register_cap); None lets ptxas choose everywhere. At head_dim 128 on the default launch
+# configuration ptxas takes ~165 registers when every key block is whole (three 4-warp programs
+# per SM) but 252-255 when the kernel also has the masked loop of a ragged last block, which
+# leaves two programs per SM. Capped at 168: 16 bytes of spills where the lengths are multiples
+# of 16 (Triton specializes them; Wan2.1-14B 720p's 75,600 tokens: 173.97 -> 152.87 ms on an
+# H200), but 780 bytes where they are not (1.3B 480p's 32,760: 10.34 -> 11.97 ms, slower).
 LN_P_SCALE = tl.constexpr(math.log(P_SCALE))  # ln(448): the FP8 kernels' l carries P's 448
 FP8_ACCUMULATION = 0
 V_TRANSPOSED = True
 FP8_LAUNCH_CONFIG: tuple[int, int, int, int] | None = None
 FP8_MAXNREG: int | None = 168
+
+
+def _fp8_register_cap(fp8: bool, block_d: int, seq_q: int, seq_kv: int, other_kernel: bool) -> dict:
+    """Triton's ``maxnreg`` launch option for an FP8 launch (see :data:`FP8_MAXNREG`): only on
+    the measured case, the default plain kernel at head_dim 128 with both lengths multiples of
+    16; ``other_kernel`` (the interpreter, warp specialization, an ``FP8_LAUNCH_CONFIG``
+    override) gets none."""
+    if not fp8 or FP8_MAXNREG is None or other_kernel or block_d != 128 or seq_q % 16 or seq_kv % 16:
+        return {}
+    return dict(maxnreg=FP8_MAXNREG)
 
 
 def check_launch_config(config, q_block: int, kv_block: int) -> tuple[int, int, int, int]:
@@ -347,9 +359,9 @@ def triton_int8_block_sparse_attention(
             num_warps=num_warps, num_stages=num_stages, **registers,
         )
 
-    registers = {}
-    if fp8 and FP8_MAXNREG is not None and block_d <= 128 and not interpret and not warp_specialize:
-        registers = dict(maxnreg=FP8_MAXNREG)
+    registers = _fp8_register_cap(
+        fp8, block_d, seq_q, seq_kv, interpret or warp_specialize or FP8_LAUNCH_CONFIG is not None
+    )
     if warp_specialize:  # each launch with Triton's allocator for Q's device-built descriptor
         launch = scoped_allocator(v.device)(launch)
     override = FP8_LAUNCH_CONFIG if fp8 else None

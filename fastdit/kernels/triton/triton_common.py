@@ -201,8 +201,8 @@ def fold_scores(
     else:
         m_shift = m_ij
     bias = m_shift
-    if OFFSET_SCORES:
-        bias = bias + SCORE_OFFSET * qk_scale
+    if OFFSET_SCORES:  # an explicit FMA here too (a compiler would contract it or not)
+        bias = tl.fma(SCORE_OFFSET, qk_scale, bias)
     if FP8_PV:
         bias = bias - LOG2_P_SCALE
     if OFFSET_SCORES:
