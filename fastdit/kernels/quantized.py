@@ -19,8 +19,8 @@ SageAttention's scheme (Zhang et al., 2025) as PARO (METHODS.md section 5) uses 
 ``quantize="int8-fp8"`` (SageAttention2's scheme on Hopper) also quantizes V, to FP8 e4m3 per
 channel (:class:`QuantizedV`): ``s_d = max_j |v_jd| / 448`` over the valid keys of a (batch, head),
 ``v_q = e4m3(v / s_d)`` (round to nearest even on the GPU; 448 is e4m3's largest finite value).
-The kernel runs ``P @ V`` in FP8 with ``P`` scaled by :data:`P_SCALE` and divides by
-``P_SCALE`` and multiplies by ``s_d`` once, at the end (see
+The kernel runs ``P @ V`` in FP8 with ``P`` scaled by :data:`P_SCALE` (the softmax sum carries
+the same factor, so ``acc / l`` has none) and multiplies by ``s_d`` once, at the end (see
 :func:`fastdit.kernels.triton.triton_common.fp8_pv`).
 
 ``quantize="fp8"`` (issue 13's FP8 Q.K^T variant) quantizes Q and K to e4m3 instead of INT8,
