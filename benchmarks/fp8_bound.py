@@ -23,8 +23,8 @@ head_dim 128 with 128-token blocks, 64 x 128 tiles on 4 warps, 2 stages), in sta
 
 Then fastdit's ``int8-fp8`` attention kernel on pre-quantized inputs and the whole
 ``block_sparse_attention(quantize="int8-fp8")`` call, at the ladder's length and at 75,600 tokens
-(a ragged last block), with the kernel's register cap (``int8_attention.FP8_MAXNREG``) and
-without. TOPS count ``4 * S^2 * D`` per (batch, head) as bf16-equivalent work (two MMAs of
+(a ragged last block) and at 1.3B 480p's 32,760 tokens and 12 heads, with the kernel's register
+cap (``int8_attention.FP8_MAXNREG``) and without. TOPS count ``4 * S^2 * D`` per (batch, head) as bf16-equivalent work (two MMAs of
 ``2 * S^2 * D``); the H200's dense FP8/INT8 peak is about 1,980 TOPS.
 
     python -m benchmarks.fp8_bound                 # an H200, ~1 minute
@@ -64,6 +64,7 @@ LOG2_P_SCALE = tl.constexpr(math.log2(448.0))  # P times 448 (e4m3's largest fin
 SHAPE = (1, 75_520, 40, 128)  # B, S, H, D: Wan2.1-14B 720p (75,600 tokens) cut to whole 128-blocks
 SMOKE_SHAPE = (1, 256, 2, 64)
 RAGGED_SEQ = 75_600  # Wan2.1-14B 720p's own length: 590 whole 128-blocks and 80 tokens
+SMALL_RAGGED = (32_760, 12)  # Wan2.1-1.3B 480p: tokens (255 blocks and 120, not a multiple of 16), heads
 MAXNREG = 168  # 65,536 registers / (3 programs x 128 threads), rounded down to 8
 
 
@@ -270,15 +271,15 @@ def main(argv=None) -> int:
         from fastdit.kernels.triton.quantize import triton_quantize_v_fp8
 
         default_cap = int8_attention.FP8_MAXNREG
-        # The real kernel at the ladder's length (whole blocks) and at Wan2.1-14B 720p's own
-        # 75,600 tokens (a ragged last block: the kernel's masked loop is compiled in), with its
-        # register cap and without.
-        for length in (seq, RAGGED_SEQ):
+        # The real kernel at the ladder's length (whole blocks), at Wan2.1-14B 720p's own 75,600
+        # tokens (a ragged last block: the kernel's masked tail is compiled in) and at 1.3B
+        # 480p's 32,760 (ragged, and not a multiple of 16), with its register cap and without.
+        for length, length_heads in ((seq, heads), (RAGGED_SEQ, heads), SMALL_RAGGED):
             if length != seq:
                 del q, k, v
                 torch.cuda.empty_cache()
                 generator = torch.Generator(device).manual_seed(1)
-                q, k, v = (torch.randn((batch, length, heads, head_dim), device=device,
+                q, k, v = (torch.randn((batch, length, length_heads, head_dim), device=device,
                                        generator=generator, dtype=torch.bfloat16) for _ in range(3))
             plan = BlockSparsity.dense(length, length, 128, device=device)
             quantized = quantize_qk_int8(q, k, block_size=128)
@@ -286,15 +287,16 @@ def main(argv=None) -> int:
             for cap in (default_cap, None):
                 int8_attention.FP8_MAXNREG = cap
                 try:
-                    suffix = f"S={length}, maxnreg {cap}"
+                    suffix = f"S={length} H={length_heads}, FP8_MAXNREG {cap}"
+                    scale = (length / seq) ** 2 * length_heads / heads
                     record(f"fastdit int8-fp8 kernel (pre-quantized), {suffix}", bench(
                         lambda: triton_int8_block_sparse_attention(
                             quantized, v, plan, layout="bshd", return_lse=False, key_lengths=None,
-                            interpret=False, quantized_v=v_q)), scale=(length / seq) ** 2)
+                            interpret=False, quantized_v=v_q)), scale=scale)
                     if cap == default_cap:
                         record(f"fastdit int8-fp8 call (quantization included), {suffix}", bench(
                             lambda: block_sparse_attention(q, k, v, plan, quantize="int8-fp8")),
-                            scale=(length / seq) ** 2)
+                            scale=scale)
                 finally:
                     int8_attention.FP8_MAXNREG = default_cap
     out_dir = Path(args.out)

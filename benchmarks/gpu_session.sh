@@ -2,7 +2,7 @@
 # One GPU session's runs, in steps, each under its own time limit, results packed into one archive.
 #   bash benchmarks/gpu_session.sh RESULTS_DIR STEP [STEP ...]
 # Steps: info, check, kernel, e2e13, e2e14, kernelcheck, cp1, compile13, families, fp8check,
-# fp8bench, fp8e2e, fp8tune, fp8bound, qspeedgna, wscheck, wsdiagnose, compose14, agent, qspeed,
+# fp8bench, fp8e2e, fp8tune, fp8bound, qspeedgna, pendingcheck, wscheck, wsdiagnose, compose14, agent, qspeed,
 # qspeedparo, trainvae, traindit, traindit-resume, remeasure:<old checkout>, custom:<command>.
 # qspeed (~5 min: 254 s in run 6, plus ~50 s of PARO calibrations since; limit 560 s; --budget-s
 # 480 stops starting rows in time) times every quality-table row's configuration on full-size Wan2.1-1.3B 480p (benchmarks/quality_speed.py);
@@ -74,6 +74,14 @@ for s in "$@"; do
     # Only the PARO rows (dense, the baseline, runs too), each on a plan calibrated in process.
     qspeedparo) step qspeedparo 300 python3 -m benchmarks.quality_speed --budget-s 240 \
              --rows paro-d0.3,paro-d0.5,paro-d0.3+int8 --out "$out/qspeedparo" ;;
+    # pending/'s gate (pending/README.md): the tree copied to /tmp/pending-check with
+    # pending/*/*.patch applied in name order, then this script's PENDING_STEPS (default
+    # "fp8check kernelcheck fp8bound") run in that copy; results under RESULTS_DIR/pending/.
+    pendingcheck) rm -rf /tmp/pending-check && mkdir -p /tmp/pending-check && cp -r . /tmp/pending-check/ \
+             && (cd /tmp/pending-check && for p in pending/*/*.patch; do git apply "$p" || exit 1; done) \
+             || { echo "pending patches do not apply"; continue; }
+      (cd /tmp/pending-check && PYTHONPATH="${PYTHONPATH//$PWD//tmp/pending-check}" \
+             bash benchmarks/gpu_session.sh "$out/pending" ${PENDING_STEPS:-fp8check kernelcheck fp8bound}) ;;
     # Only GNA's rows and random blocks at gna-3x9x9's density: the window kernel's cost per
     # partial block (run 6: gna-3x9x9 1.02x against random blocks' 1.67x at density 0.242).
     qspeedgna) step qspeedgna 200 python3 -m benchmarks.quality_speed --budget-s 150 \
