@@ -24,8 +24,9 @@ head_dim 128 with 128-token blocks, 64 x 128 tiles on 4 warps, 2 stages), in sta
 Then fastdit's ``int8-fp8`` attention kernel on pre-quantized inputs and the whole
 ``block_sparse_attention(quantize="int8-fp8")`` call, at the ladder's length and at 75,600 tokens
 (a ragged last block) and at 1.3B 480p's 32,760 tokens and 12 heads, with the kernel's register
-cap (``int8_attention.FP8_MAXNREG``) and without. TOPS count ``4 * S^2 * D`` per (batch, head) as bf16-equivalent work (two MMAs of
-``2 * S^2 * D``); the H200's dense FP8/INT8 peak is about 1,980 TOPS.
+cap (``int8_attention.FP8_MAXNREG``) and without. TOPS count ``4 * S^2 * D`` per (batch, head)
+as bf16-equivalent work (two MMAs of ``2 * S^2 * D``); the H200's dense FP8/INT8 peak is about
+1,980 TOPS.
 
     python -m benchmarks.fp8_bound                 # an H200, ~1 minute
     python -m benchmarks.fp8_bound --smoke         # the CPU interpreter: a tiny shape, the
@@ -59,12 +60,15 @@ from fastdit.kernels.triton.triton_common import e4m3_round, fp8_pv, int8_scores
 
 STAGES = ("mma", "exp2", "max", "softmax", "softmax-folded", "softmax-prefetch")
 FIRST_ATTENTION_STAGE = 3  # stages from here on compute attention; those below do not
-MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: int32 s + 0x4B400000 read as fp32 is MAGIC + s (int8_scores)
-LOG2_P_SCALE = tl.constexpr(math.log2(448.0))  # P times 448 (e4m3's largest finite value), as an exponent
+# 1.5 * 2**23: an int32 s + 0x4B400000 read as fp32 is MAGIC + s (int8_scores)
+MAGIC = tl.constexpr(12582912.0)
+# P times 448 (e4m3's largest finite value), as an exponent
+LOG2_P_SCALE = tl.constexpr(math.log2(448.0))
 SHAPE = (1, 75_520, 40, 128)  # B, S, H, D: Wan2.1-14B 720p (75,600 tokens) cut to whole 128-blocks
 SMOKE_SHAPE = (1, 256, 2, 64)
 RAGGED_SEQ = 75_600  # Wan2.1-14B 720p's own length: 590 whole 128-blocks and 80 tokens
-SMALL_RAGGED = (32_760, 12)  # Wan2.1-1.3B 480p: tokens (255 blocks and 120, not a multiple of 16), heads
+# Wan2.1-1.3B 480p: tokens (255 whole blocks and 120, not a multiple of 16), heads
+SMALL_RAGGED = (32_760, 12)
 MAXNREG = 168  # 65,536 registers / (3 programs x 128 threads), rounded down to 8
 
 
@@ -94,7 +98,7 @@ def _load_k(k_ptrs, k_desc, bh, seq, start, D: tl.constexpr, USE_TMA: tl.constex
 
 @triton.jit
 def _load_v(v_ptrs, v_desc, bh, start, D: tl.constexpr, USE_TMA: tl.constexpr):
-    """V's ``[BLOCK_N, D]`` tile at key ``start``, read from V^T (``[D, BLOCK_N]``) and transposed."""
+    """V's ``[BLOCK_N, D]`` tile at key ``start``: V^T's ``[D, BLOCK_N]`` tile, transposed."""
     if USE_TMA:
         return tl.trans(v_desc.load([(bh * D).to(tl.int32), start]))
     return tl.trans(tl.load(v_ptrs + start))
@@ -250,12 +254,13 @@ def main(argv=None) -> int:
     reference = torch.softmax(qf @ kf.transpose(1, 2) * head_dim**-0.5, dim=-1) @ vf
     del qf, kf, vf
     runs = [(stage, name, None) for stage, name in enumerate(STAGES)]
-    if not args.smoke:  # three programs per SM instead of two (the plain kernel uses ~250 registers)
+    if not args.smoke:  # three programs per SM instead of two (the ladder takes ~250 registers)
         runs += [(STAGES.index(name), name, MAXNREG) for name in ("softmax", "softmax-folded")]
     for stage, name, maxnreg in runs:
         label = f"ladder: {name}" + ("" if maxnreg is None else f", maxnreg {maxnreg}")
         out = ladder(q8, k8, vt8, stage, qk_scale, config, interpret, maxnreg)
-        record(label, bench(lambda: ladder(q8, k8, vt8, stage, qk_scale, config, interpret, maxnreg)))
+        record(label, bench(
+            lambda: ladder(q8, k8, vt8, stage, qk_scale, config, interpret, maxnreg)))
         if stage >= FIRST_ATTENTION_STAGE:  # attention: check it against PyTorch's
             got = out[:1, :rows_checked] * v_s
             error = ((got - reference).abs().sum() / reference.abs().sum()).item()
@@ -263,7 +268,8 @@ def main(argv=None) -> int:
                   f"queries): relative L1 {error:.4f}", flush=True)
             rows[-1]["rel_l1_vs_attention"] = error
             if error > 0.05:
-                raise SystemExit(f"the ladder's {name} stage is not attention (relative L1 {error:.3f})")
+                raise SystemExit(
+                    f"the ladder's {name} stage is not attention (relative L1 {error:.3f})")
     if not args.smoke:
         from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8
         from fastdit.kernels.triton import int8_attention

@@ -324,13 +324,15 @@ def int8_fp8_attention_reference(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The INT8+FP8 kernel's function, replayed: for every query block, its plan row's key blocks
     in order, ``block_n`` keys at a time (default: the whole key block, as the interpreter runs
-    it), the online softmax of the kernel (:func:`~fastdit.kernels.triton.triton_common.fold_scores`)
-    in the kernel's fp32 operations: the exact int8 scores plus ``c = 1.5 * 2**23`` (the kernel's
-    int32 -> fp32 offset; no offset for e4m3 Q and K) times ``sc = q_scale * k_scale``, the running
-    max ``m = max(m, fma(max(...), sc, -c * sc))``, ``p8 = exp2(fma(c + s, sc, -(fma(c, sc, m) -
-    log2 448)))`` (``448 p``; an FMA rounds once, modelled by exact fp64 products), ``l`` the sum of the fp32 ``p8``, and ``acc = acc * alpha + e4m3(p8) @ v_q`` in
-    fp32; then ``out = acc / l * v_scale`` and ``lse = ln 2 (m + log2 l) - ln 448`` (0 and LSE -inf
-    for a row that saw no key). Output in ``dtype`` and ``layout``; rounding to e4m3 is
+    it), the online softmax of the kernel
+    (:func:`~fastdit.kernels.triton.triton_common.fold_scores`) in the kernel's fp32 operations:
+    the exact int8 scores plus ``c = 1.5 * 2**23`` (the kernel's int32 -> fp32 offset; no offset
+    for e4m3 Q and K) times ``sc = q_scale * k_scale``, the running max
+    ``m = max(m, fma(max(...), sc, -c * sc))``, ``p8 = exp2(fma(c + s, sc, -(fma(c, sc, m) -
+    log2 448)))`` (``448 p``; an FMA rounds once, modelled by exact fp64 products), ``l`` the sum
+    of the fp32 ``p8``, and ``acc = acc * alpha + e4m3(p8) @ v_q`` in fp32; then
+    ``out = acc / l * v_scale`` and ``lse = ln 2 (m + log2 l) - ln 448`` (0 and LSE -inf for a row
+    that saw no key). Output in ``dtype`` and ``layout``; rounding to e4m3 is
     ``torch.float8_e4m3fn``'s (nearest even)."""
     q_block, kv_block = quantized.q_block_size, quantized.kv_block_size
     block_n = block_n or kv_block
@@ -373,7 +375,8 @@ def int8_fp8_attention_reference(
             offset_scaled = (offset * block_scale)[..., None]  # fp32, as the kernel
             if offset:  # the kernel's FMAs (one rounding): exact products in fp64, then fp32
                 scale64 = block_scale.double()
-                row_max = (shifted.amax(-1).double() * scale64[..., None] - offset_scaled.double()).float()
+                row_max = shifted.amax(-1).double() * scale64[..., None] - offset_scaled.double()
+                row_max = row_max.float()
             else:
                 row_max = shifted.amax(-1) * block_scale[..., None]
             m_new = torch.maximum(m, row_max)
@@ -383,7 +386,8 @@ def int8_fp8_attention_reference(
             else:
                 bias = (m_shift + offset_scaled) - log2_p_scale
             if offset:
-                exponent = (shifted.double() * scale64[..., None, None] - bias.double()[..., None]).float()
+                exponent = shifted.double() * scale64[..., None, None] - bias.double()[..., None]
+                exponent = exponent.float()
             else:
                 exponent = shifted * block_scale[..., None, None] - bias[..., None]
             p8 = torch.exp2(exponent)  # 448 p

@@ -344,8 +344,9 @@ def test_fp8_bound_ladder_tops_out_at_attention():
         errors.append(((out - ref).abs().sum() / ref.abs().sum()).item())
     first = fp8_bound.FIRST_ATTENTION_STAGE
     assert first < len(fp8_bound.STAGES) and fp8_bound.STAGES[first] == "softmax"
-    assert all(error <= 0.05 for error in errors[first:]), (seed, errors)  # e4m3 P and V: a few percent
-    assert not any(error <= 0.5 for error in errors[:first]), (seed, errors)  # far off, or not finite
+    # e4m3 P and V: a few percent; the lower stages far off, or not finite
+    assert all(error <= 0.05 for error in errors[first:]), (seed, errors)
+    assert not any(error <= 0.5 for error in errors[:first]), (seed, errors)
 
 
 def test_fp8_register_cap_applies_only_where_measured(monkeypatch):

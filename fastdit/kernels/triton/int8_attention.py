@@ -28,9 +28,10 @@ picks the MMA by the tiles' dtype); everything else is ``"int8-fp8"``'s.
 ``quantize="int8-fp8"`` (``FP8_PV=True``): V arrives as a
 :class:`~fastdit.kernels.quantized.QuantizedV` (e4m3, scale ``s_d`` per channel), P·V is an FP8
 MMA of ``e4m3(448 * p)`` and ``v_q`` (:func:`~fastdit.kernels.triton.triton_common.fp8_pv`: two-level
-fp32 accumulation with ``FP8_ACC=0``, else Triton's ``max_num_imprecise_acc=FP8_ACC``); ``l`` sums
-the same ``448 * p`` (computed as ``exp2(x + log2 448)``), so the output is ``acc / l * s_d`` and the
-LSE loses ``ln 448``. ``V_T``: V stored transposed (``[D, S]``, keys contiguous).
+fp32 accumulation with ``FP8_ACC=0``, else Triton's ``max_num_imprecise_acc=FP8_ACC``); ``l``
+sums the same ``448 * p`` (computed as ``exp2(x + log2 448)``), so the output is
+``acc / l * s_d`` and the LSE loses ``ln 448``. ``V_T``: V stored transposed (``[D, S]``, keys
+contiguous).
 """
 
 from __future__ import annotations
@@ -189,6 +190,8 @@ def _int8_launch_config(block_d: int, q_block: int, kv_block: int, interpret: bo
     return min(q_block, 64), min(kv_block, 64), 4, 2
 
 
+LN_P_SCALE = tl.constexpr(math.log(P_SCALE))  # ln(448): the FP8 kernels' l carries P's 448
+
 # FP8 P.V defaults of quantize="int8-fp8" (benchmarks/fp8_bench.py measures the alternatives):
 # FP8_ACCUMULATION 0 is two-level accumulation, n > 0 Triton's max_num_imprecise_acc=n, -1 its
 # default (no promotion on sm_90);
@@ -205,7 +208,6 @@ def _int8_launch_config(block_d: int, q_block: int, kv_block: int, interpret: bo
 # leaves two programs per SM. Capped at 168: 16 bytes of spills where the lengths are multiples
 # of 16 (Triton specializes them; Wan2.1-14B 720p's 75,600 tokens: 173.97 -> 152.87 ms on an
 # H200), but 780 bytes where they are not (1.3B 480p's 32,760: 10.34 -> 11.97 ms, slower).
-LN_P_SCALE = tl.constexpr(math.log(P_SCALE))  # ln(448): the FP8 kernels' l carries P's 448
 FP8_ACCUMULATION = 0
 V_TRANSPOSED = True
 FP8_LAUNCH_CONFIG: tuple[int, int, int, int] | None = None
@@ -217,7 +219,9 @@ def _fp8_register_cap(fp8: bool, block_d: int, seq_q: int, seq_kv: int, other_ke
     the measured case, the default plain kernel at head_dim 128 with both lengths multiples of
     16; ``other_kernel`` (the interpreter, warp specialization, an ``FP8_LAUNCH_CONFIG``
     override) gets none."""
-    if not fp8 or FP8_MAXNREG is None or other_kernel or block_d != 128 or seq_q % 16 or seq_kv % 16:
+    if not fp8 or FP8_MAXNREG is None or other_kernel or block_d != 128:
+        return {}
+    if seq_q % 16 or seq_kv % 16:
         return {}
     return dict(maxnreg=FP8_MAXNREG)
 
