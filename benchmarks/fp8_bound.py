@@ -56,11 +56,11 @@ if not __package__:  # run as a file: the imports below need the package (see be
 
 from benchmarks.harness import add_out_argument, collect_metadata, stem  # noqa: E402
 from fastdit.files import atomic_write_text  # noqa: E402
-from fastdit.kernels.triton.triton_common import e4m3_round, fp8_pv, int8_scores  # noqa: E402
+from fastdit.kernels.triton.triton_common import e4m3_round, fp8_pv, int8_offset_scores  # noqa: E402
 
 STAGES = ("mma", "exp2", "max", "softmax", "softmax-folded", "softmax-prefetch")
 FIRST_ATTENTION_STAGE = 3  # stages from here on compute attention; those below do not
-# 1.5 * 2**23: an int32 s + 0x4B400000 read as fp32 is MAGIC + s (int8_scores)
+# 1.5 * 2**23: an int32 s + 0x4B400000 read as fp32 is MAGIC + s (int8_offset_scores)
 MAGIC = tl.constexpr(12582912.0)
 # P times 448 (e4m3's largest finite value), as an exponent
 LOG2_P_SCALE = tl.constexpr(math.log2(448.0))
@@ -70,12 +70,6 @@ RAGGED_SEQ = 75_600  # Wan2.1-14B 720p's own length: 590 whole 128-blocks and 80
 # Wan2.1-1.3B 480p: tokens (255 whole blocks and 120, not a multiple of 16), heads
 SMALL_RAGGED = (32_760, 12)
 MAXNREG = 168  # 65,536 registers / (3 programs x 128 threads), rounded down to 8
-
-
-@triton.jit
-def _offset_scores(q, k):
-    """``MAGIC + q @ k^T`` in fp32: int8_scores without its subtraction (folded into the FMA)."""
-    return (tl.dot(q, tl.trans(k), out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -127,7 +121,7 @@ def _ladder_kernel(
         for start in range(0, seq, BLOCK_N):
             k = _load_k(k_ptrs, k_desc, bh, seq, start, D, USE_TMA)
             v = _load_v(v_ptrs, v_desc, bh, start, D, USE_TMA)
-            s = int8_scores(q, k) * qk_scale
+            s = (int8_offset_scores(q, k) - MAGIC) * qk_scale  # run 6's int8_scores
             if STAGE == 0:  # the MMAs alone: P = the scaled scores, cast to e4m3 inside fp8_pv
                 p = s
             elif STAGE == 1:  # + the exponentials
@@ -147,13 +141,13 @@ def _ladder_kernel(
             acc = acc / (l_i[:, None] * 448.0)
     else:
         offset = MAGIC * qk_scale
-        bits = _offset_scores(q, _load_k(k_ptrs, k_desc, bh, seq, 0, D, USE_TMA))
+        bits = int8_offset_scores(q, _load_k(k_ptrs, k_desc, bh, seq, 0, D, USE_TMA))
         for start in range(0, seq, BLOCK_N):
             if STAGE == 5:  # the next tile's Q.K^T first (the last one wraps to tile 0, unused)
                 nxt = (start + BLOCK_N) % seq
-                bits_next = _offset_scores(q, _load_k(k_ptrs, k_desc, bh, seq, nxt, D, USE_TMA))
+                bits_next = int8_offset_scores(q, _load_k(k_ptrs, k_desc, bh, seq, nxt, D, USE_TMA))
             else:
-                bits = _offset_scores(q, _load_k(k_ptrs, k_desc, bh, seq, start, D, USE_TMA))
+                bits = int8_offset_scores(q, _load_k(k_ptrs, k_desc, bh, seq, start, D, USE_TMA))
             v = _load_v(v_ptrs, v_desc, bh, start, D, USE_TMA)
             m_new = tl.maximum(m_i, tl.max(bits, 1) * qk_scale - offset)
             bias = m_new + offset - LOG2_P_SCALE

@@ -54,7 +54,6 @@ __all__ = [
     "fp8_pv",
     "hopper_unsupported",
     "int8_offset_scores",
-    "int8_scores",
     "launch_with_fallback",
     "load_q_tile",
     "normalized_output",
@@ -71,7 +70,7 @@ __all__ = [
 ]
 
 LOG2E = 1.4426950408889634
-# int8_scores' int32 -> fp32 offset: s + 0x4B400000 read as fp32 is SCORE_OFFSET + s exactly.
+# int8_offset_scores' int32 -> fp32 offset: s + 0x4B400000 read as fp32 is SCORE_OFFSET + s.
 SCORE_OFFSET = tl.constexpr(SCORE_OFFSET_VALUE)
 # P times P_SCALE (448, e4m3's largest finite value) as an exponent: the FP8 P.V
 # computes exp2(x + LOG2_P_SCALE) = 448 exp2(x) directly.
@@ -90,22 +89,16 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
 
 
 @triton.jit
-def int8_scores(q, k):
-    """``q @ k^T`` of int8 tiles as a real int8 x int8 -> int32 MMA, returned in fp32.
+def int8_offset_scores(q, k):
+    """``SCORE_OFFSET + q @ k^T`` of int8 tiles, as a real int8 x int8 -> int32 MMA, in fp32.
 
     The int32 -> fp32 conversion uses no conversion instruction (those run at a sixteenth of the
     FMA rate, like the exponentials): ``s + 0x4B400000`` read as fp32 is exactly
-    ``1.5 * 2**23 + s`` for ``|s| < 2**22``, then one subtraction. An int8 dot over head_dim <= 256
-    (``MAX_HEAD_DIM``) is at most ``127 * 127 * 256 < 2**22`` in magnitude, so this is exact; on an
-    H100 it made the INT8 kernel 1-3% faster (``benchmarks/results/h100_2026-11-23/tune_int8_run2_*.json``)."""
-    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-    return (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-
-
-@triton.jit
-def int8_offset_scores(q, k):
-    """:func:`int8_scores` plus :data:`SCORE_OFFSET`: the int32 result read as fp32 without the
-    subtraction, which :func:`fold_scores` folds into its one FMA per score (``OFFSET_SCORES``)."""
+    ``1.5 * 2**23 + s`` (:data:`SCORE_OFFSET` + ``s``) for ``|s| < 2**22``. An int8 dot over
+    head_dim <= 256 (``MAX_HEAD_DIM``) is at most ``127 * 127 * 256 < 2**22`` in magnitude, so this
+    is exact; on an H100 it made the INT8 kernel 1-3% faster
+    (``benchmarks/results/h100_2026-11-23/tune_int8_run2_*.json``). The offset is not subtracted
+    here: :func:`fold_scores` (``OFFSET_SCORES``) folds it into its one FMA per score."""
     s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
     return (s + 0x4B400000).to(tl.float32, bitcast=True)
 
