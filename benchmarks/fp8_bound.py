@@ -56,14 +56,16 @@ if not __package__:  # run as a file: the imports below need the package (see be
 
 from benchmarks.harness import add_out_argument, collect_metadata, stem  # noqa: E402
 from fastdit.files import atomic_write_text  # noqa: E402
-from fastdit.kernels.triton.triton_common import e4m3_round, fp8_pv, int8_offset_scores  # noqa: E402
+from fastdit.kernels.triton.triton_common import (  # noqa: E402
+    LOG2_P_SCALE,
+    SCORE_OFFSET as MAGIC,  # int8_offset_scores' offset: 1.5 * 2**23
+    e4m3_round,
+    fp8_pv,
+    int8_offset_scores,
+)
 
 STAGES = ("mma", "exp2", "max", "softmax", "softmax-folded", "softmax-prefetch")
 FIRST_ATTENTION_STAGE = 3  # stages from here on compute attention; those below do not
-# 1.5 * 2**23: an int32 s + 0x4B400000 read as fp32 is MAGIC + s (int8_offset_scores)
-MAGIC = tl.constexpr(12582912.0)
-# P times 448 (e4m3's largest finite value), as an exponent
-LOG2_P_SCALE = tl.constexpr(math.log2(448.0))
 SHAPE = (1, 75_520, 40, 128)  # B, S, H, D: Wan2.1-14B 720p (75,600 tokens) cut to whole 128-blocks
 SMOKE_SHAPE = (1, 256, 2, 64)
 RAGGED_SEQ = 75_600  # Wan2.1-14B 720p's own length: 590 whole 128-blocks and 80 tokens
