@@ -350,16 +350,73 @@ def test_fp8_bound_ladder_tops_out_at_attention():
 
 
 def test_fp8_register_cap_applies_only_where_measured(monkeypatch):
-    # The 168-register cap paid at 75,600 tokens (multiple of 16) and cost at 32,760 on an H200.
+    # The 168-register cap: the default FP8 launch at head_dim 128 (at any length, since the
+    # ragged tail reads through the tensor descriptors), nothing elsewhere.
     from fastdit.kernels.triton import int8_attention
 
     cap = int8_attention._fp8_register_cap
     monkeypatch.setattr(int8_attention, "FP8_MAXNREG", 168)
-    assert cap(True, 128, 75_600, 75_600, False) == {"maxnreg": 168}
-    assert cap(True, 128, 75_600, 32_760, False) == {}
-    assert cap(True, 128, 32_760, 75_600, False) == {}
-    assert cap(True, 64, 75_600, 75_600, False) == {}
-    assert cap(False, 128, 75_600, 75_600, False) == {}
-    assert cap(True, 128, 75_600, 75_600, True) == {}
+    assert cap(True, 128, False) == {"maxnreg": 168}
+    assert cap(True, 64, False) == {}
+    assert cap(False, 128, False) == {}
+    assert cap(True, 128, True) == {}
     monkeypatch.setattr(int8_attention, "FP8_MAXNREG", None)
-    assert cap(True, 128, 75_600, 75_600, False) == {}
+    assert cap(True, 128, False) == {}
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["v", "v_t"])
+def test_fp8_tensor_descriptor_tail_matches_pointer_loads(rng, monkeypatch, transposed):
+    # The FP8 modes read a row's ragged last key block through the tensor descriptors too
+    # (TMA_TAIL: one loop body, ~165 registers instead of 255 on sm_90), the tile read whole and
+    # its scores masked. On the interpreter, forced onto the tensor-descriptor path: the same
+    # output and LSE as pointer loads, on ragged cross attention with key padding (NaN values
+    # past each length), a random plan and an empty query block.
+    from fastdit.kernels.triton import int8_attention
+
+    batch, seq_q, seq_kv, heads, head_dim = 2, 200, 330, 2, 64
+    q = make(rng, (batch, seq_q, heads, head_dim), torch.bfloat16)
+    k = make(rng, (batch, seq_kv, heads, head_dim), torch.bfloat16, offset=3.0, offset_shape=(head_dim,))
+    v = make(rng, (batch, seq_kv, heads, head_dim), torch.bfloat16)
+    lengths = torch.tensor([seq_kv, 201], dtype=torch.int32)
+    v[1, 201:] = float("nan")
+    block_map = torch.rand(batch, heads, 2, 3, generator=rng) < 0.7
+    block_map[:, :, :, 2] = True  # every row visits the ragged last block
+    block_map[0, 1, 1] = False  # an empty row: output 0, LSE -inf
+    plan = BlockSparsity.from_block_map(block_map)
+    quantized = quantize_qk_int8(q, k, key_padding=lengths, lse_shift=True, backend="reference")
+    quantized_v = quantize_v_fp8_reference(v, key_lengths=lengths, transposed=transposed)
+
+    def run():
+        return triton_int8_block_sparse_attention(
+            quantized, v, plan, layout="bshd", return_lse=True, key_lengths=lengths,
+            interpret=True, quantized_v=quantized_v)
+
+    launches = []
+    kernel = int8_attention._int8_block_sparse_attn_fwd
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["USE_TMA"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(int8_attention, "_int8_block_sparse_attn_fwd", Recorder())
+    pointer_out, pointer_lse = run()
+    from fastdit.kernels.triton import triton_common
+
+    for module in (int8_attention, triton_common):
+        monkeypatch.setattr(module, "tma_device", lambda *args, **kwargs: True)
+    tma_out, tma_lse = run()
+    assert launches == [False, True]
+    assert not tma_out.isnan().any() and torch.isfinite(tma_out).all()
+    assert torch.equal(torch.isneginf(tma_lse), torch.isneginf(pointer_lse))
+    assert torch.isneginf(tma_lse[0, 1, 128:]).all()
+    assert torch.equal(tma_out, pointer_out)
+    finite = torch.isfinite(pointer_lse)
+    assert torch.equal(tma_lse[finite], pointer_lse[finite])
+    # And both are the tile model's function (same tolerance as test_kernel_matches_tile_model).
+    ref, _ = int8_fp8_attention_reference(
+        quantized, quantized_v, plan, dtype=v.dtype, return_lse=True, key_lengths=lengths)
+    gap = (tma_out.double() - ref.double()).abs() - 2**-7 * ref.double().abs()
+    assert gap.max() <= 4e-3, gap.max()

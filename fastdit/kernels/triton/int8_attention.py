@@ -145,7 +145,7 @@ def _int8_block_sparse_attn_fwd(
         KV_BLOCK=KV_BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, EVEN_D=EVEN_D,
         DOT_PRECISION=DOT_PRECISION, UPCAST_OPERANDS=UPCAST_OPERANDS, USE_TMA=USE_TMA,
         INT8_QK=True, k_scale_row=k_scale_row, FP8_PV=FP8_PV, FP8_ACC=FP8_ACC, V_T=V_T,
-        WARP_SPECIALIZE=WARP_SPECIALIZE, EVEN_KV=EVEN_KV,
+        WARP_SPECIALIZE=WARP_SPECIALIZE, EVEN_KV=EVEN_KV, TMA_TAIL=FP8_PV,
     )
 
     out, lse = normalized_output(acc, l_i, m_i)
@@ -201,27 +201,26 @@ LN_P_SCALE = tl.constexpr(math.log(P_SCALE))  # ln(448): the FP8 kernels' l carr
 # FP8 call with it instead (benchmarks/fp8_tune.py sweeps it). BLOCK_M must divide the plan's
 # query block and BLOCK_N its key block (powers of two >= 16); the configuration is used as
 # given, never shrunk: one that does not fit the GPU raises Triton's OutOfResources.
-# FP8_MAXNREG caps the FP8 modes' registers per thread (Triton's maxnreg) where measured to pay
-# (_fp8_register_cap); None lets ptxas choose everywhere. At head_dim 128 on the default launch
-# configuration ptxas takes ~165 registers when every key block is whole (three 4-warp programs
-# per SM) but 252-255 when the kernel also has the masked loop of a ragged last block, which
-# leaves two programs per SM. Capped at 168: 16 bytes of spills where the lengths are multiples
-# of 16 (Triton specializes them; Wan2.1-14B 720p's 75,600 tokens: 173.97 -> 152.87 ms on an
-# H200), but 780 bytes where they are not (1.3B 480p's 32,760: 10.34 -> 11.97 ms, slower).
+# FP8_MAXNREG caps the FP8 modes' registers per thread (Triton's maxnreg) on the default launch
+# configuration at head_dim 128 (_fp8_register_cap); None lets ptxas choose. The FP8 kernels read
+# a row's ragged last key block through the tensor descriptors too (attend_plan_row's TMA_TAIL),
+# so ptxas takes 164-167 registers at any length, and the cap keeps it at three 4-warp programs
+# per SM without spills (sm_90, ptxas 13.0: 75,600 and 32,760 tokens). On an H200 (run 8) the
+# kernel took 149.97 ms at Wan2.1-14B 720p's 75,600 tokens (150.26 uncapped) and 8.22 ms at
+# 1.3B 480p's 32,760 (9.18 uncapped). With the masked tail on pointer loads it had taken
+# 245-255 registers (two programs per SM): 173.97 ms uncapped and 152.87 capped at 75,600, but
+# at 32,760 the cap spilled 780 bytes (10.34 -> 11.97 ms).
 FP8_ACCUMULATION = 0
 V_TRANSPOSED = True
 FP8_LAUNCH_CONFIG: tuple[int, int, int, int] | None = None
 FP8_MAXNREG: int | None = 168
 
 
-def _fp8_register_cap(fp8: bool, block_d: int, seq_q: int, seq_kv: int, other_kernel: bool) -> dict:
-    """Triton's ``maxnreg`` launch option for an FP8 launch (see :data:`FP8_MAXNREG`): only on
-    the measured case, the default plain kernel at head_dim 128 with both lengths multiples of
-    16; ``other_kernel`` (the interpreter, warp specialization, an ``FP8_LAUNCH_CONFIG``
-    override) gets none."""
+def _fp8_register_cap(fp8: bool, block_d: int, other_kernel: bool) -> dict:
+    """Triton's ``maxnreg`` launch option for an FP8 launch (see :data:`FP8_MAXNREG`): the
+    default plain kernel at head_dim 128, at any length; ``other_kernel`` (the interpreter,
+    warp specialization, an ``FP8_LAUNCH_CONFIG`` override) gets none."""
     if not fp8 or FP8_MAXNREG is None or other_kernel or block_d != 128:
-        return {}
-    if seq_q % 16 or seq_kv % 16:
         return {}
     return dict(maxnreg=FP8_MAXNREG)
 
@@ -364,7 +363,7 @@ def triton_int8_block_sparse_attention(
         )
 
     registers = _fp8_register_cap(
-        fp8, block_d, seq_q, seq_kv, interpret or warp_specialize or FP8_LAUNCH_CONFIG is not None
+        fp8, block_d, interpret or warp_specialize or FP8_LAUNCH_CONFIG is not None
     )
     if warp_specialize:  # each launch with Triton's allocator for Q's device-built descriptor
         launch = scoped_allocator(v.device)(launch)
