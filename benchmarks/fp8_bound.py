@@ -24,13 +24,15 @@ head_dim 128 with 128-token blocks, 64 x 128 tiles on 4 warps, 2 stages), in sta
 Then fastdit's ``int8-fp8`` attention kernel on pre-quantized inputs and the whole
 ``block_sparse_attention(quantize="int8-fp8")`` call, at the ladder's length and at 75,600 tokens
 (a ragged last block) and at 1.3B 480p's 32,760 tokens and 12 heads, with the kernel's register
-cap (``int8_attention.FP8_MAXNREG``) and without. TOPS count ``4 * S^2 * D`` per (batch, head)
+cap (``int8_attention.FP8_MAXNREG``) and without; at 75,600 tokens also on random 25% and 12.5%
+plans (``fp8_tune``'s maps: 128-token blocks, diagonal kept, seed 0). TOPS count ``4 * S^2 * D`` per (batch, head)
 as bf16-equivalent work (two MMAs of ``2 * S^2 * D``); the H200's dense FP8/INT8 peak is about
 1,980 TOPS.
 
     python -m benchmarks.fp8_bound                 # an H200, ~1 minute
     python -m benchmarks.fp8_bound --smoke         # the CPU interpreter: a tiny shape, the
                                                    # attention stages checked against attention
+    python -m benchmarks.fp8_bound --kernel-only   # the real kernel's rows only, ~1 minute
 
 Writes ``fp8_bound_<gpu>_<date>.json`` into ``--out``.
 """
@@ -38,6 +40,7 @@ Writes ``fp8_bound_<gpu>_<date>.json`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -71,6 +74,7 @@ SMOKE_SHAPE = (1, 256, 2, 64)
 RAGGED_SEQ = 75_600  # Wan2.1-14B 720p's own length: 590 whole 128-blocks and 80 tokens
 # Wan2.1-1.3B 480p: tokens (255 whole blocks and 120, not a multiple of 16), heads
 SMALL_RAGGED = (32_760, 12)
+SPARSE_DENSITIES = (0.25, 0.125)  # random plans timed at RAGGED_SEQ too (issue 13's)
 MAXNREG = 168  # 65,536 registers / (3 programs x 128 threads), rounded down to 8
 
 
@@ -207,6 +211,8 @@ def inputs(shape, device, seed: int = 0):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU interpreter")
+    parser.add_argument("--kernel-only", action="store_true",
+                        help="skip the ladder: only the real kernel's rows (a GPU)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     from fastdit.kernels.triton.int8_attention import FP8_LAUNCH_CONFIG, _int8_launch_config
@@ -249,8 +255,9 @@ def main(argv=None) -> int:
     vf = vt8[:1].float().transpose(1, 2) * v_s
     reference = torch.softmax(qf @ kf.transpose(1, 2) * head_dim**-0.5, dim=-1) @ vf
     del qf, kf, vf
-    runs = [(stage, name, None) for stage, name in enumerate(STAGES)]
-    if not args.smoke:  # three programs per SM instead of two (the ladder takes ~250 registers)
+    runs = [] if args.kernel_only else [(stage, name, None) for stage, name in enumerate(STAGES)]
+    if not args.smoke and not args.kernel_only:  # three programs per SM instead of two (the
+        # ladder takes ~250 registers)
         runs += [(STAGES.index(name), name, MAXNREG) for name in ("softmax", "softmax-folded")]
     for stage, name, maxnreg in runs:
         label = f"ladder: {name}" + ("" if maxnreg is None else f", maxnreg {maxnreg}")
@@ -267,6 +274,7 @@ def main(argv=None) -> int:
                 raise SystemExit(
                     f"the ladder's {name} stage is not attention (relative L1 {error:.3f})")
     if not args.smoke:
+        from fastdit.cli.bench import random_block_map
         from fastdit.kernels import BlockSparsity, block_sparse_attention, quantize_qk_int8
         from fastdit.kernels.triton import int8_attention
         from fastdit.kernels.triton.int8_attention import triton_int8_block_sparse_attention
@@ -283,14 +291,24 @@ def main(argv=None) -> int:
                 generator = torch.Generator(device).manual_seed(1)
                 q, k, v = (torch.randn((batch, length, length_heads, head_dim), device=device,
                                        generator=generator, dtype=torch.bfloat16) for _ in range(3))
-            plan = BlockSparsity.dense(length, length, 128, device=device)
+            plans = {1.0: BlockSparsity.dense(length, length, 128, device=device)}
+            if length == RAGGED_SEQ:
+                generator = torch.Generator(device).manual_seed(0)
+                for density in SPARSE_DENSITIES:
+                    block_map = random_block_map(
+                        length_heads, math.ceil(length / 128), density, generator, device)
+                    plans[density] = BlockSparsity.from_block_map(block_map, 128)
             quantized = quantize_qk_int8(q, k, block_size=128)
             v_q = triton_quantize_v_fp8(v, layout="bshd", key_lengths=None, transposed=True)
-            for cap in (default_cap, None):
+            for (density, plan), cap in itertools.product(plans.items(), (default_cap, None)):
                 int8_attention.FP8_MAXNREG = cap
                 try:
                     suffix = f"S={length} H={length_heads}, FP8_MAXNREG {cap}"
                     scale = (length / seq) ** 2 * length_heads / heads
+                    if density != 1.0:  # TOPS on the computed blocks
+                        suffix = f"{suffix}, random {density:g} plan"
+                        scale *= plan.computed_pairs(length, length) / (
+                            length**2 * plan.kv_counts.shape[1])  # summed over the plan's heads
                     record(f"fastdit int8-fp8 kernel (pre-quantized), {suffix}", bench(
                         lambda: triton_int8_block_sparse_attention(
                             quantized, v, plan, layout="bshd", return_lse=False, key_lengths=None,
