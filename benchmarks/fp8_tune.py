@@ -329,7 +329,12 @@ def run_worker(sweep: Sweep, mode: str) -> None:
     with WARP_SPECIALIZE off, then on (under each of :data:`WARP_SPECIALIZED_FP8_CONFIGS` for
     int8-fp8): the median time, Triton's compiled warp counts, and the "on" output against the
     "off" one. Prints each row as it is done (``WORKER-ROW <json>``); a call that fails is a
-    row with its error, and a configuration that failed is not tried at the next plan."""
+    row with its error, and a configuration that failed is not tried at the next plan. A Triton
+    release the library refuses (``triton_common.WARP_SPECIALIZE_WRONG_TRITON``) is timed too:
+    its "on" rows are its warp-specialized kernels, and the comparison with "off" shows where
+    they are wrong."""
+    triton_common.WARP_SPECIALIZE_WRONG_TRITON = {}
+    triton_common._wrong_on_this_triton.cache_clear()
     quantize = None if mode == "bf16" else mode
     kernel = attention._block_sparse_attn_fwd if mode == "bf16" else (
         int8_attention._int8_block_sparse_attn_fwd)

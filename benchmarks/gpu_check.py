@@ -493,7 +493,7 @@ def enable_warp_specialization() -> None:
     os.environ[triton_common.WARP_SPECIALIZE_ENV] = "1"
     # The gate itself: a Triton release the library refuses (it failed this check) is checked
     # again here, not skipped.
-    triton_common.WARP_SPECIALIZE_WRONG_TRITON = ()
+    triton_common.WARP_SPECIALIZE_WRONG_TRITON = {}
     triton_common._wrong_on_this_triton.cache_clear()
     print("warp specialization forced on (Triton releases the library refuses included)", flush=True)
 

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("ws_diagnose needs a Hopper GPU", file=sys.stderr)
         return 2
-    triton_common.WARP_SPECIALIZE_WRONG_TRITON = ()
+    triton_common.WARP_SPECIALIZE_WRONG_TRITON = {}
     triton_common._wrong_on_this_triton.cache_clear()
     generator = torch.Generator("cuda").manual_seed(0)
     results = []

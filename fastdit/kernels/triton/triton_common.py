@@ -592,12 +592,16 @@ WARP_SPECIALIZE_ENV = "FASTDIT_WARP_SPECIALIZE"
 # both consumer groups the same rows (twice the work); with 8 warps it does not specialize.
 WARP_SPECIALIZED_CONFIG = (128, 128, 4, 2)
 
-# Triton releases (major.minor) whose warp-specialized kernels gave wrong outputs on a GPU:
-# ``gpu_check --warp-specialize`` on an H200, 2026-12-02 (benchmarks/results/h200_2026-12-02_run6/):
-# with Triton 3.6 every check that ran warp-specialized failed (bf16 errors up to 1.6e29, LSE off
-# by up to 9.7, NaN in INT8/FP8, one ConvertNVGPUToLLVM compile failure), every other check
-# passed. On these releases the switch is refused with a logged warning and the plain kernels run.
-WARP_SPECIALIZE_WRONG_TRITON = ("3.6",)
+# Triton releases (major.minor) whose warp-specialized kernels gave wrong outputs on a GPU, with
+# the date of the ``gpu_check --warp-specialize`` run on an H200 that showed it:
+# * 3.6 (benchmarks/results/h200_2026-12-02_run6/): every check that ran warp-specialized failed
+#   (bf16 errors up to 1.6e29, LSE off by up to 9.7, NaN in INT8/FP8, one ConvertNVGPUToLLVM
+#   compile failure); every other check passed.
+# * 3.9 (benchmarks/results/h200_2026-12-03_run8/triton39_ws/): the same pattern, 61 failures,
+#   all warp-specialized, in the 432 checks that ran before the step's time limit (outputs off
+#   by up to 7.9e37 or NaN, LSE by up to 144, five ConvertNVGPUToLLVM compile failures).
+# On these releases the switch is refused with a logged warning and the plain kernels run.
+WARP_SPECIALIZE_WRONG_TRITON = {"3.6": "2026-12-02", "3.9": "2026-12-03"}
 
 logger = logging.getLogger(__name__)
 
@@ -628,7 +632,7 @@ def _wrong_on_this_triton() -> str | None:
     if release not in WARP_SPECIALIZE_WRONG_TRITON:
         return None
     reason = (f"Triton {release} gives wrong outputs with it (gpu_check --warp-specialize on an "
-              "H200, 2026-12-02); the plain kernel runs")
+              f"H200, {WARP_SPECIALIZE_WRONG_TRITON[release]}); the plain kernel runs")
     logger.warning("fastdit: warp specialization is switched on but refused: %s", reason)
     return reason
 
