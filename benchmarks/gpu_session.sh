@@ -78,9 +78,11 @@ for s in "$@"; do
     # pending/*/*.patch applied in name order, then this script's PENDING_STEPS (default
     # "fp8check kernelcheck fp8bound") run in that copy; results under RESULTS_DIR/pending/.
     pendingcheck) rm -rf /tmp/pending-check && mkdir -p /tmp/pending-check && cp -r . /tmp/pending-check/ \
-             && (cd /tmp/pending-check && for p in pending/*/*.patch; do git apply "$p" || exit 1; done) \
+             && (cd /tmp/pending-check && for p in pending/*/*.patch; do [ -e "$p" ] || continue; \
+                   git apply "$p" || exit 1; done) \
              || { echo "pending patches do not apply"; continue; }
-      (cd /tmp/pending-check && PYTHONPATH="${PYTHONPATH//$PWD//tmp/pending-check}" \
+      path=${PYTHONPATH:-}
+      (cd /tmp/pending-check && PYTHONPATH="${path//$PWD//tmp/pending-check}" \
              bash benchmarks/gpu_session.sh "$out/pending" ${PENDING_STEPS:-fp8check kernelcheck fp8bound}) ;;
     # Only GNA's rows and random blocks at gna-3x9x9's density: the window kernel's cost per
     # partial block (run 6: gna-3x9x9 1.02x against random blocks' 1.67x at density 0.242).
