@@ -371,7 +371,7 @@ def test_fp8_tensor_descriptor_tail_matches_pointer_loads(rng, monkeypatch, tran
     # its scores masked. On the interpreter, forced onto the tensor-descriptor path: the same
     # output and LSE as pointer loads, on ragged cross attention with key padding (NaN values
     # past each length), a random plan and an empty query block.
-    from fastdit.kernels.triton import int8_attention
+    from fastdit.kernels.triton import int8_attention, triton_common
 
     batch, seq_q, seq_kv, heads, head_dim = 2, 200, 330, 2, 64
     q = make(rng, (batch, seq_q, heads, head_dim), torch.bfloat16)
@@ -403,8 +403,6 @@ def test_fp8_tensor_descriptor_tail_matches_pointer_loads(rng, monkeypatch, tran
 
     monkeypatch.setattr(int8_attention, "_int8_block_sparse_attn_fwd", Recorder())
     pointer_out, pointer_lse = run()
-    from fastdit.kernels.triton import triton_common
-
     for module in (int8_attention, triton_common):
         monkeypatch.setattr(module, "tma_device", lambda *args, **kwargs: True)
     tma_out, tma_lse = run()
